@@ -1,0 +1,1 @@
+"""On-device runtime: model streaming, prefix cache, chain trainer, gRPC client."""

@@ -1,0 +1,1 @@
+"""gRPC coordinator: chain state machine, aggregation, persistence, auth."""

@@ -1,0 +1,1 @@
+"""Fused LoRA linear (Triton forward/backward) and the torch reference it is tested against."""

@@ -1,0 +1,1 @@
+"""The ChainFed wire protocol: ``chainfed.proto`` and its generated modules."""

@@ -1,0 +1,45 @@
+"""Installs the four root code folders under the ``chainfed`` import namespace.
+
+``agent/`` becomes ``chainfed.agent`` and so on (a ``package_dir`` mapping), so nothing
+generic such as ``agent`` or ``proto`` lands at the top level of site-packages.
+``chainfed`` itself is an implicit namespace package.
+"""
+
+from setuptools import setup
+
+FOLDERS = ("agent", "kernels", "coordinator", "proto")
+
+setup(
+    name="chainfed",
+    version="0.1.0",
+    description="Federated layer-by-layer (chain) LoRA fine-tuning for memory-limited edge devices",
+    python_requires=">=3.10",
+    packages=[f"chainfed.{name}" for name in FOLDERS],
+    package_dir={f"chainfed.{name}": name for name in FOLDERS},
+    package_data={"chainfed.proto": ["*.proto", "*.pyi"]},
+    install_requires=[
+        "torch>=2.3",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "psutil>=5.9",
+        "grpcio>=1.60",
+        "protobuf>=4.25",
+        "numpy>=1.24",
+        "gguf>=0.10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "gpu": ["triton>=3.0"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "transformers>=4.46",
+            "peft>=0.13",
+            "hypothesis>=6",
+            "grpcio-tools>=1.60",
+            "triton>=3.0",
+            "matplotlib>=3.7",
+        ],
+    },
+    entry_points={"console_scripts": ["chainfed=chainfed.agent.cli:main"]},
+)
