@@ -1,0 +1,149 @@
+"""``Checkpoint``: on-demand tensor reads from memory-mapped safetensors files.
+
+A checkpoint is one ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Opening it reads only the headers (names, shapes,
+dtypes). ``load`` maps the file(s) holding the requested tensors, copies just those
+tensors out and unmaps again, so reading layer after layer never keeps the pages of
+earlier layers resident: the process holds what the caller keeps, nothing more.
+
+::
+
+    model.safetensors ──mmap──> [emb | block 0 | block 1 | ... | block L-1 | head]
+                                          │ load(names of block 1)
+                                          ▼
+                                  {name: tensor} (copies; file unmapped after)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from chainfed.agent.errors import ModelLoadError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+TensorSpec = dict[str, tuple[str, tuple[int, ...]]]
+"""Module parameter name -> (checkpoint tensor name, shape the config implies)."""
+
+
+class Checkpoint:
+    """Index of tensor name -> shard file for one model folder; reads tensors lazily."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._file_of: dict[str, Path] = {}
+        self._shape_of: dict[str, tuple[int, ...]] = {}
+        for path in self._shard_files():
+            for name, shape in _read_header(path).items():
+                self._file_of[name] = path
+                self._shape_of[name] = shape
+
+    def _shard_files(self) -> list[Path]:
+        if not self.model_dir.is_dir():
+            raise ModelLoadError(f"{self.model_dir}: model folder not found or not a directory")
+        single = self.model_dir / SINGLE_FILE
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+                raise ModelLoadError(f"{index}: unreadable shard index: {exc}") from exc
+            missing = [f for f in files if not (self.model_dir / f).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index}: lists shard files that are missing: {missing}")
+            return [self.model_dir / f for f in files]
+        if single.is_file():
+            return [single]
+        raise ModelLoadError(
+            f"{self.model_dir}: no {SINGLE_FILE} and no {INDEX_FILE} (only safetensors "
+            "checkpoints are read; convert GGUF files with `chainfed convert-gguf`)"
+        )
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files of this checkpoint, in name order."""
+        return sorted(set(self._file_of.values()))
+
+    def names(self) -> list[str]:
+        """All tensor names across shards."""
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape recorded in the header, without reading data."""
+        self._require([name])
+        return self._shape_of[name]
+
+    def nbytes(self, names: Iterable[str]) -> int:
+        """Bytes the named tensors take on disk."""
+        total = 0
+        for name in names:
+            path = self._file_of[name]
+            with safe_open(str(path), framework="pt") as handle:
+                sl = handle.get_slice(name)
+                total += _dtype_bytes(sl.get_dtype()) * math.prod(self._shape_of[name])
+        return total
+
+    def _require(self, names: Iterable[str]) -> None:
+        missing = [n for n in names if n not in self._file_of]
+        if missing:
+            raise ModelLoadError(
+                f"{self.model_dir}: tensor(s) {missing} not found in {[str(f) for f in self.files]}"
+            )
+
+    def load(
+        self,
+        shapes: dict[str, Sequence[int]],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> dict[str, torch.Tensor]:
+        """Read the named tensors, checking each against its expected shape.
+
+        ``shapes`` maps tensor name -> the shape the config implies. A missing tensor or
+        a shape that disagrees raises ``ModelLoadError`` naming tensor and file.
+        """
+        self._require(shapes)
+        for name, expected in shapes.items():
+            if tuple(expected) != self._shape_of[name]:
+                raise ModelLoadError(
+                    f"{self._file_of[name]}: tensor {name!r} has shape "
+                    f"{list(self._shape_of[name])} but the config implies {list(expected)}"
+                )
+        by_file: dict[Path, list[str]] = {}
+        for name in shapes:
+            by_file.setdefault(self._file_of[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, names in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in names:
+                        out[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise ModelLoadError(f"{path}: cannot read tensors {names}: {exc}") from exc
+        return out
+
+
+def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return _DTYPE_BYTES.get(dtype, 1)

@@ -1,0 +1,155 @@
+"""``StreamingModel``: a model folder whose parts are built on demand and released after.
+
+Only the part in use is in memory. ``hidden_states`` shows the pattern every consumer
+(prefix cache, FOAT probe, foresight) follows::
+
+    embeddings ──> h0 ──> block 0 ──> h1 ──> ... ──> block L-1 ──> hL ──> head
+       load/drop        load/drop                     load/drop       load/drop
+
+Modules are created on the ``meta`` device and receive the checkpoint's tensors by
+assignment, so building a block allocates its weights once, never twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from chainfed.agent import bert, llama
+from chainfed.agent.attention import AttentionContext
+from chainfed.agent.checkpoint import Checkpoint, TensorSpec
+from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.model_config import ModelConfig
+
+_FAMILIES: dict[str, ModuleType] = {"bert": bert, "llama": llama}
+
+
+class StreamingModel:
+    """A model folder (HF layout) opened for layer-by-layer use.
+
+    Opening reads ``config.json`` and the safetensors headers only; it checks that the
+    checkpoint holds the embeddings of the declared family so a wrong folder fails here,
+    not halfway through a run.
+    """
+
+    def __init__(
+        self, model_dir: Path | str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelLoadError(f"{self.model_dir}: model folder not found or not a directory")
+        self.config = ModelConfig.load(self.model_dir)
+        self.checkpoint = Checkpoint(self.model_dir)
+        self.dtype = dtype
+        self.device = device
+        self._family = _FAMILIES[self.config.family]
+        self._prefix = self._find_prefix()
+
+    def _find_prefix(self) -> str:
+        for prefix in self._family.CHECKPOINT_PREFIXES:
+            if self._family.embedding_key(prefix) in self.checkpoint:
+                return prefix
+        expected = self._family.embedding_key(self._family.CHECKPOINT_PREFIXES[0])
+        raise ModelLoadError(
+            f"{self.model_dir}: tensor {expected!r} not found in "
+            f"{[str(f) for f in self.checkpoint.files]}; the checkpoint does not match "
+            f"its {self.config.model_type} config"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def tokenizer(self) -> Tokenizer:
+        """The folder's ``tokenizer.json``, with any padding/truncation it declares switched off.
+
+        Some files (MiniLM's) pad every encoding to 128; batching and truncation are the
+        data layer's job, so encodings here are exactly the text's tokens.
+        """
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: tokenizer.json not found")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelLoadError(f"{path}: cannot read tokenizer: {exc}") from exc
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
+
+    def _materialise(self, module: nn.Module, spec: TensorSpec) -> nn.Module:
+        tensors = self.checkpoint.load(
+            {name: shape for name, shape in spec.values()}, dtype=self.dtype, device=self.device
+        )
+        state = {ours: tensors[theirs] for ours, (theirs, _) in spec.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+        return module.eval()
+
+    def load_embeddings(self) -> nn.Module:
+        """Embedding module: ``(input_ids, attention_mask) -> (B, T, d)``."""
+        with torch.device("meta"):
+            module = self._family.build_embeddings(self.config)
+        return self._materialise(module, self._family.embedding_tensors(self.config, self._prefix))
+
+    def block_tensor_spec(self, index: int) -> TensorSpec:
+        """Checkpoint names and shapes behind block ``index``."""
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range 0..{self.num_layers - 1}")
+        return self._family.block_tensors(self.config, self._prefix, index)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Frozen block ``index``: ``(h, AttentionContext) -> h``."""
+        spec = self.block_tensor_spec(index)
+        with torch.device("meta"):
+            module = self._family.build_block(self.config)
+        return self._materialise(module, spec)
+
+    def load_lm_head(self) -> nn.Module:
+        """Final norm + LM head of a decoder: ``(B, T, d) -> (B, T, V)``."""
+        if self.config.family != "llama":
+            raise ModelLoadError(
+                f"{self.model_dir}: {self.config.model_type} is an encoder and has no LM head"
+            )
+        with torch.device("meta"):
+            module = self._family.build_head(self.config)
+        return self._materialise(module, self._family.head_tensors(self.config, self._prefix))
+
+    def attention_context(self, attention_mask: torch.Tensor) -> AttentionContext:
+        """Mask (and RoPE tables) shared by every block for this batch."""
+        return self._family.attention_context(
+            self.config, attention_mask.to(self.device), self.dtype
+        )
+
+
+@torch.no_grad()
+def hidden_states(
+    model_dir: Path | str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """The L+1 hidden states of a batch, computed by streaming one block at a time.
+
+    Same convention as transformers' ``output_hidden_states``: element 0 is the
+    embedding output, element i the output of block i-1. ``input_ids`` and
+    ``attention_mask`` are (B, T), right padded. Only the embeddings or one block are
+    resident at any moment besides the returned states.
+    """
+    model = StreamingModel(model_dir, dtype=dtype)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ctx = model.attention_context(attention_mask)
+    embeddings = model.load_embeddings()
+    states = [embeddings(input_ids, attention_mask)]
+    del embeddings
+    for index in range(model.num_layers):
+        block = model.load_block(index)
+        states.append(block(states[-1], ctx))
+        del block
+    return states
