@@ -23,7 +23,9 @@ def package_dir(package: str) -> Path:
 
 def _existing(path: Path) -> Path:
     if not path.exists():
-        raise ModelLoadError(f"{path} is missing from its asset package; reinstall: {_INSTALL_HINT}")
+        raise ModelLoadError(
+            f"{path} is missing from its asset package; reinstall: {_INSTALL_HINT}"
+        )
     return path
 
 
