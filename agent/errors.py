@@ -12,3 +12,7 @@ class ChainFedError(Exception):
 
 class ModelLoadError(ChainFedError):
     """A model folder, checkpoint, tokenizer or GGUF file cannot be used as given."""
+
+
+class DataError(ChainFedError):
+    """A training data file cannot be read as configured (path, format, encoding, fields)."""
