@@ -44,12 +44,14 @@ def rope_inverse_frequencies(
     head_dim: int, theta: float, scaling: dict | None = None
 ) -> torch.Tensor:
     """(Dh/2,) inverse frequencies, with LLaMA-3.1 ``llama3`` or ``linear`` scaling applied."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # float32 throughout, as the reference implementation computes it: the same frequencies
+    # bit for bit, so parity tests measure the blocks, not rounding of the tables.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     if scaling is None or scaling["rope_type"] == "default":
-        return inv_freq.float()
+        return inv_freq
     factor = float(scaling["factor"])
     if scaling["rope_type"] == "linear":
-        return (inv_freq / factor).float()
+        return inv_freq / factor
     # llama3: keep high frequencies, divide low ones by factor, blend in between.
     low_freq_factor = float(scaling["low_freq_factor"])
     high_freq_factor = float(scaling["high_freq_factor"])
@@ -61,7 +63,7 @@ def rope_inverse_frequencies(
     smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, blended, scaled).float()
+    return torch.where(is_medium, blended, scaled)
 
 
 def rope_tables(

@@ -1,7 +1,10 @@
-"""Our streamed BERT blocks against transformers on the real all-MiniLM-L6-v2 weights."""
+"""Our streamed blocks against transformers on real weights: all-MiniLM-L6-v2 and SmolLM2."""
 
+import pytest
 import torch
 
+from chainfed.agent.assets import smollm2_gguf
+from chainfed.agent.generate import greedy_generate
 from chainfed.agent.model import StreamingModel, hidden_states
 
 TEXTS = [
@@ -36,3 +39,69 @@ def test_our_tokenizer_matches_transformers_for_minilm(minilm_path):
     ours = StreamingModel(minilm_path).tokenizer()
     for text in TEXTS + ["Ünïcödé  and\ttabs", "@united thanks for NOTHING #fail"]:
         assert ours.encode(text).ids == reference(text)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    return tokenizer, model
+
+
+def _right_padded(tokenizer, texts, pad_id):
+    rows = [tokenizer.encode(t).ids for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def test_smollm2_hidden_states_and_logits_match_transformers(smollm2_dir, hf_smollm2):
+    _, reference = hf_smollm2
+    model = StreamingModel(smollm2_dir)
+    ids, mask = _right_padded(model.tokenizer(), TEXTS, pad_id=2)
+    assert mask.sum(1).unique().numel() == 3
+
+    ours = hidden_states(smollm2_dir, ids, mask)
+    with torch.no_grad():
+        out = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # transformers applies the final norm to its last hidden state; ours is the raw block output.
+    theirs = out.hidden_states
+    assert len(ours) == len(theirs) == 31
+    for layer, (a, b) in enumerate(zip(ours[:-1], theirs[:-1], strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-4, f"hidden state {layer}: max abs diff {diff:.2e}"
+    head = model.load_lm_head()
+    assert (head.norm(ours[-1]) - theirs[-1]).abs().max().item() < 1e-4
+    with torch.no_grad():
+        logits = head(ours[-1])
+    diff = (logits - out.logits).abs().max().item()
+    assert diff < 1e-4, f"logits: max abs diff {diff:.2e}"
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2_dir, hf_smollm2):
+    tokenizer, reference = hf_smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = StreamingModel(smollm2_dir).tokenizer().encode(prompt).ids
+    assert prompt_ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    eos = reference.generation_config.eos_token_id
+    stop_ids = set(eos) if isinstance(eos, list) else {eos}
+    ours = greedy_generate(
+        StreamingModel(smollm2_dir), prompt_ids, max_new_tokens=16, stop_ids=stop_ids
+    )
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False)
+    theirs = out[0, len(prompt_ids) :].tolist()
+    assert len(theirs) > 4
+    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
+    assert "Paris" in tokenizer.decode(ours)

