@@ -1,0 +1,615 @@
+"""Fused LoRA linear: ``y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ`` as one autograd function.
+
+Notation (PEFT / ``torch.nn.Linear`` conventions)::
+
+    x  (..., d_in)    activations; flattened to (M, d_in), M = number of tokens
+    W  (d_out, d_in)  frozen base weight          b (d_out,)  frozen base bias, optional
+    A  (r, d_in)      adapter down-projection     B (d_out, r) adapter up-projection
+    h = x Aᵀ  (M, r)  the rank-r adapter activation
+
+Layers of this file, bottom up:
+
+1. ``@triton.jit`` kernels. ``_fused_lora_matmul_kernel`` computes
+   ``out = a·p + scale·(a·q)·s (+ bias)`` and writes the rank-r intermediate ``a·q``; it
+   serves the forward (``a = x``) and the grad-x backward (``a = g``), so ``x Aᵀ`` is
+   computed in the same pass over ``x`` as ``x Wᵀ``. ``_thin_matmul_kernel`` computes
+   ``uᵀ v`` for a ``v`` with r columns (the grad-A / grad-B reductions over tokens).
+2. Host wrappers: check operands, allocate, launch.
+3. ``LoRALinearFunction``: the autograd function, one saving policy for both paths.
+4. ``lora_linear_reference``: the unfused formula in plain torch, the specification.
+
+``lora_linear`` is the public entry: it validates the inputs and picks the Triton path
+(CUDA tensors and Triton importable) or the torch path. ``CHAINFED_KERNELS=triton|torch|auto``
+(read at every call, default ``auto``) forces a path. The Triton kernels also run on CPU
+tensors when ``TRITON_INTERPRET=1`` was set before this module was imported (Triton fixes
+interpreted vs compiled when it decorates a kernel); that is how the tests run them.
+
+Triton is optional: without it this module imports and only the torch path exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path needs no Triton
+    triton = None
+
+__all__ = ["LoRALinearFunction", "lora_linear", "lora_linear_reference", "triton_available"]
+
+#: Largest adapter rank the Triton path takes: the rank-r accumulators live in registers
+#: next to the output tile. ``auto`` sends larger ranks to the torch path.
+MAX_TRITON_RANK = 128
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Triton reads TRITON_INTERPRET when it decorates a kernel, i.e. when this module is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in {"1", "true", "on", "yes"}
+# The grad-A / grad-B reductions run over tokens; long token ranges are split across
+# programs writing fp32 partial sums (summed on the host: deterministic, no atomics). The
+# transient partial buffer is at most _MAX_SPLITS x d x r fp32 (d = 11008, r = 64: 22 MiB).
+_ROWS_PER_SPLIT = 512
+_MAX_SPLITS = 8
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ---------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    def _configs(
+        compiled: list[dict[str, int]], interpreted: dict[str, int]
+    ) -> list[triton.Config]:
+        """Autotune candidates: a real search when compiled, one small config when
+        interpreted (the interpreter runs every candidate at Python speed)."""
+        if _INTERPRET:
+            return [triton.Config(interpreted)]
+        return [
+            triton.Config(
+                {k: v for k, v in c.items() if k not in ("warps", "stages")},
+                num_warps=c["warps"],
+                num_stages=c["stages"],
+            )
+            for c in compiled
+        ]
+
+    # Tuned once per (N, K, rank, dtypes): the token count M changes from step to step and
+    # re-tuning on each new M would stall training.
+    @triton.autotune(
+        configs=_configs(
+            [
+                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=8, stages=3),
+                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=3),
+                dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=3),
+                dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, warps=4, stages=4),
+                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=4, stages=4),
+                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, warps=4, stages=4),
+            ],
+            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+        ),
+        key=["N", "K", "R_PAD"],
+    )
+    @triton.jit
+    def _fused_lora_matmul_kernel(
+        # pointers
+        a_ptr,  # (M, K)
+        p_ptr,  # (K, N)
+        q_ptr,  # (K, R)
+        s_ptr,  # (R, N)
+        bias_ptr,  # (N,), read only if HAS_BIAS
+        out_ptr,  # (M, N)
+        low_ptr,  # (M, R), written only if STORE_LOW
+        # sizes
+        M,
+        N,
+        K,
+        R,
+        # strides
+        stride_am,
+        stride_ak,
+        stride_pk,
+        stride_pn,
+        stride_qk,
+        stride_qr,
+        stride_sr,
+        stride_sn,
+        stride_om,
+        stride_on,
+        stride_lm,
+        stride_lr,
+        # scalars
+        scale,
+        # meta
+        HAS_BIAS: tl.constexpr,
+        STORE_LOW: tl.constexpr,
+        R_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """One (BLOCK_M, BLOCK_N) tile of ``out = a·p + scale·(a·q)·s + bias``.
+
+        The K loop reads each ``a`` tile once and feeds both products. Every N-tile of a
+        row block recomputes its ``a·q`` (R_PAD/BLOCK_N extra work), the price of one pass;
+        only the first N-tile writes it to ``low``. fp32 accumulation throughout; ``a·q`` is
+        rounded to the input dtype before the second product, as eager torch does.
+        """
+        # Grouped ordering: GROUP_M row blocks share their p columns while in L2.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, R_PAD)
+        rows = offs_m.to(tl.int64)  # M * K can pass 2**31
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        mask_r = offs_r < R
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        low = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_K)
+            p = tl.load(
+                p_ptr + offs_k[:, None] * stride_pk + offs_n[None, :] * stride_pn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )  # (BLOCK_K, BLOCK_N)
+            q = tl.load(
+                q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )  # (BLOCK_K, R_PAD)
+            acc = tl.dot(a, p, acc, input_precision=DOT_PRECISION)
+            low = tl.dot(a, q, low, input_precision=DOT_PRECISION)
+
+        low_in = low.to(s_ptr.dtype.element_ty)  # (BLOCK_M, R_PAD)
+        s = tl.load(
+            s_ptr + offs_r[:, None] * stride_sr + offs_n[None, :] * stride_sn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )  # (R_PAD, BLOCK_N)
+        acc += scale * tl.dot(low_in, s, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+        if STORE_LOW:
+            if pid_n == 0:
+                tl.store(
+                    low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                    low_in,
+                    mask=mask_m[:, None] & mask_r[None, :],
+                )
+
+    # Tuned once per (P, rank, dtypes); P is d_in or d_out, fixed per layer.
+    @triton.autotune(
+        configs=_configs(
+            [
+                dict(BLOCK_P=64, BLOCK_M=64, warps=4, stages=3),
+                dict(BLOCK_P=128, BLOCK_M=64, warps=4, stages=3),
+                dict(BLOCK_P=128, BLOCK_M=128, warps=8, stages=3),
+                dict(BLOCK_P=256, BLOCK_M=64, warps=8, stages=3),
+                dict(BLOCK_P=64, BLOCK_M=128, warps=4, stages=4),
+            ],
+            dict(BLOCK_P=32, BLOCK_M=32),
+        ),
+        key=["P", "R_PAD"],
+    )
+    @triton.jit
+    def _thin_matmul_kernel(
+        # pointers
+        u_ptr,  # (M, P)
+        v_ptr,  # (M, R)
+        out_ptr,  # (SPLITS, P, R) fp32 partial sums
+        # sizes
+        M,
+        P,
+        R,
+        rows_per_split,
+        # strides
+        stride_um,
+        stride_up,
+        stride_vm,
+        stride_vr,
+        stride_os,
+        stride_op,
+        stride_or,
+        # meta
+        R_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        """One (BLOCK_P, R) tile of the partial sum ``uᵀ v`` over one split of the M rows."""
+        pid_p = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_r = tl.arange(0, R_PAD)
+        mask_p = offs_p < P
+        mask_r = offs_r < R
+        m_start = pid_s * rows_per_split
+        m_end = min(M, m_start + rows_per_split)
+
+        acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            rows = offs_m.to(tl.int64)
+            mask_m = offs_m < m_end
+            u_t = tl.load(
+                u_ptr + offs_p[:, None] * stride_up + rows[None, :] * stride_um,
+                mask=mask_p[:, None] & mask_m[None, :],
+                other=0.0,
+            )  # (BLOCK_P, BLOCK_M)
+            v = tl.load(
+                v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                mask=mask_m[:, None] & mask_r[None, :],
+                other=0.0,
+            )  # (BLOCK_M, R_PAD)
+            acc = tl.dot(u_t, v, acc, input_precision=DOT_PRECISION)
+
+        tl.store(
+            out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or,
+            acc,
+            mask=mask_p[:, None] & mask_r[None, :],
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Host wrappers
+# ---------------------------------------------------------------------------------------
+
+
+def _rank_pad(rank: int) -> int:
+    """Rank padded to a power of two of at least 16, the smallest ``tl.dot`` operand."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 products honour ``torch.backends.cuda.matmul.allow_tf32`` like torch matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check_operands(*tensors: torch.Tensor) -> None:
+    """Kernel preconditions: one device, one supported dtype."""
+    first = tensors[0]
+    if first.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"Triton path supports {_TRITON_DTYPES}, got {first.dtype}")
+    for t in tensors[1:]:
+        if t.device != first.device or t.dtype != first.dtype:
+            raise ValueError(
+                f"operands must share device and dtype: {first.device}/{first.dtype} "
+                f"vs {t.device}/{t.dtype}"
+            )
+
+
+def _fused_lora_matmul(
+    a: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    *,
+    store_low: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(a·p + scale·(a·q)·s + bias, a·q)`` with ``a (M,K)``, ``p (K,N)``, ``q (K,R)``,
+    ``s (R,N)``; any strides. The second result is ``None`` unless ``store_low``."""
+    M, K = a.shape
+    N, R = p.shape[1], q.shape[1]
+    if p.shape[0] != K or q.shape[0] != K or s.shape != (R, N):
+        raise ValueError(
+            f"shapes do not chain: a{tuple(a.shape)} p{tuple(p.shape)} "
+            f"q{tuple(q.shape)} s{tuple(s.shape)}"
+        )
+    if R > MAX_TRITON_RANK:
+        raise ValueError(f"Triton path supports rank <= {MAX_TRITON_RANK}, got {R}")
+    _check_operands(a, p, q, s, *(() if bias is None else (bias,)))
+
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    low = torch.empty((M, R), device=a.device, dtype=a.dtype) if store_low else None
+    if M == 0:
+        return out, low
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    low_arg = out if low is None else low  # never written when STORE_LOW is False
+    _fused_lora_matmul_kernel[grid](
+        a, p, q, s, out if bias is None else bias, out, low_arg,
+        M, N, K, R,
+        a.stride(0), a.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        s.stride(0), s.stride(1), out.stride(0), out.stride(1),
+        low_arg.stride(0), low_arg.stride(1),
+        float(scale),
+        HAS_BIAS=bias is not None,
+        STORE_LOW=store_low,
+        R_PAD=_rank_pad(R),
+        DOT_PRECISION=_dot_precision(a.dtype),
+    )  # fmt: skip
+    return out, low
+
+
+def _thin_matmul(
+    u: torch.Tensor, v: torch.Tensor, scale: float, *, transpose: bool
+) -> torch.Tensor:
+    """``scale · uᵀ v`` for ``u (M,P)``, ``v (M,R)`` with small R, reduced over M in fp32,
+    returned contiguous in ``u``'s dtype as ``(P, R)``, or as ``(R, P)`` (its transpose)
+    when ``transpose``. Any input strides."""
+    M, P = u.shape
+    R = v.shape[1]
+    if v.shape[0] != M:
+        raise ValueError(f"row counts differ: u{tuple(u.shape)} v{tuple(v.shape)}")
+    if R > MAX_TRITON_RANK:
+        raise ValueError(f"Triton path supports rank <= {MAX_TRITON_RANK}, got {R}")
+    _check_operands(u, v)
+    out_shape = (R, P) if transpose else (P, R)
+    if M == 0:
+        return torch.zeros(out_shape, device=u.device, dtype=u.dtype)
+
+    splits = min(_MAX_SPLITS, triton.cdiv(M, _ROWS_PER_SPLIT))
+    rows_per_split = triton.cdiv(M, splits)
+    partial = torch.empty((splits, *out_shape), device=u.device, dtype=torch.float32)
+    stride_p, stride_r = partial.stride()[1:][::-1] if transpose else partial.stride()[1:]
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(P, meta["BLOCK_P"]), splits)
+
+    _thin_matmul_kernel[grid](
+        u, v, partial,
+        M, P, R, rows_per_split,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        partial.stride(0), stride_p, stride_r,
+        R_PAD=_rank_pad(R),
+        DOT_PRECISION=_dot_precision(u.dtype),
+    )  # fmt: skip
+    return (partial.sum(0) * scale).to(u.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Autograd function
+# ---------------------------------------------------------------------------------------
+
+
+def _forward_2d(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, h)`` for flat ``x2 (M, d_in)``: ``y (M, d_out)``, ``h = x2 Aᵀ (M, r)``."""
+    if use_triton:
+        return _fused_lora_matmul(
+            x2, weight.t(), lora_a.t(), lora_b.t(), bias, scale, store_low=True
+        )
+    h = x2 @ lora_a.t()  # (M, r)
+    y = F.linear(x2, weight, bias).add_(h @ lora_b.t(), alpha=scale)  # (M, d_out)
+    return y, h
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    r"""``y = x Wᵀ + b + s (x Aᵀ) Bᵀ`` with a frozen base ``W, b``.
+
+    Gradients, with ``g = ∂L/∂y (M, d_out)`` and ``h = x Aᵀ (M, r)``. Since
+    ``y = x (W + s B A)ᵀ + b``::
+
+        ∂L/∂x = g (W + s B A)   = g W + s (g B) A     (M, d_in)
+        ∂L/∂B = s gᵀ (x Aᵀ)     = s gᵀ h              (d_out, r)
+        ∂L/∂A = s (g B)ᵀ x                            (r, d_in)
+
+    ``W + s B A`` is never formed: ``g B (M, r)`` is a rank-r intermediate.
+
+    Saving policy (both paths). ∂L/∂x needs only ``g`` and the parameters; ∂L/∂B needs
+    ``h``; only ∂L/∂A needs ``x``. So with ``train_a=False`` (A frozen, FFA) the only
+    activation saved is ``h`` (``r/d_in`` of ``x``); with ``train_a=True`` it is ``x`` (as
+    passed in, no copy) and ``h``. ``W``, ``A``, ``B`` are saved by reference: they are
+    parameters that live anyway, not activations, and cost no memory here.
+
+    ``forward`` takes ``(x, weight, bias, lora_a, lora_b, scale, train_a, use_triton)``;
+    ``backward`` returns one value per input, ``None`` for the frozen base, the flags and
+    (when ``train_a`` is False) ``A``. First-order only (``once_differentiable``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+        train_a: bool,
+        use_triton: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (M, d_in)
+        y, h = _forward_2d(x2, weight, bias, lora_a, lora_b, scale, use_triton)
+        activations = (x, h) if train_a else (h,)
+        ctx.save_for_backward(*activations, weight, lora_a, lora_b)
+        ctx.x_shape = x.shape
+        ctx.scale = scale
+        ctx.train_a = train_a
+        ctx.use_triton = use_triton
+        return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., d_out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.train_a:
+            x, h, weight, lora_a, lora_b = ctx.saved_tensors
+        else:
+            h, weight, lora_a, lora_b = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_a = ctx.train_a and ctx.needs_input_grad[3]
+        need_b = ctx.needs_input_grad[4]
+        s = ctx.scale
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (M, d_out)
+
+        grad_x = grad_a = grad_b = None
+        if ctx.use_triton:
+            gb = None  # g B (M, r)
+            if need_x:
+                grad_x, gb = _fused_lora_matmul(
+                    g, weight, lora_b, lora_a, None, s, store_low=need_a
+                )
+            if need_a:
+                if gb is None:
+                    gb = g @ lora_b  # (M, r): x needs no grad, no pass over W to share
+                x2 = x.reshape(-1, x.shape[-1])  # (M, d_in)
+                grad_a = _thin_matmul(x2, gb, s, transpose=True)  # (r, d_in)
+            if need_b:
+                grad_b = _thin_matmul(g, h, s, transpose=False)  # (d_out, r)
+        else:
+            gb = g @ lora_b if (need_x or need_a) else None  # (M, r)
+            if need_x:
+                grad_x = torch.addmm(g @ weight, gb, lora_a, alpha=s)  # (M, d_in)
+            if need_a:
+                grad_a = (gb.t() @ x.reshape(-1, x.shape[-1])).mul_(s)  # (r, d_in)
+            if need_b:
+                grad_b = (g.t() @ h).mul_(s)  # (d_out, r)
+
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Reference and public entry
+# ---------------------------------------------------------------------------------------
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The unfused formula in plain torch, differentiated by autograd: the specification
+    the fused paths are tested against. What it saves for backward is autograd's choice."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+
+
+def triton_available() -> bool:
+    """True when Triton imported, i.e. the Triton path can run at all."""
+    return triton is not None
+
+
+def _triton_reason(x: torch.Tensor, rank: int) -> str | None:
+    """Why the Triton path cannot take these inputs, or ``None`` if it can."""
+    if triton is None:
+        return "triton is not installed"
+    if not (x.is_cuda or _INTERPRET):
+        return "tensors are not on CUDA (and TRITON_INTERPRET was not set at import)"
+    if x.dtype not in _TRITON_DTYPES:
+        return f"dtype {x.dtype} is not one of {_TRITON_DTYPES}"
+    if rank > MAX_TRITON_RANK:
+        return f"rank {rank} > {MAX_TRITON_RANK}"
+    return None
+
+
+def _use_triton(x: torch.Tensor, rank: int) -> bool:
+    """Apply ``CHAINFED_KERNELS``: ``torch``, ``triton`` (error if impossible) or ``auto``
+    (Triton for CUDA tensors it supports; CPU tensors always take the torch path)."""
+    choice = os.environ.get("CHAINFED_KERNELS", "auto").strip().lower() or "auto"
+    if choice == "torch":
+        return False
+    reason = _triton_reason(x, rank)
+    if choice == "triton":
+        if reason is not None:
+            raise RuntimeError(f"CHAINFED_KERNELS=triton but {reason}")
+        return True
+    if choice == "auto":
+        return reason is None and x.is_cuda
+    raise ValueError(f"CHAINFED_KERNELS must be triton, torch or auto, got {choice!r}")
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    train_a: bool,
+) -> None:
+    d_out, d_in = weight.shape
+    rank = lora_a.shape[0]
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {d_in}")
+    if lora_a.shape != (rank, d_in) or lora_b.shape != (d_out, rank):
+        raise ValueError(
+            f"expected lora_a ({rank}, {d_in}) and lora_b ({d_out}, {rank}), "
+            f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias must be ({d_out},), got {tuple(bias.shape)}")
+    tensors = [x, weight, lora_a, lora_b] + ([] if bias is None else [bias])
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        raise ValueError(
+            "x, weight, bias, lora_a, lora_b must share one dtype and device, got "
+            + ", ".join(f"{t.dtype}@{t.device}" for t in tensors)
+        )
+    if torch.is_grad_enabled():
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("weight and bias are frozen: they must not require grad")
+        if not train_a and lora_a.requires_grad:
+            raise ValueError("train_a=False: lora_a must not require grad (it gets none)")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    train_a: bool = True,
+) -> torch.Tensor:
+    """``x Wᵀ + b + scale · (x Aᵀ) Bᵀ`` for ``x (..., d_in)``, ``weight (d_out, d_in)``,
+    ``bias (d_out,)`` or ``None``, ``lora_a (r, d_in)``, ``lora_b (d_out, r)``.
+
+    Guarantees: ``weight`` and ``bias`` are frozen (a ``ValueError`` if they require grad
+    while grad mode is on) and never get gradients; ``W + scale·B A`` is never formed;
+    with ``train_a=False`` ``lora_a`` must be frozen too and backward keeps only the rank-r
+    ``x Aᵀ``, not ``x`` (see ``LoRALinearFunction``). All tensors share one dtype and
+    device. Path: Triton for CUDA tensors (fp16/bf16/fp32, rank <= ``MAX_TRITON_RANK``),
+    torch otherwise; ``CHAINFED_KERNELS`` overrides.
+    """
+    _check_inputs(x, weight, bias, lora_a, lora_b, train_a)
+    use_triton = _use_triton(x, lora_a.shape[0])
+    return LoRALinearFunction.apply(
+        x, weight, bias, lora_a, lora_b, float(scale), bool(train_a), use_triton
+    )

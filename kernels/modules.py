@@ -1,0 +1,101 @@
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a LoRA adapter, computed by ``lora_linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chainfed.kernels.fused_lora import lora_linear
+
+__all__ = ["LoRALinear"]
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + (alpha / rank) · B A x``, the base frozen, as PEFT's LoRA ``Linear``.
+
+    Parameters: ``lora_a (rank, in_features)``, kaiming-uniform (``a = √5``) like PEFT,
+    and ``lora_b (out_features, rank)``, zero, so a fresh adapter leaves ``base`` unchanged.
+    Both take the base weight's dtype and device (``lora_linear`` wants one dtype). The
+    base weight and bias are set to ``requires_grad=False`` in place.
+
+    ``train_a=False`` is the FFA mode: ``lora_a`` is frozen (reproducible from a shared
+    seed via ``reset_parameters(generator)``) and backward keeps only the rank-r ``x Aᵀ``.
+
+    Dropout (``dropout > 0``, training mode) applies to the adapter branch's input only, as
+    in PEFT. The branches then read different inputs, which the fused kernel cannot share,
+    so that case runs the unfused torch formula (autograd saves the dropout mask and what
+    the matmuls need). Without dropout, or in eval mode, ``forward`` is ``lora_linear``
+    (Triton on CUDA, torch elsewhere; see ``chainfed.kernels.fused_lora``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        train_a: bool = True,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.dropout = dropout
+        self.train_a = train_a
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, **factory))
+        self.lora_a.requires_grad_(train_a)
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's init: kaiming-uniform ``lora_a`` (drawn from ``generator`` if given, so
+        every agent can build the same frozen A from a shared seed), zero ``lora_b``."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
+            self.lora_b.zero_()
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The adapter's parameters by name (``lora_a`` included even when frozen)."""
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + scale · B A`` (detached, base dtype) for export. Never used in ``forward``."""
+        with torch.no_grad():
+            delta = self.lora_b.float() @ self.lora_a.float()  # (out, in)
+            return (self.base.weight.float() + self.scale * delta).to(self.base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base.weight, self.base.bias
+        if self.training and self.dropout > 0:
+            dropped = F.dropout(x, self.dropout, training=True)
+            adapter = F.linear(F.linear(dropped, self.lora_a), self.lora_b)
+            return F.linear(x, weight, bias) + self.scale * adapter
+        return lora_linear(
+            x, weight, bias, self.lora_a, self.lora_b, self.scale, train_a=self.train_a
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, "
+            f"train_a={self.train_a}"
+        )
