@@ -1,0 +1,111 @@
+"""Globally Perceptive Optimization: foresight of the layers above the window (DESIGN.md §3).
+
+Two ways to give the window a view of the rest of the network for the global loss:
+
+* ``ProxyBranch`` (``proxy``): one low-rank residual per later layer j,
+  h <- h + B_j · gelu(A_j · rmsnorm(h)), B_j zero-initialised so the branch starts as the
+  identity. Trained and aggregated with the window; no later base weights are loaded.
+  A layer's proxy retires when the chain reaches that layer.
+* ``ExactForesight`` (``exact:k``): the next k frozen base blocks, each loaded from disk
+  in forward, run without keeping activations, and loaded again in backward to recompute
+  them. ``exact:all`` gives the true end-to-end gradient for the window at about one
+  block's weights plus one block's activations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chainfed.agent.attention import AttentionContext
+from chainfed.agent.model import StreamingModel
+
+
+class ResidualProxy(nn.Module):
+    """h + B · gelu(A · rmsnorm(h)); B starts at zero."""
+
+    def __init__(self, hidden_size: int, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) * 0.02)
+        self.up = nn.Parameter(torch.zeros(hidden_size, rank))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return h + nn.functional.gelu(normed @ self.down.T) @ self.up.T  # (B, T, d)
+
+
+class ProxyBranch(nn.Module):
+    """Proxies for layers ``first..last``; ``retire`` drops the lowest as the chain climbs."""
+
+    def __init__(self, hidden_size: int, rank: int, layers: range, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed + 7919)
+        self.proxies = nn.ModuleDict(
+            {str(j): ResidualProxy(hidden_size, rank, generator) for j in layers}
+        )
+
+    def retire_below(self, layer: int) -> None:
+        """Drop the proxies of layers ≤ ``layer`` (they are now real, trained layers)."""
+        for key in [k for k in self.proxies if int(k) <= layer]:
+            del self.proxies[key]
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        for key in sorted(self.proxies, key=int):
+            h = self.proxies[key](h)
+        return h
+
+
+class _StreamedBlock(torch.autograd.Function):
+    """One frozen block whose weights and activations live only inside forward/backward.
+
+    Forward: load, run under no_grad, drop; save only the input h.
+    Backward: load again, recompute with grad, return dL/dh_in = J_block(h_in)ᵀ · dL/dh_out.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, model: StreamingModel, layer: int, attn: AttentionContext):
+        ctx.model, ctx.layer, ctx.attn = model, layer, attn
+        ctx.save_for_backward(h)
+        block = model.load_block(layer)
+        with torch.no_grad():
+            return block(h, attn)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        block = ctx.model.load_block(ctx.layer)
+        with torch.enable_grad():
+            h_in = h.detach().requires_grad_(True)
+            out = block(h_in, ctx.attn)
+            (grad_in,) = torch.autograd.grad(out, h_in, grad_out)
+        return grad_in, None, None, None
+
+
+class ExactForesight(nn.Module):
+    """The real frozen blocks ``layers``, streamed and recomputed (no parameters)."""
+
+    def __init__(self, model: StreamingModel, layers: range) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def retire_below(self, layer: int) -> None:
+        self.layers = range(max(self.layers.start, layer + 1), self.layers.stop)
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        for layer in self.layers:
+            h = _StreamedBlock.apply(h, self.model, layer, ctx)
+        return h
+
+
+def parse_gpo(spec: str, num_layers: int) -> tuple[str, int]:
+    """``proxy`` / ``none`` / ``exact:K`` / ``exact:all`` -> (kind, depth)."""
+    if spec in ("proxy", "none"):
+        return spec, num_layers
+    if spec.startswith("exact:"):
+        depth = spec.split(":", 1)[1]
+        if depth == "all":
+            return "exact", num_layers
+        if depth.isdigit() and int(depth) > 0:
+            return "exact", int(depth)
+    raise ValueError(f"--gpo must be proxy, none, exact:K (K>0) or exact:all; got {spec!r}")

@@ -1,0 +1,94 @@
+"""LoRA on a block's linear layers: which layers, how they start, how adapters are saved.
+
+Adapters start from a seed derived from (seed, layer) so every agent of a federation
+builds the same initial A for a layer — what FFA aggregation (A frozen, B averaged)
+relies on. Saved names are ``layers.{i}.{module}.lora_a|lora_b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from chainfed.kernels import LoRALinear
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter shape and placement."""
+
+    rank: int = 8
+    """Rank r of each adapter."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter adds (alpha / r) · B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapter branch input while training."""
+    targets: str = "all"
+    """``attention`` (q/k/v/o projections) or ``all`` (every linear layer of a block)."""
+    train_a: bool = True
+    """False freezes A at its seeded init (FFA); only B trains."""
+    seed: int = 0
+    """Base seed of the per-layer A initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.targets not in ("attention", "all"):
+            raise ValueError(f"LoRA targets must be 'attention' or 'all', got {self.targets!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_names(block: nn.Module, targets: str) -> list[str]:
+    """Names of the block's linear layers that get adapters."""
+    linears = [name for name, m in block.named_children() if isinstance(m, nn.Linear)]
+    if targets == "attention":
+        return [n for n in linears if n in ATTENTION_TARGETS]
+    return linears
+
+
+def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRALinear]:
+    """Wrap the block's target linears in ``LoRALinear`` in place; returns them by name."""
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
+    wrapped = {}
+    for name in target_names(block, config.targets):
+        module = LoRALinear(
+            getattr(block, name),
+            config.rank,
+            config.alpha,
+            config.dropout,
+            train_a=config.train_a,
+        )
+        module.reset_parameters(generator)
+        setattr(block, name, module)
+        wrapped[name] = module
+    return wrapped
+
+
+def adapter_state(block: nn.Module, layer: int) -> dict[str, torch.Tensor]:
+    """Detached copies of the block's adapter tensors under their saved names."""
+    state = {}
+    for name, module in block.named_children():
+        if isinstance(module, LoRALinear):
+            for param_name, param in module.adapter_params().items():
+                state[f"layers.{layer}.{name}.{param_name}"] = param.detach().clone()
+    return state
+
+
+def load_adapter_state(block: nn.Module, layer: int, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter tensors of ``layer`` into the block's ``LoRALinear`` modules."""
+    with torch.no_grad():
+        for name, module in block.named_children():
+            if isinstance(module, LoRALinear):
+                for param_name, param in module.adapter_params().items():
+                    param.copy_(state[f"layers.{layer}.{name}.{param_name}"])
+
+
+def trainable_adapter_params(block: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters that receive gradients (B, and A unless frozen)."""
+    return [p for p in block.parameters() if p.requires_grad]
