@@ -1,0 +1,283 @@
+"""Peak memory per stage, as DESIGN.md §7 measures it.
+
+One ``PeakMemoryMeter`` measures one stage (a chain stage, a benchmark mode)::
+
+    process_baseline()                 # at start-up, before the model is touched
+    with PeakMemoryMeter(device) as meter:
+        run_stage()
+    meter.reading.peak_bytes, meter.reading.above_baseline
+
+Which figure is measured, recorded in ``MemoryReading.method``:
+
+* ``"cuda_max_allocated"`` — a CUDA device was given: ``torch.cuda.max_memory_allocated``
+  after ``reset_peak_memory_stats``. Tensors only: the CUDA context and the caching
+  allocator's reserve are not in it. Its baseline is 0 (the allocator holds no tensors
+  before the model is touched).
+* ``"proc_vmhwm"`` — CPU on Linux: the kernel's RSS high-water mark (``VmHWM`` in
+  ``/proc/self/status``), reset at the start of the stage by writing ``5`` to
+  ``/proc/self/clear_refs``. Exact (no sampling gaps). The mark is process-wide, so while
+  one meter uses it a second, nested meter falls back to sampling instead of resetting it.
+* ``"psutil_sampling"`` — CPU elsewhere (no ``clear_refs``, or no permission to write it):
+  a thread samples ``psutil`` RSS every ``interval`` seconds; a peak shorter than the
+  interval can be missed.
+
+CPU figures are the process's resident set (absolute) and, via ``above_baseline``, what
+it holds above the idle process. glibc keeps freed blocks, so each stage starts with
+``malloc_trim(0)``; compare modes under the same allocator settings (``MALLOC_*`` env).
+
+``format_bytes`` / ``parse_bytes`` turn sizes into text and back (``--memory-budget``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import threading
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+import torch
+
+CUDA = "cuda_max_allocated"
+VMHWM = "proc_vmhwm"
+SAMPLING = "psutil_sampling"
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+_baseline: int | None = None
+_vmhwm_in_use = threading.Lock()
+"""Held by the meter that owns the process-wide VmHWM mark."""
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Peak memory of one stage."""
+
+    peak_bytes: int
+    """Highest memory in use during the stage (RSS on CPU, allocated tensors on CUDA)."""
+    baseline_bytes: int
+    """Idle figure of the process before the model was touched (``process_baseline()``
+    on CPU, 0 on CUDA)."""
+    method: str
+    """How ``peak_bytes`` was measured: ``cuda_max_allocated``, ``proc_vmhwm`` or
+    ``psutil_sampling`` (see the module docstring)."""
+    start_bytes: int = 0
+    """Memory in use when the stage began (after ``malloc_trim``)."""
+
+    @property
+    def above_baseline(self) -> int:
+        """What the stage's peak held above the idle process."""
+        return self.peak_bytes - self.baseline_bytes
+
+    @property
+    def above_start(self) -> int:
+        """What the stage added at its peak to what was in use when it began."""
+        return self.peak_bytes - self.start_bytes
+
+
+def current_rss() -> int:
+    """Resident set size of this process, in bytes."""
+    return psutil.Process().memory_info().rss
+
+
+def process_baseline() -> int:
+    """RSS of the idle process: measured (after ``malloc_trim``) on the first call and
+    returned unchanged thereafter. Call it at start-up, before the model is touched."""
+    global _baseline
+    if _baseline is None:
+        malloc_trim()
+        _baseline = current_rss()
+    return _baseline
+
+
+@cache
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # no libc to load, or not glibc (musl, macOS)
+        return None
+
+
+def malloc_trim() -> None:
+    """Give glibc's free heap memory back to the OS; does nothing without glibc."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _read_status(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``), in bytes."""
+    with open(_STATUS) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{_STATUS}: no {key} field")
+
+
+def vmhwm_supported() -> bool:
+    """Whether this process can use ``proc_vmhwm`` (checked without resetting the mark)."""
+    return _STATUS.is_file() and os.access(_CLEAR_REFS, os.W_OK)
+
+
+def _reset_vmhwm() -> bool:
+    """Reset the kernel's RSS high-water mark; False where that is not possible."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        _read_status("VmHWM")
+    except OSError:  # not Linux, no /proc, or permission denied
+        return False
+    return True
+
+
+class _RssSampler(threading.Thread):
+    """Background thread recording the highest RSS seen until ``stop``."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def stop(self) -> int:
+        self._stopped.set()
+        self.join()
+        return max(self.peak, self._process.memory_info().rss)
+
+
+class PeakMemoryMeter:
+    """Peak memory of one stage: ``start()`` … ``stop()``, or use it as a context manager.
+
+    ``device``: a CUDA device (``"cuda"``, ``"cuda:1"``, ``torch.device``) measures
+    tensor memory on it; None or a CPU device measures the process RSS. ``method``
+    forces ``"proc_vmhwm"`` or ``"psutil_sampling"`` for CPU (None: the best available).
+    ``interval``: sampling period in seconds for ``psutil_sampling``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        *,
+        method: str | None = None,
+        interval: float = 0.005,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self._cuda = self.device is not None and self.device.type == "cuda"
+        if method not in (None, VMHWM, SAMPLING):
+            raise ValueError(f"method must be {VMHWM!r} or {SAMPLING!r}, got {method!r}")
+        if self._cuda and method is not None:
+            raise ValueError(f"method {method!r} is for CPU; {self.device} is measured by CUDA")
+        self._requested = method
+        self._interval = interval
+        self._method: str | None = None
+        self._start = 0
+        self._sampler: _RssSampler | None = None
+        self.reading: MemoryReading | None = None
+        """The last stage's result, set by ``stop``."""
+
+    def start(self) -> None:
+        """Trim the heap, reset the peak, record the starting figure."""
+        if self._method is not None:
+            raise RuntimeError("meter already started")
+        malloc_trim()
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._method, self._start = CUDA, torch.cuda.memory_allocated(self.device)
+            return
+        process_baseline()  # recorded now if the process never called it at start-up
+        if self._requested != SAMPLING and _vmhwm_in_use.acquire(blocking=False):
+            if _reset_vmhwm():
+                self._method, self._start = VMHWM, _read_status("VmRSS")
+                return
+            _vmhwm_in_use.release()
+        if self._requested == VMHWM:
+            raise RuntimeError(
+                f"{VMHWM} unavailable: {_CLEAR_REFS} cannot be written here or another "
+                "meter is using the high-water mark"
+            )
+        self._sampler = _RssSampler(self._interval)
+        self._method, self._start = SAMPLING, self._sampler.peak
+        self._sampler.start()
+
+    def stop(self) -> MemoryReading:
+        """The stage's ``MemoryReading`` (also kept as ``self.reading``)."""
+        if self._method is None:
+            raise RuntimeError("meter not started")
+        method, self._method = self._method, None
+        if method == CUDA:
+            torch.cuda.synchronize(self.device)
+            peak, baseline = torch.cuda.max_memory_allocated(self.device), 0
+        elif method == VMHWM:
+            peak, baseline = _read_status("VmHWM"), process_baseline()
+            _vmhwm_in_use.release()
+        else:
+            assert self._sampler is not None
+            peak, baseline = self._sampler.stop(), process_baseline()
+            self._sampler = None
+        self.reading = MemoryReading(peak, baseline, method, self._start)
+        return self.reading
+
+    def __enter__(self) -> PeakMemoryMeter:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """``"1.5GiB"`` -> 1610612736. Units (case-insensitive): B, KB/KiB, MB/MiB, GB/GiB,
+    TB/TiB; KB, MB, GB, TB are decimal (10³ⁿ), the -iB units binary (2¹⁰ⁿ); a bare
+    number is bytes. Raises ValueError naming ``text`` for anything else."""
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in {"", *_UNITS}:
+        raise ValueError(
+            f"invalid memory size {text!r}: expected a number and a unit such as "
+            "'512MiB', '1.5GiB' or '8GB' (units: B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+        )
+    return round(float(match.group(1)) * _UNITS.get(unit, 1))
+
+
+def format_bytes(n: int) -> str:
+    """Bytes as text in the largest binary unit that keeps the number ≥ 1: ``"1.5 GiB"``,
+    ``"200 MiB"``, ``"512 B"`` (up to 2 decimals; negative sizes keep their sign)."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = _UNITS[unit.lower()]
+        if n >= scale:
+            value = f"{n / scale:.2f}".rstrip("0").rstrip(".")
+            return f"{sign}{value} {unit}"
+    return f"{sign}{n} B"

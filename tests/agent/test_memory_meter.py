@@ -1,0 +1,174 @@
+"""PeakMemoryMeter sees a 200 MiB tensor in the stage that held it and not in the next one;
+parse_bytes / format_bytes round-trip and reject bad sizes clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chainfed.agent.memory_meter import (
+    CUDA,
+    SAMPLING,
+    VMHWM,
+    MemoryReading,
+    PeakMemoryMeter,
+    format_bytes,
+    parse_bytes,
+    process_baseline,
+    vmhwm_supported,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+CPU_METHODS = [
+    pytest.param(
+        VMHWM,
+        marks=pytest.mark.skipif(not vmhwm_supported(), reason="/proc/self/clear_refs unavailable"),
+    ),
+    SAMPLING,
+]
+
+
+def _touch(nbytes: int, device: str = "cpu") -> torch.Tensor:
+    """A tensor whose every page has been written (``empty`` would not count in RSS)."""
+    return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_cpu_stage_sees_its_tensor_and_next_stage_does_not(method):
+    baseline = process_baseline()
+
+    with PeakMemoryMeter(method=method) as first:
+        big = _touch(200 * MIB)
+        assert float(big[-1]) == 1.0
+    del big
+    with PeakMemoryMeter(method=method) as second:
+        small = _touch(1 * MIB)
+    del small
+
+    for reading in (first.reading, second.reading):
+        assert reading.method == method
+        assert reading.baseline_bytes == baseline
+        assert reading.above_baseline == reading.peak_bytes - baseline
+    assert first.reading.above_start >= 190 * MIB, format_bytes(first.reading.above_start)
+    assert second.reading.above_start < 50 * MIB, format_bytes(second.reading.above_start)
+    assert second.reading.peak_bytes < first.reading.peak_bytes - 150 * MIB
+
+
+def test_nested_meter_falls_back_to_sampling_and_keeps_outer_mark():
+    if not vmhwm_supported():
+        pytest.skip("/proc/self/clear_refs unavailable")
+    with PeakMemoryMeter() as outer:
+        big = _touch(100 * MIB)
+        del big
+        with PeakMemoryMeter() as inner:
+            small = _touch(1 * MIB)
+        del small
+
+    assert outer.reading.method == VMHWM
+    assert inner.reading.method == SAMPLING
+    assert outer.reading.above_start >= 95 * MIB, "the inner meter must not reset the mark"
+    with pytest.raises(RuntimeError, match="unavailable"), PeakMemoryMeter():
+        PeakMemoryMeter(method=VMHWM).start()
+
+
+def test_start_stop_misuse_and_bad_method():
+    meter = PeakMemoryMeter(method=SAMPLING)
+    with pytest.raises(RuntimeError, match="not started"):
+        meter.stop()
+    meter.start()
+    with pytest.raises(RuntimeError, match="already started"):
+        meter.start()
+    assert isinstance(meter.stop(), MemoryReading)
+    with pytest.raises(ValueError, match="method"):
+        PeakMemoryMeter(method="guess")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stage_sees_its_tensor_and_next_stage_does_not():
+    with PeakMemoryMeter("cuda") as first:
+        big = _touch(200 * MIB, "cuda")
+    del big
+    with PeakMemoryMeter("cuda") as second:
+        small = _touch(1 * MIB, "cuda")
+    del small
+
+    assert first.reading.method == second.reading.method == CUDA
+    assert first.reading.baseline_bytes == 0
+    assert first.reading.above_start >= 190 * MIB
+    assert second.reading.above_start < 10 * MIB
+
+
+def test_cuda_path_resets_and_reads_the_allocator_peak(monkeypatch):
+    """The CUDA calls, in order, with the meter's device (runs without a GPU)."""
+    calls = []
+    fake = {
+        "synchronize": lambda device: calls.append(("synchronize", device)),
+        "reset_peak_memory_stats": lambda device: calls.append(("reset", device)),
+        "memory_allocated": lambda device: 10 * MIB,
+        "max_memory_allocated": lambda device: 250 * MIB,
+    }
+    for name, function in fake.items():
+        monkeypatch.setattr(torch.cuda, name, function)
+
+    with PeakMemoryMeter("cuda:1") as meter:
+        calls.append("stage")
+
+    device = torch.device("cuda:1")
+    assert calls == [("synchronize", device), ("reset", device), "stage", ("synchronize", device)]
+    assert meter.reading == MemoryReading(250 * MIB, 0, CUDA, 10 * MIB)
+    with pytest.raises(ValueError, match="for CPU"):
+        PeakMemoryMeter("cuda", method=SAMPLING)
+
+
+def test_reading_properties():
+    reading = MemoryReading(peak_bytes=300, baseline_bytes=100, method=VMHWM, start_bytes=250)
+    assert reading.above_baseline == 200
+    assert reading.above_start == 50
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1.5GiB", 3 * GIB // 2),
+        ("1.5 gib", 3 * GIB // 2),
+        ("200MiB", 200 * MIB),
+        ("200mb", 200_000_000),
+        ("8GB", 8_000_000_000),
+        ("64KiB", 64 * 1024),
+        ("64kb", 64_000),
+        ("512B", 512),
+        ("512", 512),
+        (" 2 TiB ", 2 << 40),
+        (".5MiB", MIB // 2),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "1.5 GiBs", "-1GiB", "1e9", "8G", "1,5GiB", "nan"])
+def test_parse_bytes_rejects_bad_sizes_naming_them(text):
+    with pytest.raises(ValueError, match=f"invalid memory size {text!r}"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (512, "512 B"),
+        (1536, "1.5 KiB"),
+        (200 * MIB, "200 MiB"),
+        (3 * GIB // 2, "1.5 GiB"),
+        (-12 * MIB, "-12 MiB"),
+    ],
+)
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1536, 200 * MIB, 3 * GIB // 2, 7 * GIB + 3 * MIB])
+def test_format_parse_round_trip(n):
+    assert abs(parse_bytes(format_bytes(n)) - n) <= n * 0.005
