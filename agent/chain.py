@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from chainfed.agent.fingerprint import digest_files, digest_json, digest_tensors
 from chainfed.agent.foat import choose_start_layer, probe_cka
@@ -41,6 +42,7 @@ from chainfed.agent.lora import (
     load_adapter_state,
     trainable_adapter_params,
 )
+from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.prefix_cache import PrefixCache
 
@@ -235,7 +237,9 @@ class ChainTrainer:
             index = cache.layer
             block = self._frozen_block(index)
             cache.advance(
-                lambda h, mask, block=block: block(h, self.model.attention_context(mask)),
+                lambda h, mask, block=block: block(
+                    h.to(self.model.dtype), self.model.attention_context(mask)
+                ),
                 split.attention_mask,
                 adapter_digest=digests[index],
                 batch_size=self.config.micro_batch * 4,
@@ -272,7 +276,7 @@ class ChainTrainer:
 
     def _entry_states(self, cache: PrefixCache | None, split: EncodedSplit, idx) -> torch.Tensor:
         if cache is not None:
-            return cache.read(idx)
+            return cache.read(idx).to(self.model.dtype)
         embeddings = self._embeddings
         return embeddings(split.input_ids[idx], split.attention_mask[idx])
 
@@ -314,6 +318,13 @@ class ChainTrainer:
         train_losses: list[float] = []
         evaluation = Evaluation(math.nan, math.nan)
         n = len(self.train_data)
+        bar = tqdm(
+            total=max_rounds * self.config.steps_per_round,
+            desc=f"layer {layer} window {window[0]}-{window[-1]}" if window else "head",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+        )
         while rounds < max_rounds:
             for block in self.window_blocks.values():
                 block.train()
@@ -331,14 +342,20 @@ class ChainTrainer:
                     train_losses.append(loss.item() * self.config.grad_accum)
                 optimizer.step()
                 steps += 1
+                bar.update()
+                bar.set_postfix(loss=f"{train_losses[-1]:.4f}")
             rounds += 1
             evaluation = self.evaluate_window(val_cache, window)
+            bar.set_postfix(
+                val_loss=f"{evaluation.loss:.4f}", val_metric=f"{evaluation.metric:.4f}"
+            )
             if evaluation.loss < best * (1 - self.config.tolerance):
                 best, since_best = evaluation.loss, 0
             else:
                 since_best += 1
             if rounds >= self.config.min_rounds and since_best >= self.config.patience:
                 break
+        bar.close()
         recent = train_losses[-self.config.steps_per_round * self.config.grad_accum :]
         return StageReport(
             layer=layer,
@@ -371,7 +388,11 @@ class ChainTrainer:
             self._train_single_stage(on_stage)
         return self.stages
 
-    def _record(self, report: StageReport, on_stage: StageHook | None) -> None:
+    def _record(
+        self, report: StageReport, meter: PeakMemoryMeter, on_stage: StageHook | None
+    ) -> None:
+        report.peak_mem_bytes = meter.reading.peak_bytes
+        report.baseline_mem_bytes = meter.reading.baseline_bytes
         self.stages.append(report)
         if on_stage is not None:
             on_stage(report)
@@ -384,19 +405,20 @@ class ChainTrainer:
         foresight = self._make_foresight(s)
         for layer in range(s, self.L):
             lo = max(s, layer - Q + 1)
-            for old in [j for j in self.window_blocks if j < lo]:
-                self._finalise(old)
-            self._bring_cache_to(train_cache, self.train_data, lo)
-            self._bring_cache_to(val_cache, self.val_data, lo)
-            self._load_window_block(layer)
-            if foresight is not None:
-                foresight.retire_below(layer)
-            stage_foresight = foresight if layer < self.L - 1 else None
-            window = list(range(lo, layer + 1))
-            report = self.train_stage(
-                layer, window, train_cache, val_cache, stage_foresight, self.config.max_rounds
-            )
-            self._record(report, on_stage)
+            with PeakMemoryMeter(self.model.device) as meter:
+                for old in [j for j in self.window_blocks if j < lo]:
+                    self._finalise(old)
+                self._bring_cache_to(train_cache, self.train_data, lo)
+                self._bring_cache_to(val_cache, self.val_data, lo)
+                self._load_window_block(layer)
+                if foresight is not None:
+                    foresight.retire_below(layer)
+                stage_foresight = foresight if layer < self.L - 1 else None
+                window = list(range(lo, layer + 1))
+                report = self.train_stage(
+                    layer, window, train_cache, val_cache, stage_foresight, self.config.max_rounds
+                )
+            self._record(report, meter, on_stage)
         for old in sorted(self.window_blocks):
             self._finalise(old)
 
@@ -417,19 +439,20 @@ class ChainTrainer:
         first = {"e2e": 0, "topk": L - min(self.config.topk, L), "head": L}[mode]
         self.start_layer = first
         rounds = self.config.baseline_rounds or self.config.max_rounds * L
-        if mode == "e2e":
-            self._embeddings = self.model.load_embeddings()
-            train_cache = val_cache = None
-        else:
-            train_cache = self._open_cache("train", self.train_data)
-            val_cache = self._open_cache("val", self.val_data)
-            self._bring_cache_to(train_cache, self.train_data, first)
-            self._bring_cache_to(val_cache, self.val_data, first)
-        for layer in range(first, L):
-            self._load_window_block(layer)
-        window = list(range(first, L))
-        report = self.train_stage(L - 1, window, train_cache, val_cache, None, rounds)
-        self._record(report, on_stage)
+        with PeakMemoryMeter(self.model.device) as meter:
+            if mode == "e2e":
+                self._embeddings = self.model.load_embeddings()
+                train_cache = val_cache = None
+            else:
+                train_cache = self._open_cache("train", self.train_data)
+                val_cache = self._open_cache("val", self.val_data)
+                self._bring_cache_to(train_cache, self.train_data, first)
+                self._bring_cache_to(val_cache, self.val_data, first)
+            for layer in range(first, L):
+                self._load_window_block(layer)
+            window = list(range(first, L))
+            report = self.train_stage(L - 1, window, train_cache, val_cache, None, rounds)
+        self._record(report, meter, on_stage)
         for old in sorted(self.window_blocks):
             self._finalise(old)
 

@@ -9,6 +9,7 @@ line naming the problem and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ def _run_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Callable:
+    """A function of ``module`` imported on first call, so ``chainfed --help`` stays fast
+    and one subcommand's heavy imports never slow another down."""
+
+    def call(*args: object) -> object:
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return call
+
+
 @dataclass(frozen=True)
 class Subcommand:
     """One ``chainfed`` subcommand."""
@@ -59,6 +70,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "vocabulary and merges.",
         add_arguments=_add_convert_gguf,
         run=_run_convert_gguf,
+    ),
+    "train": Subcommand(
+        summary="train a whole chain (or a baseline) on this device, no network",
+        description="Layer-by-layer LoRA training on one device: FOAT picks the start layer, "
+        "a DLCT window of Q adapters climbs the network over a disk prefix cache, GPO adds "
+        "foresight of the layers above. --mode e2e|topk|head runs the baselines through the "
+        "same code. Writes the adapter file, a JSON report and a per-stage table. With no "
+        "options it fine-tunes the packaged all-MiniLM-L6-v2 on the packaged tweet corpus.",
+        add_arguments=_lazy("chainfed.agent.train_command", "add_arguments"),
+        run=_lazy("chainfed.agent.train_command", "run"),
     ),
 }
 

