@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from chainfed.agent.adapter_file import (
+    AdapterFile,
+    AdapterFileError,
+    load_adapter_file,
+    save_adapter_file,
+)
 from chainfed.agent.fingerprint import digest_files, digest_json, digest_tensors
 from chainfed.agent.foat import choose_start_layer, probe_cka
 from chainfed.agent.gpo import ExactForesight, ProxyBranch, parse_gpo
@@ -190,6 +197,9 @@ class ChainTrainer:
         self.foat_scores: list[float] | None = None
         self.stages: list[StageReport] = []
         self.start_layer = 0
+        self.resumed_from: int | None = None
+        """Layer a restarted chain continued at (None: it started fresh)."""
+        self._resume_window: list[int] = []
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -204,10 +214,13 @@ class ChainTrainer:
         self.foat_scores = probe_cka(self.model, batch.input_ids, batch.attention_mask)
         return choose_start_layer(self.foat_scores, self.config.foat_threshold)
 
+    @cached_property
+    def _model_digest(self) -> str:
+        return digest_files([self.model.model_dir / "config.json", *self.model.checkpoint.files])
+
     def _fingerprint(self, split: EncodedSplit) -> str:
-        model_files = [self.model.model_dir / "config.json", *self.model.checkpoint.files]
         return digest_json(
-            [digest_files(model_files), split.digest(), str(self.model.dtype), self.config.seed]
+            [self._model_digest, split.digest(), str(self.model.dtype), self.config.seed]
         )
 
     def _open_cache(self, name: str, split: EncodedSplit) -> PrefixCache:
@@ -311,6 +324,19 @@ class ChainTrainer:
         params += [p for p in self.objective.parameters() if p.requires_grad]
         if foresight is not None:
             params += [p for p in foresight.parameters() if p.requires_grad]
+        if not params:
+            # Nothing to train (``head`` mode of an LM task: the untuned model): evaluate only.
+            evaluation = self.evaluate_window(val_cache, window)
+            return StageReport(
+                layer=layer,
+                window=list(window),
+                steps=0,
+                rounds=0,
+                train_loss=math.nan,
+                val_loss=evaluation.loss,
+                val_metric=evaluation.metric,
+                seconds=time.perf_counter() - started,
+            )
         optimizer = torch.optim.AdamW(
             params, lr=self.config.lr, weight_decay=self.config.weight_decay
         )
@@ -398,12 +424,18 @@ class ChainTrainer:
             on_stage(report)
 
     def _train_chain(self, on_stage: StageHook | None) -> None:
-        self.start_layer = s = self.choose_start()
-        Q = self.config.window
+        resumed = self._load_chain_state()
+        if resumed is None:
+            self.start_layer = self.choose_start()
+        s, Q = self.start_layer, self.config.window
+        foresight = self._make_foresight(s)
+        first = s
+        if resumed is not None:
+            first, tensors = resumed
+            self._restore_trainables(first, foresight, tensors)
         train_cache = self._open_cache("train", self.train_data)
         val_cache = self._open_cache("val", self.val_data)
-        foresight = self._make_foresight(s)
-        for layer in range(s, self.L):
+        for layer in range(first, self.L):
             lo = max(s, layer - Q + 1)
             with PeakMemoryMeter(self.model.device) as meter:
                 for old in [j for j in self.window_blocks if j < lo]:
@@ -419,8 +451,92 @@ class ChainTrainer:
                     layer, window, train_cache, val_cache, stage_foresight, self.config.max_rounds
                 )
             self._record(report, meter, on_stage)
+            self._save_chain_state(layer + 1, foresight)
         for old in sorted(self.window_blocks):
             self._finalise(old)
+
+    # -- resuming an interrupted chain ---------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.workdir / "chain_state.safetensors"
+
+    def _state_key(self) -> str:
+        return digest_json(
+            [self.config.to_dict(), self._fingerprint(self.train_data), self.val_data.digest()]
+        )
+
+    def _save_chain_state(self, next_layer: int, foresight: nn.Module | None) -> None:
+        """After every stage: everything needed to continue at ``next_layer`` (atomic)."""
+        tensors = {f"final.{k}": v for k, v in self.final_adapters.items()}
+        for layer, block in self.window_blocks.items():
+            tensors.update({f"window.{k}": v for k, v in adapter_state(block, layer).items()})
+        for name, param in self.objective.named_parameters():
+            if param.requires_grad:
+                tensors[f"objective.{name}"] = param.detach().clone()
+        if foresight is not None:
+            tensors.update(
+                {f"foresight.{k}": v.detach().clone() for k, v in foresight.state_dict().items()}
+            )
+        info = {
+            "key": self._state_key(),
+            "next_layer": next_layer,
+            "start_layer": self.start_layer,
+            "window_layers": sorted(self.window_blocks),
+            "foat_scores": self.foat_scores,
+            "rng": self.rng.bit_generator.state,
+            "stages": [asdict(r) for r in self.stages],
+        }
+        save_adapter_file(self._state_path, AdapterFile(tensors, info))
+
+    def _load_chain_state(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(next layer, saved tensors) of a matching earlier run in ``workdir``, else None."""
+        if not self._state_path.is_file():
+            return None
+        try:
+            saved = load_adapter_file(self._state_path)
+        except AdapterFileError:
+            return None
+        info = saved.info
+        if info.get("key") != self._state_key() or info["next_layer"] >= self.L:
+            return None
+        self.start_layer = info["start_layer"]
+        self.foat_scores = info["foat_scores"]
+        self.rng.bit_generator.state = info["rng"]
+        self.stages = [StageReport(**r) for r in info["stages"]]
+        self.resumed_from = info["next_layer"]
+        self._resume_window = info["window_layers"]
+        return info["next_layer"], saved.tensors
+
+    def _restore_trainables(
+        self, next_layer: int, foresight: nn.Module | None, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        self.final_adapters = {
+            k.removeprefix("final."): v for k, v in tensors.items() if k.startswith("final.")
+        }
+        window_state = {
+            k.removeprefix("window."): v for k, v in tensors.items() if k.startswith("window.")
+        }
+        for layer in self._resume_window:
+            self._load_window_block(layer)
+            load_adapter_state(self.window_blocks[layer], layer, window_state)
+        objective_state = {
+            k.removeprefix("objective."): v
+            for k, v in tensors.items()
+            if k.startswith("objective.")
+        }
+        with torch.no_grad():
+            for name, param in self.objective.named_parameters():
+                if name in objective_state:
+                    param.copy_(objective_state[name])
+        if foresight is not None:
+            foresight.retire_below(next_layer - 1)
+            foresight_state = {
+                k.removeprefix("foresight."): v
+                for k, v in tensors.items()
+                if k.startswith("foresight.")
+            }
+            foresight.load_state_dict(foresight_state)
 
     def _make_foresight(self, start: int) -> nn.Module | None:
         if self.gpo_kind == "none" or self.gpo_lambda == 0:
