@@ -145,6 +145,8 @@ class EncodedSplit:
 
 @dataclass
 class StageReport:
+    """What one stage did; the unit of the ``chainfed train`` report."""
+
     layer: int
     window: list[int]
     steps: int
@@ -163,11 +165,58 @@ class Evaluation:
     metric: float
 
 
+@dataclass
+class RoundResult:
+    """One round of local steps on the current window."""
+
+    steps: int
+    samples: int
+    train_loss: float
+
+
+@dataclass
+class StageConvergence:
+    """When a stage is done: the validation loss stopped improving or the cap was hit.
+
+    The same rule serves a local run (local validation loss) and the coordinator
+    (federated, sample-weighted validation loss), so both freeze at the same round.
+    """
+
+    min_rounds: int
+    max_rounds: int
+    patience: int
+    tolerance: float
+    rounds: int = 0
+    best: float = math.inf
+    since_best: int = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record one round's validation loss; True when the stage should end."""
+        self.rounds += 1
+        if val_loss < self.best * (1 - self.tolerance):
+            self.best, self.since_best = val_loss, 0
+        else:
+            self.since_best += 1
+        if self.rounds >= self.max_rounds:
+            return True
+        return self.rounds >= self.min_rounds and self.since_best >= self.patience
+
+
 StageHook = Callable[[StageReport], None]
 
 
 class ChainTrainer:
-    """Runs a whole chain (or a baseline) on one device; ``train()`` returns the report."""
+    """Layer-by-layer training on one device.
+
+    ``train()`` runs a whole chain (or baseline) locally. The same steps are public for a
+    federated agent, whose coordinator decides instead of the local loop::
+
+        trainer.set_start_layer(s)              # or choose_start() (FOAT)
+        window = trainer.enter_stage(layer)     # finalise leaving adapters, advance caches
+        trainer.load_trainable_state(aggregate) # the round's starting point
+        trainer.train_round()                   # steps_per_round local steps
+        trainer.evaluate_window(), trainer.trainable_state()
+    """
 
     def __init__(
         self,
@@ -193,26 +242,42 @@ class ChainTrainer:
         )
         self.rng = np.random.default_rng(config.seed)
         self.final_adapters: dict[str, torch.Tensor] = {}
+        """Adapters of layers that left the window, by saved name; never changed after."""
         self.window_blocks: dict[int, nn.Module] = {}
+        """Blocks of the current window, with trainable adapters."""
+        self.window: list[int] = []
+        self.layer: int | None = None
         self.foat_scores: list[float] | None = None
         self.stages: list[StageReport] = []
-        self.start_layer = 0
+        self.start_layer: int | None = None
         self.resumed_from: int | None = None
         """Layer a restarted chain continued at (None: it started fresh)."""
-        self._resume_window: list[int] = []
+        self.foresight: nn.Module | None = None
+        self._caches: tuple[PrefixCache, PrefixCache] | None = None
+        self._embeddings: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
-    def choose_start(self) -> int:
-        """FOAT start layer (probe on the first samples), unless configured."""
-        if self.config.start_layer is not None:
-            if not 0 <= self.config.start_layer < self.L:
-                raise ValueError(f"start layer {self.config.start_layer} not in 0..{self.L - 1}")
-            return self.config.start_layer
+    def probe(self) -> list[float]:
+        """FOAT scores (per-layer CKA vs the embeddings) on the first training samples."""
         n = min(self.config.foat_samples, len(self.train_data))
         batch = self.train_data.batch(slice(0, n))
         self.foat_scores = probe_cka(self.model, batch.input_ids, batch.attention_mask)
-        return choose_start_layer(self.foat_scores, self.config.foat_threshold)
+        return self.foat_scores
+
+    def choose_start(self) -> int:
+        """The configured start layer, else FOAT's choice."""
+        if self.config.start_layer is not None:
+            return self.config.start_layer
+        return choose_start_layer(self.probe(), self.config.foat_threshold)
+
+    def set_start_layer(self, layer: int) -> None:
+        """Fix where the chain starts; creates the GPO foresight for the layers above."""
+        if not 0 <= layer < self.L:
+            raise ValueError(f"start layer {layer} not in 0..{self.L - 1}")
+        self.start_layer = layer
+        self.foresight = self._make_foresight(layer)
 
     @cached_property
     def _model_digest(self) -> str:
@@ -232,6 +297,16 @@ class ChainTrainer:
             hidden_size=self.model.config.hidden_size,
             dtype=getattr(torch, self.config.cache_dtype),
         )
+
+    @property
+    def caches(self) -> tuple[PrefixCache, PrefixCache]:
+        """(train, validation) prefix caches, opened on first use."""
+        if self._caches is None:
+            self._caches = (
+                self._open_cache("train", self.train_data),
+                self._open_cache("val", self.val_data),
+            )
+        return self._caches
 
     def _bring_cache_to(self, cache: PrefixCache, split: EncodedSplit, layer: int) -> None:
         """Reuse what is on disk when valid, then advance block by block to ``layer``."""
@@ -271,130 +346,67 @@ class ChainTrainer:
             load_adapter_state(block, layer, final)
         return block.eval()
 
-    # -- one stage ------------------------------------------------------------------
+    def _make_foresight(self, start: int) -> nn.Module | None:
+        if self.config.mode != "chain" or self.gpo_kind == "none" or self.gpo_lambda == 0:
+            return None
+        if self.gpo_kind == "proxy":
+            return ProxyBranch(
+                self.model.config.hidden_size,
+                self.config.proxy_rank,
+                range(start + 1, self.L),
+                seed=self.config.seed,
+            )
+        return _DepthLimited(ExactForesight(self.model, range(start + 1, self.L)), self.gpo_depth)
 
-    def _window_forward(
-        self, h: torch.Tensor, batch: Batch, window: list[int]
-    ) -> tuple[torch.Tensor, object]:
-        ctx = self.model.attention_context(batch.attention_mask)
-        for layer in window:
-            h = self.window_blocks[layer](h, ctx)
-        return h, ctx
+    # -- stages ---------------------------------------------------------------------
 
-    def _loss(self, h: torch.Tensor, batch: Batch, ctx, foresight: nn.Module | None):
-        local = self.objective.loss(h, batch)
-        if foresight is None:
-            return local
-        return local + self.gpo_lambda * self.objective.loss(foresight(h, ctx), batch)
+    def stage_window(self, layer: int) -> list[int]:
+        """Layers trained in the stage whose newest layer is ``layer``."""
+        if self.config.mode != "chain":
+            return list(range(self._baseline_first, self.L))
+        lo = max(self.start_layer, layer - self.config.window + 1)
+        return list(range(lo, layer + 1))
 
-    def _entry_states(self, cache: PrefixCache | None, split: EncodedSplit, idx) -> torch.Tensor:
-        if cache is not None:
-            return cache.read(idx).to(self.model.dtype)
-        embeddings = self._embeddings
-        return embeddings(split.input_ids[idx], split.attention_mask[idx])
+    @property
+    def _baseline_first(self) -> int:
+        L = self.L
+        return {"e2e": 0, "topk": L - min(self.config.topk, L), "head": L}[self.config.mode]
 
-    @torch.no_grad()
-    def evaluate_window(self, cache: PrefixCache | None, window: list[int]) -> Evaluation:
-        """Validation loss and metric with the head right after the window."""
-        for block in self.window_blocks.values():
-            block.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        n = len(self.val_data)
-        for start in range(0, n, self.config.micro_batch * 4):
-            idx = np.arange(start, min(n, start + self.config.micro_batch * 4))
-            batch = self.val_data.batch(idx)
-            h = self._entry_states(cache, self.val_data, idx)
-            h, _ = self._window_forward(h, batch, window)
-            s_loss, s_correct, s_count = self.objective.score(h, batch)
-            loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
-        return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))
-
-    def train_stage(
-        self,
-        layer: int,
-        window: list[int],
-        train_cache: PrefixCache | None,
-        val_cache: PrefixCache | None,
-        foresight: nn.Module | None,
-        max_rounds: int,
-    ) -> StageReport:
-        """Rounds of local steps on the window until validation loss converges."""
-        started = time.perf_counter()
+    def enter_stage(self, layer: int) -> list[int]:
+        """Make ``layer`` the active layer: adapters leaving the window become final, the
+        prefix caches advance to the window's bottom, new window blocks are loaded."""
+        window = self.stage_window(layer)
+        for old in [j for j in self.window_blocks if j not in window]:
+            self._finalise(old)
+        if self.config.mode == "e2e":
+            if self._embeddings is None:
+                self._embeddings = self.model.load_embeddings()
+        else:
+            bottom = window[0] if window else self.L
+            train_cache, val_cache = self.caches
+            self._bring_cache_to(train_cache, self.train_data, bottom)
+            self._bring_cache_to(val_cache, self.val_data, bottom)
+        for j in window:
+            if j not in self.window_blocks:
+                self._load_window_block(j)
+        if self.foresight is not None:
+            self.foresight.retire_below(layer)
+        self.window, self.layer = window, layer
         params = [p for j in window for p in trainable_adapter_params(self.window_blocks[j])]
         params += [p for p in self.objective.parameters() if p.requires_grad]
-        if foresight is not None:
-            params += [p for p in foresight.parameters() if p.requires_grad]
-        if not params:
-            # Nothing to train (``head`` mode of an LM task: the untuned model): evaluate only.
-            evaluation = self.evaluate_window(val_cache, window)
-            return StageReport(
-                layer=layer,
-                window=list(window),
-                steps=0,
-                rounds=0,
-                train_loss=math.nan,
-                val_loss=evaluation.loss,
-                val_metric=evaluation.metric,
-                seconds=time.perf_counter() - started,
-            )
-        optimizer = torch.optim.AdamW(
-            params, lr=self.config.lr, weight_decay=self.config.weight_decay
+        if self._stage_foresight is not None:
+            params += [p for p in self._stage_foresight.parameters() if p.requires_grad]
+        self._optimizer = (
+            torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+            if params
+            else None
         )
-        best, since_best, rounds, steps = math.inf, 0, 0, 0
-        train_losses: list[float] = []
-        evaluation = Evaluation(math.nan, math.nan)
-        n = len(self.train_data)
-        bar = tqdm(
-            total=max_rounds * self.config.steps_per_round,
-            desc=f"layer {layer} window {window[0]}-{window[-1]}" if window else "head",
-            unit="step",
-            disable=not self.progress,
-            leave=False,
-        )
-        while rounds < max_rounds:
-            for block in self.window_blocks.values():
-                block.train()
-            for _ in range(self.config.steps_per_round):
-                optimizer.zero_grad(set_to_none=True)
-                for _ in range(self.config.grad_accum):
-                    idx = np.sort(
-                        self.rng.choice(n, size=min(self.config.micro_batch, n), replace=False)
-                    )
-                    batch = self.train_data.batch(idx)
-                    h = self._entry_states(train_cache, self.train_data, idx)
-                    h, ctx = self._window_forward(h, batch, window)
-                    loss = self._loss(h, batch, ctx, foresight) / self.config.grad_accum
-                    loss.backward()
-                    train_losses.append(loss.item() * self.config.grad_accum)
-                optimizer.step()
-                steps += 1
-                bar.update()
-                bar.set_postfix(loss=f"{train_losses[-1]:.4f}")
-            rounds += 1
-            evaluation = self.evaluate_window(val_cache, window)
-            bar.set_postfix(
-                val_loss=f"{evaluation.loss:.4f}", val_metric=f"{evaluation.metric:.4f}"
-            )
-            if evaluation.loss < best * (1 - self.config.tolerance):
-                best, since_best = evaluation.loss, 0
-            else:
-                since_best += 1
-            if rounds >= self.config.min_rounds and since_best >= self.config.patience:
-                break
-        bar.close()
-        recent = train_losses[-self.config.steps_per_round * self.config.grad_accum :]
-        return StageReport(
-            layer=layer,
-            window=list(window),
-            steps=steps,
-            rounds=rounds,
-            train_loss=float(np.mean(recent)) if recent else math.nan,
-            val_loss=evaluation.loss,
-            val_metric=evaluation.metric,
-            seconds=time.perf_counter() - started,
-        )
+        return window
 
-    # -- whole runs -----------------------------------------------------------------
+    @property
+    def _stage_foresight(self) -> nn.Module | None:
+        # The last stage's window output is the network's output: the end-to-end loss.
+        return self.foresight if self.layer is not None and self.layer < self.L - 1 else None
 
     def _load_window_block(self, layer: int) -> None:
         block = self.model.load_block(layer)
@@ -405,55 +417,164 @@ class ChainTrainer:
         block = self.window_blocks.pop(layer)
         self.final_adapters.update(adapter_state(block, layer))
 
-    def train(self, on_stage: StageHook | None = None) -> list[StageReport]:
-        """Run the configured mode to the end; final adapters land in ``final_adapters``."""
-        mode = self.config.mode
-        if mode == "chain":
-            self._train_chain(on_stage)
-        else:
-            self._train_single_stage(on_stage)
-        return self.stages
-
-    def _record(
-        self, report: StageReport, meter: PeakMemoryMeter, on_stage: StageHook | None
-    ) -> None:
-        report.peak_mem_bytes = meter.reading.peak_bytes
-        report.baseline_mem_bytes = meter.reading.baseline_bytes
-        self.stages.append(report)
-        if on_stage is not None:
-            on_stage(report)
-
-    def _train_chain(self, on_stage: StageHook | None) -> None:
-        resumed = self._load_chain_state()
-        if resumed is None:
-            self.start_layer = self.choose_start()
-        s, Q = self.start_layer, self.config.window
-        foresight = self._make_foresight(s)
-        first = s
-        if resumed is not None:
-            first, tensors = resumed
-            self._restore_trainables(first, foresight, tensors)
-        train_cache = self._open_cache("train", self.train_data)
-        val_cache = self._open_cache("val", self.val_data)
-        for layer in range(first, self.L):
-            lo = max(s, layer - Q + 1)
-            with PeakMemoryMeter(self.model.device) as meter:
-                for old in [j for j in self.window_blocks if j < lo]:
-                    self._finalise(old)
-                self._bring_cache_to(train_cache, self.train_data, lo)
-                self._bring_cache_to(val_cache, self.val_data, lo)
-                self._load_window_block(layer)
-                if foresight is not None:
-                    foresight.retire_below(layer)
-                stage_foresight = foresight if layer < self.L - 1 else None
-                window = list(range(lo, layer + 1))
-                report = self.train_stage(
-                    layer, window, train_cache, val_cache, stage_foresight, self.config.max_rounds
-                )
-            self._record(report, meter, on_stage)
-            self._save_chain_state(layer + 1, foresight)
+    def finish(self) -> None:
+        """End of the chain: every adapter still in the window becomes final."""
         for old in sorted(self.window_blocks):
             self._finalise(old)
+
+    # -- the federated unit: the window's trainable state --------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Window adapters, task head and GPO proxies: what a round changes and uploads."""
+        state = {}
+        for layer in self.window:
+            state.update(adapter_state(self.window_blocks[layer], layer))
+        for name, param in self.objective.named_parameters():
+            if param.requires_grad:
+                state[f"objective.{name}"] = param.detach().clone()
+        if self._stage_foresight is not None:
+            for name, tensor in self._stage_foresight.state_dict().items():
+                state[f"foresight.{name}"] = tensor.detach().clone()
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the window's trainable tensors (e.g. with the round's aggregate)."""
+        for layer in self.window:
+            load_adapter_state(self.window_blocks[layer], layer, state)
+        with torch.no_grad():
+            for name, param in self.objective.named_parameters():
+                if param.requires_grad:
+                    param.copy_(state[f"objective.{name}"])
+        if self._stage_foresight is not None:
+            foresight_state = {
+                k.removeprefix("foresight."): v
+                for k, v in state.items()
+                if k.startswith("foresight.")
+            }
+            self._stage_foresight.load_state_dict(foresight_state)
+
+    # -- compute ----------------------------------------------------------------------
+
+    def _entry_states(self, split: EncodedSplit, idx, train: bool) -> torch.Tensor:
+        if self.config.mode == "e2e":
+            return self._embeddings(split.input_ids[idx], split.attention_mask[idx])
+        cache = self.caches[0 if train else 1]
+        return cache.read(idx).to(self.model.dtype)
+
+    def _window_forward(self, h: torch.Tensor, batch: Batch):
+        ctx = self.model.attention_context(batch.attention_mask)
+        for layer in self.window:
+            h = self.window_blocks[layer](h, ctx)
+        return h, ctx
+
+    def train_round(self, steps: int | None = None) -> RoundResult:
+        """``steps`` optimiser steps (default: steps_per_round) on random micro-batches."""
+        steps = self.config.steps_per_round if steps is None else steps
+        if self._optimizer is None:
+            return RoundResult(0, 0, math.nan)
+        for block in self.window_blocks.values():
+            block.train()
+        foresight = self._stage_foresight
+        n = len(self.train_data)
+        losses = []
+        bar = tqdm(
+            total=steps,
+            desc=f"layer {self.layer} window {self.window[0]}-{self.window[-1]}"
+            if self.window
+            else "head",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+        )
+        for _ in range(steps):
+            self._optimizer.zero_grad(set_to_none=True)
+            for _ in range(self.config.grad_accum):
+                size = min(self.config.micro_batch, n)
+                idx = np.sort(self.rng.choice(n, size=size, replace=False))
+                batch = self.train_data.batch(idx)
+                h, ctx = self._window_forward(self._entry_states(self.train_data, idx, True), batch)
+                loss = self.objective.loss(h, batch)
+                if foresight is not None:
+                    global_loss = self.objective.loss(foresight(h, ctx), batch)
+                    loss = loss + self.gpo_lambda * global_loss
+                (loss / self.config.grad_accum).backward()
+                losses.append(loss.item())
+            self._optimizer.step()
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+        samples = steps * self.config.grad_accum * min(self.config.micro_batch, n)
+        return RoundResult(steps, samples, float(np.mean(losses)))
+
+    @torch.no_grad()
+    def evaluate_window(self) -> Evaluation:
+        """Validation loss and metric with the head right after the current window."""
+        for block in self.window_blocks.values():
+            block.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        n, size = len(self.val_data), self.config.micro_batch * 4
+        for start in range(0, n, size):
+            idx = np.arange(start, min(n, start + size))
+            batch = self.val_data.batch(idx)
+            h, _ = self._window_forward(self._entry_states(self.val_data, idx, False), batch)
+            s_loss, s_correct, s_count = self.objective.score(h, batch)
+            loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
+        return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))
+
+    # -- the local loop ---------------------------------------------------------------
+
+    def train(self, on_stage: StageHook | None = None) -> list[StageReport]:
+        """Run the configured mode to the end; final adapters land in ``final_adapters``.
+
+        A chain interrupted after a stage resumes there when run again with the same
+        workdir, config and data (state saved atomically after every stage).
+        """
+        chain = self.config.mode == "chain"
+        first = self._resume() if chain else None
+        if first is None and chain:
+            self.set_start_layer(self.choose_start())
+            first = self.start_layer
+        elif first is None:
+            self.start_layer, first = self._baseline_first, self.L - 1
+        rounds_cap = (
+            self.config.max_rounds
+            if chain
+            else self.config.baseline_rounds or self.config.max_rounds * self.L
+        )
+        for layer in range(first, self.L):
+            started = time.perf_counter()
+            with PeakMemoryMeter(self.model.device) as meter:
+                window = self.enter_stage(layer)
+                rule = StageConvergence(
+                    self.config.min_rounds, rounds_cap, self.config.patience, self.config.tolerance
+                )
+                steps, losses = 0, []
+                while True:
+                    result = self.train_round()
+                    evaluation = self.evaluate_window()
+                    steps += result.steps
+                    losses.append(result.train_loss)
+                    if result.steps == 0 or rule.update(evaluation.loss):
+                        break
+            report = StageReport(
+                layer=layer,
+                window=window,
+                steps=steps,
+                rounds=rule.rounds,
+                train_loss=losses[-1],
+                val_loss=evaluation.loss,
+                val_metric=evaluation.metric,
+                seconds=time.perf_counter() - started,
+                peak_mem_bytes=meter.reading.peak_bytes,
+                baseline_mem_bytes=meter.reading.baseline_bytes,
+            )
+            self.stages.append(report)
+            if on_stage is not None:
+                on_stage(report)
+            if chain:
+                self._save_chain_state(layer + 1)
+        self.finish()
+        return self.stages
 
     # -- resuming an interrupted chain ---------------------------------------------------
 
@@ -466,7 +587,7 @@ class ChainTrainer:
             [self.config.to_dict(), self._fingerprint(self.train_data), self.val_data.digest()]
         )
 
-    def _save_chain_state(self, next_layer: int, foresight: nn.Module | None) -> None:
+    def _save_chain_state(self, next_layer: int) -> None:
         """After every stage: everything needed to continue at ``next_layer`` (atomic)."""
         tensors = {f"final.{k}": v for k, v in self.final_adapters.items()}
         for layer, block in self.window_blocks.items():
@@ -474,10 +595,9 @@ class ChainTrainer:
         for name, param in self.objective.named_parameters():
             if param.requires_grad:
                 tensors[f"objective.{name}"] = param.detach().clone()
-        if foresight is not None:
-            tensors.update(
-                {f"foresight.{k}": v.detach().clone() for k, v in foresight.state_dict().items()}
-            )
+        if self.foresight is not None:
+            for name, tensor in self.foresight.state_dict().items():
+                tensors[f"foresight.{name}"] = tensor.detach().clone()
         info = {
             "key": self._state_key(),
             "next_layer": next_layer,
@@ -489,88 +609,39 @@ class ChainTrainer:
         }
         save_adapter_file(self._state_path, AdapterFile(tensors, info))
 
-    def _load_chain_state(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(next layer, saved tensors) of a matching earlier run in ``workdir``, else None."""
+    def _resume(self) -> int | None:
+        """Restore a matching earlier run from ``workdir``; the layer to continue at, or None."""
         if not self._state_path.is_file():
             return None
         try:
             saved = load_adapter_file(self._state_path)
         except AdapterFileError:
             return None
-        info = saved.info
+        info, tensors = saved.info, saved.tensors
         if info.get("key") != self._state_key() or info["next_layer"] >= self.L:
             return None
-        self.start_layer = info["start_layer"]
+        self.set_start_layer(info["start_layer"])
         self.foat_scores = info["foat_scores"]
         self.rng.bit_generator.state = info["rng"]
         self.stages = [StageReport(**r) for r in info["stages"]]
-        self.resumed_from = info["next_layer"]
-        self._resume_window = info["window_layers"]
-        return info["next_layer"], saved.tensors
-
-    def _restore_trainables(
-        self, next_layer: int, foresight: nn.Module | None, tensors: dict[str, torch.Tensor]
-    ) -> None:
-        self.final_adapters = {
-            k.removeprefix("final."): v for k, v in tensors.items() if k.startswith("final.")
-        }
-        window_state = {
-            k.removeprefix("window."): v for k, v in tensors.items() if k.startswith("window.")
-        }
-        for layer in self._resume_window:
+        self.final_adapters = _strip(tensors, "final.")
+        window_state = _strip(tensors, "window.")
+        for layer in info["window_layers"]:
             self._load_window_block(layer)
             load_adapter_state(self.window_blocks[layer], layer, window_state)
-        objective_state = {
-            k.removeprefix("objective."): v
-            for k, v in tensors.items()
-            if k.startswith("objective.")
-        }
         with torch.no_grad():
             for name, param in self.objective.named_parameters():
-                if name in objective_state:
-                    param.copy_(objective_state[name])
-        if foresight is not None:
-            foresight.retire_below(next_layer - 1)
-            foresight_state = {
-                k.removeprefix("foresight."): v
-                for k, v in tensors.items()
-                if k.startswith("foresight.")
-            }
-            foresight.load_state_dict(foresight_state)
+                if param.requires_grad:
+                    param.copy_(tensors[f"objective.{name}"])
+        if self.foresight is not None:
+            self.foresight.retire_below(info["next_layer"] - 1)
+            self.foresight.load_state_dict(_strip(tensors, "foresight."))
+        self.resumed_from = info["next_layer"]
+        return self.resumed_from
 
-    def _make_foresight(self, start: int) -> nn.Module | None:
-        if self.gpo_kind == "none" or self.gpo_lambda == 0:
-            return None
-        if self.gpo_kind == "proxy":
-            return ProxyBranch(
-                self.model.config.hidden_size,
-                self.config.proxy_rank,
-                range(start + 1, self.L),
-                seed=self.config.seed,
-            )
-        return _DepthLimited(ExactForesight(self.model, range(start + 1, self.L)), self.gpo_depth)
 
-    def _train_single_stage(self, on_stage: StageHook | None) -> None:
-        mode, L = self.config.mode, self.L
-        first = {"e2e": 0, "topk": L - min(self.config.topk, L), "head": L}[mode]
-        self.start_layer = first
-        rounds = self.config.baseline_rounds or self.config.max_rounds * L
-        with PeakMemoryMeter(self.model.device) as meter:
-            if mode == "e2e":
-                self._embeddings = self.model.load_embeddings()
-                train_cache = val_cache = None
-            else:
-                train_cache = self._open_cache("train", self.train_data)
-                val_cache = self._open_cache("val", self.val_data)
-                self._bring_cache_to(train_cache, self.train_data, first)
-                self._bring_cache_to(val_cache, self.val_data, first)
-            for layer in range(first, L):
-                self._load_window_block(layer)
-            window = list(range(first, L))
-            report = self.train_stage(L - 1, window, train_cache, val_cache, None, rounds)
-        self._record(report, meter, on_stage)
-        for old in sorted(self.window_blocks):
-            self._finalise(old)
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class _DepthLimited(nn.Module):
