@@ -372,10 +372,11 @@ class ChainTrainer:
         L = self.L
         return {"e2e": 0, "topk": L - min(self.config.topk, L), "head": L}[self.config.mode]
 
-    def enter_stage(self, layer: int) -> list[int]:
+    def enter_stage(self, layer: int, window: list[int] | None = None) -> list[int]:
         """Make ``layer`` the active layer: adapters leaving the window become final, the
-        prefix caches advance to the window's bottom, new window blocks are loaded."""
-        window = self.stage_window(layer)
+        prefix caches advance to the window's bottom, new window blocks are loaded.
+        ``window`` (a federated task's) overrides the locally computed one."""
+        window = self.stage_window(layer) if window is None else list(window)
         for old in [j for j in self.window_blocks if j not in window]:
             self._finalise(old)
         if self.config.mode == "e2e":
@@ -438,20 +439,37 @@ class ChainTrainer:
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite the window's trainable tensors (e.g. with the round's aggregate)."""
-        for layer in self.window:
-            load_adapter_state(self.window_blocks[layer], layer, state)
+        """Overwrite the window's trainable tensors with those present in ``state`` (e.g.
+        the round's aggregate). Absent ones keep their value: at the start of a stage the
+        new layer's adapter is not in the aggregate yet and starts from the shared seed."""
+        current = self.trainable_state()
         with torch.no_grad():
+            for layer in self.window:
+                for name, module in self.window_blocks[layer].named_children():
+                    if not hasattr(module, "adapter_params"):
+                        continue
+                    for param_name, param in module.adapter_params().items():
+                        key = f"layers.{layer}.{name}.{param_name}"
+                        if key in state:
+                            param.copy_(state[key])
             for name, param in self.objective.named_parameters():
-                if param.requires_grad:
+                if param.requires_grad and f"objective.{name}" in state:
                     param.copy_(state[f"objective.{name}"])
-        if self._stage_foresight is not None:
-            foresight_state = {
-                k.removeprefix("foresight."): v
-                for k, v in state.items()
-                if k.startswith("foresight.")
-            }
-            self._stage_foresight.load_state_dict(foresight_state)
+            if self._stage_foresight is not None:
+                for name, tensor in self._stage_foresight.state_dict().items():
+                    if f"foresight.{name}" in state:
+                        tensor.copy_(state[f"foresight.{name}"])
+        # proxies of layers the chain has reached are retired here; ignore their values
+        unknown = {k for k in set(state) - set(current) if not k.startswith("foresight.")}
+        if unknown:
+            raise ValueError(f"tensors not part of the current window: {sorted(unknown)[:5]}")
+
+    def adopt_final_adapters(self, final: dict[str, torch.Tensor]) -> None:
+        """Take the federation's final adapters; window blocks of those layers are dropped
+        (the coordinator's frozen values win over this agent's last local ones)."""
+        self.final_adapters = dict(final)
+        for layer in [j for j in self.window_blocks if self._final_of(j)]:
+            del self.window_blocks[layer]
 
     # -- compute ----------------------------------------------------------------------
 

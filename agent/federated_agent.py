@@ -1,0 +1,372 @@
+"""The agent's side of the federation: pull tasks, run chain rounds, upload updates.
+
+::
+
+    Register ──> loop: GetTask (long-poll)
+                   WAIT        -> poll again
+                   PROBE       -> FOAT scores on local data -> ReportProbe
+                   TRAIN_ROUND -> FetchTensors (final adapters + window aggregate)
+                                  -> enter the stage (prefix cache advances if the chain moved)
+                                  -> local steps -> SubmitUpdate (window state + metrics)
+                   DONE        -> fetch the final adapters, write them, exit 0
+
+The agent only ever dials the coordinator (edge devices sit behind NAT). When the
+coordinator is unreachable it retries with exponential backoff and jitter. After its own
+restart it re-registers and, because its prefix caches live in ``workdir`` keyed by
+fingerprints, continues without recomputing any prefix it already holds. Raw data never
+leaves the device: only adapter/head tensors and scalar metrics are sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from chainfed.agent.adapter_file import AdapterFile, save_adapter_file
+from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.heads import ClassifyObjective, LMObjective
+from chainfed.agent.lora import LoRAConfig
+from chainfed.agent.memory_meter import PeakMemoryMeter
+from chainfed.agent.model import StreamingModel
+from chainfed.coordinator import serde
+from chainfed.coordinator.messages import (
+    AgentCapabilities,
+    ProbeReport,
+    Registration,
+    Task,
+    TaskKind,
+    TrainingParams,
+    UpdateHeader,
+    UpdateMetrics,
+)
+from chainfed.coordinator.tensor_chunks import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChunkAssembler,
+    chunk_data_budget,
+    manifest_of,
+    tensors_to_chunks,
+)
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("chainfed.agent")
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class CoordinatorUnreachable(ChainFedError):
+    """The coordinator stayed unreachable longer than the agent's patience."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the agent connects and what it declares."""
+
+    address: str
+    """Coordinator ``host:port``."""
+    token: str
+    """Auth token (shared or this agent's own)."""
+    workdir: Path
+    """Prefix caches and the final adapters live here (keep it across restarts)."""
+    agent_id: str = ""
+    """Requested id; empty lets the coordinator (or a per-agent token) decide."""
+    tls_ca: bytes | None = None
+    """PEM of the CA that signed the coordinator's certificate; None = plaintext."""
+    memory_budget_bytes: int = 0
+    """Declared training memory (0 = not declared); sizes ``--window auto``."""
+    device: str = "cpu"
+    """Compute device declared to the coordinator."""
+    poll_ms: int = 10_000
+    """Long-poll window of GetTask."""
+    give_up_after_s: float = 600.0
+    """Exit with an error after the coordinator is unreachable this long."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Per-message limit until the coordinator states its own."""
+
+
+@dataclass
+class LocalData:
+    """This device's private data, encoded, plus what the objective needs."""
+
+    train: EncodedSplit
+    val: EncodedSplit
+    task: str
+    labels: list[str]
+    label_token_ids: list[int] | None = None
+
+
+class FederatedAgent:
+    """One agent process: connects, then ``run()`` until the chain is done."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        model: StreamingModel,
+        data: LocalData,
+        model_fingerprint: str,
+        *,
+        progress: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.data = data
+        self.model_fingerprint = model_fingerprint
+        self.progress = progress
+        self.sleep = sleep
+        self.agent_id = config.agent_id
+        self.max_message_bytes = config.max_message_bytes
+        self.trainer: ChainTrainer | None = None
+        self.rounds_done = 0
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.ChainFedStub | None = None
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+        if self.config.tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca)
+            self._channel = grpc.secure_channel(self.config.address, credentials, options)
+        else:
+            self._channel = grpc.insecure_channel(self.config.address, options)
+        self._stub = pb_grpc.ChainFedStub(self._channel)
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return serde.auth_metadata(self.config.token)
+
+    def _call(self, what: str, fn: Callable[[], object]) -> object:
+        """Run one RPC, retrying with exponential backoff + jitter while unreachable."""
+        delay, started = 0.5, time.monotonic()
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise ChainFedError(
+                        f"coordinator refused {what}: {exc.code().name}: {exc.details()}"
+                    ) from exc
+                if time.monotonic() - started > self.config.give_up_after_s:
+                    raise CoordinatorUnreachable(
+                        f"coordinator {self.config.address} unreachable for "
+                        f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
+                    ) from exc
+                wait = delay * random.uniform(0.5, 1.5)
+                log.info("%s: coordinator unavailable, retrying in %.1f s", what, wait)
+                self.sleep(wait)
+                delay = min(delay * 2, 30.0)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Work until the chain is done; returns the path of the final adapter file."""
+        self._connect()
+        self._register()
+        while True:
+            task = self._call(
+                "GetTask",
+                lambda: serde.task_from_proto(
+                    self._stub.GetTask(
+                        pb.GetTaskRequest(agent_id=self.agent_id, wait_ms=self.config.poll_ms),
+                        metadata=self._metadata,
+                        timeout=self.config.poll_ms / 1000 + 30,
+                    )
+                ),
+            )
+            if task.kind is TaskKind.WAIT:
+                self.sleep(min(task.retry_after_ms, 1000) / 1000)
+            elif task.kind is TaskKind.PROBE:
+                self._probe(task)
+            elif task.kind is TaskKind.TRAIN_ROUND:
+                self._train_round(task)
+            elif task.kind is TaskKind.DONE:
+                return self._finish(task)
+
+    def _register(self) -> None:
+        capabilities = AgentCapabilities(
+            device=self.config.device,
+            memory_budget_bytes=self.config.memory_budget_bytes,
+            num_samples=len(self.data.train),
+            software_version="0.1.0",
+            model_fingerprint=self.model_fingerprint,
+        )
+        request = serde.registration_to_proto(
+            Registration(self.agent_id, self.config.token, capabilities)
+        )
+        ack = self._call(
+            "Register",
+            lambda: serde.register_ack_from_proto(
+                self._stub.Register(request, metadata=self._metadata, timeout=30)
+            ),
+        )
+        self.agent_id = ack.agent_id
+        if ack.max_message_bytes != self.max_message_bytes:
+            self.max_message_bytes = ack.max_message_bytes
+            self._connect()
+        log.info("registered as %s", self.agent_id)
+
+    def _fetch(self, round_id: str, task: Task) -> dict[str, torch.Tensor]:
+        def fetch() -> dict[str, torch.Tensor]:
+            assembler = ChunkAssembler(task.tensors)
+            for message in self._stub.FetchTensors(
+                pb.FetchTensorsRequest(agent_id=self.agent_id, round_id=round_id),
+                metadata=self._metadata,
+                timeout=600,
+            ):
+                assembler.add(serde.tensor_chunk_from_proto(message))
+            return assembler.finish()
+
+        return self._call("FetchTensors", fetch)
+
+    def _ensure_trainer(self, params: TrainingParams, window: int) -> ChainTrainer:
+        if self.trainer is None:
+            self.trainer = ChainTrainer(
+                self.model,
+                self._objective(params),
+                self.data.train,
+                self.data.val,
+                chain_config_from_params(params, window),
+                self.config.workdir,
+                progress=self.progress,
+            )
+        return self.trainer
+
+    def _objective(self, params: TrainingParams) -> ClassifyObjective | LMObjective:
+        if self.data.task == "classify":
+            pooling = "mean" if self.model.config.family == "bert" else "last"
+            return ClassifyObjective(
+                self.model.config.hidden_size, len(self.data.labels), pooling, seed=params.seed
+            )
+        return LMObjective(self.model.load_lm_head(), self.data.label_token_ids)
+
+    def _probe(self, task: Task) -> None:
+        trainer = self._ensure_trainer(task.params, 1)
+        scores = trainer.probe()
+        report = ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
+        self._call(
+            "ReportProbe",
+            lambda: self._stub.ReportProbe(
+                serde.probe_report_to_proto(report), metadata=self._metadata, timeout=60
+            ),
+        )
+
+    def _train_round(self, task: Task) -> None:
+        window = list(task.window_layers)
+        trainer = self._ensure_trainer(task.params, len(window))
+        tensors = self._fetch(task.round_id, task)
+        final = _strip(tensors, "final.")
+        started = time.perf_counter()
+        with PeakMemoryMeter(self.model.device) as meter:
+            if trainer.start_layer is None:
+                trainer.set_start_layer(window[0])
+            if trainer.layer != task.stage_layer or trainer.window != window:
+                trainer.adopt_final_adapters(final)
+                trainer.enter_stage(task.stage_layer, window)
+            trainer.load_trainable_state(_strip(tensors, "window."))
+            result = trainer.train_round(task.params.local_steps)
+            evaluation = trainer.evaluate_window()
+            update = trainer.trainable_state()
+        metrics = UpdateMetrics(
+            # FedAvg weight: the samples this agent holds (not the steps it ran)
+            train_samples=len(self.data.train),
+            val_samples=len(self.data.val),
+            steps=result.steps,
+            train_loss=result.train_loss,
+            val_loss=evaluation.loss,
+            val_metric=evaluation.metric,
+            peak_memory_bytes=meter.reading.peak_bytes,
+            seconds=time.perf_counter() - started,
+        )
+        self._submit(task.round_id, metrics, update)
+        self.rounds_done += 1
+        log.info(
+            "round %s layer %d: train loss %.4f, val loss %.4f, val metric %.4f",
+            task.round_id,
+            task.stage_layer,
+            result.train_loss,
+            evaluation.loss,
+            evaluation.metric,
+        )
+
+    def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
+        header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
+        budget = chunk_data_budget(self.max_message_bytes)
+
+        def parts() -> Iterator[pb.UpdatePart]:
+            yield serde.update_part_to_proto(header)
+            for chunk in tensors_to_chunks(tensors, budget):
+                yield serde.update_part_to_proto(chunk)
+
+        try:
+            self._call(
+                "SubmitUpdate",
+                lambda: self._stub.SubmitUpdate(parts(), metadata=self._metadata, timeout=600),
+            )
+        except ChainFedError as exc:
+            if "FAILED_PRECONDITION" in str(exc):
+                log.warning("update for round %s not taken: %s", round_id, exc)
+                return
+            raise
+
+    def _finish(self, task: Task) -> Path:
+        final = self._fetch("done", task)
+        info = {
+            "task": self.data.task,
+            "labels": self.data.labels,
+            "label_token_ids": self.data.label_token_ids,
+            "model_digest": self.model_fingerprint,
+            "mode": "chain",
+        }
+        if self.trainer is not None:
+            info["lora"] = self.trainer.config.lora.to_dict()
+            info["pooling"] = getattr(self.trainer.objective, "pooling", None)
+        tensors = dict(final)
+        path = save_adapter_file(
+            self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info)
+        )
+        log.info("chain done; final adapters in %s", path)
+        if self._channel is not None:
+            self._channel.close()
+        return path
+
+
+def chain_config_from_params(params: TrainingParams, window: int) -> ChainConfig:
+    """The local trainer settings a coordinator's task implies."""
+    return ChainConfig(
+        mode="chain",
+        window=max(window, 1),
+        gpo=params.gpo,
+        gpo_lambda=params.gpo_lambda,
+        proxy_rank=params.proxy_rank,
+        foat_samples=params.foat_samples,
+        lora=LoRAConfig(
+            rank=params.lora_rank,
+            alpha=params.lora_alpha,
+            dropout=params.lora_dropout,
+            targets=params.lora_targets,
+            train_a=params.lora_train_a,
+            seed=params.lora_seed,
+        ),
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        micro_batch=params.micro_batch,
+        grad_accum=params.grad_accum,
+        steps_per_round=params.local_steps,
+        seed=params.seed,
+    )
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,0 +1,592 @@
+"""The federated chain's state machine: who does what, when a round closes, when the chain moves.
+
+Pure coordination logic — no gRPC, no threads. The servicer calls it under one lock and
+persists it after every change (``chainfed.coordinator.state_store``)::
+
+    WAITING_FOR_AGENTS ──(min agents registered)──> PROBING ──(scores averaged)──┐
+            │ (--start-layer N)                                                  ▼
+            └───────────────────────────────────────────────────────────────> TRAINING
+    TRAINING, per stage layer l = s .. L-1:
+        round: sample agents -> TRAIN_ROUND tasks -> updates -> (all in | deadline)
+               -> quorum? aggregate window state : retry the round
+        converged (StageConvergence on the federated validation loss)?
+               -> adapters leaving the window become final, l += 1
+    l = L-1 converged -> every window adapter final -> DONE
+
+Guarantees:
+
+* An update is counted at most once: a second submission by the same agent for the
+  same round is acknowledged and ignored (idempotent).
+* A round is aggregated at most once: it is closed, recorded and given a new id in one
+  step, so an update for a closed round is stale and rejected.
+* Stragglers are dropped at the deadline (and logged); a round short of the quorum is
+  re-run with a fresh id from the same starting state, never aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from chainfed.agent.chain import StageConvergence
+from chainfed.agent.foat import choose_start_layer
+from chainfed.coordinator.aggregation import WeightedUpdate, aggregate
+from chainfed.coordinator.messages import (
+    AgentCapabilities,
+    AgentStatus,
+    ChainPhase,
+    ProbeReport,
+    RoundRecord,
+    StatusSnapshot,
+    Task,
+    TaskKind,
+    TrainingParams,
+    UpdateMetrics,
+)
+from chainfed.coordinator.tensor_chunks import manifest_of
+
+log = logging.getLogger("chainfed.coordinator")
+
+AGGREGATIONS = ("fedavg", "ffa", "svd")
+
+
+class UpdateRejected(Exception):
+    """An update or report that must not touch the round; ``code`` picks the gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        """``invalid_argument``, ``failed_precondition`` or ``not_found``."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Chain knobs of one federation (the ``chainfed coordinator`` flags)."""
+
+    num_layers: int
+    """Layers L of the model."""
+    model_fingerprint: str
+    """Digest of the model files; agents must match it."""
+    task: str
+    """``classify`` or ``lm``; a state dir of another task is refused."""
+    params: TrainingParams
+    """Hyper-parameters sent with every task."""
+    start_layer: int | None = None
+    """First chain layer; None = FOAT (probe the agents)."""
+    window: int | None = 2
+    """DLCT window Q; None = auto: chosen when training starts, from the smallest
+    registered memory budget (``ChainCoordinator(choose_window=...)``)."""
+    foat_threshold: float = 0.8
+    """FOAT CKA threshold."""
+    min_rounds: int = 1
+    """Rounds every stage runs at least."""
+    max_rounds: int = 3
+    """Round cap per stage."""
+    patience: int = 1
+    """Rounds without relative improvement before a stage converges."""
+    tolerance: float = 0.01
+    """Relative improvement of the federated validation loss that counts."""
+    min_agents: int = 1
+    """Quorum: registered agents before starting, updates before aggregating."""
+    agents_per_round: int = 0
+    """Agents sampled per round; 0 = every registered agent."""
+    round_deadline_s: float = 600.0
+    """Seconds a round waits for its agents before dropping stragglers."""
+    aggregation: str = "fedavg"
+    """``fedavg``, ``ffa`` or ``svd``."""
+    norm_bound: float | None = None
+    """Reject updates whose tensors' total L2 norm exceeds this."""
+    seed: int = 0
+    """Seeds the per-round agent sampling."""
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"
+            )
+        if self.start_layer is not None and not 0 <= self.start_layer < self.num_layers:
+            raise ValueError(f"start layer {self.start_layer} not in 0..{self.num_layers - 1}")
+        if (self.window is not None and self.window < 1) or self.min_agents < 1:
+            raise ValueError("window and min_agents must be >= 1")
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+        if self.min_rounds > self.max_rounds:
+            raise ValueError("min_rounds must not exceed max_rounds")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AgentEntry:
+    capabilities: AgentCapabilities
+    last_seen_ms: int
+    rounds_completed: int = 0
+
+
+@dataclass
+class OpenRound:
+    """The round in progress."""
+
+    round_id: str
+    stage_layer: int
+    window: list[int]
+    participants: list[str]
+    deadline_ms: int
+    expected: dict[str, tuple] = field(default_factory=dict)
+    """(shape, dtype) per tensor every update must carry; empty: set by the first."""
+    updates: dict[str, tuple[UpdateMetrics, dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+
+class ChainCoordinator:
+    """State of one federated chain; every method is called under the servicer's lock."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        choose_window: Callable[[list[int]], int] | None = None,
+    ) -> None:
+        self.config = config
+        self.choose_window = choose_window
+        """For ``window=None``: memory budgets of the agents (bytes, 0 = unknown) -> Q."""
+        self.window = config.window
+        self.phase = ChainPhase.WAITING_FOR_AGENTS
+        self.agents: dict[str, AgentEntry] = {}
+        self.start_layer: int | None = config.start_layer
+        self.stage_layer: int | None = None
+        self.final: dict[str, torch.Tensor] = {}
+        """Adapters of layers that left the window."""
+        self.window_state: dict[str, torch.Tensor] = {}
+        """Aggregate of the window adapters + head + proxies; empty before round 1 of the
+        chain (agents then start from the shared seeded initialisation)."""
+        self.history: list[RoundRecord] = []
+        self.round_seq = 0
+        self.open_round: OpenRound | None = None
+        self.probe_id = ""
+        self.probe_reports: dict[str, ProbeReport] = {}
+        self.foat_scores: list[float] | None = None
+        self.convergence = self._new_convergence()
+        self.changed = True
+        """Set when something worth persisting happened; the servicer clears it."""
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _new_convergence(self) -> StageConvergence:
+        c = self.config
+        return StageConvergence(c.min_rounds, c.max_rounds, c.patience, c.tolerance)
+
+    def window_for(self, layer: int) -> list[int]:
+        """DLCT window of the stage whose newest layer is ``layer``."""
+        return list(range(max(self.start_layer, layer - self.window + 1), layer + 1))
+
+    def _next_round_id(self, prefix: str = "r") -> str:
+        self.round_seq += 1
+        return f"{prefix}{self.round_seq}"
+
+    # -- agents ---------------------------------------------------------------------
+
+    def register(self, agent_id: str, capabilities: AgentCapabilities, now_ms: int) -> str:
+        """Add or refresh an agent; a model fingerprint mismatch is refused."""
+        if capabilities.model_fingerprint != self.config.model_fingerprint:
+            raise UpdateRejected(
+                "failed_precondition",
+                f"agent {agent_id or '(new)'} loaded a different model (fingerprint "
+                f"{capabilities.model_fingerprint[:12]}…, coordinator "
+                f"{self.config.model_fingerprint[:12]}…)",
+            )
+        if not agent_id:
+            agent_id = f"agent-{len(self.agents) + 1}"
+            while agent_id in self.agents:
+                agent_id += "x"
+        entry = self.agents.get(agent_id)
+        if entry is None:
+            self.agents[agent_id] = AgentEntry(capabilities, now_ms)
+            log.info("agent %s registered (%s samples)", agent_id, capabilities.num_samples)
+        else:
+            entry.capabilities, entry.last_seen_ms = capabilities, now_ms
+        self.changed = True
+        return agent_id
+
+    def touch(self, agent_id: str, now_ms: int) -> None:
+        if agent_id not in self.agents:
+            raise UpdateRejected("not_found", f"agent {agent_id!r} is not registered")
+        self.agents[agent_id].last_seen_ms = now_ms
+
+    # -- progress ---------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> None:
+        """Advance whatever time or registrations allow: start, open, close rounds."""
+        if (
+            self.phase is ChainPhase.WAITING_FOR_AGENTS
+            and len(self.agents) >= self.config.min_agents
+        ):
+            if self.start_layer is None:
+                self.phase = ChainPhase.PROBING
+                self.probe_id = self._next_round_id("probe")
+                self.probe_reports = {}
+                log.info("probing %d agents for the FOAT start layer", len(self.agents))
+            else:
+                self._start_training()
+            self.changed = True
+        if self.phase is ChainPhase.PROBING:
+            expected = set(self.agents)
+            if self.probe_reports and expected <= set(self.probe_reports):
+                self._finish_probe()
+        if self.phase is ChainPhase.TRAINING:
+            if self.open_round is None:
+                self._open_round(now_ms)
+            elif self._round_complete() or now_ms >= self.open_round.deadline_ms:
+                self._close_round(now_ms)
+
+    def _start_training(self) -> None:
+        if self.window is None:
+            budgets = [e.capabilities.memory_budget_bytes for e in self.agents.values()]
+            self.window = self.choose_window(budgets) if self.choose_window else 2
+            log.info("window auto: Q = %d for the smallest budget %s", self.window, min(budgets))
+        self.phase = ChainPhase.TRAINING
+        self.stage_layer = self.start_layer
+        self.convergence = self._new_convergence()
+        log.info("chain starts at layer %d (window %d)", self.start_layer, self.window)
+
+    def _finish_probe(self) -> None:
+        reports = list(self.probe_reports.values())
+        total = sum(r.num_samples for r in reports) or len(reports)
+        weights = [(r.num_samples or 1) / total for r in reports]
+        scores = [
+            sum(w * r.cka_scores[i] for w, r in zip(weights, reports, strict=True))
+            for i in range(self.config.num_layers)
+        ]
+        self.foat_scores = scores
+        self.start_layer = choose_start_layer(scores, self.config.foat_threshold)
+        log.info(
+            "FOAT scores %s -> start layer %d", [round(s, 3) for s in scores], self.start_layer
+        )
+        self._start_training()
+        self.changed = True
+
+    def _open_round(self, now_ms: int) -> None:
+        agents = sorted(self.agents)
+        k = self.config.agents_per_round or len(agents)
+        rng = random.Random(self.config.seed * 1_000_003 + self.round_seq)
+        participants = sorted(rng.sample(agents, min(k, len(agents))))
+        window = self.window_for(self.stage_layer)
+        self.open_round = OpenRound(
+            round_id=self._next_round_id(),
+            stage_layer=self.stage_layer,
+            window=window,
+            participants=participants,
+            deadline_ms=now_ms + int(self.config.round_deadline_s * 1000),
+            expected=self._expected_tensors(self.stage_layer, window),
+        )
+        self.changed = True
+
+    def _round_complete(self) -> bool:
+        r = self.open_round
+        return set(r.participants) <= set(r.updates)
+
+    def _close_round(self, now_ms: int) -> None:
+        r = self.open_round
+        self.open_round = None
+        received = sorted(r.updates)
+        dropped = sorted(set(r.participants) - set(received))
+        if dropped:
+            log.warning("round %s: dropped stragglers %s", r.round_id, dropped)
+        if len(received) < min(self.config.min_agents, len(r.participants)):
+            log.warning(
+                "round %s: %d of %d updates, below the quorum of %d; re-running the round",
+                r.round_id,
+                len(received),
+                len(r.participants),
+                self.config.min_agents,
+            )
+            self.changed = True
+            return
+        updates = [
+            WeightedUpdate(r.updates[a][1], r.updates[a][0].train_samples, a) for a in received
+        ]
+        self.window_state = aggregate(self.config.aggregation, updates)
+        metrics = _federated_metrics([r.updates[a][0] for a in received])
+        for agent in received:
+            if agent in self.agents:
+                self.agents[agent].rounds_completed += 1
+        self.history.append(
+            RoundRecord(
+                r.round_id,
+                r.stage_layer,
+                tuple(r.window),
+                tuple(received),
+                tuple(dropped),
+                metrics,
+                now_ms,
+            )
+        )
+        log.info(
+            "round %s layer %d: %d agents, val loss %.4f, val metric %.4f",
+            r.round_id,
+            r.stage_layer,
+            len(received),
+            metrics.val_loss,
+            metrics.val_metric,
+        )
+        if self.convergence.update(metrics.val_loss):
+            self._advance()
+        self.changed = True
+
+    def _advance(self) -> None:
+        """The stage converged: adapters leaving the window become final; next layer."""
+        layer = self.stage_layer
+        if layer == self.config.num_layers - 1:
+            leaving = self.window_for(layer)
+        else:
+            leaving = [j for j in self.window_for(layer) if j not in self.window_for(layer + 1)]
+        for j in leaving:
+            prefix = f"layers.{j}."
+            for name in [n for n in self.window_state if n.startswith(prefix)]:
+                self.final[name] = self.window_state.pop(name)
+        if layer == self.config.num_layers - 1:
+            # the trained task head travels with the final adapters (``head.*``)
+            for name in [n for n in self.window_state if n.startswith("objective.")]:
+                self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
+            self.phase = ChainPhase.DONE
+            self.stage_layer = None
+            log.info("chain done: %d final adapter tensors", len(self.final))
+            return
+        self.stage_layer = layer + 1
+        self.convergence = self._new_convergence()
+        log.info("layer %d frozen (%s final); stage layer %d", layer, leaving, self.stage_layer)
+
+    # -- what agents ask --------------------------------------------------------------
+
+    def next_task(self, agent_id: str, now_ms: int) -> Task:
+        """The agent's next task (WAIT when there is nothing for it now)."""
+        self.touch(agent_id, now_ms)
+        self.tick(now_ms)
+        params = self.config.params
+        if self.phase is ChainPhase.DONE:
+            return Task(TaskKind.DONE, round_id="done", tensors=tuple(manifest_of(self.final)))
+        if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
+            return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
+        r = self.open_round
+        if (
+            self.phase is ChainPhase.TRAINING
+            and r is not None
+            and agent_id in r.participants
+            and agent_id not in r.updates
+        ):
+            return Task(
+                TaskKind.TRAIN_ROUND,
+                round_id=r.round_id,
+                stage_layer=r.stage_layer,
+                window_layers=tuple(r.window),
+                params=params,
+                deadline_unix_ms=r.deadline_ms,
+                tensors=tuple(manifest_of(self.round_tensors())),
+            )
+        return Task(TaskKind.WAIT, retry_after_ms=200)
+
+    def round_tensors(self) -> dict[str, torch.Tensor]:
+        """What a TRAIN_ROUND fetch streams: final adapters + the window's aggregate."""
+        tensors = {f"final.{k}": v for k, v in self.final.items()}
+        tensors.update({f"window.{k}": v for k, v in self.window_state.items()})
+        return tensors
+
+    def tensors_for(self, round_id: str) -> dict[str, torch.Tensor]:
+        if self.phase is ChainPhase.DONE and round_id == "done":
+            return dict(self.final)
+        if self.open_round is None or round_id != self.open_round.round_id:
+            raise UpdateRejected("failed_precondition", f"round {round_id!r} is not open")
+        return self.round_tensors()
+
+    def report_probe(self, report: ProbeReport) -> None:
+        if self.phase is not ChainPhase.PROBING or report.round_id != self.probe_id:
+            raise UpdateRejected(
+                "failed_precondition", f"probe {report.round_id!r} is not open (stale report)"
+            )
+        if len(report.cka_scores) != self.config.num_layers:
+            raise UpdateRejected(
+                "invalid_argument",
+                f"{len(report.cka_scores)} CKA scores for a {self.config.num_layers}-layer model",
+            )
+        if not all(math.isfinite(s) for s in report.cka_scores):
+            raise UpdateRejected("invalid_argument", "CKA scores must be finite")
+        self.probe_reports[report.agent_id] = report
+        self.changed = True
+
+    def _expected_tensors(self, layer: int, window: list[int]) -> dict[str, tuple]:
+        """(shape, dtype) of every tensor a round at ``layer`` must upload, from the
+        current aggregate; the new layer's adapter is shaped like the layer below's.
+        Empty before the chain's first aggregate: the first update then sets it."""
+        known = {**self.final, **self.window_state}
+        if not known:
+            return {}
+        expected = {}
+        for name, tensor in self.window_state.items():
+            kind, index = _tensor_owner(name)
+            if (
+                (kind == "layers" and index in window)
+                or kind == "objective"
+                or (kind == "foresight" and index > layer)
+            ):
+                expected[name] = (tuple(tensor.shape), str(tensor.dtype))
+        if layer not in {i for k, i in map(_tensor_owner, expected) if k == "layers"}:
+            layers = [i for k, i in map(_tensor_owner, known) if k == "layers"]
+            if not layers:
+                return expected
+            below = max(layers)
+            for name, tensor in known.items():
+                if name.startswith(f"layers.{below}."):
+                    new = f"layers.{layer}." + name.removeprefix(f"layers.{below}.")
+                    expected[new] = (tuple(tensor.shape), str(tensor.dtype))
+        return expected
+
+    def submit(
+        self,
+        agent_id: str,
+        round_id: str,
+        metrics: UpdateMetrics,
+        tensors: dict[str, torch.Tensor],
+        now_ms: int,
+    ) -> bool:
+        """Validate and record an update; False when it is a duplicate (ignored)."""
+        self.touch(agent_id, now_ms)
+        r = self.open_round
+        if r is None or round_id != r.round_id:
+            raise UpdateRejected(
+                "failed_precondition",
+                f"round {round_id!r} is not open (stale or unknown"
+                + (f"; current round is {r.round_id}" if r else "")
+                + ")",
+            )
+        if agent_id not in r.participants:
+            raise UpdateRejected(
+                "failed_precondition", f"agent {agent_id} was not selected for round {round_id}"
+            )
+        if agent_id in r.updates:
+            return False
+        self._validate(r, metrics, tensors)
+        r.updates[agent_id] = (metrics, tensors)
+        self.changed = True
+        self.tick(now_ms)
+        return True
+
+    def _validate(
+        self, r: OpenRound, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        if metrics.train_samples <= 0:
+            raise UpdateRejected("invalid_argument", "an update must report train_samples > 0")
+        if not (math.isfinite(metrics.val_loss) and math.isfinite(metrics.train_loss)):
+            raise UpdateRejected("invalid_argument", "train_loss and val_loss must be finite")
+        expected = r.expected or {
+            k: (tuple(v.shape), str(v.dtype))
+            for k, v in next(iter(r.updates.values()), (None, {}))[1].items()
+        }
+        for name in tensors:
+            kind, index = _tensor_owner(name)
+            if (
+                kind == "layers"
+                and index not in r.window
+                or kind not in ("layers", "objective", "foresight")
+            ):
+                raise UpdateRejected(
+                    "invalid_argument",
+                    f"unexpected tensor {name!r}: round {r.round_id} trains layers {r.window}",
+                )
+        if expected:
+            missing, extra = (
+                sorted(set(expected) - set(tensors)),
+                sorted(set(tensors) - set(expected)),
+            )
+            if missing or extra:
+                raise UpdateRejected(
+                    "invalid_argument",
+                    f"update tensors do not match round {r.round_id}: missing {missing[:5]}, "
+                    f"unexpected {extra[:5]}",
+                )
+            for name, tensor in tensors.items():
+                shape, dtype = expected[name]
+                if tuple(tensor.shape) != shape or str(tensor.dtype) != dtype:
+                    raise UpdateRejected(
+                        "invalid_argument",
+                        f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
+                        f"expected {dtype} {list(shape)}",
+                    )
+        total_sq = 0.0
+        for name, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise UpdateRejected("invalid_argument", f"tensor {name!r} has NaN or Inf values")
+            total_sq += float(tensor.double().pow(2).sum())
+        if self.config.norm_bound is not None and math.sqrt(total_sq) > self.config.norm_bound:
+            raise UpdateRejected(
+                "invalid_argument",
+                f"update norm {math.sqrt(total_sq):.4g} exceeds the bound {self.config.norm_bound}",
+            )
+
+    @staticmethod
+    def _layers_of(tensors: dict) -> set[int]:
+        return {int(n.split(".")[1]) for n in tensors if n.startswith("layers.")}
+
+    # -- status -----------------------------------------------------------------------
+
+    def snapshot(self) -> StatusSnapshot:
+        r = self.open_round
+        return StatusSnapshot(
+            phase=self.phase,
+            num_layers=self.config.num_layers,
+            start_layer=self.start_layer,
+            stage_layer=self.stage_layer,
+            window_layers=tuple(self.window_for(self.stage_layer))
+            if self.stage_layer is not None
+            else (),
+            final_layers=tuple(sorted(self._layers_of(self.final))),
+            round_id=r.round_id if r else "",
+            stage_rounds=self.convergence.rounds,
+            total_rounds=len(self.history),
+            agents=tuple(
+                AgentStatus(a, e.capabilities, e.last_seen_ms, e.rounds_completed)
+                for a, e in sorted(self.agents.items())
+            ),
+            history=tuple(self.history),
+        )
+
+
+def _tensor_owner(name: str) -> tuple[str, int]:
+    """("layers", i) for ``layers.i.*``, ("foresight", j) for a proxy of layer j,
+    ("objective", -1) for the head; anything else ("other", -1)."""
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
+        return "layers", int(parts[1])
+    if parts[0] == "foresight":
+        digits = [p for p in parts[1:] if p.isdigit()]
+        return "foresight", int(digits[0]) if digits else -1
+    if parts[0] == "objective":
+        return "objective", -1
+    return "other", -1
+
+
+def _federated_metrics(metrics: list[UpdateMetrics]) -> UpdateMetrics:
+    """Sample-weighted means of the agents' round metrics (validation by val samples)."""
+    train_total = sum(m.train_samples for m in metrics)
+    val_total = sum(m.val_samples for m in metrics)
+
+    def by_val(attr: str) -> float:
+        if val_total == 0:
+            return sum(getattr(m, attr) for m in metrics) / len(metrics)
+        return sum(getattr(m, attr) * m.val_samples for m in metrics) / val_total
+
+    return UpdateMetrics(
+        train_samples=train_total,
+        val_samples=val_total,
+        steps=max(m.steps for m in metrics),
+        train_loss=sum(m.train_loss * m.train_samples for m in metrics) / train_total,
+        val_loss=by_val("val_loss"),
+        val_metric=by_val("val_metric"),
+        peak_memory_bytes=max(m.peak_memory_bytes for m in metrics),
+        seconds=max(m.seconds for m in metrics),
+    )

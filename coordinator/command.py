@@ -1,0 +1,260 @@
+"""``chainfed coordinator`` and ``chainfed status``: run the federation, look at it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from chainfed.agent.assets import resolve_model
+from chainfed.agent.budget import estimate_stage_bytes
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.federated_agent import chain_config_from_params
+from chainfed.agent.fingerprint import digest_files
+from chainfed.agent.memory_meter import format_bytes
+from chainfed.agent.model import StreamingModel
+from chainfed.coordinator import serde, state_store
+from chainfed.coordinator.chain_state import ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.messages import ChainPhase, TrainingParams
+from chainfed.coordinator.service import ServiceConfig, start_server
+from chainfed.coordinator.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("chainfed.coordinator")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``chainfed coordinator``."""
+    parser.add_argument("--model", default="minilm", help="model folder or alias (minilm, smollm2)")
+    parser.add_argument("--task", choices=("classify", "lm"), default="classify")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
+    parser.add_argument("--state-dir", type=Path, required=True, help="persisted chain state")
+    parser.add_argument("--token", help="shared token every agent presents")
+    parser.add_argument(
+        "--tokens-file", type=Path, help="per-agent tokens: one 'AGENT_ID TOKEN' per line"
+    )
+    parser.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
+    c = parser.add_argument_group("chain")
+    c.add_argument("--start-layer", default="auto", help="auto (FOAT probe) or a layer index")
+    c.add_argument("--window", default="2", help="DLCT window Q, or auto (weakest device)")
+    c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
+    c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
+    c.add_argument("--foat-threshold", type=float, default=0.8)
+    c.add_argument("--min-rounds-per-layer", type=int, default=1)
+    c.add_argument("--max-rounds-per-layer", type=int, default=3)
+    c.add_argument("--patience", type=int, default=1)
+    c.add_argument("--tolerance", type=float, default=0.01)
+    c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
+    c.add_argument("--agents-per-round", type=int, default=0, help="0 = all registered")
+    c.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
+    c.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default="fedavg")
+    c.add_argument("--norm-bound", type=float, help="reject updates above this L2 norm")
+    t = parser.add_argument_group("training (sent to agents)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--micro-batch", type=int, default=16)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--local-steps", type=int, default=25, help="optimiser steps per round")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--targets", choices=("attention", "all"), default="all")
+    t.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument(
+        "--exit-after-done",
+        type=float,
+        help="stop this many seconds after the chain is done (default: serve until Ctrl-C)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log every round")
+
+
+def _tokens(args: argparse.Namespace) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    if args.token:
+        tokens[args.token] = ""
+    if args.tokens_file:
+        try:
+            lines = args.tokens_file.read_text().splitlines()
+        except OSError as exc:
+            raise ChainFedError(f"{args.tokens_file}: cannot read tokens file ({exc})") from exc
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ChainFedError(f"{args.tokens_file}:{number}: expected 'AGENT_ID TOKEN'")
+            tokens[parts[1]] = parts[0]
+    if not tokens:
+        raise ChainFedError("no auth configured: give --token or --tokens-file")
+    return tokens
+
+
+def _config(args: argparse.Namespace, model: StreamingModel, fingerprint: str):
+    family_lambda = {"bert": 0.1, "llama": 0.2}[model.config.family]
+    params = TrainingParams(
+        lr=args.lr,
+        micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
+        local_steps=args.local_steps,
+        gpo=args.gpo,
+        gpo_lambda=family_lambda if args.gpo_lambda is None else args.gpo_lambda,
+        lora_rank=args.rank,
+        lora_alpha=args.alpha,
+        lora_targets=args.targets,
+        lora_seed=args.seed,
+        seed=args.seed,
+    )
+    return CoordinatorConfig(
+        num_layers=model.num_layers,
+        model_fingerprint=fingerprint,
+        task=args.task,
+        params=params,
+        start_layer=None if args.start_layer == "auto" else int(args.start_layer),
+        window=None if args.window == "auto" else int(args.window),
+        foat_threshold=args.foat_threshold,
+        min_rounds=args.min_rounds_per_layer,
+        max_rounds=args.max_rounds_per_layer,
+        patience=args.patience,
+        tolerance=args.tolerance,
+        min_agents=args.min_agents,
+        agents_per_round=args.agents_per_round,
+        round_deadline_s=args.round_deadline,
+        aggregation=args.aggregation,
+        norm_bound=args.norm_bound,
+        seed=args.seed,
+    )
+
+
+def window_chooser(model: StreamingModel, params: TrainingParams, task: str, seq_len: int = 64):
+    """``--window auto``: the largest Q ≤ 4 whose estimated stage fits every budget."""
+
+    def choose(budgets: list[int]) -> int:
+        known = [b for b in budgets if b > 0]
+        if not known:
+            return 2
+        for q in (4, 3, 2):
+            config = chain_config_from_params(params, q)
+            if estimate_stage_bytes(model.config, config, seq_len=seq_len, task=task) <= min(known):
+                return q
+        return 1
+
+    return choose
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the federation until done (or interrupted)."""
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    tokens = _tokens(args)
+    model_dir = resolve_model(args.model, progress=False)
+    model = StreamingModel(model_dir)
+    fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    try:
+        config = _config(args, model, fingerprint)
+    except ValueError as exc:
+        raise ChainFedError(f"invalid option: {exc}") from exc
+    chooser = window_chooser(model, config.params, args.task)
+    coordinator = state_store.load(args.state_dir, config)
+    if coordinator is None:
+        coordinator = ChainCoordinator(config, choose_window=chooser)
+    else:
+        coordinator.choose_window = chooser
+        print(
+            f"resuming from {args.state_dir}: phase {coordinator.phase.value}, "
+            f"{len(coordinator.history)} rounds done, final layers "
+            f"{sorted(coordinator._layers_of(coordinator.final))}"
+        )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ChainFedError("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
+    service = ServiceConfig(args.state_dir, tokens, max_message_bytes=args.max_message_bytes)
+    server, servicer, port = start_server(coordinator, service, f"{args.host}:{args.port}", tls=tls)
+    print(
+        f"coordinator listening on {args.host}:{port} ({'TLS' if tls else 'plaintext'}), "
+        f"state in {args.state_dir}",
+        flush=True,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    done_since = None
+    try:
+        while not stop.wait(0.5):
+            with servicer.lock:
+                phase = coordinator.phase
+            if phase is ChainPhase.DONE and done_since is None:
+                done_since = time.monotonic()
+                print(f"chain done: {args.state_dir / state_store.FINAL_FILE}", flush=True)
+            if (
+                done_since is not None
+                and args.exit_after_done is not None
+                and time.monotonic() - done_since >= args.exit_after_done
+            ):
+                break
+    except KeyboardInterrupt:
+        pass
+    servicer.stop()
+    server.stop(grace=2).wait()
+    return 0
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``chainfed status``."""
+    parser.add_argument("address", help="coordinator HOST:PORT")
+    parser.add_argument("--token", required=True, help="auth token")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the coordinator")
+    parser.add_argument("--history", type=int, default=0, help="show only the last N rounds")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print the chain position, agents and per-round history."""
+    if args.tls_ca:
+        channel = grpc.secure_channel(
+            args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
+        )
+    else:
+        channel = grpc.insecure_channel(args.address)
+    stub = pb_grpc.ChainFedStub(channel)
+    try:
+        reply = stub.Status(
+            pb.StatusRequest(history_limit=args.history),
+            metadata=serde.auth_metadata(args.token),
+            timeout=10,
+        )
+    except grpc.RpcError as exc:
+        raise ChainFedError(f"{args.address}: {exc.code().name}: {exc.details()}") from exc
+    s = serde.status_snapshot_from_proto(reply)
+    print(
+        f"phase {s.phase.value}; {s.num_layers} layers; start layer {s.start_layer}; "
+        f"stage layer {s.stage_layer}; window {list(s.window_layers)}; "
+        f"final {list(s.final_layers)}; round {s.round_id or '-'} "
+        f"({s.stage_rounds} in this stage, {s.total_rounds} total)"
+    )
+    print("\n| agent | device | samples | memory budget | rounds | last seen |")
+    print("|---|---|---:|---:|---:|---|")
+    now = time.time() * 1000
+    for a in s.agents:
+        c = a.capabilities
+        print(
+            f"| {a.agent_id} | {c.device} | {c.num_samples} | "
+            f"{format_bytes(c.memory_budget_bytes) if c.memory_budget_bytes else '-'} | "
+            f"{a.rounds_completed} | {(now - a.last_seen_unix_ms) / 1000:.0f} s ago |"
+        )
+    print("\n| round | layer | window | agents | dropped | train loss | val loss | val metric |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in s.history:
+        m = r.metrics
+        print(
+            f"| {r.round_id} | {r.stage_layer} | {list(r.window_layers)} | "
+            f"{len(r.participants)} | {len(r.dropped)} | {m.train_loss:.4f} | "
+            f"{m.val_loss:.4f} | {m.val_metric:.4f} |"
+        )
+    return 0
