@@ -1,0 +1,143 @@
+"""The ``chainfed`` command line: every subcommand's help, and bad input answered with one
+line and exit status 2, never a traceback.
+
+Help is checked for every entry of ``SUBCOMMANDS``, so a new subcommand is covered
+without touching this file. The console script itself runs in a subprocess twice (the
+entry point and its exit status); everything else calls ``main`` in-process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chainfed.agent.cli import SUBCOMMANDS, build_parser, main
+
+# small, fast data options for the train command's failure paths
+DATA = ["--train-rows", "20", "--val-rows", "10", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def squeeze(text: str) -> str:
+    """Text without whitespace: argparse re-wraps descriptions (even inside hyphenated words)."""
+    return "".join(text.split())
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["chainfed", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_console_script_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for name, command in SUBCOMMANDS.items():
+        assert name in result.stdout
+        assert squeeze(command.summary) in squeeze(result.stdout)
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_subcommand_help_prints_its_description(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: chainfed {name}")
+    assert squeeze(SUBCOMMANDS[name].description) in squeeze(out)
+
+
+def test_every_subcommand_has_a_summary_and_a_description():
+    for name, command in SUBCOMMANDS.items():
+        assert command.summary.strip() and "\n" not in command.summary, name
+        assert len(command.description) > len(command.summary), name
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: build_parser() calls every subcommand's add_arguments, and train's is "
+    "_lazy('chainfed.agent.train_command', ...), which imports torch: `chainfed --help` "
+    "costs the torch import the _lazy docstring promises to avoid",
+)
+def test_help_does_not_import_torch():
+    code = "import sys; from chainfed.agent.cli import build_parser; build_parser(); "
+    code += "print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False"
+
+
+# -- bad input --------------------------------------------------------------------------
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("chainfed ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_train_with_a_missing_model_folder_exits_2_naming_it():
+    result = run_cli("train", "--model", "/nonexistent", *DATA)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "/nonexistent")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--window", "0"], ["window must be >= 1, got 0"]),
+        (["--micro-batch", "0"], ["micro_batch must be >= 1"]),
+        (["--gpo", "exact:0"], ["--gpo must be"]),
+        (["--min-rounds", "4", "--max-rounds", "2"], ["min_rounds"]),
+        (["--memory-budget", "1KiB"], ["memory budget 1 KiB is too small", "--memory-budget"]),
+        (["--eval-only"], ["--eval-only needs --adapters"]),
+        (["--data", "/nonexistent.csv"], ["/nonexistent.csv"]),
+    ],
+    ids=["window-0", "micro-batch-0", "gpo", "rounds", "budget", "eval-only", "data"],
+)
+def test_train_bad_options_exit_2_with_one_line(tmp_path, capsys, args, fragments):
+    status = main(["train", *args, *DATA, "--workdir", str(tmp_path / "w")])
+    assert status == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: train_command.run lets ValueError escape: an out-of-range --start-layer "
+    "(ChainTrainer) and an unparsable --memory-budget (parse_bytes) end in a traceback "
+    "instead of exit 2 (--topk -1 too: see test_chain.py)",
+)
+@pytest.mark.parametrize(
+    "args",
+    [["--start-layer", "6"], ["--memory-budget", "lots"]],
+    ids=["start-layer", "budget-text"],
+)
+def test_train_bad_options_that_escape_as_tracebacks(tmp_path, capsys, args):
+    status = main(["train", *args, *DATA, "--workdir", str(tmp_path / "w")])
+    assert status == 2
+    assert_one_line_error(capsys.readouterr().err)
+
+
+def test_convert_gguf_missing_input_exits_2(tmp_path, capsys):
+    status = main(["convert-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "out")])
+    assert status == 2
+    assert_one_line_error(capsys.readouterr().err, "missing.gguf")
+    assert not (tmp_path / "out").exists()

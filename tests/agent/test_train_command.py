@@ -1,0 +1,286 @@
+"""``chainfed train`` end to end: the packaged MiniLM on the packaged tweets (a subprocess,
+the real console script), its report, table and adapter file, and ``--eval-only``
+reproducing the final figures bit for bit; an LM smoke run on a tiny random LLaMA with a
+word-level tokenizer (in-process).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from chainfed.agent.adapter_file import load_adapter_file
+from chainfed.agent.cli import main
+from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.train_command import stage_table
+
+# The issue's tiny run, plus --max-len 32 to keep it quick on two cores.
+TINY_RUN = ["--train-rows", "200", "--val-rows", "100", "--steps-per-round", "5"]
+TINY_RUN += ["--max-rounds", "1", "--max-len", "32", "--quiet"]
+REPORT_KEYS = {"mode", "model", "task", "start_layer", "stages", "final", "adapters"}
+STAGE_KEYS = {"layer", "window", "steps", "train_loss", "val_loss", "val_metric"}
+STAGE_KEYS |= {"peak_mem_bytes", "baseline_mem_bytes", "seconds"}
+FINAL_LINE = re.compile(r"^final: val metric \S+, val loss \S+$", re.MULTILINE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One real ``chainfed train`` (FOAT start, Q=2, proxy GPO): (workdir, stdout)."""
+    workdir = tmp_path_factory.mktemp("minilm") / "run"
+    result = subprocess.run(
+        ["chainfed", "train", *TINY_RUN, "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # tiny batches: threads only contend
+    )
+    assert result.returncode == 0, result.stderr
+    return workdir, result.stdout
+
+
+def test_report_has_the_issue_keys(minilm_run, minilm_path):
+    workdir, _ = minilm_run
+    report = json.loads((workdir / "report.json").read_text())
+
+    assert REPORT_KEYS <= report.keys()
+    assert (report["mode"], report["task"]) == ("chain", "classify")
+    assert Path(report["model"]) == minilm_path
+    assert set(report["final"]) == {"val_metric", "val_loss"}
+    assert Path(report["adapters"]).is_file()
+    stages = report["stages"]
+    s = report["start_layer"]
+    assert [stage["layer"] for stage in stages] == list(range(s, 6))
+    for stage in stages:
+        assert STAGE_KEYS <= stage.keys()
+        assert stage["window"] == list(range(max(s, stage["layer"] - 1), stage["layer"] + 1))
+        assert stage["steps"] == 5
+        assert 0.0 <= stage["val_metric"] <= 1.0
+        assert stage["peak_mem_bytes"] >= stage["baseline_mem_bytes"] > 0
+    # FOAT chose the start: the first layer whose score is below 0.8
+    assert report["foat_scores"] and len(report["foat_scores"]) == 6
+    assert s == next((i for i, x in enumerate(report["foat_scores"]) if x < 0.8), 5)
+
+
+def test_final_figures_are_the_last_stage_figures(minilm_run):
+    """The last stage's window output is the whole network, and the trainer evaluates in
+    batches of 16 × 4 = 64 like the final streamed evaluation: the figures are equal."""
+    workdir, _ = minilm_run
+    report = json.loads((workdir / "report.json").read_text())
+    last = report["stages"][-1]
+    assert report["final"] == {"val_metric": last["val_metric"], "val_loss": last["val_loss"]}
+
+
+def test_stdout_has_the_stage_table_and_the_final_line(minilm_run):
+    workdir, out = minilm_run
+    report = json.loads((workdir / "report.json").read_text())
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| layer | window |"))
+    assert lines[header + 1].startswith("|---:|")
+    rows = lines[header + 2 : header + 2 + len(report["stages"])]
+    assert lines[header : header + 2 + len(rows)] == stage_table(report["stages"]).splitlines()
+    for row, stage in zip(rows, report["stages"], strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(stage["layer"])
+        assert cells[1] == f"{stage['window'][0]}-{stage['window'][-1]}"
+    final = report["final"]
+    assert f"final: val metric {final['val_metric']:.4f}, val loss {final['val_loss']:.6f}" in out
+
+
+def test_adapter_file_holds_the_chain_and_the_head(minilm_run):
+    workdir, _ = minilm_run
+    report = json.loads((workdir / "report.json").read_text())
+    saved = load_adapter_file(Path(report["adapters"]))
+
+    layers = {int(name.split(".")[1]) for name in saved.adapters()}
+    assert layers == set(range(report["start_layer"], 6))
+    assert set(saved.head()) == {"weight", "bias"}
+    assert saved.head()["weight"].shape == (3, 384)
+    assert saved.info["task"] == "classify"
+    assert saved.info["labels"] == ["negative", "neutral", "positive"]
+    assert saved.info["pooling"] == "mean"
+    assert saved.info["lora"]["rank"] == 8
+
+
+def test_eval_only_reproduces_the_final_figures_bit_for_bit(minilm_run, tmp_path, capsys):
+    workdir, out = minilm_run
+    report = json.loads((workdir / "report.json").read_text())
+    again = tmp_path / "eval.json"
+
+    status = main(
+        [
+            "train",
+            *TINY_RUN,
+            "--eval-only",
+            "--adapters",
+            report["adapters"],
+            "--report",
+            str(again),
+        ]
+    )
+
+    assert status == 0
+    assert FINAL_LINE.findall(capsys.readouterr().out) == FINAL_LINE.findall(out)
+    assert json.loads(again.read_text())["final"] == report["final"]  # exact floats
+
+
+def test_eval_only_refuses_adapters_of_another_model(minilm_run, minilm_path, tmp_path, capsys):
+    """A tiny random BERT with MiniLM's vocabulary and tokenizer: same tokens, other
+    weights. The adapter file's model fingerprint does not match: exit 2, one line."""
+    workdir, _ = minilm_run
+    other = write_random_checkpoint(
+        {
+            "model_type": "bert",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "vocab_size": 30522,
+            "max_position_embeddings": 64,
+        },
+        tmp_path / "other",
+    )
+    (other / "tokenizer.json").write_bytes((minilm_path / "tokenizer.json").read_bytes())
+
+    adapters = str(workdir / "adapters.safetensors")
+    status = main(
+        ["train", *TINY_RUN, "--model", str(other), "--eval-only", "--adapters", adapters]
+    )
+
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different model" in err
+
+
+def test_stage_table_formats_a_head_stage():
+    stage = {
+        "layer": 5,
+        "window": [],
+        "rounds": 2,
+        "steps": 10,
+        "train_loss": 0.5,
+        "val_loss": 0.25,
+        "val_metric": 0.875,
+        "peak_mem_bytes": 3 << 20,
+        "baseline_mem_bytes": 1 << 20,
+        "seconds": 1.25,
+    }
+    lines = stage_table([stage]).splitlines()
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == [
+        "5",
+        "-",
+        "2",
+        "10",
+        "0.5000",
+        "0.2500",
+        "0.8750",
+        "3 MiB",
+        "2 MiB",
+        "1.2",
+    ]
+
+
+# -- LM smoke: tiny random LLaMA + word-level tokenizer ---------------------------------
+
+WORDS = "the a flight was late early great awful crew seat food service car drives phone".split()
+LABELS = ("good", "bad")
+
+
+@pytest.fixture(scope="module")
+def lm_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder with tokenizer.json, CSV of text,label rows)."""
+    root = tmp_path_factory.mktemp("lm")
+    vocab = ["<pad>", "[UNK]", "Text", "Label", ":", *LABELS, *WORDS]
+    model_dir = write_random_checkpoint(
+        {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 64,
+            "pad_token_id": 0,
+            "tie_word_embeddings": False,
+        },
+        root / "model",
+    )
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    generator = torch.Generator().manual_seed(0)
+    data = root / "tweets.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for _ in range(60):
+            picks = torch.randint(0, len(WORDS), (6,), generator=generator).tolist()
+            label = LABELS[int(torch.randint(0, 2, (1,), generator=generator))]
+            writer.writerow([" ".join(WORDS[i] for i in picks), label])
+    return model_dir, data
+
+
+def test_lm_train_and_eval_only_on_a_tiny_llama(lm_assets, tmp_path, capsys):
+    model_dir, data = lm_assets
+    common = ["--model", str(model_dir), "--data", str(data), "--task", "lm"]
+    common += ["--label-field", "label", "--train-rows", "40", "--val-rows", "6"]
+    common += ["--max-len", "16", "--quiet"]
+    workdir = tmp_path / "run"
+
+    status = main(
+        ["train", *common, "--start-layer", "2", "--micro-batch", "4", "--steps-per-round", "2"]
+        + ["--max-rounds", "1", "--memory-budget", "1GiB", "--workdir", str(workdir)]
+    )
+
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "memory budget 1GiB: micro-batch 4 × accumulation 1, window 2, gpo proxy" in out
+    report = json.loads((workdir / "report.json").read_text())
+    assert (report["task"], report["start_layer"]) == ("lm", 2)
+    assert [s["window"] for s in report["stages"]] == [[2], [2, 3]]
+    assert torch.isfinite(torch.tensor(report["final"]["val_loss"]))
+    saved = load_adapter_file(Path(report["adapters"]))
+    assert saved.head() == {}  # the LM head is the model's own, frozen
+    assert saved.info["label_token_ids"] == [6, 5]  # "bad" < "good": sorted label names
+
+    status = main(["train", *common, "--eval-only", "--adapters", report["adapters"]])
+    assert status == 0
+    assert FINAL_LINE.findall(capsys.readouterr().out) == FINAL_LINE.findall(out)
+
+
+def _refuse(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: head mode of an LM task trains nothing, its stage train_loss is NaN and "
+    "report.json is written with a bare NaN, which strict JSON parsers reject",
+)
+def test_lm_head_mode_report_is_strict_json(lm_assets, tmp_path):
+    model_dir, data = lm_assets
+    workdir = tmp_path / "head"
+    status = main(
+        ["train", "--model", str(model_dir), "--data", str(data), "--task", "lm"]
+        + ["--label-field", "label", "--train-rows", "20", "--val-rows", "6", "--quiet"]
+        + ["--mode", "head", "--workdir", str(workdir)]
+    )
+    assert status == 0
+    json.loads((workdir / "report.json").read_text(), parse_constant=_refuse)
