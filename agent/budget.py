@@ -16,6 +16,7 @@ the minimum that would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from chainfed.agent.chain import ChainConfig
@@ -106,6 +107,12 @@ def plan_for_budget(
     raise BudgetError(
         f"memory budget {format_bytes(budget)} is too small for {cfg.model_type} "
         f"({cfg.num_layers} layers, d={cfg.hidden_size}) at sequence length {seq_len}: "
-        f"even micro-batch 1, window 1 needs about {format_bytes(need)}; "
-        f"give --memory-budget {format_bytes(need)} or more, or shorten --max-len"
+        f"even micro-batch 1, window 1 needs about {format_bytes(need)} ({need} bytes); "
+        f"give --memory-budget {_round_up(need)} or more, or shorten --max-len"
     )
+
+
+def _round_up(n: int) -> str:
+    """A budget string of at least ``n`` bytes: 2 decimals of MiB or GiB, rounded up."""
+    unit, name = (1 << 30, "GiB") if n >= 1 << 30 else (1 << 20, "MiB")
+    return f"{math.ceil(n * 100 / unit) / 100:.2f}{name}"

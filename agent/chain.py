@@ -109,7 +109,14 @@ class ChainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        for name in ("window", "micro_batch", "grad_accum", "steps_per_round", "max_rounds"):
+        for name in (
+            "topk",
+            "window",
+            "micro_batch",
+            "grad_accum",
+            "steps_per_round",
+            "max_rounds",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_rounds > self.max_rounds:

@@ -111,8 +111,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``chainfed`` parser with every subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``chainfed`` parser. With ``only``, just that subcommand gets its options, so
+    ``chainfed --help`` and every other subcommand skip its (possibly heavy) imports."""
     parser = argparse.ArgumentParser(
         prog="chainfed",
         description="Federated layer-by-layer (chain) LoRA fine-tuning for edge devices "
@@ -121,14 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=command.summary, description=command.description)
-        command.add_arguments(sub)
+        if only is None or only == name:
+            command.add_arguments(sub)
         sub.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chainfed`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=chosen if chosen in SUBCOMMANDS else "").parse_args(argv)
     try:
         return args.run(args)
     except ChainFedError as exc:

@@ -30,7 +30,7 @@ import grpc
 import torch
 
 from chainfed.agent.adapter_file import AdapterFile, save_adapter_file
-from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit
+from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit, evaluate_streaming
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
@@ -191,6 +191,8 @@ class FederatedAgent:
                 self._probe(task)
             elif task.kind is TaskKind.TRAIN_ROUND:
                 self._train_round(task)
+            elif task.kind is TaskKind.EVALUATE:
+                self._evaluate(task)
             elif task.kind is TaskKind.DONE:
                 return self._finish(task)
 
@@ -299,6 +301,30 @@ class FederatedAgent:
             evaluation.loss,
             evaluation.metric,
         )
+
+    def _evaluate(self, task: Task) -> None:
+        """The final model on local validation data, by the same streamed evaluation as
+        ``chainfed train``; only the metrics go back."""
+        final = self._fetch(task.round_id, task)
+        started = time.perf_counter()
+        objective = self._objective(task.params)
+        head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}
+        if head:
+            objective.head.load_state_dict(head)
+        lora = chain_config_from_params(task.params, 1).lora
+        adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
+        evaluation = evaluate_streaming(self.model, objective, adapters, lora, self.data.val)
+        metrics = UpdateMetrics(
+            train_samples=len(self.data.train),
+            val_samples=len(self.data.val),
+            steps=0,
+            train_loss=0.0,
+            val_loss=evaluation.loss,
+            val_metric=evaluation.metric,
+            peak_memory_bytes=0,
+            seconds=time.perf_counter() - started,
+        )
+        self._submit(task.round_id, metrics, {})
 
     def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
         header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))

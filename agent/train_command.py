@@ -223,10 +223,14 @@ def run(args: argparse.Namespace) -> int:
 
     config = _chain_config(args)
     if args.memory_budget:
+        try:
+            budget = parse_bytes(args.memory_budget)
+        except ValueError as exc:
+            raise ChainFedError(f"--memory-budget: {exc}") from exc
         config = plan_for_budget(
             model.config,
             config,
-            parse_bytes(args.memory_budget),
+            budget,
             seq_len=train.input_ids.shape[1],
             task=args.task,
         )
@@ -238,6 +242,11 @@ def run(args: argparse.Namespace) -> int:
     objective = _objective(model, args.task, data.labels, token_ids, args.seed)
     trainer = ChainTrainer(model, objective, train, val, config, workdir, progress=not args.quiet)
     started = time.perf_counter()
+    if config.start_layer is not None and not 0 <= config.start_layer < model.num_layers:
+        raise ChainFedError(
+            f"--start-layer {config.start_layer} is not a layer of {model_dir} "
+            f"(0..{model.num_layers - 1})"
+        )
     stages = trainer.train(
         on_stage=lambda r: print(
             f"stage layer {r.layer} window {r.window}: {r.rounds} rounds, "
@@ -245,7 +254,10 @@ def run(args: argparse.Namespace) -> int:
             f"peak {format_bytes(r.peak_mem_bytes)}"
         )
     )
-    final = evaluate_streaming(model, objective, trainer.final_adapters, config.lora, val)
+    eval_batch = config.micro_batch * 4  # the trainer's evaluation batch: same sums, same bits
+    final = evaluate_streaming(
+        model, objective, trainer.final_adapters, config.lora, val, batch_size=eval_batch
+    )
     info = {
         "task": args.task,
         "labels": data.labels,
@@ -255,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         "model_digest": model_digest,
         "pooling": getattr(objective, "pooling", None),
         "max_len": args.max_len,
+        "eval_batch": eval_batch,
     }
     tensors = dict(trainer.final_adapters)
     if args.task == "classify":
@@ -277,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     }
     report_path = args.report or workdir / "report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2, default=str))
+    report_path.write_text(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
     print(stage_table(report["stages"]))
     print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
     print(f"adapters: {adapters_path}\nreport: {report_path}")
@@ -315,7 +328,9 @@ def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
     if args.task == "classify":
         objective.head.load_state_dict(saved.head())
     lora = LoRAConfig(**info["lora"])
-    final = evaluate_streaming(model, objective, saved.adapters(), lora, val)
+    final = evaluate_streaming(
+        model, objective, saved.adapters(), lora, val, batch_size=info.get("eval_batch", 64)
+    )
     print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -323,3 +338,14 @@ def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
             json.dumps({"final": {"val_metric": final.metric, "val_loss": final.loss}}, indent=2)
         )
     return 0 if math.isfinite(final.loss) else 1
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (e.g. the train loss of a stage that trained nothing) as JSON null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

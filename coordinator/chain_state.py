@@ -139,6 +139,8 @@ class OpenRound:
     window: list[int]
     participants: list[str]
     deadline_ms: int
+    evaluation: bool = False
+    """True for the final evaluation round: metrics only, nothing aggregated."""
     expected: dict[str, tuple] = field(default_factory=dict)
     """(shape, dtype) per tensor every update must carry; empty: set by the first."""
     updates: dict[str, tuple[UpdateMetrics, dict[str, torch.Tensor]]] = field(default_factory=dict)
@@ -239,7 +241,7 @@ class ChainCoordinator:
             expected = set(self.agents)
             if self.probe_reports and expected <= set(self.probe_reports):
                 self._finish_probe()
-        if self.phase is ChainPhase.TRAINING:
+        if self.phase in (ChainPhase.TRAINING, ChainPhase.EVALUATING):
             if self.open_round is None:
                 self._open_round(now_ms)
             elif self._round_complete() or now_ms >= self.open_round.deadline_ms:
@@ -276,14 +278,19 @@ class ChainCoordinator:
         k = self.config.agents_per_round or len(agents)
         rng = random.Random(self.config.seed * 1_000_003 + self.round_seq)
         participants = sorted(rng.sample(agents, min(k, len(agents))))
-        window = self.window_for(self.stage_layer)
+        evaluation = self.phase is ChainPhase.EVALUATING
+        layer = self.config.num_layers - 1 if evaluation else self.stage_layer
+        window = self.window_for(layer)
+        if evaluation:
+            participants = agents
         self.open_round = OpenRound(
-            round_id=self._next_round_id(),
-            stage_layer=self.stage_layer,
+            round_id=self._next_round_id("eval" if evaluation else "r"),
+            stage_layer=layer,
             window=window,
             participants=participants,
             deadline_ms=now_ms + int(self.config.round_deadline_s * 1000),
-            expected=self._expected_tensors(self.stage_layer, window),
+            evaluation=evaluation,
+            expected={} if evaluation else self._expected_tensors(layer, window),
         )
         self.changed = True
 
@@ -308,11 +315,32 @@ class ChainCoordinator:
             )
             self.changed = True
             return
+        metrics = _federated_metrics([r.updates[a][0] for a in received])
+        if r.evaluation:
+            self.history.append(
+                RoundRecord(
+                    r.round_id,
+                    r.stage_layer,
+                    tuple(r.window),
+                    tuple(received),
+                    tuple(dropped),
+                    metrics,
+                    now_ms,
+                )
+            )
+            self.phase = ChainPhase.DONE
+            log.info(
+                "final model on %d agents' validation data: loss %.4f, metric %.4f",
+                len(received),
+                metrics.val_loss,
+                metrics.val_metric,
+            )
+            self.changed = True
+            return
         updates = [
             WeightedUpdate(r.updates[a][1], r.updates[a][0].train_samples, a) for a in received
         ]
         self.window_state = aggregate(self.config.aggregation, updates)
-        metrics = _federated_metrics([r.updates[a][0] for a in received])
         for agent in received:
             if agent in self.agents:
                 self.agents[agent].rounds_completed += 1
@@ -354,9 +382,9 @@ class ChainCoordinator:
             # the trained task head travels with the final adapters (``head.*``)
             for name in [n for n in self.window_state if n.startswith("objective.")]:
                 self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
-            self.phase = ChainPhase.DONE
+            self.phase = ChainPhase.EVALUATING
             self.stage_layer = None
-            log.info("chain done: %d final adapter tensors", len(self.final))
+            log.info("chain trained: %d final tensors; evaluating", len(self.final))
             return
         self.stage_layer = layer + 1
         self.convergence = self._new_convergence()
@@ -374,6 +402,21 @@ class ChainCoordinator:
         if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
             return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
         r = self.open_round
+        if (
+            self.phase is ChainPhase.EVALUATING
+            and r is not None
+            and agent_id in r.participants
+            and agent_id not in r.updates
+        ):
+            return Task(
+                TaskKind.EVALUATE,
+                round_id=r.round_id,
+                stage_layer=r.stage_layer,
+                window_layers=tuple(r.window),
+                params=params,
+                deadline_unix_ms=r.deadline_ms,
+                tensors=tuple(manifest_of(self.final)),
+            )
         if (
             self.phase is ChainPhase.TRAINING
             and r is not None
@@ -402,6 +445,8 @@ class ChainCoordinator:
             return dict(self.final)
         if self.open_round is None or round_id != self.open_round.round_id:
             raise UpdateRejected("failed_precondition", f"round {round_id!r} is not open")
+        if self.open_round.evaluation:
+            return dict(self.final)
         return self.round_tensors()
 
     def report_probe(self, report: ProbeReport) -> None:
@@ -479,6 +524,14 @@ class ChainCoordinator:
     def _validate(
         self, r: OpenRound, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]
     ) -> None:
+        if r.evaluation:
+            if tensors or metrics.val_samples <= 0 or not math.isfinite(metrics.val_loss):
+                raise UpdateRejected(
+                    "invalid_argument",
+                    "an evaluation answer carries no tensors, val_samples > 0 and a finite "
+                    "val_loss",
+                )
+            return
         if metrics.train_samples <= 0:
             raise UpdateRejected("invalid_argument", "an update must report train_samples > 0")
         if not (math.isfinite(metrics.val_loss) and math.isfinite(metrics.train_loss)):

@@ -41,6 +41,7 @@ class TaskKind(enum.Enum):
     TRAIN_ROUND = "train_round"
     ADVANCE = "advance"
     DONE = "done"
+    EVALUATE = "evaluate"
 
 
 class ChainPhase(enum.Enum):
@@ -49,6 +50,7 @@ class ChainPhase(enum.Enum):
     WAITING_FOR_AGENTS = "waiting_for_agents"
     PROBING = "probing"
     TRAINING = "training"
+    EVALUATING = "evaluating"
     DONE = "done"
 
 
@@ -183,8 +185,8 @@ class Task:
             _require(self.round_id != "", f"a {kind} task needs a round_id")
         if self.kind in (TaskKind.PROBE, TaskKind.TRAIN_ROUND):
             _require(self.params is not None, f"a {kind} task needs params")
-        if self.kind is TaskKind.TRAIN_ROUND:
-            _require(self.stage_layer is not None, "a TRAIN_ROUND task needs a stage_layer")
+        if self.kind in (TaskKind.TRAIN_ROUND, TaskKind.EVALUATE):
+            _require(self.stage_layer is not None, f"a {kind} task needs a stage_layer")
         names = [spec.name for spec in self.tensors]
         _require(len(names) == len(set(names)), f"{kind} task manifest repeats a tensor name")
         _non_negative(self, "deadline_unix_ms", "retry_after_ms")

@@ -28,6 +28,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TRAIN_ROUND: _ClassVar[TaskKind]
     TASK_KIND_ADVANCE: _ClassVar[TaskKind]
     TASK_KIND_DONE: _ClassVar[TaskKind]
+    TASK_KIND_EVALUATE: _ClassVar[TaskKind]
 
 class GpoKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +50,7 @@ class ChainPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHAIN_PHASE_PROBING: _ClassVar[ChainPhase]
     CHAIN_PHASE_TRAINING: _ClassVar[ChainPhase]
     CHAIN_PHASE_DONE: _ClassVar[ChainPhase]
+    CHAIN_PHASE_EVALUATING: _ClassVar[ChainPhase]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -65,6 +67,7 @@ TASK_KIND_PROBE: TaskKind
 TASK_KIND_TRAIN_ROUND: TaskKind
 TASK_KIND_ADVANCE: TaskKind
 TASK_KIND_DONE: TaskKind
+TASK_KIND_EVALUATE: TaskKind
 GPO_KIND_UNSPECIFIED: GpoKind
 GPO_KIND_NONE: GpoKind
 GPO_KIND_PROXY: GpoKind
@@ -77,6 +80,7 @@ CHAIN_PHASE_WAITING_FOR_AGENTS: ChainPhase
 CHAIN_PHASE_PROBING: ChainPhase
 CHAIN_PHASE_TRAINING: ChainPhase
 CHAIN_PHASE_DONE: ChainPhase
+CHAIN_PHASE_EVALUATING: ChainPhase
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "total_bytes")

@@ -130,11 +130,6 @@ def test_too_small_a_budget_names_the_minimum():
     assert plan(MINILM, config, minimum).window == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: BudgetError rounds the minimum to 2 decimals of its unit (format_bytes), "
-    "often down: --memory-budget with exactly the named size is refused again",
-)
 @pytest.mark.parametrize("seq_len", [16, 32])
 def test_the_named_minimum_budget_is_enough(seq_len):
     config = ChainConfig(window=2, micro_batch=16)

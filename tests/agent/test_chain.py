@@ -523,11 +523,6 @@ def test_chain_config_rejects_bad_values(overrides):
         ChainConfig(**overrides)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ChainConfig does not validate topk; topk=-1 makes topk mode ask for "
-    "layer L (IndexError), topk=0 silently runs head mode",
-)
 @pytest.mark.parametrize("topk", [0, -1])
 def test_chain_config_rejects_topk_below_one(topk):
     with pytest.raises(ValueError):

@@ -269,11 +269,6 @@ def _refuse(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: head mode of an LM task trains nothing, its stage train_loss is NaN and "
-    "report.json is written with a bare NaN, which strict JSON parsers reject",
-)
 def test_lm_head_mode_report_is_strict_json(lm_assets, tmp_path):
     model_dir, data = lm_assets
     workdir = tmp_path / "head"

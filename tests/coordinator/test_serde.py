@@ -85,7 +85,9 @@ def tasks(draw) -> Task:
     return Task(
         kind=kind,
         round_id=draw(text if kind is TaskKind.WAIT else ids),
-        stage_layer=draw(i32 if kind is TaskKind.TRAIN_ROUND else st.none() | i32),
+        stage_layer=draw(
+            i32 if kind in (TaskKind.TRAIN_ROUND, TaskKind.EVALUATE) else st.none() | i32
+        ),
         window_layers=draw(layers),
         frozen_layers=draw(layers),
         params=draw(training_params if needs_params else st.none() | training_params),
