@@ -324,6 +324,10 @@ def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
             f"{args.adapters}: trained for task {info.get('task')} with labels "
             f"{info.get('labels')}, not {args.task} with {labels}"
         )
+    if info.get("max_len", args.max_len) != args.max_len:
+        raise ChainFedError(
+            f"{args.adapters}: trained with --max-len {info['max_len']}; evaluate with the same"
+        )
     objective = _objective(model, args.task, labels, token_ids, args.seed)
     if args.task == "classify":
         objective.head.load_state_dict(saved.head())
