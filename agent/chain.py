@@ -392,7 +392,9 @@ class ChainTrainer:
         else:
             bottom = window[0] if window else self.L
             train_cache, val_cache = self.caches
-            self._bring_cache_to(train_cache, self.train_data, bottom)
+            if window or any(p.requires_grad for p in self.objective.parameters()):
+                # (an LM head-mode run trains nothing: only validation states are needed)
+                self._bring_cache_to(train_cache, self.train_data, bottom)
             self._bring_cache_to(val_cache, self.val_data, bottom)
         for j in window:
             if j not in self.window_blocks:
