@@ -173,6 +173,9 @@ class ChainCoordinator:
         self.open_round: OpenRound | None = None
         self.probe_id = ""
         self.probe_reports: dict[str, ProbeReport] = {}
+        self.probe_deadline_ms = 0
+        """After this, the probe finishes with the reports it has (a silent agent cannot
+        hold the chain in PROBING forever)."""
         self.foat_scores: list[float] | None = None
         self.convergence = self._new_convergence()
         self.changed = True
@@ -233,13 +236,20 @@ class ChainCoordinator:
                 self.phase = ChainPhase.PROBING
                 self.probe_id = self._next_round_id("probe")
                 self.probe_reports = {}
+                self.probe_deadline_ms = now_ms + int(self.config.round_deadline_s * 1000)
                 log.info("probing %d agents for the FOAT start layer", len(self.agents))
             else:
                 self._start_training()
             self.changed = True
         if self.phase is ChainPhase.PROBING:
             expected = set(self.agents)
-            if self.probe_reports and expected <= set(self.probe_reports):
+            late = now_ms >= self.probe_deadline_ms
+            if self.probe_reports and (expected <= set(self.probe_reports) or late):
+                if late and not expected <= set(self.probe_reports):
+                    log.warning(
+                        "probe deadline: going on without %s",
+                        sorted(expected - set(self.probe_reports)),
+                    )
                 self._finish_probe()
         if self.phase in (ChainPhase.TRAINING, ChainPhase.EVALUATING):
             if self.open_round is None:
@@ -259,8 +269,12 @@ class ChainCoordinator:
 
     def _finish_probe(self) -> None:
         reports = list(self.probe_reports.values())
-        total = sum(r.num_samples for r in reports) or len(reports)
-        weights = [(r.num_samples or 1) / total for r in reports]
+        total = sum(r.num_samples for r in reports)
+        weights = (
+            [r.num_samples / total for r in reports]
+            if total > 0
+            else [1 / len(reports)] * len(reports)
+        )
         scores = [
             sum(w * r.cka_scores[i] for w, r in zip(weights, reports, strict=True))
             for i in range(self.config.num_layers)
@@ -637,7 +651,11 @@ def _federated_metrics(metrics: list[UpdateMetrics]) -> UpdateMetrics:
         train_samples=train_total,
         val_samples=val_total,
         steps=max(m.steps for m in metrics),
-        train_loss=sum(m.train_loss * m.train_samples for m in metrics) / train_total,
+        train_loss=(
+            sum(m.train_loss * m.train_samples for m in metrics) / train_total
+            if train_total
+            else 0.0
+        ),
         val_loss=by_val("val_loss"),
         val_metric=by_val("val_metric"),
         peak_memory_bytes=max(m.peak_memory_bytes for m in metrics),

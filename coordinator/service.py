@@ -100,6 +100,17 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 grpc.StatusCode.UNAUTHENTICATED, f"this token is not valid for agent {agent_id}"
             )
 
+    def _check_size(self, message, context: grpc.ServicerContext) -> None:
+        size = message.ByteSize()
+        if size > self.config.max_message_bytes:
+            log.warning(
+                "rejected a %d-byte message (limit %d)", size, self.config.max_message_bytes
+            )
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"message of {size} bytes is over the limit of {self.config.max_message_bytes}",
+            )
+
     def _reject(self, context: grpc.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, UpdateRejected):
             code = _CODES[exc.code]
@@ -111,6 +122,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     # -- rpcs ---------------------------------------------------------------------------
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext):
+        self._authenticate(context, None)
         try:
             registration = serde.registration_from_proto(request)
         except (ProtocolError, ValueError) as exc:
@@ -144,7 +156,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                     return serde.task_to_proto(task)
                 if not context.is_active():
                     return serde.task_to_proto(task)
-                self.lock.wait(timeout=0.25)
+                self.lock.wait(timeout=max(0.0, min(0.25, give_up - time.monotonic())))
 
     def FetchTensors(self, request: pb.FetchTensorsRequest, context: grpc.ServicerContext):
         self._authenticate(context, request.agent_id)
@@ -161,12 +173,15 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context):
         self._authenticate(context, None)
         try:
-            first = serde.update_part_from_proto(next(request_iterator))
+            first_message = next(request_iterator)
+            self._check_size(first_message, context)
+            first = serde.update_part_from_proto(first_message)
             if not isinstance(first, UpdateHeader):
                 raise ProtocolError("an update must start with its header")
             self._authenticate(context, first.agent_id)
             assembler = ChunkAssembler(first.tensors, max_total_bytes=self.config.max_update_bytes)
             for message in request_iterator:
+                self._check_size(message, context)
                 part = serde.update_part_from_proto(message)
                 if isinstance(part, UpdateHeader):
                     raise ProtocolError("an update has exactly one header")
@@ -191,6 +206,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         )
 
     def ReportProbe(self, request: pb.ProbeReport, context: grpc.ServicerContext):
+        self._authenticate(context, None)
         try:
             report = serde.probe_report_from_proto(request)
         except (ProtocolError, ValueError) as exc:
@@ -237,8 +253,10 @@ def start_server(
     Returns (server, servicer, bound port). With ``tls=(cert_pem, key_pem)`` the port
     accepts TLS only; a plaintext client fails its handshake.
     """
+    # grpc's own receive limit sits above ours: a message over it can reach the handler
+    # as a silent end of stream; between the two, the handler rejects it explicitly.
     options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from chainfed.agent.adapter_file import (
     AdapterFile,
@@ -74,10 +77,10 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
                 state_dir / FINAL_FILE,
                 AdapterFile(dict(coordinator.final), _final_info(coordinator)),
             )
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise StateDirError(
-            f"{state_dir}: cannot write coordinator state ({exc.strerror or exc}); "
-            "the previous state is intact"
+            f"{state_dir}: cannot write coordinator state "
+            f"({getattr(exc, 'strerror', None) or exc}); the previous state is intact"
         ) from exc
 
 
@@ -146,8 +149,14 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
             )
     try:
         tensors = load_adapter_file(Path(state_dir) / state["tensors_file"]).tensors
+        return _from_json(state, tensors, config)
     except AdapterFileError as exc:
         raise StateDirError(f"{state_dir}: coordinator tensors unreadable: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateDirError(f"{path}: incomplete or corrupt coordinator state ({exc!r})") from exc
+
+
+def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) -> ChainCoordinator:
     c = ChainCoordinator(config)
     c.phase = ChainPhase(state["phase"])
     c.start_layer = state["start_layer"]
@@ -173,5 +182,6 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
     }
     if c.phase is ChainPhase.PROBING:
         c.probe_reports = {}
+        c.probe_deadline_ms = int(time.time() * 1000 + config.round_deadline_s * 1000)
     c.changed = False
     return c

@@ -90,11 +90,6 @@ def test_foat_start_layer_from_sample_weighted_cka(kit):
     assert (task.stage_layer, task.window_layers) == (2, (2,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: chain_state.py:262-263 weights a 0-sample probe report 1/total instead of "
-    "0, so the weights sum above 1 and the 'average' CKA exceeds every agent's score",
-)
 def test_foat_average_is_a_convex_combination(kit):
     c = kit.coordinator(start_layer=None, min_agents=2, foat_threshold=0.8)
     kit.register(c, "a", "b")
@@ -444,12 +439,6 @@ def test_evaluation_round_takes_metrics_only_then_done(kit):
     assert_tensors_equal(c.tensors_for(done.round_id), final)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="BUG: chain_state.py:640 _federated_metrics divides by the summed train_samples, "
-    "0 in an evaluation round of agents without training data (allowed by _validate)",
-)
 def test_evaluation_by_agents_without_training_samples_finishes(kit):
     c = kit.coordinator(window=1)
     run_chain_to_evaluation(kit, c, ["a"])

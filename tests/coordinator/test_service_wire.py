@@ -274,12 +274,6 @@ def test_rejected_update_gets_its_status_and_never_touches_the_aggregate(
     assert_tensors_equal(run.window_state(), fedavg(good["a"], good["b"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: service.py:346-363 — grpc drops a message above max_receive_message_length "
-    "and the servicer sees a normal end of stream, so a complete update followed by one "
-    "oversize message is recorded although the client is told RESOURCE_EXHAUSTED",
-)
 def test_update_whose_call_failed_as_oversize_is_not_recorded(kit, serve, monkeypatch):
     """Whether grpc shows the handler the failure or a clean end of stream is a race
     (about 1 call in 5 ends 'clean'), so batches of concurrent calls are sent until one
@@ -381,13 +375,6 @@ def test_wrong_fingerprint_at_register_leaves_the_round_alone(kit, serve):
     assert_tensors_equal(run.window_state(), fedavg(good["a"], good["b"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: service.py:291-295 and 371-375 parse the request before authenticating, "
-    "so a call without a token gets INVALID_ARGUMENT for a malformed body instead of "
-    "UNAUTHENTICATED (chainfed.proto: 'A call without a valid token fails with "
-    "UNAUTHENTICATED')",
-)
 def test_unauthenticated_calls_fail_before_the_body_is_read(kit, serve):
     run = serve(kit.coordinator())
     calls = [
@@ -509,12 +496,6 @@ def test_get_task_long_poll_answers_wait_after_the_window(kit, serve):
     assert error.code() is grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: service.py:324 sleeps a fixed 0.25 s between checks, so GetTask answers up "
-    "to 250 ms after the agent's wait_ms (chainfed.proto: wait_ms is the longest the agent "
-    "is willing to wait)",
-)
 def test_get_task_long_poll_does_not_overshoot_wait_ms(kit, serve):
     run = serve(kit.coordinator(min_agents=2), poll_seconds=10)
     register(run.stub, "tok-a", "a", kit.caps())

@@ -21,7 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from safetensors import SafetensorError
 
 from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.coordinator import state_store
@@ -233,13 +232,6 @@ def read_only(directory: Path):
         subprocess.run([chattr, "-i", str(directory)], check=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SafetensorError,
-    reason="BUG: state_store.py:77 catches only OSError, but safetensors' save_file reports "
-    "I/O failures (EACCES/EPERM) as SafetensorError, which escapes save() instead of "
-    "StateDirError",
-)
 def test_read_only_state_dir_is_refused_and_keeps_the_previous_state(kit, tmp_path):
     c = mid_chain(kit)
     state_store.save(c, tmp_path)
