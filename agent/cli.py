@@ -108,6 +108,33 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("chainfed.coordinator.command", "add_status_arguments"),
         run=_lazy("chainfed.coordinator.command", "run_status"),
     ),
+    "export": Subcommand(
+        summary="export a trained adapter file as PEFT adapters or a merged HF model folder",
+        description="--format peft writes adapter_config.json + adapter_model.safetensors that "
+        "peft.PeftModel.from_pretrained(base, OUT_DIR) loads in transformers; --format merged "
+        "writes a full HF folder (config, tokenizer, safetensors shards) with the adapters "
+        "merged into the weights, streamed in row slices. A classification head is "
+        "written beside them as classifier.safetensors + classifier.json, and OUT_DIR/README.md "
+        "shows the lines that load the result.",
+        add_arguments=_lazy("chainfed.agent.export_command", "add_arguments"),
+        run=_lazy("chainfed.agent.export_command", "run"),
+    ),
+    "generate": Subcommand(
+        summary="continue a prompt with a decoder and (optionally) trained adapters",
+        description="Quick check of an lm result: greedy decoding by default with our own "
+        "blocks and the adapters on the LoRA path used in training; the prompt goes through "
+        "the model's chat template when it has one (--no-chat-template: as is).",
+        add_arguments=_lazy("chainfed.agent.quick_check", "add_generate_arguments"),
+        run=_lazy("chainfed.agent.quick_check", "run_generate"),
+    ),
+    "classify": Subcommand(
+        summary="label texts with a trained classification result",
+        description="Quick check of a classify result: each text is tokenised and truncated "
+        "as in training, run through the model with the adapters, pooled and passed through "
+        "the trained head; prints the label and every class probability.",
+        add_arguments=_lazy("chainfed.agent.quick_check", "add_classify_arguments"),
+        run=_lazy("chainfed.agent.quick_check", "run_classify"),
+    ),
 }
 
 
