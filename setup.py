@@ -27,6 +27,7 @@ setup(
         "numpy>=1.24",
         "gguf>=0.10",
         "tqdm>=4.60",
+        "jinja2>=3.1",
     ],
     extras_require={
         "gpu": ["triton>=3.0"],

@@ -28,7 +28,13 @@ from chainfed.agent.chain import (
     StageReport,
     evaluate_streaming,
 )
-from chainfed.agent.data import DataConfig, encode_classify, encode_lm, load_dataset
+from chainfed.agent.data import (
+    DataConfig,
+    encode_classify,
+    encode_lm,
+    load_dataset,
+    tokenizer_pad_id,
+)
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.heads import ClassifyObjective, LMObjective
@@ -152,10 +158,14 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
 
 def encode_split(model: StreamingModel, examples: list, task: str, max_len: int) -> EncodedSplit:
     tokenizer = model.tokenizer()
-    if task == "classify":
-        ids, mask, labels = encode_classify(examples, tokenizer, max_len)
-        return EncodedSplit(ids, mask, labels)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    if task == "classify":
+        # padding positions are masked out; decoders without a pad token use the config's
+        has_pad = tokenizer_pad_id(tokenizer) is not None
+        ids, mask, labels = encode_classify(
+            examples, tokenizer, max_len, pad_id=None if has_pad else pad
+        )
+        return EncodedSplit(ids, mask, labels)
     ids, mask, loss_mask = encode_lm(examples, tokenizer, max_len, pad)
     labels = torch.tensor([-1 if ex.label is None else ex.label for ex in examples])
     return EncodedSplit(ids, mask, labels, loss_mask)
@@ -268,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         "pooling": getattr(objective, "pooling", None),
         "max_len": args.max_len,
         "eval_batch": eval_batch,
+        "prompt_template": data.config.prompt_template,
+        "response_template": data.config.response_template,
     }
     tensors = dict(trainer.final_adapters)
     if args.task == "classify":
