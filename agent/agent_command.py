@@ -13,6 +13,7 @@ from pathlib import Path
 
 from chainfed.agent.assets import resolve_model
 from chainfed.agent.data import (
+    TOPICS,
     SplitData,
     load_dataset,
     partition_by_topic,
@@ -73,12 +74,21 @@ def shard_of(data: SplitData, shard: str, partition: str, seed: int) -> SplitDat
             alpha = float(partition.split(":", 1)[1])
             parts = partition_dirichlet([e.label for e in examples], n, alpha, seed)
         elif partition == "by-topic":
-            groups = list(partition_by_topic([getattr(e, "text", "") for e in examples]).values())
-            parts = [sum(groups[i::n], []) for i in range(n)]
+            # topics go to shards by name (TOPICS order), the same way for both splits, so a
+            # shard validates on the topics it trains on
+            if n > len(TOPICS):
+                raise ChainFedError(
+                    f"--partition by-topic has {len(TOPICS)} topics ({', '.join(TOPICS)}); "
+                    f"it cannot make {n} non-empty shards"
+                )
+            groups = partition_by_topic([getattr(e, "text", "") for e in examples])
+            parts = [sum((groups.get(topic, []) for topic in TOPICS[i::n]), []) for i in range(n)]
         else:
             raise ChainFedError(
                 f"--partition must be iid, dirichlet:ALPHA or by-topic; got {partition!r}"
             )
+        if not parts[k]:
+            raise ChainFedError(f"--shard {shard} ({partition}) holds no rows of this split")
         return [examples[i] for i in sorted(parts[k])]
 
     data.train, data.val = part(data.train), part(data.val)

@@ -232,6 +232,17 @@ class FederatedAgent:
 
         return self._call("FetchTensors", fetch)
 
+    def _fetch_or_none(self, task: Task) -> dict[str, torch.Tensor] | None:
+        """The task's tensors, or None when its round closed meanwhile (deadline passed,
+        coordinator restarted): the agent then simply asks for its next task."""
+        try:
+            return self._fetch(task.round_id, task)
+        except ChainFedError as exc:
+            if "FAILED_PRECONDITION" not in str(exc):
+                raise
+            log.warning("round %s closed before its tensors were fetched: %s", task.round_id, exc)
+            return None
+
     def _ensure_trainer(self, params: TrainingParams, window: int) -> ChainTrainer:
         if self.trainer is None:
             self.trainer = ChainTrainer(
@@ -267,7 +278,9 @@ class FederatedAgent:
     def _train_round(self, task: Task) -> None:
         window = list(task.window_layers)
         trainer = self._ensure_trainer(task.params, len(window))
-        tensors = self._fetch(task.round_id, task)
+        tensors = self._fetch_or_none(task)
+        if tensors is None:
+            return
         final = _strip(tensors, "final.")
         started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
@@ -305,7 +318,9 @@ class FederatedAgent:
     def _evaluate(self, task: Task) -> None:
         """The final model on local validation data, by the same streamed evaluation as
         ``chainfed train``; only the metrics go back."""
-        final = self._fetch(task.round_id, task)
+        final = self._fetch_or_none(task)
+        if final is None:
+            return
         started = time.perf_counter()
         objective = self._objective(task.params)
         head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}

