@@ -13,7 +13,7 @@ tweets, at tiny settings (a few hundred rows, 32 tokens, 3-4 local steps, short 
 * ``chainfed status`` against the running coordinator; with a wrong token, and with the
   coordinator gone, one line and exit 2.
 
-Bugs found on the way are pinned at the end with ``xfail(strict=True)``.
+Bugs found on the way are pinned by the tests at the end of the file.
 
 Processes, logs and state live in ``tmp_path``; every process is killed at teardown and
 all logs are printed (pytest shows them when a test fails).
