@@ -43,9 +43,7 @@ import os
 import re
 import shutil
 import struct
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -60,6 +58,7 @@ from chainfed.agent.errors import ChainFedError, ModelLoadError
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lora import ATTENTION_TARGETS, LoRAConfig
 from chainfed.agent.model import StreamingModel
+from chainfed.agent.staged_folder import staged_folder
 
 FORMATS = ("peft", "merged")
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -611,49 +610,10 @@ def _provenance(fmt: str, model: StreamingModel, result: TrainedResult) -> dict[
     }
 
 
-@contextmanager
-def _staged(out_dir: Path) -> Iterator[Path]:
+def _staged(out_dir: Path):
     """A hidden staging folder next to ``out_dir``, renamed into place when the body succeeds
     (replacing an empty folder or an earlier export) and removed when it fails."""
-    out_dir = out_dir.resolve()
-    _check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir()  # unlike tempfile.mkdtemp, honours the umask
-    try:
-        yield staging
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to clobber anything that is not empty or an earlier export."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a folder; refusing to overwrite it")
-    if any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).is_file():
-        raise ExportError(
-            f"{out_dir}: folder is not empty and is not an earlier export (no {MARKER_FILE}); "
-            "refusing to overwrite it"
-        )
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    _check_out_dir(out_dir)  # it may have changed while we wrote
-    retired = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.old")
-    os.rename(out_dir, retired)
-    try:
-        os.rename(staging, out_dir)
-    except BaseException:
-        os.rename(retired, out_dir)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+    return staged_folder(out_dir, marker=MARKER_FILE, what="an earlier export", error=ExportError)
 
 
 # --------------------------------------------------------------------------- README of a folder

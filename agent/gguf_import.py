@@ -49,10 +49,8 @@ import logging
 import math
 import os
 import re
-import shutil
 import struct
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,7 @@ from tokenizers.models import BPE
 from tqdm.auto import tqdm
 
 from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.staged_folder import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -154,22 +153,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
     config = _llama_config(source)
     tensors = _plan_tensors(source, config)
     tokenizer, tokenizer_config = _build_tokenizer(source)
-    _check_out_dir(out_dir)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir()  # unlike tempfile.mkdtemp, honours the umask (mkdtemp makes it 0700)
-    try:
+    with staged_folder(
+        out_dir, marker=MARKER_FILE, what="a previous GGUF conversion", error=ModelLoadError
+    ) as staging:
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config)
         _write_json(staging / "generation_config.json", _generation_config(config))
         _write_safetensors(staging / "model.safetensors", tensors, source, progress=progress)
         _write_json(staging / "config.json", config)
         _write_json(staging / MARKER_FILE, _provenance(source))
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info(
         "converted %s -> %s (%d tensors) in %.1f s",
         gguf_path,
@@ -647,32 +639,3 @@ def _provenance(source: _GgufFile) -> dict[str, Any]:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to clobber anything that is not empty or a previous conversion."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ModelLoadError(f"{out_dir}: exists and is not a folder; refusing to overwrite it")
-    if any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).is_file():
-        raise ModelLoadError(
-            f"{out_dir}: folder is not empty and is not a previous GGUF conversion "
-            f"(no {MARKER_FILE}); refusing to overwrite it"
-        )
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished folder to ``out_dir``, replacing an empty or previously converted one."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    _check_out_dir(out_dir)  # it may have changed while we converted
-    retired = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.old")
-    os.rename(out_dir, retired)
-    try:
-        os.rename(staging, out_dir)
-    except BaseException:
-        os.rename(retired, out_dir)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
