@@ -651,8 +651,8 @@ class ChainTrainer:
         self.foat_scores = info["foat_scores"]
         self.rng.bit_generator.state = info["rng"]
         self.stages = [StageReport(**r) for r in info["stages"]]
-        self.final_adapters = _strip(tensors, "final.")
-        window_state = _strip(tensors, "window.")
+        self.final_adapters = strip_prefix(tensors, "final.")
+        window_state = strip_prefix(tensors, "window.")
         for layer in info["window_layers"]:
             self._load_window_block(layer)
             load_adapter_state(self.window_blocks[layer], layer, window_state)
@@ -662,12 +662,13 @@ class ChainTrainer:
                     param.copy_(tensors[f"objective.{name}"])
         if self.foresight is not None:
             self.foresight.retire_below(info["next_layer"] - 1)
-            self.foresight.load_state_dict(_strip(tensors, "foresight."))
+            self.foresight.load_state_dict(strip_prefix(tensors, "foresight."))
         self.resumed_from = info["next_layer"]
         return self.resumed_from
 
 
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, under the rest of their names."""
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 

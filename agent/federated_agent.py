@@ -30,7 +30,13 @@ import grpc
 import torch
 
 from chainfed.agent.adapter_file import AdapterFile, save_adapter_file
-from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit, evaluate_streaming
+from chainfed.agent.chain import (
+    ChainConfig,
+    ChainTrainer,
+    EncodedSplit,
+    evaluate_streaming,
+    strip_prefix,
+)
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
@@ -281,7 +287,7 @@ class FederatedAgent:
         tensors = self._fetch_or_none(task)
         if tensors is None:
             return
-        final = _strip(tensors, "final.")
+        final = strip_prefix(tensors, "final.")
         started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
             if trainer.start_layer is None:
@@ -289,7 +295,7 @@ class FederatedAgent:
             if trainer.layer != task.stage_layer or trainer.window != window:
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)
-            trainer.load_trainable_state(_strip(tensors, "window."))
+            trainer.load_trainable_state(strip_prefix(tensors, "window."))
             result = trainer.train_round(task.params.local_steps)
             evaluation = trainer.evaluate_window()
             update = trainer.trainable_state()
@@ -407,7 +413,3 @@ def chain_config_from_params(params: TrainingParams, window: int) -> ChainConfig
         steps_per_round=params.local_steps,
         seed=params.seed,
     )
-
-
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
