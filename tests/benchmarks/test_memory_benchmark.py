@@ -1,0 +1,145 @@
+"""benchmarks/memory.py works end to end on tiny random models (a smoke test, not a
+measurement: the figures of tiny models say nothing about the real shapes).
+
+Prepare: tiny bert / llama configs (d=32) as ``Shape``s. Execute: the benchmark's own
+entry points — each mode in a fresh worker process, or in-process for the slice. Assert:
+every stage was measured, the report files exist and state what is measured and what is
+extrapolated, and the extrapolation is the stated affine formula.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
+
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "vocab_size": 100,
+    "max_position_embeddings": 32,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Tiny tensors gain nothing from intra-op threads, here or in the workers (which
+    inherit the environment); on a busy 2-core box the hand-offs cost more than the maths."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def memory():
+    spec = importlib.util.spec_from_file_location("chainfed_benchmarks_memory", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tmp_path):
+    shape = memory.Shape("tiny-bert", batch=2, seq=8, rank=2, task="classify", hf_config=TINY_BERT)
+    options = memory.Options(modes=("chain", "e2e"), tmp_dir=str(tmp_path))
+
+    report = memory.run_benchmark([shape], options, tmp_path / "out", log=lambda _: None)
+
+    result = report["shapes"][0]
+    runs = {r["mode"]: r for r in result["runs"]}
+    assert not [r["error"] for r in runs.values() if "error" in r]
+    assert [s["layer"] for s in runs["chain"]["stages"]] == [0, 1, 2]
+    assert [s["window"] for s in runs["chain"]["stages"]] == [[0], [0, 1], [1, 2]]
+    assert [s["window"] for s in runs["e2e"]["stages"]] == [[0, 1, 2]]
+    for run in runs.values():
+        assert run["baseline_bytes"] > 0 and run["peak_bytes"] > run["baseline_bytes"]
+        assert run["peak_above_baseline"] == max(s["above_baseline"] for s in run["stages"])
+    assert result["slice_layers"] is None
+    assert result["full_depth"]["chain"]["how"] == "measured"
+    assert result["ratio_e2e_chain"] == pytest.approx(
+        runs["e2e"]["peak_above_baseline"] / runs["chain"]["peak_above_baseline"]
+    )
+    out = tmp_path / "out"
+    assert json.loads((out / "memory.json").read_text())["shapes"][0]["shape"] == "tiny-bert"
+    table = (out / "memory.md").read_text()
+    assert "| tiny-bert | random, real config | chain | 3 layers |" in table
+    assert "measured at 3 layers" in table
+    assert (out / "memory.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
+    memory, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(memory, "run_isolated", memory.measure)  # in-process: faster
+    shape = memory.Shape(
+        "tiny-llama",
+        batch=2,
+        seq=8,
+        rank=2,
+        task="lm",
+        hf_config=TINY_LLAMA,
+        slice_on_cpu=True,
+        paper_ratio=4.5,
+    )
+    options = memory.Options(layers=4, device="cpu")
+
+    result = memory.bench_shape(shape, options, tmp_path, log=lambda _: None)
+
+    assert result.slice_layers == 4 and result.full_layers == 8
+    weights = next(tmp_path.glob("tiny-llama-weights-*"))
+    assert json.loads((weights / "config.json").read_text())["num_hidden_layers"] == 4
+    runs = {(r["mode"], r["layers"]): r for r in result.runs}
+    assert sorted(runs) == [("chain", 8), ("e2e", 2), ("e2e", 4), ("topk", 4)]
+    chain = runs["chain", 8]
+    assert [s["layer"] for s in chain["stages"]] == [0, 1, 2, 3]
+    assert result.full_depth["chain"] == {
+        "peak_above_baseline": chain["peak_above_baseline"],
+        "how": "first_stages",
+    }
+    e2e = result.full_depth["e2e"]
+    p2, p4 = runs["e2e", 2]["peak_above_baseline"], runs["e2e", 4]["peak_above_baseline"]
+    assert e2e["how"] == "extrapolated"
+    assert e2e["peak_above_baseline"] == round(p4 + (8 - 4) * (p4 - p2) / 2)
+    assert result.full_depth["topk"]["how"] == "depth_independent"
+    report = {
+        "machine": memory.machine_info(options),
+        "options": memory.asdict(options),
+        "seconds": 1.0,
+        "shapes": [memory.asdict(result)],
+    }
+    table = memory.markdown(report)
+    assert "e2e extrapolated from 2 and 4 layers to 8; chain measured on the 8-layer" in table
+    assert "P(8) = P(4) + (8 − 4) · (P(4) − P(2)) / 2" in table
+    assert "| tiny-llama | random, real config | chain | 8 layers, stages 0-3 |" in table
+
+
+def test_extrapolation_is_the_line_through_both_depths(memory):
+    assert memory.extrapolate({2: 300, 4: 500}, 32) == (3300, 100.0)
+    assert memory.extrapolate({4: 500, 2: 500}, 32) == (500, 0.0)
