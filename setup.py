@@ -28,6 +28,7 @@ setup(
         "gguf>=0.10",
         "tqdm>=4.60",
         "jinja2>=3.1",
+        "dp-accounting>=0.4",
     ],
     extras_require={
         "gpu": ["triton>=3.0"],
