@@ -50,6 +50,7 @@ from chainfed.coordinator.messages import (
     UpdateMetrics,
 )
 from chainfed.coordinator.tensor_chunks import manifest_of
+from chainfed.coordinator.update_digest import update_digest
 
 log = logging.getLogger("chainfed.coordinator")
 
@@ -144,6 +145,8 @@ class OpenRound:
     expected: dict[str, tuple] = field(default_factory=dict)
     """(shape, dtype) per tensor every update must carry; empty: set by the first."""
     updates: dict[str, tuple[UpdateMetrics, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    """``update_digest`` of each update, recorded with the round when it is aggregated."""
 
 
 class ChainCoordinator:
@@ -367,6 +370,7 @@ class ChainCoordinator:
                 tuple(dropped),
                 metrics,
                 now_ms,
+                tuple(r.digests[a] for a in received),
             )
         )
         log.info(
@@ -531,6 +535,7 @@ class ChainCoordinator:
             return False
         self._validate(r, metrics, tensors)
         r.updates[agent_id] = (metrics, tensors)
+        r.digests[agent_id] = update_digest(tensors)
         self.changed = True
         self.tick(now_ms)
         return True

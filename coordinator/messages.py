@@ -288,9 +288,12 @@ class RoundRecord:
     """Federated metrics of the round."""
     finished_unix_ms: int
     """When it was aggregated."""
+    update_digests: tuple[str, ...] = ()
+    """``update_digest`` of each aggregated update, aligned with ``participants``; empty
+    for an evaluation round (and in states saved before digests were recorded)."""
 
     def __post_init__(self) -> None:
-        for name in ("window_layers", "participants", "dropped"):
+        for name in ("window_layers", "participants", "dropped", "update_digests"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
 

@@ -410,6 +410,7 @@ def round_record_to_proto(record: RoundRecord) -> pb.RoundRecord:
         dropped=record.dropped,
         metrics=update_metrics_to_proto(record.metrics),
         finished_unix_ms=record.finished_unix_ms,
+        update_digests=record.update_digests,
     )
 
 
@@ -423,6 +424,7 @@ def round_record_from_proto(message: pb.RoundRecord) -> RoundRecord:
         dropped=tuple(message.dropped),
         metrics=update_metrics_from_proto(metrics),
         finished_unix_ms=message.finished_unix_ms,
+        update_digests=tuple(message.update_digests),
     )
 
 

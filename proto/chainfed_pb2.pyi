@@ -305,7 +305,7 @@ class AgentStatus(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., capabilities: _Optional[_Union[AgentCapabilities, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_completed: _Optional[int] = ...) -> None: ...
 
 class RoundRecord(_message.Message):
-    __slots__ = ("round_id", "stage_layer", "window_layers", "participants", "dropped", "metrics", "finished_unix_ms")
+    __slots__ = ("round_id", "stage_layer", "window_layers", "participants", "dropped", "metrics", "finished_unix_ms", "update_digests")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_LAYER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,7 @@ class RoundRecord(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     stage_layer: int
     window_layers: _containers.RepeatedScalarFieldContainer[int]
@@ -320,7 +321,8 @@ class RoundRecord(_message.Message):
     dropped: _containers.RepeatedScalarFieldContainer[str]
     metrics: UpdateMetrics
     finished_unix_ms: int
-    def __init__(self, round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ..., finished_unix_ms: _Optional[int] = ...) -> None: ...
+    update_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ..., finished_unix_ms: _Optional[int] = ..., update_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusSnapshot(_message.Message):
     __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history")
