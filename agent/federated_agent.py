@@ -270,10 +270,14 @@ class FederatedAgent:
             )
         return LMObjective(self.model.load_lm_head(), self.data.label_token_ids)
 
-    def _probe(self, task: Task) -> None:
+    def probe_report(self, task: Task) -> ProbeReport:
+        """FOAT scores of this device's data for a PROBE task (no transport)."""
         trainer = self._ensure_trainer(task.params, 1)
         scores = trainer.probe()
-        report = ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
+        return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
+
+    def _probe(self, task: Task) -> None:
+        report = self.probe_report(task)
         self._call(
             "ReportProbe",
             lambda: self._stub.ReportProbe(
@@ -282,11 +286,20 @@ class FederatedAgent:
         )
 
     def _train_round(self, task: Task) -> None:
-        window = list(task.window_layers)
-        trainer = self._ensure_trainer(task.params, len(window))
         tensors = self._fetch_or_none(task)
         if tensors is None:
             return
+        metrics, update = self.train_update(task, tensors)
+        self._submit(task.round_id, metrics, update)
+
+    def train_update(
+        self, task: Task, tensors: dict[str, torch.Tensor]
+    ) -> tuple[UpdateMetrics, dict[str, torch.Tensor]]:
+        """One TRAIN_ROUND on local data from the round's fetched ``tensors`` (final
+        adapters + window aggregate): the metrics and window state to submit. The work of
+        a round without its transport, so an in-process simulation runs the same code."""
+        window = list(task.window_layers)
+        trainer = self._ensure_trainer(task.params, len(window))
         final = strip_prefix(tensors, "final.")
         started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
@@ -310,7 +323,6 @@ class FederatedAgent:
             peak_memory_bytes=meter.reading.peak_bytes,
             seconds=time.perf_counter() - started,
         )
-        self._submit(task.round_id, metrics, update)
         self.rounds_done += 1
         log.info(
             "round %s layer %d: train loss %.4f, val loss %.4f, val metric %.4f",
@@ -320,13 +332,17 @@ class FederatedAgent:
             evaluation.loss,
             evaluation.metric,
         )
+        return metrics, update
 
     def _evaluate(self, task: Task) -> None:
-        """The final model on local validation data, by the same streamed evaluation as
-        ``chainfed train``; only the metrics go back."""
         final = self._fetch_or_none(task)
         if final is None:
             return
+        self._submit(task.round_id, self.evaluation_metrics(task, final), {})
+
+    def evaluation_metrics(self, task: Task, final: dict[str, torch.Tensor]) -> UpdateMetrics:
+        """The final model (``final``: adapters + head) on local validation data, by the
+        same streamed evaluation as ``chainfed train``; only these metrics go back."""
         started = time.perf_counter()
         objective = self._objective(task.params)
         head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}
@@ -335,7 +351,7 @@ class FederatedAgent:
         lora = chain_config_from_params(task.params, 1).lora
         adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
         evaluation = evaluate_streaming(self.model, objective, adapters, lora, self.data.val)
-        metrics = UpdateMetrics(
+        return UpdateMetrics(
             train_samples=len(self.data.train),
             val_samples=len(self.data.val),
             steps=0,
@@ -345,7 +361,6 @@ class FederatedAgent:
             peak_memory_bytes=0,
             seconds=time.perf_counter() - started,
         )
-        self._submit(task.round_id, metrics, {})
 
     def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
         header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
@@ -368,7 +383,14 @@ class FederatedAgent:
             raise
 
     def _finish(self, task: Task) -> Path:
-        final = self._fetch("done", task)
+        path = self.write_final_adapters(self._fetch("done", task))
+        if self._channel is not None:
+            self._channel.close()
+        return path
+
+    def write_final_adapters(self, final: dict[str, torch.Tensor]) -> Path:
+        """``WORKDIR/final_adapters.safetensors``: the federation's result with this
+        device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``."""
         info = {
             "task": self.data.task,
             "labels": self.data.labels,
@@ -384,8 +406,6 @@ class FederatedAgent:
             self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info)
         )
         log.info("chain done; final adapters in %s", path)
-        if self._channel is not None:
-            self._channel.close()
         return path
 
 

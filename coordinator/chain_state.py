@@ -105,6 +105,10 @@ class CoordinatorConfig:
     """Reject updates whose tensors' total L2 norm exceeds this."""
     seed: int = 0
     """Seeds the per-round agent sampling."""
+    first_stage_layer: int | None = None
+    """Stage the chain opens at; None = the start layer. A plain FedLoRA baseline is one
+    stage at L-1 whose window reaches down to the start layer (``e2e``: start 0, window
+    L; ``topk:K``: start L-K, window K), through the same rounds and aggregation."""
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -119,6 +123,8 @@ class CoordinatorConfig:
             raise ValueError("max_rounds must be >= 1")
         if self.min_rounds > self.max_rounds:
             raise ValueError("min_rounds must not exceed max_rounds")
+        if self.first_stage_layer is not None and not 0 <= self.first_stage_layer < self.num_layers:
+            raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,7 +272,8 @@ class ChainCoordinator:
             self.window = self.choose_window(budgets) if self.choose_window else 2
             log.info("window auto: Q = %d for the smallest budget %s", self.window, min(budgets))
         self.phase = ChainPhase.TRAINING
-        self.stage_layer = self.start_layer
+        first = self.config.first_stage_layer
+        self.stage_layer = self.start_layer if first is None else max(first, self.start_layer)
         self.convergence = self._new_convergence()
         log.info("chain starts at layer %d (window %d)", self.start_layer, self.window)
 
