@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     c = parser.add_argument_group("chain")
     c.add_argument("--start-layer", default="auto", help="auto (FOAT probe) or a layer index")
+    c.add_argument(
+        "--first-stage-layer",
+        type=int,
+        help="stage to open at (default: the start layer); with --start-layer S --window "
+        "L-S and this at L-1, one stage trains layers S..L-1 end to end: plain FedLoRA",
+    )
     c.add_argument("--window", default="2", help="DLCT window Q, or auto (weakest device)")
     c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
     c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
@@ -96,7 +102,11 @@ def _tokens(args: argparse.Namespace) -> dict[str, str]:
     return tokens
 
 
-def _config(args: argparse.Namespace, model: StreamingModel, fingerprint: str):
+def coordinator_config(
+    args: argparse.Namespace, model: StreamingModel, fingerprint: str
+) -> CoordinatorConfig:
+    """The ``CoordinatorConfig`` these options ask for (also used by in-process simulation,
+    so both build the same federation from the same flags)."""
     family_lambda = {"bert": 0.1, "llama": 0.2}[model.config.family]
     params = TrainingParams(
         lr=args.lr,
@@ -129,6 +139,7 @@ def _config(args: argparse.Namespace, model: StreamingModel, fingerprint: str):
         aggregation=args.aggregation,
         norm_bound=args.norm_bound,
         seed=args.seed,
+        first_stage_layer=args.first_stage_layer,
     )
 
 
@@ -159,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     model = StreamingModel(model_dir)
     fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
     try:
-        config = _config(args, model, fingerprint)
+        config = coordinator_config(args, model, fingerprint)
     except ValueError as exc:
         raise ChainFedError(f"invalid option: {exc}") from exc
     chooser = window_chooser(model, config.params, args.task)
