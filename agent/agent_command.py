@@ -8,7 +8,9 @@ device ``--data`` is simply its own file.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from chainfed.agent.assets import resolve_model
@@ -134,5 +136,7 @@ def run(args: argparse.Namespace) -> int:
     fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
     agent = FederatedAgent(config, model, local, fingerprint, progress=not args.quiet)
     path = agent.run()
+    report = {"agent_id": agent.agent_id, "rounds": [asdict(t) for t in agent.traffic]}
+    (args.workdir / "agent_report.json").write_text(json.dumps(report, indent=2))
     print(f"chain done after {agent.rounds_done} rounds here; final adapters: {path}")
     return 0

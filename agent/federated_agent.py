@@ -98,6 +98,28 @@ class AgentConfig:
     """Per-message limit until the coordinator states its own."""
 
 
+@dataclass(frozen=True)
+class RoundTraffic:
+    """What one training round cost this agent: tensor payload each way (bytes of the
+    tensors' values; the wire adds chunk framing) and the round's memory peak."""
+
+    round_id: str
+    stage_layer: int
+    received_bytes: int
+    """Final adapters + window aggregate fetched for the round."""
+    sent_bytes: int
+    """The window state uploaded."""
+    peak_memory_bytes: int
+    """Process peak during the round (RSS on CPU)."""
+    baseline_memory_bytes: int
+    """The process's idle baseline, for the figure above it."""
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors' values."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @dataclass
 class LocalData:
     """This device's private data, encoded, plus what the objective needs."""
@@ -132,6 +154,8 @@ class FederatedAgent:
         self.max_message_bytes = config.max_message_bytes
         self.trainer: ChainTrainer | None = None
         self.rounds_done = 0
+        self.traffic: list[RoundTraffic] = []
+        """One entry per training round this agent ran."""
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.ChainFedStub | None = None
 
@@ -268,7 +292,7 @@ class FederatedAgent:
             return ClassifyObjective(
                 self.model.config.hidden_size, len(self.data.labels), pooling, seed=params.seed
             )
-        return LMObjective(self.model.load_lm_head(), self.data.label_token_ids)
+        return LMObjective(self.model.streamed_lm_head(), self.data.label_token_ids)
 
     def probe_report(self, task: Task) -> ProbeReport:
         """FOAT scores of this device's data for a PROBE task (no transport)."""
@@ -324,6 +348,16 @@ class FederatedAgent:
             seconds=time.perf_counter() - started,
         )
         self.rounds_done += 1
+        self.traffic.append(
+            RoundTraffic(
+                task.round_id,
+                task.stage_layer,
+                payload_bytes(tensors),
+                payload_bytes(update),
+                meter.reading.peak_bytes,
+                meter.reading.baseline_bytes,
+            )
+        )
         log.info(
             "round %s layer %d: train loss %.4f, val loss %.4f, val metric %.4f",
             task.round_id,
