@@ -1,0 +1,270 @@
+"""Load test of the coordinator: one ``chainfed coordinator`` process, N synthetic agents.
+
+What runs. A real ``chainfed coordinator`` process (the CLI, plaintext gRPC on
+localhost) serves the packaged MiniLM model (``--model``) with a fixed start layer, so
+no FOAT probe, and N agents from ``chainfed.coordinator.synthetic_agent`` in
+``--processes`` worker processes (threads inside; one channel and TCP connection per
+agent). Agents do what ``chainfed agent`` does on the wire — Register, long-poll
+GetTask, FetchTensors, a streamed SubmitUpdate — but upload seeded noise of the real
+adapter shapes (MiniLM, rank ``--rank``, all linear layers, window ``--window``, 2-class
+head) instead of training. Every agent is in every round (``--agents-per-round`` 0) and
+the quorum is N, so each round waits for every agent.
+
+Rounds. The chain runs ``ceil(R / L)`` rounds per layer (L = the model's layers) from the
+start layer ``L - ceil(R / rounds_per_layer)``, which is R rounds or the next multiple
+of rounds_per_layer above it, then the final evaluation round (not counted as a round).
+
+Measured.
+
+* ``rounds_per_s``: training rounds per second between the first and the last
+  aggregation (registration and the evaluation round excluded); ``wall_s`` is the whole
+  run from the coordinator's start to the chain's end.
+* ``p50_ms`` / ``p99_ms``: latency of every successful Register, FetchTensors and
+  SubmitUpdate as the agents saw it (one call each, retries not merged). GetTask is a
+  long-poll that the coordinator holds open until there is a task, so its duration is
+  mostly waiting by design; it is reported on its own under ``rpc``.
+* ``coordinator_peak_rss_bytes``: the kernel's RSS high-water mark (VmHWM) of the
+  coordinator process, read just before it exits.
+
+Checked. Each agent records the ``update_digest`` of every update the coordinator
+accepted; the coordinator's ``state.json`` history records, per round, the agents and
+digests it aggregated. ``lost`` counts accepted updates in no aggregate; ``double_counted``
+counts extra appearances of one update (same agent and digest) in the history, in one
+round or several; ``unexpected`` counts aggregated digests no agent had accepted. The
+script exits 1 when any of the three is non-zero or an agent failed.
+
+    python benchmarks/load.py --agents 1000 --rounds 20 --json runs/load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from chainfed.agent.assets import resolve_model
+from chainfed.agent.fingerprint import digest_files
+from chainfed.agent.model import StreamingModel
+from chainfed.coordinator.synthetic_agent import AdapterLayout, SwarmReport
+
+TOKEN = "load-test"
+REQUEST_METHODS = ("Register", "FetchTensors", "SubmitUpdate")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def chain_plan(num_layers: int, rounds: int) -> tuple[int, int]:
+    """(start layer, rounds per layer) giving at least ``rounds`` training rounds."""
+    per_layer = math.ceil(rounds / num_layers)
+    stages = math.ceil(rounds / per_layer)
+    return num_layers - stages, per_layer
+
+
+def vm_hwm_bytes(pid: int) -> int:
+    """Peak resident set (VmHWM) of a live process, in bytes; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
+
+
+def check_updates(history: list[dict], submissions: list[dict]) -> dict[str, int]:
+    """Accepted training updates vs the per-round aggregated digests (module docstring)."""
+    training = [r for r in history if not r["round_id"].startswith("eval")]
+    aggregated = [
+        (agent, record["round_id"], digest)
+        for record in training
+        for agent, digest in zip(record["participants"], record["update_digests"], strict=True)
+    ]
+    accepted = {
+        (s["agent_id"], s["round_id"], s["digest"])
+        for s in submissions
+        if s["accepted"] and not s["round_id"].startswith("eval")
+    }
+    appearances = Counter((agent, digest) for agent, _, digest in aggregated)
+    return {
+        "accepted": len(accepted),
+        "aggregated": len(aggregated),
+        "lost": len(accepted - set(aggregated)),
+        "double_counted": sum(n - 1 for n in appearances.values()),
+        "unexpected": len(set(aggregated) - accepted),
+        "rejected": sum(not s["accepted"] for s in submissions),
+        "training_rounds": len(training),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    model_dir = resolve_model(args.model, progress=False)
+    model = StreamingModel(model_dir)
+    fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    layout = AdapterLayout.from_model(model_dir, rank=args.rank)
+    start_layer, per_layer = chain_plan(model.num_layers, args.rounds)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="chainfed-load-"))
+    root.mkdir(parents=True, exist_ok=True)
+    state_dir = root / "state"
+    (root / "layout.json").write_text(json.dumps(layout.to_dict()))
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+
+    coordinator_argv = [
+        *(sys.executable, "-m", "chainfed.agent.cli", "coordinator"),
+        *("--model", str(model_dir), "--state-dir", str(state_dir)),
+        *("--host", "127.0.0.1", "--port", "0", "--token", TOKEN),
+        *("--start-layer", str(start_layer), "--window", str(args.window), "--gpo", "none"),
+        *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
+        *("--min-agents", str(args.agents), "--round-deadline", str(args.round_deadline)),
+        *("--rank", str(args.rank), "--exit-after-done", "3"),
+    ]
+    started = time.monotonic()
+    with open(logs / "coordinator.log", "wb") as out:
+        coordinator = subprocess.Popen(
+            coordinator_argv, env=ENV, stdout=subprocess.PIPE, stderr=out
+        )
+    port = None
+    for line in coordinator.stdout:
+        text = line.decode(errors="replace")
+        (logs / "coordinator.out").open("a").write(text)
+        if "listening on" in text:
+            port = int(text.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+            break
+    if port is None:
+        raise SystemExit(f"coordinator did not start; see {logs}")
+
+    ids = [f"a{k:05d}" for k in range(args.agents)]
+    workers = []
+    for w in range(args.processes):
+        share = ids[w :: args.processes]
+        if not share:
+            continue
+        report = root / f"swarm-{w}.json"
+        argv = [
+            *(sys.executable, "-m", "chainfed.coordinator.synthetic_agent"),
+            *("--coordinator", f"127.0.0.1:{port}", "--token", TOKEN),
+            *("--fingerprint", fingerprint, "--layout", str(root / "layout.json")),
+            *("--agent-ids", ",".join(share), "--poll-ms", str(args.poll_ms)),
+            *("--start-spread", str(args.start_spread), "--timeout", str(args.timeout)),
+            *("--give-up-after", "120", "--json", str(report)),
+        ]
+        with open(logs / f"swarm-{w}.log", "wb") as out:
+            workers.append((subprocess.Popen(argv, env=ENV, stdout=out, stderr=out), report))
+
+    peak = 0
+    deadline = started + args.timeout + 60
+    while any(p.poll() is None for p, _ in workers) and time.monotonic() < deadline:
+        peak = max(peak, vm_hwm_bytes(coordinator.pid))
+        time.sleep(0.5)
+    peak = max(peak, vm_hwm_bytes(coordinator.pid))
+    for p, _ in workers:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+    try:
+        coordinator.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait()
+    wall = time.monotonic() - started
+
+    swarms = [SwarmReport.from_dict(json.loads(r.read_text())) for _, r in workers if r.exists()]
+    submissions = [s.__dict__ for sw in swarms for s in sw.submissions]
+    latencies: dict[str, list[float]] = {}
+    for sw in swarms:
+        for method, values in sw.latencies.items():
+            latencies.setdefault(method, []).extend(values)
+    errors = [e for sw in swarms for e in sw.errors]
+    errors += [f"swarm {w}: no report" for w, (_, r) in enumerate(workers) if not r.exists()]
+    state = json.loads((state_dir / "state.json").read_text())
+    history = state["history"]
+    counts = check_updates(history, submissions)
+    finished = [r["finished_unix_ms"] for r in history if not r["round_id"].startswith("eval")]
+    span_s = (finished[-1] - finished[0]) / 1000 if len(finished) > 1 else float("nan")
+    request = [v for m in REQUEST_METHODS for v in latencies.get(m, [])]
+    return {
+        "agents": args.agents,
+        "rounds": counts.pop("training_rounds"),
+        **{k: counts[k] for k in ("accepted", "aggregated", "lost", "double_counted")},
+        "rounds_per_s": (len(finished) - 1) / span_s if len(finished) > 1 else float("nan"),
+        "p50_ms": percentile_ms(request, 50),
+        "p99_ms": percentile_ms(request, 99),
+        "coordinator_peak_rss_bytes": peak,
+        "unexpected": counts["unexpected"],
+        "rejected": counts["rejected"],
+        "phase": state["phase"],
+        "wall_s": wall,
+        "agent_errors": errors[:20],
+        "agent_error_count": len(errors),
+        "retries": sum(sw.retries for sw in swarms),
+        "rpc": {
+            method: {
+                "calls": len(values),
+                "p50_ms": percentile_ms(values, 50),
+                "p99_ms": percentile_ms(values, 99),
+            }
+            for method, values in sorted(latencies.items())
+        },
+        "setup": {
+            "model": str(model_dir.name),
+            "start_layer": start_layer,
+            "rounds_per_layer": per_layer,
+            "window": args.window,
+            "rank": args.rank,
+            "update_bytes": args.window * layout.bytes_per_layer(),
+            "processes": args.processes,
+            "poll_ms": args.poll_ms,
+            "cpu_count": os.cpu_count(),
+            "workdir": str(root),
+        },
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Load test: one coordinator process and N synthetic gRPC agents on "
+        "localhost; checks every accepted update is aggregated exactly once."
+    )
+    parser.add_argument("--agents", type=int, default=1000, help="synthetic agents")
+    parser.add_argument("--rounds", type=int, default=20, help="training rounds (at least)")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    parser.add_argument("--processes", type=int, default=4, help="agent worker processes")
+    parser.add_argument("--model", default="minilm", help="model folder or alias")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the uploads")
+    parser.add_argument("--window", type=int, default=2, help="DLCT window Q")
+    parser.add_argument("--poll-ms", type=int, default=5000, help="agents' GetTask long-poll")
+    parser.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
+    parser.add_argument("--start-spread", type=float, default=5.0, help="seconds to start agents")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="give up after (seconds)")
+    parser.add_argument("--workdir", type=Path, help="state and logs (default: a temp dir)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rpc", "setup")}, indent=2))
+    bad = result["lost"] or result["double_counted"] or result["unexpected"]
+    if bad or result["agent_error_count"] or result["phase"] != "done":
+        print("FAILED: lost, double-counted or unexpected updates, or agents failed", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,530 @@
+"""Synthetic agents: real gRPC clients of the coordinator that upload without training.
+
+For load and fault-injection runs a coordinator needs many agents that behave like
+``chainfed agent`` on the wire — Register, long-poll GetTask, FetchTensors,
+ReportProbe, a streamed SubmitUpdate, retry with backoff while the coordinator is
+unreachable — but cost almost nothing, so that a thousand of them fit on one box.
+A ``SyntheticAgent`` does exactly that and replaces training by seeded noise of the
+real adapter shapes of the model (``AdapterLayout.from_model``: one block's LoRA
+adapters under ``--targets`` and the classification head). Many agents share a
+process as threads (``run_swarm``); each has its own channel and TCP connection.
+
+What an agent guarantees, for the checks built on it: every update it sends is
+recorded with its ``update_digest`` and whether the coordinator accepted it
+(``Submission``), so a caller can match the agents' accepted updates against the
+digests in the coordinator's round history. Update values depend on (agent, round)
+only, so a retried upload is bit-identical to the first attempt.
+
+``python -m chainfed.coordinator.synthetic_agent --help`` runs a swarm in its own process
+and writes a JSON report (``benchmarks/load.py`` and the fault-injection tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
+from chainfed.agent.model import StreamingModel
+from chainfed.coordinator import serde
+from chainfed.coordinator.messages import (
+    AgentCapabilities,
+    Registration,
+    Task,
+    TaskKind,
+    UpdateHeader,
+    UpdateMetrics,
+)
+from chainfed.coordinator.tensor_chunks import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChunkAssembler,
+    chunk_data_budget,
+    manifest_of,
+    tensors_to_chunks,
+)
+from chainfed.coordinator.update_digest import update_digest
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("chainfed.synthetic_agent")
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class SyntheticAgentError(ChainFedError):
+    """A synthetic agent gave up: refused by the coordinator or unreachable too long."""
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Names and shapes of what a round uploads for a model, per window layer and head."""
+
+    layer_tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    """(name relative to ``layers.{i}.``, shape) of one block's adapter tensors."""
+    head_tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    """(full name, shape) of the trainable task head (``objective.*``)."""
+
+    @classmethod
+    def from_model(
+        cls, model_dir: Path, *, rank: int = 8, targets: str = "all", num_labels: int = 2
+    ) -> AdapterLayout:
+        """The layout ``chainfed agent`` uploads for ``model_dir`` (one block is loaded to
+        read its linear layers; every block of a model has the same shapes)."""
+        model = StreamingModel(model_dir)
+        block = model.load_block(0)
+        add_lora(block, 0, LoRAConfig(rank=rank, targets=targets))
+        layer = tuple(
+            (name.removeprefix("layers.0."), tuple(t.shape))
+            for name, t in sorted(adapter_state(block, 0).items())
+        )
+        hidden = model.config.hidden_size
+        head = (
+            ("objective.head.bias", (num_labels,)),
+            ("objective.head.weight", (num_labels, hidden)),
+        )
+        return cls(layer, head)
+
+    def to_dict(self) -> dict:
+        return {"layer_tensors": self.layer_tensors, "head_tensors": self.head_tensors}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterLayout:
+        return cls(
+            tuple((n, tuple(s)) for n, s in data["layer_tensors"]),
+            tuple((n, tuple(s)) for n, s in data["head_tensors"]),
+        )
+
+    def update(self, window: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
+        """Seeded small noise in every tensor of a round over ``window``."""
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for layer in window:
+            for name, shape in self.layer_tensors:
+                tensors[f"layers.{layer}.{name}"] = torch.randn(shape, generator=generator) * 0.01
+        for name, shape in self.head_tensors:
+            tensors[name] = torch.randn(shape, generator=generator) * 0.01
+        return tensors
+
+    def bytes_per_layer(self) -> int:
+        return sum(4 * _numel(shape) for _, shape in self.layer_tensors)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class SyntheticAgentConfig:
+    """How one synthetic agent connects and what it declares."""
+
+    address: str
+    """Coordinator ``host:port``."""
+    token: str
+    """Auth token."""
+    agent_id: str
+    """Requested agent id (fixed: records are keyed by it)."""
+    model_fingerprint: str
+    """The coordinator's model fingerprint."""
+    layout: AdapterLayout
+    """Shapes of the uploads."""
+    num_samples: int = 100
+    """Declared training samples (the aggregation weight)."""
+    poll_ms: int = 5_000
+    """Long-poll window of GetTask."""
+    rpc_timeout_s: float = 120.0
+    """Deadline of every unary or streaming call (not the long-poll)."""
+    give_up_after_s: float = 120.0
+    """Fail after the coordinator is unreachable this long."""
+    first_backoff_s: float = 0.2
+    """First retry delay; doubles up to ``max_backoff_s``, with ±50 % jitter."""
+    max_backoff_s: float = 5.0
+    """Longest retry delay."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One update this agent uploaded."""
+
+    agent_id: str
+    round_id: str
+    digest: str
+    """``update_digest`` of the tensors sent (empty tensors for an evaluation)."""
+    accepted: bool
+    """The coordinator answered OK (a duplicate of an accepted upload is also OK)."""
+    detail: str = ""
+    """Why not accepted (the coordinator's status and message)."""
+
+
+@dataclass
+class AgentLog:
+    """What one agent did; appended to only by its own thread."""
+
+    submissions: list[Submission] = field(default_factory=list)
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds per successful call, by method (GetTask includes its long-poll hold)."""
+    retries: int = 0
+    """Calls retried because the coordinator was unreachable."""
+    registrations: int = 0
+    done: bool = False
+    error: str = ""
+
+
+class SyntheticAgent:
+    """One synthetic agent; ``run()`` works until the chain is DONE."""
+
+    def __init__(
+        self, config: SyntheticAgentConfig, *, stop: threading.Event | None = None
+    ) -> None:
+        self.config = config
+        self.agent_id = config.agent_id
+        self.log = AgentLog()
+        self.stop = stop or threading.Event()
+        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        self._metadata = serde.auth_metadata(config.token)
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.ChainFedStub | None = None
+        self._round = 0
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            # one TCP connection per agent, as separate devices would have
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        self._channel = grpc.insecure_channel(self.config.address, options)
+        self._stub = pb_grpc.ChainFedStub(self._channel)
+
+    def _call(self, method: str, fn: Callable[[], object]) -> object:
+        """Run one call, retrying with exponential backoff + jitter while unreachable."""
+        delay, started = self.config.first_backoff_s, time.monotonic()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                result = fn()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                if time.monotonic() - started > self.config.give_up_after_s:
+                    raise SyntheticAgentError(
+                        f"{self.agent_id}: coordinator {self.config.address} unreachable for "
+                        f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
+                    ) from exc
+                if self.stop.is_set():
+                    raise SyntheticAgentError(f"{self.agent_id}: stopped") from exc
+                self.log.retries += 1
+                self.stop.wait(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self.config.max_backoff_s)
+                continue
+            self.log.latencies.setdefault(method, []).append(time.perf_counter() - t0)
+            return result
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> AgentLog:
+        """Register and answer tasks until DONE; errors are recorded in ``log.error``."""
+        try:
+            self._connect()
+            self._register()
+            while not self.stop.is_set():
+                try:
+                    task = self._get_task()
+                except grpc.RpcError as exc:
+                    if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                        raise
+                    self._register()  # the coordinator lost track of us: join again
+                    continue
+                if task.kind is TaskKind.WAIT:
+                    self.stop.wait(min(task.retry_after_ms, 1000) / 1000)
+                elif task.kind is TaskKind.PROBE:
+                    self._probe(task)
+                elif task.kind is TaskKind.TRAIN_ROUND:
+                    self._train_round(task)
+                elif task.kind is TaskKind.EVALUATE:
+                    self._evaluate(task)
+                elif task.kind is TaskKind.DONE:
+                    self._fetch(task)
+                    self.log.done = True
+                    break
+        except (grpc.RpcError, ChainFedError, ValueError) as exc:
+            if isinstance(exc, grpc.RpcError):
+                self.log.error = f"{self.agent_id}: {exc.code().name}: {exc.details()}"
+            else:
+                self.log.error = f"{self.agent_id}: {exc}"
+        finally:
+            if self._channel is not None:
+                self._channel.close()
+        return self.log
+
+    def _register(self) -> None:
+        capabilities = AgentCapabilities(
+            device="synthetic",
+            memory_budget_bytes=0,
+            num_samples=self.config.num_samples,
+            software_version="0.1.0",
+            model_fingerprint=self.config.model_fingerprint,
+        )
+        request = serde.registration_to_proto(
+            Registration(self.agent_id, self.config.token, capabilities)
+        )
+        ack = serde.register_ack_from_proto(
+            self._call(
+                "Register",
+                lambda: self._stub.Register(
+                    request, metadata=self._metadata, timeout=self.config.rpc_timeout_s
+                ),
+            )
+        )
+        self.log.registrations += 1
+        if ack.agent_id != self.agent_id:
+            raise SyntheticAgentError(f"asked for id {self.agent_id}, got {ack.agent_id}")
+        if ack.max_message_bytes != self.max_message_bytes:
+            self.max_message_bytes = ack.max_message_bytes
+            self._connect()
+
+    def _get_task(self) -> Task:
+        request = pb.GetTaskRequest(agent_id=self.agent_id, wait_ms=self.config.poll_ms)
+        reply = self._call(
+            "GetTask",
+            lambda: self._stub.GetTask(
+                request, metadata=self._metadata, timeout=self.config.poll_ms / 1000 + 30
+            ),
+        )
+        return serde.task_from_proto(reply)
+
+    def _fetch(self, task: Task) -> dict[str, torch.Tensor] | None:
+        """The task's tensors, or None when its round closed before the fetch."""
+
+        def fetch() -> dict[str, torch.Tensor]:
+            assembler = ChunkAssembler(task.tensors)
+            request = pb.FetchTensorsRequest(agent_id=self.agent_id, round_id=task.round_id)
+            for message in self._stub.FetchTensors(
+                request, metadata=self._metadata, timeout=self.config.rpc_timeout_s
+            ):
+                assembler.add(serde.tensor_chunk_from_proto(message))
+            return assembler.finish()
+
+        try:
+            return self._call("FetchTensors", fetch)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            raise
+
+    def _probe(self, task: Task) -> None:
+        raise SyntheticAgentError(
+            f"{self.agent_id}: synthetic agents do not probe (start the coordinator with "
+            f"--start-layer); got PROBE {task.round_id}"
+        )
+
+    def _seed(self, round_id: str) -> int:
+        key = f"{self.agent_id}/{round_id}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    def _train_round(self, task: Task) -> None:
+        if self._fetch(task) is None:
+            return
+        self._round += 1
+        tensors = self.config.layout.update(task.window_layers, self._seed(task.round_id))
+        loss = 1.0 / (1 + self._round)
+        metrics = UpdateMetrics(
+            train_samples=self.config.num_samples,
+            val_samples=self.config.num_samples // 4 or 1,
+            steps=1,
+            train_loss=loss + 0.01,
+            val_loss=loss,
+            val_metric=1.0 - loss,
+            peak_memory_bytes=0,
+            seconds=0.0,
+        )
+        self._submit(task.round_id, metrics, tensors)
+
+    def _evaluate(self, task: Task) -> None:
+        if self._fetch(task) is None:
+            return
+        metrics = UpdateMetrics(
+            train_samples=self.config.num_samples,
+            val_samples=self.config.num_samples // 4 or 1,
+            steps=0,
+            train_loss=0.0,
+            val_loss=0.5,
+            val_metric=0.5,
+            peak_memory_bytes=0,
+            seconds=0.0,
+        )
+        self._submit(task.round_id, metrics, {})
+
+    def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
+        header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
+        budget = chunk_data_budget(self.max_message_bytes)
+
+        def parts() -> Iterator[pb.UpdatePart]:
+            yield serde.update_part_to_proto(header)
+            for chunk in tensors_to_chunks(tensors, budget):
+                yield serde.update_part_to_proto(chunk)
+
+        digest = update_digest(tensors)
+        try:
+            self._call(
+                "SubmitUpdate",
+                lambda: self._stub.SubmitUpdate(
+                    parts(), metadata=self._metadata, timeout=self.config.rpc_timeout_s
+                ),
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            detail = f"{exc.code().name}: {exc.details()}"
+            self.log.submissions.append(Submission(self.agent_id, round_id, digest, False, detail))
+            return
+        self.log.submissions.append(Submission(self.agent_id, round_id, digest, True))
+
+
+# -- many agents in one process -------------------------------------------------------
+
+
+@dataclass
+class SwarmReport:
+    """Everything the agents of one ``run_swarm`` did."""
+
+    agents: int
+    done: int
+    errors: list[str]
+    submissions: list[Submission]
+    latencies: dict[str, list[float]]
+    retries: int
+    registrations: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "agents": self.agents,
+            "done": self.done,
+            "errors": self.errors,
+            "submissions": [asdict(s) for s in self.submissions],
+            "latencies": self.latencies,
+            "retries": self.retries,
+            "registrations": self.registrations,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SwarmReport:
+        return cls(
+            agents=data["agents"],
+            done=data["done"],
+            errors=list(data["errors"]),
+            submissions=[Submission(**s) for s in data["submissions"]],
+            latencies={k: list(v) for k, v in data["latencies"].items()},
+            retries=data["retries"],
+            registrations=data["registrations"],
+            seconds=data["seconds"],
+        )
+
+
+def run_swarm(
+    configs: list[SyntheticAgentConfig],
+    *,
+    timeout_s: float | None = None,
+    start_spread_s: float = 0.0,
+) -> SwarmReport:
+    """Run one thread per agent until every agent is DONE or failed (or ``timeout_s``).
+
+    Starts are spread evenly over ``start_spread_s`` so that a thousand agents do not
+    open their connections in the same millisecond."""
+    stop = threading.Event()
+    agents = [SyntheticAgent(c, stop=stop) for c in configs]
+    started = time.monotonic()
+    threads = []
+    for k, agent in enumerate(agents):
+        thread = threading.Thread(target=agent.run, name=agent.agent_id, daemon=True)
+        thread.start()
+        threads.append(thread)
+        if start_spread_s and k + 1 < len(agents):
+            time.sleep(start_spread_s / len(agents))
+    for thread in threads:
+        remaining = None if timeout_s is None else max(0.0, started + timeout_s - time.monotonic())
+        thread.join(remaining)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    latencies: dict[str, list[float]] = {}
+    for agent in agents:
+        for method, values in agent.log.latencies.items():
+            latencies.setdefault(method, []).extend(values)
+    errors = [a.log.error for a in agents if a.log.error]
+    errors += [f"{a.agent_id}: not done when the swarm stopped" for a in agents if not a.log.done]
+    return SwarmReport(
+        agents=len(agents),
+        done=sum(a.log.done for a in agents),
+        errors=sorted(set(errors)),
+        submissions=[s for a in agents for s in a.log.submissions],
+        latencies=latencies,
+        retries=sum(a.log.retries for a in agents),
+        registrations=sum(a.log.registrations for a in agents),
+        seconds=time.monotonic() - started,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chainfed.coordinator.synthetic_agent",
+        description="Run synthetic agents (threads of one process) against a coordinator "
+        "until its chain is done, then write what they did as JSON.",
+    )
+    parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
+    parser.add_argument("--token", required=True, help="auth token")
+    parser.add_argument("--fingerprint", required=True, help="the coordinator's model fingerprint")
+    parser.add_argument("--layout", type=Path, required=True, help="AdapterLayout JSON file")
+    parser.add_argument("--agent-ids", required=True, help="comma-separated agent ids")
+    parser.add_argument("--poll-ms", type=int, default=5_000, help="GetTask long-poll window")
+    parser.add_argument("--give-up-after", type=float, default=120.0, help="seconds unreachable")
+    parser.add_argument("--start-spread", type=float, default=0.0, help="seconds to start all")
+    parser.add_argument("--timeout", type=float, help="stop after this many seconds")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layout = AdapterLayout.from_dict(json.loads(args.layout.read_text()))
+    configs = [
+        SyntheticAgentConfig(
+            address=args.coordinator,
+            token=args.token,
+            agent_id=agent_id,
+            model_fingerprint=args.fingerprint,
+            layout=layout,
+            poll_ms=args.poll_ms,
+            give_up_after_s=args.give_up_after,
+        )
+        for agent_id in args.agent_ids.split(",")
+    ]
+    report = run_swarm(configs, timeout_s=args.timeout, start_spread_s=args.start_spread)
+    tmp = args.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report.to_dict()))
+    tmp.replace(args.json)
+    return 0 if not report.errors else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
