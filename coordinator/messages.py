@@ -134,6 +134,10 @@ class TrainingParams:
     """Seed of the round's data order."""
     foat_samples: int = 64
     """Samples in the FOAT probe mini-batch."""
+    local_dp_clip: float = 0.0
+    """Local DP: clip the update's delta to this L2 norm C before upload; 0 = off."""
+    local_dp_noise_multiplier: float = 0.0
+    """Local DP: add N(0, (z·C)²) per trained coordinate; 0 = off (needs ``local_dp_clip``)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -142,6 +146,11 @@ class TrainingParams:
             _require(value >= 1, f"{name}.{field_name} must be >= 1, got {value}")
         _non_negative(self, "lr", "weight_decay", "gpo_lambda", "proxy_rank")
         _non_negative(self, "lora_seed", "seed", "foat_samples")
+        _non_negative(self, "local_dp_clip", "local_dp_noise_multiplier")
+        _require(
+            self.local_dp_noise_multiplier == 0 or self.local_dp_clip > 0,
+            f"{name}.local_dp_noise_multiplier needs local_dp_clip > 0",
+        )
         _require(0.0 <= self.lora_dropout < 1.0, f"{name}.lora_dropout must be in [0, 1)")
         try:
             parse_gpo(self.gpo, 1)  # the agent's own vocabulary (ChainConfig.gpo)
@@ -291,6 +300,10 @@ class RoundRecord:
     update_digests: tuple[str, ...] = ()
     """``update_digest`` of each aggregated update, aligned with ``participants``; empty
     for an evaluation round (and in states saved before digests were recorded)."""
+    dp_epsilon: float | None = None
+    """DP: ε spent by the chain up to and including this round; None without DP."""
+    dp_round_epsilon: float | None = None
+    """DP: ε of this round alone (no composition); None without DP."""
 
     def __post_init__(self) -> None:
         for name in ("window_layers", "participants", "dropped", "update_digests"):
@@ -323,6 +336,14 @@ class StatusSnapshot:
     """Registered agents."""
     history: tuple[RoundRecord, ...] = ()
     """Finished rounds, oldest first."""
+    dp_epsilon: float | None = None
+    """DP: ε spent so far at ``dp_delta``; None without DP."""
+    dp_delta: float = 0.0
+    """DP: the δ of ``dp_epsilon``; 0 without DP."""
+    dp_epsilon_budget: float | None = None
+    """DP: the ε budget; None when there is none."""
+    stop_reason: str = ""
+    """Why the chain stopped before training every layer; empty when it did not."""
 
     def __post_init__(self) -> None:
         for name in ("window_layers", "final_layers", "agents", "history"):

@@ -74,6 +74,10 @@ def _optional_int(message, name: str) -> int | None:
     return getattr(message, name) if message.HasField(name) else None
 
 
+def _optional_float(message, name: str) -> float | None:
+    return getattr(message, name) if message.HasField(name) else None
+
+
 def _required(message, name: str, what: str):
     if not message.HasField(name):
         raise ProtocolError(f"{what} is missing")
@@ -232,6 +236,8 @@ def training_params_to_proto(params: TrainingParams) -> pb.TrainingParams:
         lora_seed=params.lora_seed,
         seed=params.seed,
         foat_samples=params.foat_samples,
+        local_dp_clip=params.local_dp_clip,
+        local_dp_noise_multiplier=params.local_dp_noise_multiplier,
     )
 
 
@@ -255,6 +261,8 @@ def training_params_from_proto(message: pb.TrainingParams) -> TrainingParams:
         lora_seed=message.lora_seed,
         seed=message.seed,
         foat_samples=message.foat_samples,
+        local_dp_clip=message.local_dp_clip,
+        local_dp_noise_multiplier=message.local_dp_noise_multiplier,
     )
 
 
@@ -411,6 +419,8 @@ def round_record_to_proto(record: RoundRecord) -> pb.RoundRecord:
         metrics=update_metrics_to_proto(record.metrics),
         finished_unix_ms=record.finished_unix_ms,
         update_digests=record.update_digests,
+        dp_epsilon=record.dp_epsilon,
+        dp_round_epsilon=record.dp_round_epsilon,
     )
 
 
@@ -425,6 +435,8 @@ def round_record_from_proto(message: pb.RoundRecord) -> RoundRecord:
         metrics=update_metrics_from_proto(metrics),
         finished_unix_ms=message.finished_unix_ms,
         update_digests=tuple(message.update_digests),
+        dp_epsilon=_optional_float(message, "dp_epsilon"),
+        dp_round_epsilon=_optional_float(message, "dp_round_epsilon"),
     )
 
 
@@ -441,6 +453,10 @@ def status_snapshot_to_proto(snapshot: StatusSnapshot) -> pb.StatusSnapshot:
         total_rounds=snapshot.total_rounds,
         agents=[agent_status_to_proto(agent) for agent in snapshot.agents],
         history=[round_record_to_proto(record) for record in snapshot.history],
+        dp_epsilon=snapshot.dp_epsilon,
+        dp_delta=snapshot.dp_delta,
+        dp_epsilon_budget=snapshot.dp_epsilon_budget,
+        stop_reason=snapshot.stop_reason,
     )
 
 
@@ -458,4 +474,8 @@ def status_snapshot_from_proto(message: pb.StatusSnapshot) -> StatusSnapshot:
         total_rounds=message.total_rounds,
         agents=tuple(agent_status_from_proto(agent) for agent in message.agents),
         history=tuple(round_record_from_proto(record) for record in message.history),
+        dp_epsilon=_optional_float(message, "dp_epsilon"),
+        dp_delta=message.dp_delta,
+        dp_epsilon_budget=_optional_float(message, "dp_epsilon_budget"),
+        stop_reason=message.stop_reason,
     )

@@ -151,7 +151,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class TrainingParams(_message.Message):
-    __slots__ = ("lr", "weight_decay", "micro_batch", "grad_accum", "local_steps", "gpo_kind", "gpo_exact_depth", "gpo_lambda", "proxy_rank", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_train_a", "lora_seed", "seed", "foat_samples")
+    __slots__ = ("lr", "weight_decay", "micro_batch", "grad_accum", "local_steps", "gpo_kind", "gpo_exact_depth", "gpo_lambda", "proxy_rank", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_train_a", "lora_seed", "seed", "foat_samples", "local_dp_clip", "local_dp_noise_multiplier")
     LR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class TrainingParams(_message.Message):
     LORA_SEED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FOAT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DP_CLIP_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     lr: float
     weight_decay: float
     micro_batch: int
@@ -186,7 +188,9 @@ class TrainingParams(_message.Message):
     lora_seed: int
     seed: int
     foat_samples: int
-    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., local_steps: _Optional[int] = ..., gpo_kind: _Optional[_Union[GpoKind, str]] = ..., gpo_exact_depth: _Optional[int] = ..., gpo_lambda: _Optional[float] = ..., proxy_rank: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Union[LoraTargets, str]] = ..., lora_train_a: _Optional[bool] = ..., lora_seed: _Optional[int] = ..., seed: _Optional[int] = ..., foat_samples: _Optional[int] = ...) -> None: ...
+    local_dp_clip: float
+    local_dp_noise_multiplier: float
+    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., local_steps: _Optional[int] = ..., gpo_kind: _Optional[_Union[GpoKind, str]] = ..., gpo_exact_depth: _Optional[int] = ..., gpo_lambda: _Optional[float] = ..., proxy_rank: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Union[LoraTargets, str]] = ..., lora_train_a: _Optional[bool] = ..., lora_seed: _Optional[int] = ..., seed: _Optional[int] = ..., foat_samples: _Optional[int] = ..., local_dp_clip: _Optional[float] = ..., local_dp_noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "round_id", "stage_layer", "window_layers", "frozen_layers", "params", "deadline_unix_ms", "tensors", "retry_after_ms")
@@ -305,7 +309,7 @@ class AgentStatus(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., capabilities: _Optional[_Union[AgentCapabilities, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_completed: _Optional[int] = ...) -> None: ...
 
 class RoundRecord(_message.Message):
-    __slots__ = ("round_id", "stage_layer", "window_layers", "participants", "dropped", "metrics", "finished_unix_ms", "update_digests")
+    __slots__ = ("round_id", "stage_layer", "window_layers", "participants", "dropped", "metrics", "finished_unix_ms", "update_digests", "dp_epsilon", "dp_round_epsilon")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_LAYER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +318,8 @@ class RoundRecord(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_ROUND_EPSILON_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     stage_layer: int
     window_layers: _containers.RepeatedScalarFieldContainer[int]
@@ -322,10 +328,12 @@ class RoundRecord(_message.Message):
     metrics: UpdateMetrics
     finished_unix_ms: int
     update_digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ..., finished_unix_ms: _Optional[int] = ..., update_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    dp_epsilon: float
+    dp_round_epsilon: float
+    def __init__(self, round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ..., finished_unix_ms: _Optional[int] = ..., update_digests: _Optional[_Iterable[str]] = ..., dp_epsilon: _Optional[float] = ..., dp_round_epsilon: _Optional[float] = ...) -> None: ...
 
 class StatusSnapshot(_message.Message):
-    __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history")
+    __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history", "dp_epsilon", "dp_delta", "dp_epsilon_budget", "stop_reason")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +345,10 @@ class StatusSnapshot(_message.Message):
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     phase: ChainPhase
     num_layers: int
     start_layer: int
@@ -348,4 +360,8 @@ class StatusSnapshot(_message.Message):
     total_rounds: int
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     history: _containers.RepeatedCompositeFieldContainer[RoundRecord]
-    def __init__(self, phase: _Optional[_Union[ChainPhase, str]] = ..., num_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., final_layers: _Optional[_Iterable[int]] = ..., round_id: _Optional[str] = ..., stage_rounds: _Optional[int] = ..., total_rounds: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ...) -> None: ...
+    dp_epsilon: float
+    dp_delta: float
+    dp_epsilon_budget: float
+    stop_reason: str
+    def __init__(self, phase: _Optional[_Union[ChainPhase, str]] = ..., num_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., final_layers: _Optional[_Iterable[int]] = ..., round_id: _Optional[str] = ..., stage_rounds: _Optional[int] = ..., total_rounds: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_epsilon_budget: _Optional[float] = ..., stop_reason: _Optional[str] = ...) -> None: ...

@@ -75,6 +75,8 @@ training_params = st.builds(
     lora_seed=u63,
     seed=u63,
     foat_samples=u32,
+    local_dp_clip=st.floats(min_value=1e-6, allow_nan=False, allow_infinity=False),
+    local_dp_noise_multiplier=non_negative,
 )
 
 
@@ -158,9 +160,15 @@ snapshots = st.builds(
             dropped=st.lists(text, max_size=3).map(tuple),
             metrics=metrics,
             finished_unix_ms=u63,
+            dp_epsilon=st.none() | non_negative,
+            dp_round_epsilon=st.none() | non_negative,
         ),
         max_size=3,
     ).map(tuple),
+    dp_epsilon=st.none() | non_negative,
+    dp_delta=non_negative,
+    dp_epsilon_budget=st.none() | non_negative,
+    stop_reason=text,
 )
 registrations = st.builds(Registration, agent_id=text, token=text, capabilities=capabilities)
 register_acks = st.builds(RegisterAck, agent_id=ids, max_message_bytes=st.integers(1, 2**63 - 1))
