@@ -21,7 +21,8 @@ Every violation raises ``ChunkError`` naming the tensor and the problem: unknown
 ``product(shape) × itemsize != total_bytes``, a name, dtype, shape or total that changes
 between chunks of one tensor, a range outside ``[0, total_bytes)``, overlapping ranges,
 bytes never received at ``finish()``, and declared sizes above ``max_total_bytes`` —
-that last check runs on the declaration, before a single byte is allocated.
+that last check runs on the declaration. No buffer is ever sized from a declaration:
+memory grows with the bytes actually received.
 """
 
 from __future__ import annotations
@@ -214,14 +215,24 @@ def tensors_to_chunks(
 
 
 class _Pending:
-    """One tensor being received: its spec, buffer and the byte ranges filled so far."""
+    """One tensor being received: its spec and the byte runs received so far.
+
+    Each maximal run of contiguous bytes received is one ``bytearray`` (``runs``, keyed
+    by its start; ``starts`` sorted). A chunk that continues a run extends it in place,
+    one that closes the gap between two runs joins them, any other starts a new run. So
+    memory follows the bytes that arrived, never the declared ``total_bytes``, and
+    chunks sent in order grow a single run that becomes the tensor's storage uncopied.
+    """
 
     def __init__(self, spec: TensorSpec) -> None:
         self.spec = spec
-        self.buffer: bytearray | None = None  # allocated on the first chunk with data
-        self.starts: list[int] = []  # disjoint, coalesced, sorted ranges received
-        self.ends: list[int] = []
+        self.starts: list[int] = []
+        self.runs: dict[int, bytearray] = {}
         self.seen = False
+
+    def _end(self, j: int) -> int:
+        start = self.starts[j]
+        return start + len(self.runs[start])
 
     def add(self, offset: int, data: bytes) -> None:
         name, total, end = self.spec.name, self.spec.total_bytes, offset + len(data)
@@ -238,43 +249,40 @@ class _Pending:
             raise ChunkError(f"tensor {name!r}: empty chunk at offset {offset}")
         if offset < 0 or end > total:
             raise ChunkError(f"tensor {name!r}: chunk [{offset}, {end}) lies outside [0, {total})")
-        i = bisect.bisect_right(self.starts, offset)
+        i = bisect.bisect_right(self.starts, offset)  # runs before this chunk: starts[:i]
         for j in (i - 1, i):
-            if 0 <= j < len(self.starts) and self.starts[j] < end and offset < self.ends[j]:
+            if 0 <= j < len(self.starts) and self.starts[j] < end and offset < self._end(j):
                 raise ChunkError(
                     f"tensor {name!r}: chunk [{offset}, {end}) overlaps bytes "
-                    f"[{self.starts[j]}, {self.ends[j]}) already received"
+                    f"[{self.starts[j]}, {self._end(j)}) already received"
                 )
-        if self.buffer is None:
-            self.buffer = bytearray(total)
-        self.buffer[offset:end] = data
-        self.seen = True
-        self._insert(i, offset, end)
-
-    def _insert(self, i: int, start: int, end: int) -> None:
-        if i < len(self.starts) and self.starts[i] == end:  # touches the next range
-            end = self.ends[i]
-            del self.starts[i], self.ends[i]
-        if i > 0 and self.ends[i - 1] == start:  # touches the previous range
-            self.ends[i - 1] = end
+        if i > 0 and self._end(i - 1) == offset:  # continues the previous run
+            start = self.starts[i - 1]
+            self.runs[start] += data
         else:
+            start = offset
             self.starts.insert(i, start)
-            self.ends.insert(i, end)
+            self.runs[start] = bytearray(data)
+            i += 1
+        if i < len(self.starts) and self.starts[i] == end:  # reaches the next run: join
+            self.runs[start] += self.runs.pop(self.starts.pop(i))
+        self.seen = True
 
     def first_gap(self) -> tuple[int, int] | None:
         total = self.spec.total_bytes
         if total == 0:
             return None if self.seen else (0, 0)
         cursor = 0
-        for start, end in zip(self.starts, self.ends, strict=True):
+        for j, start in enumerate(self.starts):
             if start > cursor:
                 return cursor, start
-            cursor = end
+            cursor = self._end(j)
         return None if cursor == total else (cursor, total)
 
     def tensor(self) -> torch.Tensor:
+        """The finished tensor; call only once ``first_gap()`` is None (one run left)."""
         dtype = DTYPES[self.spec.dtype]
-        buffer = self.buffer if self.buffer is not None else bytearray()
+        buffer = self.runs.get(0, bytearray())
         arr = np.frombuffer(buffer, dtype=dtype.wire)
         if sys.byteorder != "little":
             arr = arr.astype(dtype.wire.newbyteorder("="))
@@ -293,9 +301,10 @@ class ChunkAssembler:
     ``max_total_bytes`` at construction. Without it, the first chunk of each name
     declares the tensor and later chunks must agree with it.
 
-    Memory: a tensor's buffer (exactly ``total_bytes``) is allocated on its first chunk,
-    and only after the declared size passed the caps; the finished tensors share those
-    buffers (no copy).
+    Memory: nothing is allocated from a declared size. Received bytes are kept in runs
+    of contiguous bytes that grow as chunks arrive (at most twice the bytes received
+    while two runs are joined); an in-order tensor is one run, which the finished
+    tensor shares (no copy).
     """
 
     def __init__(
