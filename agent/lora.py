@@ -1,12 +1,16 @@
 """LoRA on a block's linear layers: which layers, how they start, how adapters are saved.
 
-Adapters start from a seed derived from (seed, layer) so every agent of a federation
-builds the same initial A for a layer — what FFA aggregation (A frozen, B averaged)
-relies on. Saved names are ``layers.{i}.{module}.lora_a|lora_b``.
+Adapters start from a seed derived from (seed, layer, module name) so every agent of a
+federation builds the same initial A for a layer — what FFA aggregation (A frozen, B
+averaged) relies on — and so the coordinator can rebuild any adapter's starting value
+from its saved name and shape alone (``initial_lora_a``: clipping an update needs its
+delta from the round's start). Saved names are ``layers.{i}.{module}.lora_a|lora_b``.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,9 +56,24 @@ def target_names(block: nn.Module, targets: str) -> list[str]:
     return linears
 
 
+def lora_a_generator(seed: int, layer: int, module: str) -> torch.Generator:
+    """The CPU generator adapter ``layers.{layer}.{module}`` draws its initial A from."""
+    key = (seed * 100_003 + layer) * 1_000_003 + zlib.crc32(module.encode())
+    return torch.Generator().manual_seed(key % 2**63)
+
+
+def initial_lora_a(
+    seed: int, layer: int, module: str, shape: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """The A (r, in) that ``add_lora`` gives adapter ``layers.{layer}.{module}`` on CPU:
+    ``LoRALinear.reset_parameters``' kaiming-uniform draw from ``lora_a_generator``."""
+    a = torch.empty(shape, dtype=dtype)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_a_generator(seed, layer, module))
+    return a
+
+
 def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRALinear]:
     """Wrap the block's target linears in ``LoRALinear`` in place; returns them by name."""
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
     wrapped = {}
     for name in target_names(block, config.targets):
         module = LoRALinear(
@@ -64,7 +83,7 @@ def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRA
             config.dropout,
             train_a=config.train_a,
         )
-        module.reset_parameters(generator)
+        module.reset_parameters(lora_a_generator(config.seed, layer, name))
         setattr(block, name, module)
         wrapped[name] = module
     return wrapped

@@ -23,7 +23,29 @@ Strategies (``aggregate(strategy, updates)``)::
     svd      ΔW ← Σ w_k B_k A_k       (the mean product, exact, float64)
              ΔW = U S Vᵀ → B ← U_r S_r^½,  A ← S_r^½ V_rᵀ
 
-Plain tensors get ``Σ w_k x_k`` under every strategy.
+Plain tensors get ``Σ w_k x_k`` under these three.
+
+Robust strategies (coordinate-wise, every tensor alike, unweighted)::
+
+    trimmed-mean   per coordinate: sort the K values, drop ⌊trim·K⌋ from each end,
+                   mean of the rest (trim ∈ [0, 0.5), default 0.2)
+    median         per coordinate: the middle value (mean of the two middle values
+                   for even K)
+
+They ignore the sample counts: an attacker chooses its own count, and a weight it can
+inflate would undo the robustness. What they aggregate is the update's *delta* from the
+round's starting tensors — and they may be applied to the uploaded tensors directly,
+because every agent of a round starts from the same tensors S and both statistics are
+translation-equivariant per coordinate: median(S + δ_k) = S + median(δ_k), likewise
+for the trimmed mean. The coordinator therefore needs no starting state for them. An
+adapter pair is treated factor by factor, A and B separately, like ``fedavg`` (the same
+caveat on cross terms holds; with A frozen (FFA) all A_k are equal and the result is
+the robust statistic of the B_k, exact in the product B A).
+
+Norm clipping (``clip_update``) is not translation-equivariant: it scales the delta
+x_k − S to L2 norm ≤ C over all of the update's tensors together, so it needs S (see
+``chainfed.coordinator.round_start`` for how the coordinator knows S, including
+adapters that enter the window from the shared seeded initialisation).
 
 ``svd`` in more detail. The mean of K rank-r products has rank ≤ K·r, so the rank-r
 re-factorisation reproduces ΔW exactly only when rank(ΔW) ≤ r (K = 1, all A_k equal, all
@@ -52,6 +74,7 @@ the tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -314,10 +337,92 @@ def aggregate_svd(
     return _aggregate(updates, lambda us, ws, p: _svd_pair(us, ws, p, rank))
 
 
+def _stacked(updates: Sequence[WeightedUpdate], name: str) -> torch.Tensor:
+    """The K values of tensor ``name`` as one float64 tensor (K, *shape), sorted along K."""
+    first = updates[0].tensors[name]
+    stack = torch.stack(
+        [u.tensors[name].to(device=first.device, dtype=torch.float64) for u in updates]
+    )
+    return stack.sort(dim=0).values
+
+
+def _coordinatewise(
+    updates: Sequence[WeightedUpdate], statistic: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Validate, then ``statistic`` of each tensor's sorted (K, *shape) stack."""
+    updates = list(updates)
+    validate_updates(updates)
+    return {
+        name: statistic(_stacked(updates, name)).to(t.dtype)
+        for name, t in updates[0].tensors.items()
+    }
+
+
+def aggregate_trimmed_mean(
+    updates: Sequence[WeightedUpdate], *, trim: float = 0.2
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise trimmed mean: drop the ⌊trim·K⌋ largest and smallest values of each
+    coordinate, average the rest (unweighted). ``trim = 0`` is the plain unweighted mean.
+
+    With at most ⌊trim·K⌋ arbitrary (Byzantine) updates, every coordinate of the result
+    lies between the smallest and the largest honest value of that coordinate.
+    """
+    if isinstance(trim, bool) or not isinstance(trim, int | float) or not 0 <= trim < 0.5:
+        raise ValueError(f"trimmed-mean trim must be in [0, 0.5), got {trim!r}")
+    k = len(updates)
+    cut = math.floor(trim * k)
+    return _coordinatewise(updates, lambda s: s[cut : k - cut].mean(dim=0))
+
+
+def aggregate_median(updates: Sequence[WeightedUpdate]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (unweighted); for even K the mean of the two middle values.
+
+    With fewer than K/2 arbitrary updates every coordinate stays between honest values.
+    """
+    k = len(updates)
+    return _coordinatewise(updates, lambda s: (s[(k - 1) // 2] + s[k // 2]) / 2)
+
+
+def update_norm(tensors: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> float:
+    """‖x − S‖₂ over all tensors together (float64): the size of an update's delta."""
+    total = 0.0
+    for name, t in tensors.items():
+        total += float((t.double() - start[name].to(t.device).double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+def clip_update(
+    tensors: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], max_norm: float
+) -> dict[str, torch.Tensor]:
+    """S + (x − S) · min(1, C / ‖x − S‖₂): the update's delta from the round's starting
+    tensors ``start`` scaled down to L2 norm ≤ ``max_norm`` = C (over all tensors
+    together, so the direction is kept). An update within the bound comes back unchanged
+    (the same tensor objects). Results keep each tensor's dtype.
+
+    Raises ``AggregationError`` when ``start`` lacks one of the update's tensors.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip norm must be > 0, got {max_norm!r}")
+    missing = sorted(set(tensors) - set(start))
+    if missing:
+        raise AggregationError(f"no round-start value for {missing[:5]}")
+    norm = update_norm(tensors, start)
+    if norm <= max_norm:
+        return dict(tensors)
+    factor = max_norm / norm
+    out = {}
+    for name, t in tensors.items():
+        s = start[name].to(device=t.device, dtype=torch.float64)
+        out[name] = (s + (t.double() - s) * factor).to(t.dtype)
+    return out
+
+
 STRATEGIES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "fedavg": aggregate_fedavg,
     "ffa": aggregate_ffa,
     "svd": aggregate_svd,
+    "trimmed-mean": aggregate_trimmed_mean,
+    "median": aggregate_median,
 }
 """Aggregation strategies by name (DESIGN.md §5)."""
 
@@ -325,7 +430,8 @@ STRATEGIES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
 def aggregate(
     strategy: str, updates: Sequence[WeightedUpdate], **kwargs: object
 ) -> dict[str, torch.Tensor]:
-    """Aggregate ``updates`` with the named strategy; ``kwargs`` go to it (``svd``: ``rank``)."""
+    """Aggregate ``updates`` with the named strategy; ``kwargs`` go to it (``svd``: ``rank``,
+    ``trimmed-mean``: ``trim``)."""
     try:
         fn = STRATEGIES[strategy]
     except KeyError:

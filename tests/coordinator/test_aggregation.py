@@ -359,8 +359,8 @@ def test_aggregate_dispatches_by_name_and_passes_keywords():
 
 
 def test_aggregate_unknown_strategy_lists_the_strategies():
-    with pytest.raises(ValueError, match="'median'.*fedavg, ffa, svd"):
-        aggregate("median", _updates(1))
+    with pytest.raises(ValueError, match="'krum'.*fedavg, ffa, svd, trimmed-mean, median"):
+        aggregate("krum", _updates(1))
 
 
 def test_merge_delta_and_adapter_prefixes():
