@@ -37,6 +37,7 @@ import torch
 from chainfed.agent.chain import StageConvergence
 from chainfed.agent.foat import choose_start_layer
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate
+from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.messages import (
     AgentCapabilities,
     AgentStatus,
@@ -364,6 +365,7 @@ class ChainCoordinator:
         updates = [
             WeightedUpdate(r.updates[a][1], r.updates[a][0].train_samples, a) for a in received
         ]
+        crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
         self.window_state = aggregate(self.config.aggregation, updates)
         for agent in received:
             if agent in self.agents:
@@ -543,7 +545,7 @@ class ChainCoordinator:
         self._validate(r, metrics, tensors)
         r.updates[agent_id] = (metrics, tensors)
         r.digests[agent_id] = update_digest(tensors)
-        self.changed = True
+        # nothing to persist yet (a round in flight is not saved): only closing it is
         self.tick(now_ms)
         return True
 

@@ -201,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             with servicer.lock:
                 phase = coordinator.phase
+            if servicer.fatal is not None:
+                break
             if phase is ChainPhase.DONE and done_since is None:
                 done_since = time.monotonic()
                 print(f"chain done: {args.state_dir / state_store.FINAL_FILE}", flush=True)
@@ -214,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     servicer.stop()
     server.stop(grace=2).wait()
+    if servicer.fatal is not None:
+        raise servicer.fatal  # exit 2 naming the problem; the state on disk is the last good one
     return 0
 
 

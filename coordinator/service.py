@@ -9,10 +9,23 @@ Status codes: no or wrong token → UNAUTHENTICATED; a malformed message, bad ch
 invalid update → INVALID_ARGUMENT; a stale round, unselected agent or wrong model →
 FAILED_PRECONDITION; an unknown agent → NOT_FOUND. Every rejection is logged and never
 touches the round's aggregate.
+
+Scale. Every waiting GetTask holds one server thread, so the pool is large
+(``ServiceConfig.max_workers``) and long-polls may hold all but a reserve of it: when
+they would take the reserve, GetTask answers WAIT at once (``retry_after_ms``), so
+uploads and fetches always find a thread. Waiters are woken only when the answer to
+GetTask can change (phase, open round or probe), not at every registration or upload;
+a caller that vanishes mid-poll keeps its thread until its poll window ends.
+
+Persistence failure (state dir read-only, disk full): the call that triggered the save
+fails with UNAVAILABLE (agents back off and retry), the servicer records the error in
+``fatal`` and stops changing anything; ``chainfed coordinator`` then exits with that
+error. The previous state on disk is intact, so a restart resumes from it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -23,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from chainfed.coordinator import serde, state_store
+from chainfed.coordinator import fault_injection, serde, state_store
 from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
 from chainfed.coordinator.messages import ProtocolError, RegisterAck, TaskKind, UpdateHeader
 from chainfed.coordinator.tensor_chunks import (
@@ -59,6 +72,13 @@ class ServiceConfig:
     """How long GetTask holds a call open before answering WAIT."""
     max_update_bytes: int = 1 << 30
     """Cap on the declared size of one update (checked before allocating)."""
+    max_workers: int = 1024
+    """Threads serving calls (created on demand); each waiting GetTask holds one."""
+
+    @property
+    def long_poll_slots(self) -> int:
+        """Threads that waiting GetTask calls may hold; the rest stay free for uploads."""
+        return max(1, self.max_workers - max(4, self.max_workers // 8))
 
 
 class ChainFedServicer(pb_grpc.ChainFedServicer):
@@ -68,6 +88,11 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         self.coordinator = coordinator
         self.config = config
         self.lock = threading.Condition()
+        self.fatal: state_store.StateDirError | None = None
+        """Set when the state could not be saved; nothing changes after that."""
+        self._held = 0
+        """GetTask calls waiting in the long-poll now."""
+        self._task_key = self._current_task_key()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
         self._ticker.start()
@@ -80,14 +105,38 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     def _tick_loop(self) -> None:
         while not self._stop.wait(0.25):
             with self.lock:
-                self.coordinator.tick(_now_ms())
-                self._persist_if_changed()
+                if self.fatal is None:
+                    self.coordinator.tick(_now_ms())
+                    self._persist_if_changed()
 
-    def _persist_if_changed(self) -> None:
+    def _current_task_key(self) -> tuple:
+        """What GetTask answers depend on, besides the caller's own actions."""
+        c = self.coordinator
+        return (c.phase, c.open_round.round_id if c.open_round else None, c.probe_id)
+
+    def _persist_if_changed(self) -> bool:
+        """Save a changed state and wake the long-polls if tasks may have changed; False
+        (and ``fatal`` set) when the state cannot be saved."""
         if self.coordinator.changed:
-            state_store.save(self.coordinator, self.config.state_dir)
+            try:
+                state_store.save(self.coordinator, self.config.state_dir)
+            except state_store.StateDirError as exc:
+                log.error("stopping: %s", exc)
+                self.fatal = exc
+                self.lock.notify_all()
+                return False
             self.coordinator.changed = False
+        key = self._current_task_key()
+        if key != self._task_key:
+            self._task_key = key
             self.lock.notify_all()
+        return True
+
+    def _check_fatal(self, context: grpc.ServicerContext) -> None:
+        if self.fatal is not None:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"coordinator cannot save its state: {self.fatal}"
+            )
 
     def _authenticate(self, context: grpc.ServicerContext, agent_id: str | None) -> None:
         token = serde.token_from_metadata(context.invocation_metadata())
@@ -119,6 +168,23 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         log.warning("rejected %s: %s", code.name, exc)
         context.abort(code, str(exc))
 
+    def decoded(self, rpc, message_type, request: bytes, context: grpc.ServicerContext):
+        """Run ``rpc`` on ``request`` decoded; bytes that are not a message: INVALID_ARGUMENT.
+
+        grpc would answer a failing deserializer with INTERNAL and a traceback, as if the
+        coordinator were broken; the token is still checked first.
+        """
+        try:
+            message = serde.parse_message(message_type, request)
+        except ProtocolError as exc:
+            self._authenticate(context, None)
+            self._reject(context, exc)
+        return rpc(message, context)
+
+    def decoded_stream(self, rpc, message_type, requests: Iterator[bytes], context):
+        """``decoded`` for a request stream: an undecodable part raises ``ProtocolError``."""
+        return rpc((serde.parse_message(message_type, r) for r in requests), context)
+
     # -- rpcs ---------------------------------------------------------------------------
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext):
@@ -131,6 +197,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         token = serde.token_from_metadata(context.invocation_metadata())
         requested = registration.agent_id or self.config.tokens[token]
         with self.lock:
+            self._check_fatal(context)
             try:
                 agent_id = self.coordinator.register(
                     requested, registration.capabilities, _now_ms()
@@ -138,7 +205,8 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             except UpdateRejected as exc:
                 self._reject(context, exc)
             self.coordinator.tick(_now_ms())
-            self._persist_if_changed()
+            if not self._persist_if_changed():
+                self._check_fatal(context)
         return serde.register_ack_to_proto(RegisterAck(agent_id, self.config.max_message_bytes))
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext):
@@ -147,20 +215,29 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         give_up = time.monotonic() + wait
         with self.lock:
             while True:
+                self._check_fatal(context)
                 try:
                     task = self.coordinator.next_task(request.agent_id, _now_ms())
                 except UpdateRejected as exc:
                     self._reject(context, exc)
-                self._persist_if_changed()
+                if not self._persist_if_changed():
+                    self._check_fatal(context)
                 if task.kind is not TaskKind.WAIT or time.monotonic() >= give_up:
                     return serde.task_to_proto(task)
                 if not context.is_active():
                     return serde.task_to_proto(task)
-                self.lock.wait(timeout=max(0.0, min(0.25, give_up - time.monotonic())))
+                if self._held >= self.config.long_poll_slots:
+                    return serde.task_to_proto(replace(task, retry_after_ms=1000))
+                self._held += 1
+                try:
+                    self.lock.wait(timeout=max(0.0, give_up - time.monotonic()))
+                finally:
+                    self._held -= 1
 
     def FetchTensors(self, request: pb.FetchTensorsRequest, context: grpc.ServicerContext):
         self._authenticate(context, request.agent_id)
         with self.lock:
+            self._check_fatal(context)
             try:
                 self.coordinator.touch(request.agent_id, _now_ms())
                 tensors = self.coordinator.tensors_for(request.round_id)
@@ -192,13 +269,15 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         except (ProtocolError, ChunkError, ValueError) as exc:
             self._reject(context, exc)
         with self.lock:
+            self._check_fatal(context)
             try:
                 self.coordinator.submit(
                     first.agent_id, first.round_id, first.metrics, tensors, _now_ms()
                 )
             except UpdateRejected as exc:
                 self._reject(context, exc)
-            self._persist_if_changed()
+            if not self._persist_if_changed():
+                self._check_fatal(context)
         return pb.SubmitUpdateResponse(
             round_id=first.round_id,
             tensors=len(tensors),
@@ -213,13 +292,15 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             self._reject(context, exc)
         self._authenticate(context, report.agent_id)
         with self.lock:
+            self._check_fatal(context)
             try:
                 self.coordinator.touch(report.agent_id, _now_ms())
                 self.coordinator.report_probe(report)
                 self.coordinator.tick(_now_ms())
             except UpdateRejected as exc:
                 self._reject(context, exc)
-            self._persist_if_changed()
+            if not self._persist_if_changed():
+                self._check_fatal(context)
         return pb.ReportProbeResponse(round_id=report.round_id)
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext):
@@ -229,6 +310,28 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         if request.history_limit:
             snapshot = replace(snapshot, history=snapshot.history[-request.history_limit :])
         return serde.status_snapshot_to_proto(snapshot)
+
+
+_METHOD_HANDLERS = {  # (client streams, server streams) -> grpc handler factory
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _decoding_handler(servicer: ChainFedServicer) -> grpc.GenericRpcHandler:
+    """Every rpc of ``chainfed.v1.ChainFed``, fed raw request bytes through ``decoded``."""
+    service = pb.DESCRIPTOR.services_by_name["ChainFed"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        rpc = getattr(servicer, method.name)
+        decode = servicer.decoded_stream if method.client_streaming else servicer.decoded
+        make = _METHOD_HANDLERS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(functools.partial(decode, rpc, request_type), None, serialize)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def _now_ms() -> int:
@@ -246,7 +349,6 @@ def start_server(
     address: str,
     *,
     tls: tuple[bytes, bytes] | None = None,
-    max_workers: int = 64,
 ) -> tuple[grpc.Server, ChainFedServicer, int]:
     """Start serving on ``address`` (``host:port``, port 0 = any free one).
 
@@ -259,9 +361,11 @@ def start_server(
         ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    fault_injection.load_plan()  # a bad CHAINFED_FAULT fails here, not at the first save
+    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
+    server = grpc.server(executor, options=options)
     servicer = ChainFedServicer(coordinator, config)
-    pb_grpc.add_ChainFedServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_decoding_handler(servicer),))
     if tls is None:
         port = server.add_insecure_port(address)
     else:

@@ -12,6 +12,13 @@ point leaves a ``state.json`` that names a complete tensors file: never a half-w
 state, never a lost frozen layer. A round in flight is not saved: a restarted
 coordinator re-runs it under a fresh round id (ids only grow), so no round is
 aggregated twice.
+
+Cost. The tensors only change when a round is aggregated, while ``state.json`` also
+changes at every registration and round opening; a save whose tensors are the very
+objects it wrote last time (same tensors, unmodified: identity and torch's version
+counter) keeps the existing tensors file instead of writing it again, so with a
+thousand agents a registration costs one small JSON write, not the whole model state.
+``state.json`` is compact JSON (no indentation) for the same reason.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,7 @@ from chainfed.agent.adapter_file import (
 )
 from chainfed.agent.errors import ChainFedError
 from chainfed.coordinator.chain_state import AgentEntry, ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.messages import (
     AgentCapabilities,
     ChainPhase,
@@ -48,22 +57,49 @@ class StateDirError(ChainFedError):
     """The state directory cannot be used (another model/task, corrupt, not writable)."""
 
 
+_written: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""coordinator -> (state dir, tensors file name, {name: (tensor, version)}) of its last
+complete save: what lets ``save`` skip rewriting unchanged tensors."""
+
+
+def _snapshot(tensors: dict) -> dict:
+    return {name: (t, t._version) for name, t in tensors.items()}
+
+
+def _same_tensors(snapshot: dict, tensors: dict) -> bool:
+    return snapshot.keys() == tensors.keys() and all(
+        t is snapshot[name][0] and t._version == snapshot[name][1] for name, t in tensors.items()
+    )
+
+
 def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
     """Persist atomically (see the module docstring for the order of writes)."""
     state_dir = Path(state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        name = f"tensors-{coordinator.round_seq:06d}-{len(coordinator.history):06d}.safetensors"
         tensors = {f"final.{k}": v for k, v in coordinator.final.items()}
         tensors.update({f"window.{k}": v for k, v in coordinator.window_state.items()})
-        save_adapter_file(state_dir / name, AdapterFile(tensors, {"kind": "coordinator"}))
-        state = _to_json(coordinator, name)
+        last = _written.get(coordinator)
+        if (
+            last is not None
+            and last[0] == state_dir
+            and _same_tensors(last[2], tensors)
+            and (state_dir / last[1]).is_file()
+        ):
+            name = last[1]
+        else:
+            name = f"tensors-{coordinator.round_seq:06d}-{len(coordinator.history):06d}.safetensors"
+            save_adapter_file(state_dir / name, AdapterFile(tensors, {"kind": "coordinator"}))
+            crash_point("save.tensors_written")
+        text = json.dumps(_to_json(coordinator, name))
         tmp = state_dir / f".{STATE_FILE}.tmp"
         with open(tmp, "w") as f:
-            json.dump(state, f, indent=2)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("save.state_written")
         os.replace(tmp, state_dir / STATE_FILE)
+        crash_point("save.renamed")
         dir_fd = os.open(state_dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -72,11 +108,15 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         for old in state_dir.glob("tensors-*.safetensors"):
             if old.name != name:
                 old.unlink()
+        for leftover in state_dir.glob(".tensors-*.safetensors.tmp"):
+            leftover.unlink()  # a tensors file a crash interrupted mid-write
+        _written[coordinator] = (state_dir, name, _snapshot(tensors))
         if coordinator.phase is ChainPhase.DONE:
             save_adapter_file(
                 state_dir / FINAL_FILE,
                 AdapterFile(dict(coordinator.final), _final_info(coordinator)),
             )
+        crash_point("save.done")
     except (OSError, SafetensorError) as exc:
         raise StateDirError(
             f"{state_dir}: cannot write coordinator state "
