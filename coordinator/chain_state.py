@@ -29,15 +29,21 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from chainfed.agent.chain import StageConvergence
 from chainfed.agent.foat import choose_start_layer
-from chainfed.coordinator.aggregation import WeightedUpdate, aggregate
-from chainfed.coordinator.fault_injection import crash_point
+from chainfed.coordinator.aggregation import (
+    STRATEGIES,
+    WeightedUpdate,
+    aggregate,
+    clip_update,
+    validate_updates,
+)
+from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean, noise_generator
 from chainfed.coordinator.messages import (
     AgentCapabilities,
     AgentStatus,
@@ -50,12 +56,13 @@ from chainfed.coordinator.messages import (
     TrainingParams,
     UpdateMetrics,
 )
+from chainfed.coordinator.round_start import round_start_state
 from chainfed.coordinator.tensor_chunks import manifest_of
 from chainfed.coordinator.update_digest import update_digest
 
 log = logging.getLogger("chainfed.coordinator")
 
-AGGREGATIONS = ("fedavg", "ffa", "svd")
+AGGREGATIONS = tuple(STRATEGIES)
 
 
 class UpdateRejected(Exception):
@@ -101,9 +108,24 @@ class CoordinatorConfig:
     round_deadline_s: float = 600.0
     """Seconds a round waits for its agents before dropping stragglers."""
     aggregation: str = "fedavg"
-    """``fedavg``, ``ffa`` or ``svd``."""
+    """``fedavg``, ``ffa``, ``svd``, ``trimmed-mean`` or ``median``."""
+    trim_fraction: float = 0.2
+    """``trimmed-mean``: fraction of the updates dropped at each end of every coordinate."""
     norm_bound: float | None = None
     """Reject updates whose tensors' total L2 norm exceeds this."""
+    clip_norm: float | None = None
+    """Scale each update's delta from the round's start down to this L2 norm (all its
+    tensors together) before aggregating; None = no clipping."""
+    dp_noise_multiplier: float | None = None
+    """Client-level DP (``chainfed.coordinator.dp``): noise multiplier z; None = DP off."""
+    dp_clip: float | None = None
+    """DP: L2 bound C of each update's delta (required with ``dp_noise_multiplier``)."""
+    dp_delta: float = 1e-5
+    """DP: δ that ε is reported at."""
+    dp_mode: str = "central"
+    """DP: ``central`` (the coordinator noises the sum) or ``local`` (each agent its own)."""
+    dp_epsilon_budget: float | None = None
+    """DP: stop the chain before a round would take ε above this; None = no limit."""
     seed: int = 0
     """Seeds the per-round agent sampling."""
     first_stage_layer: int | None = None
@@ -124,6 +146,38 @@ class CoordinatorConfig:
             raise ValueError("max_rounds must be >= 1")
         if self.min_rounds > self.max_rounds:
             raise ValueError("min_rounds must not exceed max_rounds")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.clip_norm is not None and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise ValueError(f"clip norm must be > 0, got {self.clip_norm}")
+        if (self.dp_noise_multiplier is None) != (self.dp_clip is None):
+            raise ValueError("differential privacy needs both a noise multiplier and a clip")
+        if self.dp_epsilon_budget is not None and self.dp_noise_multiplier is None:
+            raise ValueError("an epsilon budget needs differential privacy (a noise multiplier)")
+        if (
+            self.dp is not None
+            and self.dp.mode == "central"
+            and self.aggregation not in ("fedavg", "ffa")
+        ):
+            raise ValueError(
+                f"central DP needs an aggregation linear in the updates (fedavg or ffa), "
+                f"not {self.aggregation!r}"
+            )
+
+    @property
+    def dp(self) -> DPConfig | None:
+        """The DP settings (validated), None when DP is off."""
+        if self.dp_noise_multiplier is None:
+            return None
+        return DPConfig(
+            self.dp_noise_multiplier,
+            self.dp_clip,
+            self.dp_delta,
+            self.dp_mode,
+            self.dp_epsilon_budget,
+        )
         if self.first_stage_layer is not None and not 0 <= self.first_stage_layer < self.num_layers:
             raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
 
@@ -149,6 +203,8 @@ class OpenRound:
     deadline_ms: int
     evaluation: bool = False
     """True for the final evaluation round: metrics only, nothing aggregated."""
+    sampling_rate: float = 1.0
+    """Participants / registered agents when the round opened (DP accounting's q)."""
     expected: dict[str, tuple] = field(default_factory=dict)
     """(shape, dtype) per tensor every update must carry; empty: set by the first."""
     updates: dict[str, tuple[UpdateMetrics, dict[str, torch.Tensor]]] = field(default_factory=dict)
@@ -164,6 +220,7 @@ class ChainCoordinator:
         config: CoordinatorConfig,
         *,
         choose_window: Callable[[list[int]], int] | None = None,
+        dp_generator: torch.Generator | None = None,
     ) -> None:
         self.config = config
         self.choose_window = choose_window
@@ -188,6 +245,20 @@ class ChainCoordinator:
         hold the chain in PROBING forever)."""
         self.foat_scores: list[float] | None = None
         self.convergence = self._new_convergence()
+        self.dp_ledger = PrivacyLedger(config.dp.delta) if config.dp is not None else None
+        """Rounds charged to the privacy budget (None without DP)."""
+        self.dp_generator = dp_generator or noise_generator()
+        """Source of the central-DP noise (OS randomness unless a test fixes it)."""
+        self.stop_reason = ""
+        """Why the chain stopped early (the ε budget); empty otherwise."""
+        self.params = config.params
+        """What every task carries: ``config.params`` plus the local-DP fields."""
+        if config.dp is not None and config.dp.mode == "local":
+            self.params = replace(
+                config.params,
+                local_dp_clip=config.dp.clip,
+                local_dp_noise_multiplier=config.dp.noise_multiplier,
+            )
         self.changed = True
         """Set when something worth persisting happened; the servicer clears it."""
 
@@ -304,6 +375,9 @@ class ChainCoordinator:
         rng = random.Random(self.config.seed * 1_000_003 + self.round_seq)
         participants = sorted(rng.sample(agents, min(k, len(agents))))
         evaluation = self.phase is ChainPhase.EVALUATING
+        sampling_rate = len(participants) / len(agents)
+        if not evaluation and self._over_budget(sampling_rate):
+            return
         layer = self.config.num_layers - 1 if evaluation else self.stage_layer
         window = self.window_for(layer)
         if evaluation:
@@ -315,9 +389,40 @@ class ChainCoordinator:
             participants=participants,
             deadline_ms=now_ms + int(self.config.round_deadline_s * 1000),
             evaluation=evaluation,
+            sampling_rate=sampling_rate,
             expected={} if evaluation else self._expected_tensors(layer, window),
         )
         self.changed = True
+
+    def _dp_round(self, sampling_rate: float) -> tuple[float, float]:
+        """(z, q) of a training round as the accountant sees it (local DP: q = 1)."""
+        dp = self.config.dp
+        return dp.noise_multiplier, (sampling_rate if dp.mode == "central" else 1.0)
+
+    def _over_budget(self, sampling_rate: float) -> bool:
+        """True (and the chain stopped) when one more round would spend more ε than the
+        budget allows: what was trained becomes final, then the usual evaluation round."""
+        dp = self.config.dp
+        if dp is None or dp.epsilon_budget is None:
+            return False
+        spent = self.dp_ledger.epsilon()
+        ahead = self.dp_ledger.epsilon_after_next(*self._dp_round(sampling_rate))
+        if ahead <= dp.epsilon_budget:
+            return False
+        self.stop_reason = (
+            f"privacy budget: epsilon {spent:.4g} spent, the next round would take it to "
+            f"{ahead:.4g} > budget {dp.epsilon_budget:g} (delta {dp.delta:g})"
+        )
+        log.warning("stopping the chain: %s", self.stop_reason)
+        for name in [n for n in self.window_state if n.startswith("layers.")]:
+            self.final[name] = self.window_state.pop(name)
+        for name in [n for n in self.window_state if n.startswith("objective.")]:
+            self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
+        self.window_state = {}
+        self.phase = ChainPhase.EVALUATING
+        self.stage_layer = None
+        self.changed = True
+        return True
 
     def _round_complete(self) -> bool:
         r = self.open_round
@@ -330,6 +435,10 @@ class ChainCoordinator:
         dropped = sorted(set(r.participants) - set(received))
         if dropped:
             log.warning("round %s: dropped stragglers %s", r.round_id, dropped)
+        dp = self.config.dp
+        if dp is not None and dp.mode == "local" and received and not r.evaluation:
+            # the agents' noised updates reached the coordinator: released, whatever follows
+            self.dp_ledger.charge(*self._dp_round(r.sampling_rate))
         if len(received) < min(self.config.min_agents, len(r.participants)):
             log.warning(
                 "round %s: %d of %d updates, below the quorum of %d; re-running the round",
@@ -362,11 +471,13 @@ class ChainCoordinator:
             )
             self.changed = True
             return
-        updates = [
-            WeightedUpdate(r.updates[a][1], r.updates[a][0].train_samples, a) for a in received
-        ]
-        crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
-        self.window_state = aggregate(self.config.aggregation, updates)
+        self.window_state = self._aggregate(r, received)
+        dp_epsilon = dp_round_epsilon = None
+        if dp is not None:
+            if dp.mode == "central":
+                self.dp_ledger.charge(*self._dp_round(r.sampling_rate))
+            dp_epsilon = self.dp_ledger.epsilon()
+            dp_round_epsilon = self.dp_ledger.epsilon_of_one_round(*self._dp_round(r.sampling_rate))
         for agent in received:
             if agent in self.agents:
                 self.agents[agent].rounds_completed += 1
@@ -380,19 +491,48 @@ class ChainCoordinator:
                 metrics,
                 now_ms,
                 tuple(r.digests[a] for a in received),
+                dp_epsilon,
+                dp_round_epsilon,
             )
         )
         log.info(
-            "round %s layer %d: %d agents, val loss %.4f, val metric %.4f",
+            "round %s layer %d: %d agents, val loss %.4f, val metric %.4f%s",
             r.round_id,
             r.stage_layer,
             len(received),
             metrics.val_loss,
             metrics.val_metric,
+            "" if dp_epsilon is None else f", epsilon {dp_epsilon:.4g}",
         )
         if self.convergence.update(metrics.val_loss):
             self._advance()
         self.changed = True
+
+    def _aggregate(self, r: OpenRound, received: list[str]) -> dict[str, torch.Tensor]:
+        """The round's new window state: clipping, then central DP or the strategy."""
+        c = self.config
+        uploads = {a: r.updates[a][1] for a in received}
+        validate_updates(
+            [WeightedUpdate(t, r.updates[a][0].train_samples, a) for a, t in uploads.items()]
+        )
+        central = c.dp is not None and c.dp.mode == "central"
+        if c.clip_norm is not None or central:
+            start = round_start_state(
+                uploads[received[0]], self.window_state, c.params, self.start_layer, c.num_layers
+            )
+            if c.clip_norm is not None:
+                uploads = {a: clip_update(t, start, c.clip_norm) for a, t in uploads.items()}
+            if central:
+                return central_dp_mean(
+                    [uploads[a] for a in received],
+                    start,
+                    c.dp,
+                    train_a=c.params.lora_train_a,
+                    generator=self.dp_generator,
+                )
+        updates = [WeightedUpdate(uploads[a], r.updates[a][0].train_samples, a) for a in received]
+        options = {"trim": c.trim_fraction} if c.aggregation == "trimmed-mean" else {}
+        return aggregate(c.aggregation, updates, **options)
 
     def _advance(self) -> None:
         """The stage converged: adapters leaving the window become final; next layer."""
@@ -423,7 +563,7 @@ class ChainCoordinator:
         """The agent's next task (WAIT when there is nothing for it now)."""
         self.touch(agent_id, now_ms)
         self.tick(now_ms)
-        params = self.config.params
+        params = self.params
         if self.phase is ChainPhase.DONE:
             return Task(TaskKind.DONE, round_id="done", tensors=tuple(manifest_of(self.final)))
         if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
@@ -545,7 +685,7 @@ class ChainCoordinator:
         self._validate(r, metrics, tensors)
         r.updates[agent_id] = (metrics, tensors)
         r.digests[agent_id] = update_digest(tensors)
-        # nothing to persist yet (a round in flight is not saved): only closing it is
+        self.changed = True
         self.tick(now_ms)
         return True
 
@@ -634,6 +774,10 @@ class ChainCoordinator:
                 for a, e in sorted(self.agents.items())
             ),
             history=tuple(self.history),
+            dp_epsilon=self.dp_ledger.epsilon() if self.dp_ledger is not None else None,
+            dp_delta=self.config.dp.delta if self.config.dp is not None else 0.0,
+            dp_epsilon_budget=self.config.dp.epsilon_budget if self.config.dp else None,
+            stop_reason=self.stop_reason,
         )
 
 
