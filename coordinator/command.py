@@ -19,7 +19,8 @@ from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import serde, state_store
-from chainfed.coordinator.chain_state import ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.chain_state import AGGREGATIONS, ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.dp import DP_MODES
 from chainfed.coordinator.messages import ChainPhase, TrainingParams
 from chainfed.coordinator.service import ServiceConfig, start_server
 from chainfed.coordinator.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
@@ -61,8 +62,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
     c.add_argument("--agents-per-round", type=int, default=0, help="0 = all registered")
     c.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
-    c.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default="fedavg")
+    c.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="fedavg",
+        help="fedavg | ffa | svd, or the Byzantine-robust coordinate-wise trimmed-mean | median",
+    )
+    c.add_argument(
+        "--trim-fraction",
+        type=float,
+        default=0.2,
+        help="trimmed-mean: fraction of updates dropped at each end of every coordinate",
+    )
     c.add_argument("--norm-bound", type=float, help="reject updates above this L2 norm")
+    c.add_argument(
+        "--clip-norm",
+        type=float,
+        help="scale each update's change from the round's start down to this L2 norm",
+    )
+    p = parser.add_argument_group("differential privacy (client-level DP-FedAvg)")
+    p.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        help="z: Gaussian noise std z*C per coordinate; turns DP on (with --dp-clip)",
+    )
+    p.add_argument("--dp-clip", type=float, help="C: L2 bound of each update's change")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported epsilon")
+    p.add_argument(
+        "--dp-mode",
+        choices=DP_MODES,
+        default="central",
+        help="central: the coordinator noises the sum; local: every agent noises its own update",
+    )
+    p.add_argument(
+        "--dp-epsilon-budget",
+        type=float,
+        help="stop the chain (trained adapters kept) before a round would exceed this epsilon",
+    )
     t = parser.add_argument_group("training (sent to agents)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--micro-batch", type=int, default=16)
@@ -137,7 +173,14 @@ def coordinator_config(
         agents_per_round=args.agents_per_round,
         round_deadline_s=args.round_deadline,
         aggregation=args.aggregation,
+        trim_fraction=args.trim_fraction,
         norm_bound=args.norm_bound,
+        clip_norm=args.clip_norm,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_clip=args.dp_clip,
+        dp_delta=args.dp_delta,
+        dp_mode=args.dp_mode,
+        dp_epsilon_budget=args.dp_epsilon_budget,
         seed=args.seed,
         first_stage_layer=args.first_stage_layer,
     )
@@ -253,6 +296,13 @@ def run_status(args: argparse.Namespace) -> int:
         f"final {list(s.final_layers)}; round {s.round_id or '-'} "
         f"({s.stage_rounds} in this stage, {s.total_rounds} total)"
     )
+    if s.dp_epsilon is not None:
+        budget = "" if s.dp_epsilon_budget is None else f" of a budget of {s.dp_epsilon_budget:g}"
+        print(
+            f"differential privacy: epsilon {s.dp_epsilon:.4g} spent{budget} (delta {s.dp_delta:g})"
+        )
+    if s.stop_reason:
+        print(f"stopped early: {s.stop_reason}")
     print("\n| agent | device | samples | memory budget | rounds | last seen |")
     print("|---|---|---:|---:|---:|---|")
     now = time.time() * 1000
@@ -263,13 +313,18 @@ def run_status(args: argparse.Namespace) -> int:
             f"{format_bytes(c.memory_budget_bytes) if c.memory_budget_bytes else '-'} | "
             f"{a.rounds_completed} | {(now - a.last_seen_unix_ms) / 1000:.0f} s ago |"
         )
-    print("\n| round | layer | window | agents | dropped | train loss | val loss | val metric |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    dp = s.dp_epsilon is not None
+    print(
+        "\n| round | layer | window | agents | dropped | train loss | val loss | val metric |"
+        + (" epsilon |" if dp else "")
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if dp else ""))
     for r in s.history:
         m = r.metrics
+        epsilon = "-" if r.dp_epsilon is None else f"{r.dp_epsilon:.4g}"
         print(
             f"| {r.round_id} | {r.stage_layer} | {list(r.window_layers)} | "
             f"{len(r.participants)} | {len(r.dropped)} | {m.train_loss:.4f} | "
-            f"{m.val_loss:.4f} | {m.val_metric:.4f} |"
+            f"{m.val_loss:.4f} | {m.val_metric:.4f} |" + (f" {epsilon} |" if dp else "")
         )
     return 0

@@ -41,6 +41,7 @@ from chainfed.agent.adapter_file import (
 )
 from chainfed.agent.errors import ChainFedError
 from chainfed.coordinator.chain_state import AgentEntry, ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.dp import PrivacyLedger
 from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.messages import (
     AgentCapabilities,
@@ -140,6 +141,9 @@ def _final_info(coordinator: ChainCoordinator) -> dict[str, Any]:
         "mode": "chain",
         "start_layer": coordinator.start_layer,
         "rounds": len(coordinator.history),
+        "stop_reason": coordinator.stop_reason,
+        "dp_epsilon": coordinator.dp_ledger.epsilon() if coordinator.dp_ledger else None,
+        "dp_delta": coordinator.config.dp_delta if coordinator.dp_ledger else None,
     }
 
 
@@ -164,6 +168,8 @@ def _to_json(c: ChainCoordinator, tensors_file: str) -> dict[str, Any]:
             for a, e in c.agents.items()
         },
         "history": [asdict(r) for r in c.history],
+        "dp_ledger": c.dp_ledger.to_list() if c.dp_ledger is not None else [],
+        "stop_reason": c.stop_reason,
     }
 
 
@@ -187,6 +193,11 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
                 f"({key} {saved_config.get(key)!r}, now {getattr(config, key)!r}); "
                 "use a new --state-dir or the original --model/--task"
             )
+    if state.get("dp_ledger") and config.dp is None:
+        raise StateDirError(
+            f"{state_dir}: this chain has spent privacy budget under differential privacy; "
+            "restart it with --dp-noise-multiplier and --dp-clip (its epsilon keeps counting)"
+        )
     try:
         tensors = load_adapter_file(Path(state_dir) / state["tensors_file"]).tensors
         return _from_json(state, tensors, config)
@@ -216,6 +227,9 @@ def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) 
     c.history = [
         RoundRecord(**{**r, "metrics": UpdateMetrics(**r["metrics"])}) for r in state["history"]
     ]
+    if c.dp_ledger is not None:
+        c.dp_ledger = PrivacyLedger.from_list(config.dp.delta, state.get("dp_ledger", []))
+    c.stop_reason = state.get("stop_reason", "")
     c.final = {k.removeprefix("final."): v for k, v in tensors.items() if k.startswith("final.")}
     c.window_state = {
         k.removeprefix("window."): v for k, v in tensors.items() if k.startswith("window.")
