@@ -93,6 +93,9 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         self._held = 0
         """GetTask calls waiting in the long-poll now."""
         self._task_key = self._current_task_key()
+        self._fetch_cache: tuple[tuple, dict, list[pb.TensorChunk]] | None = None
+        """(key, tensors, messages) of the last FetchTensors answer: every agent of a round
+        fetches the same tensors, so they are cut into messages once per round."""
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
         self._ticker.start()
@@ -243,9 +246,18 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 tensors = self.coordinator.tensors_for(request.round_id)
             except UpdateRejected as exc:
                 self._reject(context, exc)
-        budget = chunk_data_budget(self.config.max_message_bytes)
-        for chunk in tensors_to_chunks(tensors, budget):
-            yield serde.tensor_chunk_to_proto(chunk)
+            messages = self._fetch_messages(tensors)
+        yield from messages
+
+    def _fetch_messages(self, tensors: dict) -> list[pb.TensorChunk]:
+        """The chunk messages of ``tensors``, reused while they are the same, unmodified
+        tensor objects (the cache holds them, so their ids cannot be reused)."""
+        key = tuple((name, id(t), t._version) for name, t in tensors.items())
+        if self._fetch_cache is None or self._fetch_cache[0] != key:
+            budget = chunk_data_budget(self.config.max_message_bytes)
+            messages = [serde.tensor_chunk_to_proto(c) for c in tensors_to_chunks(tensors, budget)]
+            self._fetch_cache = (key, tensors, messages)
+        return self._fetch_cache[2]
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context):
         self._authenticate(context, None)
