@@ -44,6 +44,7 @@ from chainfed.coordinator.aggregation import (
     validate_updates,
 )
 from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean, noise_generator
+from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.messages import (
     AgentCapabilities,
     AgentStatus,
@@ -471,6 +472,7 @@ class ChainCoordinator:
             )
             self.changed = True
             return
+        crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
         self.window_state = self._aggregate(r, received)
         dp_epsilon = dp_round_epsilon = None
         if dp is not None:
@@ -685,7 +687,7 @@ class ChainCoordinator:
         self._validate(r, metrics, tensors)
         r.updates[agent_id] = (metrics, tensors)
         r.digests[agent_id] = update_digest(tensors)
-        self.changed = True
+        # nothing to persist yet (a round in flight is not saved): only closing it is
         self.tick(now_ms)
         return True
 
