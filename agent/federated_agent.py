@@ -43,6 +43,7 @@ from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import serde
+from chainfed.coordinator.dp import local_dp_update
 from chainfed.coordinator.messages import (
     AgentCapabilities,
     ProbeReport,
@@ -333,9 +334,19 @@ class FederatedAgent:
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)
             trainer.load_trainable_state(strip_prefix(tensors, "window."))
-            result = trainer.train_round(task.params.local_steps)
+            params = task.params
+            start = trainer.trainable_state() if params.local_dp_clip > 0 else None
+            result = trainer.train_round(params.local_steps)
             evaluation = trainer.evaluate_window()
             update = trainer.trainable_state()
+            if start is not None:  # local DP: clip the change, noise it, before it leaves
+                update = local_dp_update(
+                    update,
+                    start,
+                    params.local_dp_clip,
+                    params.local_dp_noise_multiplier,
+                    train_a=params.lora_train_a,
+                )
         metrics = UpdateMetrics(
             # FedAvg weight: the samples this agent holds (not the steps it ran)
             train_samples=len(self.data.train),

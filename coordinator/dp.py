@@ -38,9 +38,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import dp_accounting
 import torch
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from chainfed.coordinator.aggregation import LORA_A_SUFFIX, clip_update
 
@@ -79,6 +77,11 @@ def epsilon_for(rounds: Sequence[tuple[float, float, int]], delta: float) -> flo
     """ε after composing ``rounds`` = [(z, q, count), …]: ``count`` rounds of the
     q-Poisson-subsampled Gaussian with noise multiplier z (q ≥ 1: not subsampled), at δ
     (``dp-accounting``'s RDP accountant, its default orders). 0 for no rounds."""
+    # imported here: agents use this module for local DP and never account (the package
+    # pulls in absl and dm-tree, ~0.7 s of import on a small device)
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     accountant = rdp_privacy_accountant.RdpAccountant()
     for z, q, count in rounds:
         if count <= 0:
