@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.60",
         "jinja2>=3.1",
         "dp-accounting>=0.4",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "gpu": ["triton>=3.0"],
@@ -40,7 +41,6 @@ setup(
             "hypothesis>=6",
             "grpcio-tools==1.85.1",
             "triton>=3.0",
-            "matplotlib>=3.7",
         ],
     },
     entry_points={"console_scripts": ["chainfed=chainfed.agent.cli:main"]},
