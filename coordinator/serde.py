@@ -14,6 +14,9 @@ Auth travels in gRPC metadata: ``auth_metadata(token)`` builds it on the agent,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from chainfed.coordinator.messages import (
     AgentCapabilities,
@@ -52,6 +55,23 @@ def token_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> s
             if value.startswith(_BEARER):
                 return value[len(_BEARER) :]
     return None
+
+
+Decoded = TypeVar("Decoded", bound=Message)
+
+
+def parse_message(message_type: type[Decoded], data: bytes) -> Decoded:
+    """Decode wire bytes as ``message_type``; ``ProtocolError`` when they are not one.
+
+    Truncated fields, bad varints, wrong wire types and invalid UTF-8 in a string all
+    end here, so a peer's garbage is a protocol violation, never a decoder exception.
+    """
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise ProtocolError(
+            f"cannot decode {len(data)} bytes as a {message_type.DESCRIPTOR.name}: {exc}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------
