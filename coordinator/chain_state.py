@@ -378,6 +378,7 @@ class ChainCoordinator:
         evaluation = self.phase is ChainPhase.EVALUATING
         sampling_rate = len(participants) / len(agents)
         if not evaluation and self._over_budget(sampling_rate):
+            self._open_round(now_ms)  # the evaluation round of what was trained
             return
         layer = self.config.num_layers - 1 if evaluation else self.stage_layer
         window = self.window_for(layer)

@@ -33,6 +33,7 @@ coordinator restart.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -76,7 +77,14 @@ class DPConfig:
 def epsilon_for(rounds: Sequence[tuple[float, float, int]], delta: float) -> float:
     """ε after composing ``rounds`` = [(z, q, count), …]: ``count`` rounds of the
     q-Poisson-subsampled Gaussian with noise multiplier z (q ≥ 1: not subsampled), at δ
-    (``dp-accounting``'s RDP accountant, its default orders). 0 for no rounds."""
+    (``dp-accounting``'s RDP accountant, its default orders). 0 for no rounds.
+
+    Memoised: the coordinator asks for the same ledger at every status query."""
+    return _epsilon(tuple((float(z), float(q), int(n)) for z, q, n in rounds), float(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(rounds: tuple[tuple[float, float, int], ...], delta: float) -> float:
     # imported here: agents use this module for local DP and never account (the package
     # pulls in absl and dm-tree, ~0.7 s of import on a small device)
     import dp_accounting
