@@ -73,4 +73,8 @@ def load_adapter_file(path: Path) -> AdapterFile:
         info = json.loads(metadata[METADATA_KEY])
     except ValueError as exc:
         raise AdapterFileError(f"{path}: corrupt '{METADATA_KEY}' metadata: {exc}") from exc
+    if not isinstance(info, dict):
+        raise AdapterFileError(
+            f"{path}: '{METADATA_KEY}' metadata is a JSON {type(info).__name__}, not an object"
+        )
     return AdapterFile(tensors, info)

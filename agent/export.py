@@ -198,7 +198,9 @@ def load_result(
     adapters = saved.adapters()
     _check_adapters(path, model, adapters, lora)
     head = saved.head()
-    labels = list(info.get("labels") or [])
+    labels = info.get("labels") or []
+    if not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
+        raise AdapterFileError(f"{path}: 'labels' metadata must be a list of names, not {labels!r}")
     if task == "classify":
         if set(head) != {"weight", "bias"}:
             raise AdapterFileError(f"{path}: a classify result needs head.weight and head.bias")
@@ -214,6 +216,11 @@ def load_result(
         if len(labels) != classes:
             raise AdapterFileError(f"{path}: {len(labels)} labels for a {classes}-class head")
     pooling = (info.get("pooling") or _DEFAULT_POOLING[cfg.family]) if task == "classify" else None
+    if pooling not in (None, *_DEFAULT_POOLING.values()):
+        raise AdapterFileError(f"{path}: unknown pooling {pooling!r} in its metadata")
+    max_len = info.get("max_len")
+    if max_len is not None and (type(max_len) is not int or max_len < 1):
+        raise AdapterFileError(f"{path}: 'max_len' metadata must be a positive integer")
     return TrainedResult(
         path=path,
         task=task,
@@ -222,7 +229,7 @@ def load_result(
         head=head,
         labels=labels,
         pooling=pooling,
-        max_len=info.get("max_len"),
+        max_len=max_len,
         info=info,
     )
 
