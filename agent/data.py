@@ -556,7 +556,7 @@ def _jsonl_rows(f: Any) -> Iterator[_Row]:
             continue
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, an int over 4300 digits, deep nesting
             obj = None
         yield _Row(line_no, obj if isinstance(obj, dict) else None)
 
