@@ -100,6 +100,29 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("chainfed.agent.agent_command", "add_arguments"),
         run=_lazy("chainfed.agent.agent_command", "run"),
     ),
+    "demo": Subcommand(
+        summary="the main job: a 4-agent federated chain on this machine, with a report",
+        description="Start a coordinator and 4 agent processes on localhost (real gRPC), "
+        "split the packaged tweets non-IID over them (Dirichlet over labels, fixed seed) and "
+        "fine-tune the packaged all-MiniLM-L6-v2 as a whole chain (FOAT start layer, DLCT "
+        "window, GPO proxies), with live progress. Ends with a per-layer table and a run "
+        "folder (--out) holding report.json, report.md, accuracy.png, memory.png and the "
+        "final adapters; also trains head mode (frozen backbone) on the same rows for "
+        "comparison. No options needed; --model smollm2 runs the decoder variant.",
+        add_arguments=_lazy("chainfed.agent.demo_command", "add_arguments"),
+        run=_lazy("chainfed.agent.demo_command", "run"),
+    ),
+    "simulate": Subcommand(
+        summary="simulate a federation on this machine: agents, split, mode, rounds",
+        description="N agents with shards of one corpus (--split iid | dirichlet:ALPHA | "
+        "by-topic) and a coordinator, in this process (default; no gRPC) or one process per "
+        "agent over gRPC (--processes). --mode chain | e2e | topk:K: e2e and topk are plain "
+        "FedLoRA rounds through the same coordinator. Writes report.json, report.md and "
+        "accuracy.png (per round: federated validation loss/accuracy, bytes sent and "
+        "received and peak memory per agent; final validation and held-out test accuracy).",
+        add_arguments=_lazy("chainfed.agent.simulate_command", "add_arguments"),
+        run=_lazy("chainfed.agent.simulate_command", "run"),
+    ),
     "status": Subcommand(
         summary="show a coordinator's chain position, agents and round history",
         description="Ask a running coordinator where the chain stands: phase, start and "

@@ -463,7 +463,10 @@ def _run_in_process(
         add_coordinator_arguments,
         ["--state-dir", "-", "--token", "-", *coordinator_argv(config, model.num_layers)],
     )
-    coord_config = coordinator_config(args, model, corpus.fingerprint)
+    try:
+        coord_config = coordinator_config(args, model, corpus.fingerprint)
+    except ValueError as exc:
+        raise SimulationError(f"invalid federation: {exc}") from exc
     if config.coordinator_options:
         try:
             coord_config = replace(coord_config, **config.coordinator_options)
