@@ -248,6 +248,15 @@ class SimulationResult:
                 peak[agent] = max(peak.get(agent, 0), value)
         return peak
 
+    def peak_above_baseline_per_agent(self) -> dict[str, int]:
+        """Largest round peak of each agent above its idle process."""
+        peak = dict.fromkeys(self.agent_samples, 0)
+        for e in self.history:
+            for agent, value in e.peak_memory_bytes.items():
+                above = value - e.baseline_memory_bytes[agent]
+                peak[agent] = max(peak.get(agent, 0), above)
+        return peak
+
     def stages(self) -> list[dict[str, Any]]:
         """Per stage layer: rounds, last federated validation figures, peak memory."""
         out: dict[int, dict[str, Any]] = {}
@@ -271,6 +280,7 @@ class SimulationResult:
         out["bytes_per_agent_round"] = self.bytes_per_agent_round()
         out["bytes_per_agent"] = self.bytes_per_agent()
         out["peak_memory_per_agent"] = self.peak_memory_per_agent()
+        out["peak_above_baseline_per_agent"] = self.peak_above_baseline_per_agent()
         out["stages"] = self.stages()
         return out
 

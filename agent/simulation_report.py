@@ -92,7 +92,8 @@ def summary_lines(result: SimulationResult) -> list[str]:
     return lines
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +122,7 @@ def plot_accuracy(
     sample-weighted mean over the participants of their model after the round's local
     steps, with the head right after the window. The stages of a chain run (one with
     several stage layers) are marked by dotted lines; ``baselines`` are flat lines."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, result in curves.items():
         xs = list(range(1, result.rounds + 1))
@@ -165,7 +166,7 @@ def e2e_memory_estimate(result: SimulationResult, chain_budget: int, e2e_budget:
 def plot_memory(result: SimulationResult, path: Path, *, e2e_estimate_bytes: int) -> Path:
     """Measured peak per stage layer (largest agent, above its idle process) as bars and
     the end-to-end estimate (``e2e_memory_estimate``) as a line."""
-    plt = _pyplot()
+    plt = pyplot()
     stages = result.stages()
     mib = 1 << 20
     fig, ax = plt.subplots(figsize=(8, 4.5))
