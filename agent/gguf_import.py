@@ -236,11 +236,54 @@ class _GgufFile:
             raise ModelLoadError(f"{self.path}: GGUF metadata has no {key!r}")
         return value
 
-    def require_int(self, key: str) -> int:
-        value = self.require(key)
+    def require_int(self, key: str, *, minimum: int = 1) -> int:
+        value = self.get_int(key, minimum=minimum)
+        if value is None:
+            raise ModelLoadError(f"{self.path}: GGUF metadata has no {key!r}")
+        return value
+
+    def get_int(self, key: str, default: int | None = None, *, minimum: int = 0) -> int | None:
+        """An integer entry of at least ``minimum``; anything else names the key."""
+        value = self.get(key)
+        if value is None:
+            return default
         if isinstance(value, list):  # e.g. a per-layer KV head count
             raise ModelLoadError(f"{self.path}: per-layer {key!r} is not supported (got a list)")
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is {value!r}, not an integer")
+        if value < minimum:
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is {value}, below {minimum}")
         return int(value)
+
+    def get_float(self, key: str, default: float | None = None) -> float | None:
+        """A finite number entry (stored as float32: its shortest round-tripping decimal)."""
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is {value!r}, not a number")
+        if not math.isfinite(value):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is {value}")
+        return _f32(value)
+
+    def get_str(self, key: str) -> str | None:
+        value = self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is {value!r}, not a string")
+        return value
+
+    def get_list(self, key: str, kind: type, *, required: bool = False) -> list | None:
+        """A list entry whose elements are all ``kind`` (``int`` or ``str``)."""
+        value = self.require(key) if required else self.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value
+        ):
+            raise ModelLoadError(
+                f"{self.path}: GGUF metadata {key!r} is not a list of {kind.__name__}"
+            )
+        return value
 
 
 def _f32(value: float) -> float:
@@ -263,12 +306,10 @@ def _llama_config(source: _GgufFile) -> dict[str, Any]:
 
     hidden = source.require_int(key("embedding_length"))
     n_heads = source.require_int(key("attention.head_count"))
-    n_kv_heads = n_heads
-    if source.get(key("attention.head_count_kv")) is not None:
-        n_kv_heads = source.require_int(key("attention.head_count_kv"))
-    head_dim = int(source.get(key("attention.key_length"), hidden // n_heads))
-    value_dim = int(source.get(key("attention.value_length"), head_dim))
-    rope_dim = int(source.get(key("rope.dimension_count"), head_dim))
+    n_kv_heads = source.get_int(key("attention.head_count_kv"), n_heads, minimum=1)
+    head_dim = source.get_int(key("attention.key_length"), hidden // n_heads, minimum=1)
+    value_dim = source.get_int(key("attention.value_length"), head_dim)
+    rope_dim = source.get_int(key("rope.dimension_count"), head_dim)
     if value_dim != head_dim or rope_dim != head_dim:
         raise ModelLoadError(
             f"{path}: head_dim {head_dim} with value length {value_dim} and rotary width "
@@ -287,8 +328,8 @@ def _llama_config(source: _GgufFile) -> dict[str, Any]:
     if embedding is None:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
     vocab_size = int(embedding.shape[-1])  # ggml shape is (hidden, vocab)
-    stated_vocab = source.get(key("vocab_size"))
-    if stated_vocab is not None and int(stated_vocab) != vocab_size:
+    stated_vocab = source.get_int(key("vocab_size"))
+    if stated_vocab is not None and stated_vocab != vocab_size:
         raise ModelLoadError(
             f"{path}: {key('vocab_size')}={stated_vocab} but token_embd.weight has "
             f"{vocab_size} rows"
@@ -303,19 +344,23 @@ def _llama_config(source: _GgufFile) -> dict[str, Any]:
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": _f32(source.require(key("attention.layer_norm_rms_epsilon"))),
-        "rope_theta": _f32(source.get(key("rope.freq_base"), 10000.0)),
+        "rms_norm_eps": source.get_float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": source.get_float(key("rope.freq_base"), 10000.0),
         "vocab_size": vocab_size,
         "max_position_embeddings": source.require_int(key("context_length")),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": source.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": source.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": source.get_int("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": source.get_int("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
     }
-    pad_id = source.get("tokenizer.ggml.padding_token_id")
+    if config["rms_norm_eps"] is None:
+        raise ModelLoadError(
+            f"{path}: GGUF metadata has no {key('attention.layer_norm_rms_epsilon')!r}"
+        )
+    pad_id = source.get_int("tokenizer.ggml.padding_token_id")
     if pad_id is not None:
         config["pad_token_id"] = pad_id
     rope_scaling = _rope_scaling(source, architecture)
@@ -335,20 +380,24 @@ def _rope_scaling(source: _GgufFile, architecture: str) -> dict[str, Any] | None
             f"{source.path}: per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1+ "
             "'llama3' rope scaling) are not supported"
         )
-    kind = source.get(key("scaling.type"))
-    factor = source.get(key("scaling.factor"))
+    kind = source.get_str(key("scaling.type"))
+    factor = source.get_float(key("scaling.factor"))
     if kind is None and source.get(key("scale_linear")) is not None:  # older files
-        kind, factor = "linear", source.get(key("scale_linear"))
+        kind, factor = "linear", source.get_float(key("scale_linear"))
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
+        if factor is None:
+            raise ModelLoadError(
+                f"{source.path}: yarn RoPE scaling without {key('scaling.factor')!r}"
+            )
         scaling = {
             "rope_type": "yarn",
-            "factor": _f32(factor),
-            "original_max_position_embeddings": int(
-                source.require(key("scaling.original_context_length"))
+            "factor": factor,
+            "original_max_position_embeddings": source.require_int(
+                key("scaling.original_context_length")
             ),
         }
         for gguf_key, hf_key in (
@@ -356,8 +405,8 @@ def _rope_scaling(source: _GgufFile, architecture: str) -> dict[str, Any] | None
             ("scaling.yarn_beta_fast", "beta_fast"),
             ("scaling.yarn_beta_slow", "beta_slow"),
         ):
-            if (value := source.get(key(gguf_key))) is not None:
-                scaling[hf_key] = _f32(value)
+            if (value := source.get_float(key(gguf_key))) is not None:
+                scaling[hf_key] = value
         return scaling
     raise ModelLoadError(
         f"{source.path}: unsupported RoPE scaling type {kind!r} (supported: linear, yarn)"
@@ -381,6 +430,11 @@ def _plan_tensors(source: _GgufFile, config: dict[str, Any]) -> list[_TensorPlan
     """Map every GGUF tensor to its HF name and check the set and the shapes against the config."""
     path = source.path
     n_layers = config["num_hidden_layers"]
+    if n_layers * len(_BLOCK_TENSORS) > len(source.reader.tensors):
+        raise ModelLoadError(
+            f"{path}: block_count {n_layers} needs {n_layers * len(_BLOCK_TENSORS)} block "
+            f"tensors; the file holds {len(source.reader.tensors)} tensors in all"
+        )
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q_rows = config["num_attention_heads"] * config["head_dim"]
     kv_rows = config["num_key_value_heads"] * config["head_dim"]
@@ -501,13 +555,13 @@ def _build_tokenizer(source: _GgufFile) -> tuple[Tokenizer, dict[str, Any]]:
             f"{path}: unsupported tokenizer.ggml.model {kind!r} "
             f"(supported: {', '.join(SUPPORTED_TOKENIZERS)} = byte-level BPE)"
         )
-    tokens: list[str] = source.require("tokenizer.ggml.tokens")
-    token_types: list[int] = source.get("tokenizer.ggml.token_type") or []
+    tokens: list[str] = source.get_list("tokenizer.ggml.tokens", str, required=True)
+    token_types: list[int] = source.get_list("tokenizer.ggml.token_type", int) or []
     if token_types and len(token_types) != len(tokens):
         raise ModelLoadError(
             f"{path}: {len(token_types)} token types for {len(tokens)} tokens in the vocabulary"
         )
-    merge_lines: list[str] = source.require("tokenizer.ggml.merges")
+    merge_lines: list[str] = source.get_list("tokenizer.ggml.merges", str, required=True)
     merges = [tuple(line.split(" ")) for line in merge_lines]
     if any(len(merge) != 2 for merge in merges):
         raise ModelLoadError(
@@ -523,8 +577,8 @@ def _build_tokenizer(source: _GgufFile) -> tuple[Tokenizer, dict[str, Any]]:
         else "".join(spelling[b] for b in token.encode("utf-8")): index
         for index, token in enumerate(tokens)
     }
-    tokenizer = Tokenizer(
-        BPE(
+    try:
+        model = BPE(
             vocab=vocab,
             merges=merges,
             dropout=None,
@@ -532,8 +586,12 @@ def _build_tokenizer(source: _GgufFile) -> tuple[Tokenizer, dict[str, Any]]:
             end_of_word_suffix="",
             fuse_unk=False,
         )
-    )
-    split = _PRE_TOKENIZER_SPLITS.get(source.get("tokenizer.ggml.pre"))
+    except Exception as error:  # tokenizers reports a merge of unknown tokens as a bare Exception
+        raise ModelLoadError(
+            f"{path}: the GGUF vocabulary and merges do not form a BPE tokenizer ({error})"
+        ) from error
+    tokenizer = Tokenizer(model)
+    split = _PRE_TOKENIZER_SPLITS.get(source.get_str("tokenizer.ggml.pre"))
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -547,8 +605,8 @@ def _build_tokenizer(source: _GgufFile) -> tuple[Tokenizer, dict[str, Any]]:
 
     specials: dict[str, str | None] = {}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        token_id = source.get(f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None and not 0 <= token_id < len(tokens):
+        token_id = source.get_int(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and token_id >= len(tokens):
             raise ModelLoadError(
                 f"{path}: {name} token id {token_id} outside the {len(tokens)}-token vocabulary"
             )
@@ -591,7 +649,7 @@ def _build_tokenizer(source: _GgufFile) -> tuple[Tokenizer, dict[str, Any]]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": source.get(f"{source.get('general.architecture')}.context_length"),
     }
-    chat_template = source.get("tokenizer.chat_template")
+    chat_template = source.get_str("tokenizer.chat_template")
     if chat_template is not None:
         tokenizer_config["chat_template"] = chat_template
     return tokenizer, tokenizer_config
