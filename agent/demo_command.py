@@ -117,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-rows", type=int, help="training rows over all agents")
     parser.add_argument("--val-rows", type=int, help="validation rows over all agents")
     parser.add_argument("--seed", type=int, default=0, help="data split, shards, initialisation")
+    parser.add_argument("--local-steps", type=int, help="optimiser steps per agent per round")
+    parser.add_argument("--max-rounds-per-layer", type=int, help="round cap of a stage")
+    parser.add_argument("--start-layer", type=int, help="first chain layer (default: FOAT)")
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the head-mode (frozen backbone) run"
     )
@@ -125,7 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace, out: Path) -> SimulationConfig:
     preset = PRESETS[args.model].federation
     changes: dict[str, Any] = {"workdir": out / "federation", "seed": args.seed}
-    for name in ("agents", "train_rows", "val_rows"):
+    for name in (
+        "agents",
+        "train_rows",
+        "val_rows",
+        "local_steps",
+        "max_rounds_per_layer",
+        "start_layer",
+    ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     return replace(preset, **changes)

@@ -50,7 +50,12 @@ from chainfed.agent.assets import resolve_model
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
 from chainfed.agent.data import SplitData, load_dataset
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.federated_agent import AgentConfig, FederatedAgent, LocalData
+from chainfed.agent.federated_agent import (
+    AgentConfig,
+    FederatedAgent,
+    LocalData,
+    payload_bytes,
+)
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
@@ -75,6 +80,8 @@ UpdateHook = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(agent id, update tensors) -> the tensors actually submitted (e.g. a malicious agent)."""
 Progress = Callable[[str], None]
 """Receives one line of progress text at a time."""
+MAX_RERUNS = 10
+"""In process: rounds re-run below the quorum before the simulation gives up."""
 
 
 class SimulationError(ChainFedError):
@@ -505,6 +512,9 @@ def _run_in_process(
         agents[agent.agent_id] = agent
         samples[agent.agent_id] = len(local.train)
     reporter = _ProgressReporter(say, config.agents)
+    rejected: set[tuple[str, str]] = set()
+    """(agent, round) whose update was refused: the agent sits the round out (over gRPC
+    such an agent gets INVALID_ARGUMENT and stops)."""
     while coordinator.phase is not ChainPhase.DONE:
         coordinator.tick(clock.now())
         worked = False
@@ -514,12 +524,17 @@ def _run_in_process(
                 coordinator.report_probe(agent.probe_report(task))
                 coordinator.tick(clock.now())
             elif task.kind is TaskKind.TRAIN_ROUND:
+                if (agent_id, task.round_id) in rejected:
+                    continue
                 tensors = coordinator.tensors_for(task.round_id)
                 metrics, update = agent.train_update(task, tensors)
                 if update_hook is not None:
                     update = update_hook(agent_id, update)
-                _submit(coordinator, agent_id, task.round_id, metrics, update, clock, say)
-                traffic[(agent_id, task.round_id)] = asdict(agent.traffic[-1])
+                if not _submit(coordinator, agent_id, task.round_id, metrics, update, clock, say):
+                    rejected.add((agent_id, task.round_id))
+                cost = asdict(agent.traffic[-1])
+                cost["sent_bytes"] = payload_bytes(update)
+                traffic[(agent_id, task.round_id)] = cost
             elif task.kind is TaskKind.EVALUATE:
                 final = coordinator.tensors_for(task.round_id)
                 metrics = agent.evaluation_metrics(task, final)
@@ -530,17 +545,25 @@ def _run_in_process(
             reporter.show(coordinator.snapshot())
         if not worked and coordinator.open_round is not None:
             clock.jump_to(coordinator.open_round.deadline_ms)
+        if coordinator.round_seq - len(coordinator.history) > MAX_RERUNS:
+            raise SimulationError(
+                f"more than {MAX_RERUNS} rounds fell short of the quorum (rejected or silent "
+                "agents); lower min_agents in coordinator_options to go on without them"
+            )
     snapshot = coordinator.snapshot()
     reporter.show(snapshot)
     paths = [agent.write_final_adapters(dict(coordinator.final)) for agent in agents.values()]
     return _Outcome(snapshot, paths[0], traffic, samples, coordinator.foat_scores)
 
 
-def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> None:
+def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> bool:
+    """Submit as the servicer would; False (and a progress line) when it is rejected."""
     try:
         coordinator.submit(agent_id, round_id, metrics, tensors, clock.now())
     except UpdateRejected as exc:
         say(f"update of {agent_id} for round {round_id} rejected: {exc}")
+        return False
+    return True
 
 
 class _VirtualClock:

@@ -1,0 +1,243 @@
+"""The simulated federation (``chainfed.agent.simulation``), ``chainfed simulate`` and
+``chainfed demo`` on the real MiniLM and tweets at tiny sizes.
+
+In process: the coordinator's aggregate is the sample-weighted mean of exactly the updates
+the agents submitted (seen through ``update_hook``), the history follows the chain's rules,
+traffic is the tensors' bytes, a rejected update leaves its agent out of the round, and
+``coordinator_options`` reach the coordinator. Then one federation of real processes over
+gRPC through ``chainfed simulate --processes``, and ``chainfed demo`` end to end (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from chainfed.agent.adapter_file import load_adapter_file
+from chainfed.agent.cli import main
+from chainfed.agent.simulation import SimulationConfig, SimulationError, run_simulation
+
+TINY = {
+    "agents": 3,
+    "split": "dirichlet:0.5",
+    "train_rows": 90,
+    "val_rows": 30,
+    "test_rows": 30,
+    "max_len": 24,
+    "local_steps": 2,
+    "micro_batch": 8,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_chain_in_process_aggregates_what_the_agents_submitted(tmp_path):
+    # Prepare: a chain from layer 3 of 6, 2 rounds per layer; the hook records every update
+    submitted: list[tuple[str, dict[str, torch.Tensor]]] = []
+
+    def record(agent_id, update):
+        submitted.append((agent_id, {k: v.clone() for k, v in update.items()}))
+        return update
+
+    config = SimulationConfig(
+        **TINY,
+        start_layer=3,
+        min_rounds_per_layer=2,
+        max_rounds_per_layer=2,
+        workdir=tmp_path,
+    )
+    lines: list[str] = []
+
+    # Execute
+    result = run_simulation(config, update_hook=record, progress=lines.append)
+
+    # Assert: the history is the chain's: layers 3..5 in order, 2 rounds each, DLCT windows
+    assert [e.stage_layer for e in result.history] == [3, 3, 4, 4, 5, 5]
+    assert [e.window for e in result.history] == [[3], [3], [3, 4], [3, 4], [4, 5], [4, 5]]
+    agents = sorted(result.agent_samples)
+    assert all(e.participants == agents and not e.dropped for e in result.history)
+    assert len(submitted) == 3 * len(result.history)
+    assert sum(result.agent_samples.values()) == config.train_rows
+
+    # traffic: what each agent uploaded is its update's bytes; the first round fetches
+    # nothing (no aggregate yet), later rounds fetch the aggregate (and final adapters)
+    for i, entry in enumerate(result.history):
+        for agent, update in submitted[3 * i : 3 * i + 3]:
+            assert entry.sent_bytes[agent] == nbytes(update) > 0
+    assert all(v == 0 for v in result.history[0].received_bytes.values())
+    assert all(v > 0 for e in result.history[1:] for v in e.received_bytes.values())
+    # the window at layer 5 holds layer 4's adapter too, so later stages move more
+    assert result.history[4].sent_bytes["agent-0"] > result.history[0].sent_bytes["agent-0"]
+    assert result.bytes_per_agent_round() == pytest.approx(
+        sum(sum(e.sent_bytes.values()) + sum(e.received_bytes.values()) for e in result.history)
+        / (3 * len(result.history))
+    )
+
+    # the final adapters of layers 4 and 5 (and the head) are the sample-weighted mean of
+    # the last round's updates: fedavg of exactly what was submitted
+    final = load_adapter_file(result.adapters).tensors
+    last = submitted[-3:]
+    total = sum(result.agent_samples[a] for a, _ in last)
+    for name in [n for n in last[0][1] if n.startswith(("layers.4.", "layers.5."))]:
+        mean = sum(update[name] * (result.agent_samples[a] / total) for a, update in last)
+        torch.testing.assert_close(final[name], mean, rtol=1e-5, atol=1e-7)
+    head = {n.removeprefix("objective."): n for n in last[0][1] if n.startswith("objective.")}
+    for saved, submitted_name in head.items():
+        mean = sum(u[submitted_name] * (result.agent_samples[a] / total) for a, u in last)
+        torch.testing.assert_close(final[saved], mean, rtol=1e-5, atol=1e-7)
+    assert not any(n.startswith("layers.3.") and n not in final for n in submitted[1][1])
+
+    # figures: finite, accuracies in [0, 1], a held-out test figure, memory measured
+    assert 0 <= result.final_val_metric <= 1 and 0 <= result.test_metric <= 1
+    assert math.isfinite(result.test_loss)
+    assert all(v > 0 for v in result.peak_memory_per_agent().values())
+    stages = result.stages()
+    assert [(s["layer"], s["rounds"]) for s in stages] == [(3, 2), (4, 2), (5, 2)]
+    assert any("final evaluation" in line for line in lines)
+
+
+def test_e2e_is_one_stage_of_every_layer_for_the_given_rounds(tmp_path):
+    config = SimulationConfig(**TINY, mode="e2e", rounds=2, workdir=tmp_path)
+
+    result = run_simulation(config)
+
+    assert [e.window for e in result.history] == [list(range(6))] * 2
+    final = load_adapter_file(result.adapters).tensors
+    assert {int(n.split(".")[1]) for n in final if n.startswith("layers.")} == set(range(6))
+    # e2e moves every layer's adapter each way: more than a 2-layer topk round
+    topk = run_simulation(
+        SimulationConfig(**TINY, mode="topk:2", rounds=2, workdir=tmp_path / "topk")
+    )
+    assert [e.window for e in topk.history] == [[4, 5]] * 2
+    assert result.history[1].sent_bytes["agent-0"] > 2 * topk.history[1].sent_bytes["agent-0"]
+
+
+def test_rejected_update_drops_the_agent_and_options_reach_the_coordinator(tmp_path):
+    # agent-1 always uploads a NaN: the coordinator must reject it; with the quorum lowered
+    # to 2 through coordinator_options, every round closes at its deadline without agent-1
+    def poison(agent_id, update):
+        if agent_id != "agent-1":
+            return update
+        name = next(iter(update))
+        return {**update, name: torch.full_like(update[name], math.nan)}
+
+    config = SimulationConfig(
+        **TINY,
+        start_layer=5,
+        max_rounds_per_layer=2,
+        min_rounds_per_layer=2,
+        coordinator_options={"min_agents": 2},
+        workdir=tmp_path,
+    )
+    lines: list[str] = []
+
+    result = run_simulation(config, update_hook=poison, progress=lines.append)
+
+    assert [e.participants for e in result.history] == [["agent-0", "agent-2"]] * 2
+    assert [e.dropped for e in result.history] == [["agent-1"]] * 2
+    assert sum("agent-1" in line and "rejected" in line for line in lines) == 2
+    final = load_adapter_file(result.adapters).tensors
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_an_agent_rejected_below_the_quorum_stops_the_simulation(tmp_path):
+    # with the default quorum (every agent) a permanently rejected agent can never let a
+    # round close: the simulation must say so instead of re-running rounds forever
+    def poison(agent_id, update):
+        return {k: v * math.inf for k, v in update.items()} if agent_id == "agent-1" else update
+
+    config = SimulationConfig(**TINY, start_layer=5, workdir=tmp_path)
+    with pytest.raises(SimulationError, match="quorum"):
+        run_simulation(config, update_hook=poison)
+
+
+def test_bad_settings_are_refused_with_a_message(tmp_path):
+    with pytest.raises(SimulationError, match="split"):
+        SimulationConfig(split="dirichlet")
+    with pytest.raises(SimulationError, match="mode"):
+        SimulationConfig(mode="topk")
+    with pytest.raises(SimulationError, match="coordinator_options"):
+        run_simulation(
+            SimulationConfig(**TINY, start_layer=5, coordinator_options={"no_such": 1}),
+        )
+    with pytest.raises(SimulationError, match="in_process"):
+        run_simulation(SimulationConfig(**TINY, in_process=False), update_hook=lambda a, u: u)
+
+
+def test_simulate_command_with_processes_over_grpc(tmp_path, capsys):
+    # one coordinator process and 2 agent processes on localhost; the run folder's report
+    # matches the printed figures
+    out = tmp_path / "run"
+    argv = [
+        "simulate",
+        "--processes",
+        "--agents",
+        "2",
+        "--split",
+        "iid",
+        "--train-rows",
+        "40",
+        "--val-rows",
+        "20",
+        "--max-len",
+        "24",
+        "--local-steps",
+        "2",
+        "--micro-batch",
+        "8",
+        "--start-layer",
+        "4",
+        "--max-rounds-per-layer",
+        "1",
+        "--out",
+        str(out),
+    ]
+
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert [e["stage_layer"] for e in report["history"]] == [4, 5]
+    assert all(e["participants"] == ["agent-0", "agent-1"] for e in report["history"])
+    assert all(v > 0 for e in report["history"] for v in e["sent_bytes"].values())
+    assert f"{report['final_val_metric']:.4f}" in printed
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert "| layer |" in (out / "report.md").read_text()
+    # the agents' own processes wrote the traffic they measured
+    agent_report = json.loads((out / "agent-0" / "agent_report.json").read_text())
+    assert [r["stage_layer"] for r in agent_report["rounds"]] == [4, 5]
+
+
+def test_simulate_refuses_a_malformed_coordinator_option(capsys):
+    assert main(["simulate", "--coordinator-option", "min_agents"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--train-rows", "80", "--val-rows", "40"]
+    argv += ["--local-steps", "3", "--max-rounds-per-layer", "1", "--start-layer", "4"]
+
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    for name in ("report.md", "accuracy.png", "memory.png", "adapters.safetensors"):
+        assert (out / name).stat().st_size > 0
+    assert report["head_baseline"]["val_metric"] >= 0
+    assert [s["layer"] for s in report["federation"]["stages"]] == [4, 5]
+    assert f"run folder: {out}" in printed
