@@ -184,8 +184,10 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
     try:
         state = json.loads(path.read_text())
         saved_config = state["config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise StateDirError(f"{path}: unreadable coordinator state ({exc})") from exc
+        if not isinstance(saved_config, dict):
+            raise TypeError("config is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StateDirError(f"{path}: unreadable coordinator state ({exc!r})") from exc
     for key, what in (("model_fingerprint", "model"), ("task", "task"), ("num_layers", "model")):
         if saved_config.get(key) != getattr(config, key):
             raise StateDirError(
@@ -199,12 +201,134 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
             "restart it with --dp-noise-multiplier and --dp-clip (its epsilon keeps counting)"
         )
     try:
+        _check_fields(state, config.num_layers)
         tensors = load_adapter_file(Path(state_dir) / state["tensors_file"]).tensors
         return _from_json(state, tensors, config)
     except AdapterFileError as exc:
         raise StateDirError(f"{state_dir}: coordinator tensors unreadable: {exc}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise StateDirError(f"{path}: incomplete or corrupt coordinator state ({exc!r})") from exc
+
+
+def _check_fields(state: dict[str, Any], num_layers: int) -> None:
+    """Raise ``ValueError`` naming the first field ``_from_json`` could not use as is.
+
+    Any JSON parses; a damaged or hand-edited state.json must be refused here rather
+    than load into a coordinator that fails later (a round_seq of "7", layer 10**9 of a
+    4-layer model, a tensors file outside the state dir, a history record whose window
+    cannot go on the wire).
+    """
+
+    def count(v: Any, top: int = 2**63) -> bool:
+        return type(v) is int and 0 <= v < top
+
+    def layer(v: Any) -> bool:
+        return count(v, num_layers)
+
+    def number(v: Any) -> bool:
+        return type(v) in (int, float)
+
+    def text(v: Any) -> bool:
+        return type(v) is str
+
+    def optional(check):
+        return lambda v: v is None or check(v)
+
+    def list_of(check):
+        return lambda v: type(v) is list and all(check(x) for x in v)
+
+    def record_of(checks: dict[str, Any], required: bool = True):
+        return lambda v: (
+            type(v) is dict
+            and all(
+                (key in v or not required) and check(v.get(key)) for key, check in checks.items()
+            )
+        )
+
+    capabilities = record_of(
+        {
+            "device": text,
+            "memory_budget_bytes": count,
+            "num_samples": count,
+            "software_version": text,
+            "model_fingerprint": text,
+        }
+    )
+    metrics = record_of(
+        {
+            "train_samples": count,
+            "val_samples": count,
+            "steps": lambda v: count(v, 2**32),
+            "train_loss": number,
+            "val_loss": number,
+            "val_metric": number,
+            "peak_memory_bytes": count,
+            "seconds": number,
+        }
+    )
+    round_fields = record_of(
+        {
+            "round_id": text,
+            "stage_layer": layer,
+            "window_layers": list_of(layer),
+            "participants": list_of(text),
+            "dropped": list_of(text),
+            "metrics": metrics,
+            "finished_unix_ms": count,
+        }
+    )
+    round_extras = record_of(
+        {
+            "update_digests": optional(list_of(text)),
+            "dp_epsilon": optional(number),
+            "dp_round_epsilon": optional(number),
+        },
+        required=False,
+    )
+
+    def history_record(v: Any) -> bool:
+        return round_fields(v) and round_extras(v)
+
+    fields = {
+        "tensors_file": lambda v: text(v) and v == Path(v).name and not v.startswith("."),
+        "phase": text,
+        "start_layer": optional(layer),
+        "window": optional(lambda v: count(v, num_layers + 1) and v >= 1),
+        "stage_layer": optional(layer),
+        "round_seq": count,
+        "probe_id": text,
+        "foat_scores": optional(list_of(number)),
+        "convergence": lambda v: (
+            type(v) is dict
+            and set(v)
+            <= {"min_rounds", "max_rounds", "patience", "tolerance", "rounds", "best", "since_best"}
+            and all(number(x) for x in v.values())
+        ),
+        "agents": lambda v: (
+            type(v) is dict
+            and all(
+                record_of(
+                    {
+                        "capabilities": capabilities,
+                        "last_seen_ms": count,
+                        "rounds_completed": lambda n: count(n, 2**32),
+                    }
+                )(e)
+                for e in v.values()
+            )
+        ),
+        "history": list_of(history_record),
+    }
+    for key, check in fields.items():
+        if key not in state or not check(state[key]):
+            raise ValueError(f"field {key!r} is missing or malformed: {state.get(key)!r:.200}")
+    optional_fields = {
+        "dp_ledger": list_of(lambda r: type(r) is list and len(r) == 3 and all(map(number, r))),
+        "stop_reason": text,
+    }
+    for key, check in optional_fields.items():
+        if key in state and not check(state[key]):
+            raise ValueError(f"field {key!r} is malformed: {state[key]!r:.200}")
 
 
 def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) -> ChainCoordinator:

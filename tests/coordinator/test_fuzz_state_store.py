@@ -1,0 +1,181 @@
+"""Fuzzing the coordinator's state files: corrupt ``state.json`` and tensors files.
+
+A real coordinator (agents a and b, round r1 aggregated, r2 open) is saved once. Each
+example corrupts the saved files: ``state.json`` replaced by random bytes, byte-mutated,
+or with a field anywhere in its JSON replaced by another JSON value or removed; the
+tensors file byte-mutated or pointed elsewhere. ``state_store.load`` then either
+raises ``StateDirError`` naming the state dir, or returns a coordinator that works:
+its status converts to protobuf, it ticks, answers agent a and saves elsewhere. In
+both cases no file of the state dir was modified, added or removed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from chainfed.coordinator import serde, state_store
+from chainfed.coordinator.chain_state import UpdateRejected
+from chainfed.coordinator.state_store import STATE_FILE, StateDirError
+
+EXAMPLES = 500
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=2000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+class Saved:
+    """The state dir of a coordinator mid-chain, and the files it held when saved."""
+
+    def __init__(self, kit, root: Path) -> None:
+        self.config = kit.config(min_agents=2, min_rounds=5, max_rounds=5)
+        coordinator = kit.coordinator(min_agents=2, min_rounds=5, max_rounds=5)
+        kit.register(coordinator, "a", "b", now=1000)
+        kit.train_round(coordinator, 2000)
+        coordinator.tick(3000)
+        self.dir = root / "state"
+        self.scratch = root / "scratch"
+        state_store.save(coordinator, self.dir)
+        self.files = {p.name: p.read_bytes() for p in self.dir.iterdir()}
+        self.state = json.loads(self.files[STATE_FILE])
+        self.tensors_file = self.state["tensors_file"]
+
+    def restore(self) -> None:
+        for path in self.dir.iterdir():
+            if path.name not in self.files:
+                path.unlink()
+        for name, data in self.files.items():
+            (self.dir / name).write_bytes(data)
+
+    def check(self, state_json: bytes | None = None, tensors: bytes | None = None) -> None:
+        self.restore()
+        if state_json is not None:
+            (self.dir / STATE_FILE).write_bytes(state_json)
+        if tensors is not None:
+            (self.dir / self.tensors_file).write_bytes(tensors)
+        before = {p.name: p.read_bytes() for p in self.dir.iterdir()}
+        try:
+            coordinator = state_store.load(self.dir, self.config)
+        except StateDirError as exc:
+            assert str(self.dir) in str(exc), str(exc)
+        else:
+            assert coordinator is not None
+            serde.status_snapshot_to_proto(coordinator.snapshot())
+            coordinator.tick(4000)
+            try:
+                coordinator.next_task("a", 4000)
+            except UpdateRejected as exc:  # an edit may have removed agent a
+                assert exc.code == "not_found", exc
+            serde.status_snapshot_to_proto(coordinator.snapshot())
+            state_store.save(coordinator, self.scratch)
+        assert {p.name: p.read_bytes() for p in self.dir.iterdir()} == before
+
+
+@pytest.fixture
+def saved(kit, tmp_path) -> Saved:
+    return Saved(kit, tmp_path)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.floats()
+    | st.text(max_size=10)
+    | st.sampled_from(["training", "probing", "done", "a", "r1", "r9", "../x", "/etc/hostname"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every path (tuple of keys / indices) into a JSON value, the root included."""
+    paths = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            paths += _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            paths += _paths(child, (*prefix, index))
+    return paths
+
+
+@st.composite
+def json_edits(draw, state: dict) -> bytes:
+    """``state`` with 1-3 values anywhere replaced by arbitrary JSON, or removed."""
+    state = json.loads(json.dumps(state))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(state)))
+        if not path:
+            state = draw(JSON_VALUES)
+            continue
+        parent = state
+        try:
+            for step in path[:-1]:
+                parent = parent[step]
+            if draw(st.booleans()) and isinstance(parent, dict):
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = draw(JSON_VALUES)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed this path
+    return json.dumps(state).encode()
+
+
+@st.composite
+def byte_mutations(draw, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        where = draw(st.integers(0, len(out)))
+        how = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if how == "flip" and where < len(out):
+            out[where] ^= 1 << draw(st.integers(0, 7))
+        elif how == "insert":
+            out[where:where] = draw(st.binary(min_size=1, max_size=8))
+        elif how == "delete":
+            del out[where : where + draw(st.integers(1, 8))]
+        elif how == "truncate":
+            del out[where:]
+    return bytes(out)
+
+
+@FUZZ
+@given(data=st.data())
+def test_edited_state_json(saved, data):
+    saved.check(state_json=data.draw(json_edits(saved.state)))
+
+
+@FUZZ
+@given(data=st.data(), random=st.booleans())
+@example(data=None, random=None)
+def test_random_and_mutated_state_json(saved, data, random):
+    if data is None:  # pinned cases
+        for doc in (b"[]", b"null", b'{"config": []}', b'{"config": {}, "x": 1}', b"\xff\xfe"):
+            saved.check(state_json=doc)
+        return
+    if random:
+        saved.check(state_json=data.draw(st.binary(max_size=300)))
+    else:
+        saved.check(state_json=data.draw(byte_mutations(saved.files[STATE_FILE])))
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_tensors_file(saved, data):
+    saved.check(tensors=data.draw(byte_mutations(saved.files[saved.tensors_file])))
+
+
+def test_the_saved_state_loads(saved):
+    saved.check()
+    coordinator = state_store.load(saved.dir, saved.config)
+    assert sorted(coordinator.agents) == ["a", "b"] and len(coordinator.history) == 1
