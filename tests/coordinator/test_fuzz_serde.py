@@ -126,7 +126,9 @@ def messages(draw, descriptor: Descriptor, depth: int = 0):
             continue
         value = messages(field.message_type, depth + 1) if is_message else _scalar(field)
         if field.is_repeated:
-            getattr(message, field.name).extend(draw(st.lists(value, max_size=5)))
+            getattr(message, field.name).extend(
+                draw(st.lists(value, max_size=5 if depth == 0 else 2))
+            )
         elif is_message:
             getattr(message, field.name).CopyFrom(draw(value))
         else:
@@ -187,6 +189,10 @@ def mutations(draw, seed: bytes) -> bytes:
 
 
 NAMES = sorted(PARSERS)
+CONVERTED = [
+    name for name in NAMES if name not in ("GetTaskRequest", "FetchTensorsRequest", "StatusRequest")
+]
+"""Messages with a conversion beyond decoding (the others' fields are used as decoded)."""
 
 
 # ---------------------------------------------------------------------------------
@@ -204,7 +210,7 @@ def test_random_bytes_decode_or_fail_cleanly(name: str, data: bytes):
     parse(name, data)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CONVERTED)
 @FUZZ
 @given(data=st.data())
 def test_random_field_values_convert_or_fail_cleanly(name: str, data: st.DataObject):

@@ -317,6 +317,25 @@ def test_random_byte_update_streams_are_rejected_cleanly(served, parts):
     assert served.state() == before
 
 
+@pytest.mark.parametrize("method", [*sorted(REQUESTS), "SubmitUpdate"])
+def test_undecodable_bodies_without_a_token_are_unauthenticated(served, method):
+    """The token is checked before the body is decoded, as for well-formed bodies."""
+    body = b"\x1a\xff\xff\xff\x0f"
+    if method == "SubmitUpdate":
+        call = served.channel.stream_unary(SERVICE + method)
+        request = iter([body])
+    else:
+        call = served.channel.unary_unary(SERVICE + method)
+        if method == "FetchTensors":
+            call = served.channel.unary_stream(SERVICE + method)
+        request = body
+    with pytest.raises(grpc.RpcError) as info:
+        reply = call(request, metadata=serde.auth_metadata("wrong"), timeout=CALL_TIMEOUT)
+        if method == "FetchTensors":
+            list(reply)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_the_honest_upload_is_accepted_last(served):
     """The fuzzed streams were rejected for what they broke: the intact one is counted."""
     parts = [_header(served), *tensors_to_chunks(served.update, 16)]
