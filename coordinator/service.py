@@ -103,7 +103,11 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     # -- plumbing -----------------------------------------------------------------------
 
     def stop(self) -> None:
+        """Stop ticking and answer every waiting long-poll now (WAIT), so that a server
+        shutting down with a grace period ends them cleanly instead of cancelling them."""
         self._stop.set()
+        with self.lock:
+            self.lock.notify_all()
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(0.25):
@@ -225,7 +229,11 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                     self._reject(context, exc)
                 if not self._persist_if_changed():
                     self._check_fatal(context)
-                if task.kind is not TaskKind.WAIT or time.monotonic() >= give_up:
+                if (
+                    task.kind is not TaskKind.WAIT
+                    or time.monotonic() >= give_up
+                    or self._stop.is_set()
+                ):
                     return serde.task_to_proto(task)
                 if not context.is_active():
                     return serde.task_to_proto(task)
@@ -261,6 +269,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context):
         self._authenticate(context, None)
+        first, received = None, 0
         try:
             first_message = next(request_iterator)
             self._check_size(first_message, context)
@@ -275,11 +284,23 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 if isinstance(part, UpdateHeader):
                     raise ProtocolError("an update has exactly one header")
                 assembler.add(part)
+                received += len(part.data)
             tensors = assembler.finish()
         except StopIteration:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty update stream")
         except (ProtocolError, ChunkError, ValueError) as exc:
             self._reject(context, exc)
+        except grpc.RpcError:
+            # the agent went away mid-stream (cancelled, connection lost): nothing is kept
+            log.warning(
+                "discarded the partial upload of %s for round %s (%d of %d bytes): the "
+                "agent disconnected mid-stream",
+                first.agent_id if first else "an agent",
+                first.round_id if first else "?",
+                received,
+                sum(spec.total_bytes for spec in first.tensors) if first else 0,
+            )
+            context.abort(grpc.StatusCode.CANCELLED, "upload interrupted")
         with self.lock:
             self._check_fatal(context)
             try:

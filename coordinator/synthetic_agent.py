@@ -25,7 +25,9 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,7 +62,11 @@ from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chainfed.synthetic_agent")
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,  # what an overloaded server's dropped call looks like
+)
 
 
 class SyntheticAgentError(ChainFedError):
@@ -154,6 +160,12 @@ class SyntheticAgentConfig:
     """First retry delay; doubles up to ``max_backoff_s``, with ±50 % jitter."""
     max_backoff_s: float = 5.0
     """Longest retry delay."""
+    train_seconds: float = 0.0
+    """Time a round's "training" takes (a sleep before the upload), so that a chain of
+    a few agents does not finish in a blink."""
+    die_mid_upload: bool = False
+    """Fault injection: SIGKILL the whole process halfway through streaming the first
+    update (after its header and half its chunks went out), as a device losing power."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,9 @@ class Submission:
     """The coordinator answered OK (a duplicate of an accepted upload is also OK)."""
     detail: str = ""
     """Why not accepted (the coordinator's status and message)."""
+    attempts: int = 1
+    """Calls it took; after a failed attempt a refusal is ambiguous: the coordinator may
+    have taken an earlier attempt whose answer was lost (at-least-once delivery)."""
 
 
 @dataclass
@@ -215,16 +230,20 @@ class SyntheticAgent:
         self._stub = pb_grpc.ChainFedStub(self._channel)
 
     def _call(self, method: str, fn: Callable[[], object]) -> object:
-        """Run one call, retrying with exponential backoff + jitter while unreachable."""
-        delay, started = self.config.first_backoff_s, time.monotonic()
+        """Run one call, retrying with exponential backoff + jitter while unreachable;
+        ``give_up_after_s`` counts from the first failure, not from the first attempt."""
+        delay, failing_since = self.config.first_backoff_s, None
         while True:
             t0 = time.perf_counter()
             try:
                 result = fn()
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
+                    log.warning("%s %s: %s", self.agent_id, method, exc.code().name)
                     raise
-                if time.monotonic() - started > self.config.give_up_after_s:
+                log.warning("%s %s: %s, retrying", self.agent_id, method, exc.code().name)
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.config.give_up_after_s:
                     raise SyntheticAgentError(
                         f"{self.agent_id}: coordinator {self.config.address} unreachable for "
                         f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
@@ -270,6 +289,7 @@ class SyntheticAgent:
                 self.log.error = f"{self.agent_id}: {exc.code().name}: {exc.details()}"
             else:
                 self.log.error = f"{self.agent_id}: {exc}"
+            log.error("agent failed: %s", self.log.error)
         finally:
             if self._channel is not None:
                 self._channel.close()
@@ -343,6 +363,7 @@ class SyntheticAgent:
     def _train_round(self, task: Task) -> None:
         if self._fetch(task) is None:
             return
+        self.stop.wait(self.config.train_seconds)
         self._round += 1
         tensors = self.config.layout.update(task.window_layers, self._seed(task.round_id))
         loss = 1.0 / (1 + self._round)
@@ -377,26 +398,37 @@ class SyntheticAgent:
         header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
         budget = chunk_data_budget(self.max_message_bytes)
 
+        chunks = list(tensors_to_chunks(tensors, budget))
+
         def parts() -> Iterator[pb.UpdatePart]:
             yield serde.update_part_to_proto(header)
-            for chunk in tensors_to_chunks(tensors, budget):
+            for k, chunk in enumerate(chunks):
+                if self.config.die_mid_upload and k == len(chunks) // 2 and chunks[k:]:
+                    time.sleep(0.5)  # let what was yielded reach the coordinator
+                    os.kill(os.getpid(), signal.SIGKILL)
                 yield serde.update_part_to_proto(chunk)
 
         digest = update_digest(tensors)
-        try:
-            self._call(
-                "SubmitUpdate",
-                lambda: self._stub.SubmitUpdate(
-                    parts(), metadata=self._metadata, timeout=self.config.rpc_timeout_s
-                ),
+        attempts = 0
+
+        def submit() -> object:
+            nonlocal attempts
+            attempts += 1
+            return self._stub.SubmitUpdate(
+                parts(), metadata=self._metadata, timeout=self.config.rpc_timeout_s
             )
+
+        try:
+            self._call("SubmitUpdate", submit)
         except grpc.RpcError as exc:
             if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             detail = f"{exc.code().name}: {exc.details()}"
-            self.log.submissions.append(Submission(self.agent_id, round_id, digest, False, detail))
+            self.log.submissions.append(
+                Submission(self.agent_id, round_id, digest, False, detail, attempts)
+            )
             return
-        self.log.submissions.append(Submission(self.agent_id, round_id, digest, True))
+        self.log.submissions.append(Submission(self.agent_id, round_id, digest, True, "", attempts))
 
 
 # -- many agents in one process -------------------------------------------------------
@@ -500,12 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--give-up-after", type=float, default=120.0, help="seconds unreachable")
     parser.add_argument("--start-spread", type=float, default=0.0, help="seconds to start all")
     parser.add_argument("--timeout", type=float, help="stop after this many seconds")
+    parser.add_argument("--train-seconds", type=float, default=0.0, help="seconds per round")
+    parser.add_argument("--max-backoff", type=float, default=5.0, help="longest retry delay")
+    parser.add_argument(
+        "--die-mid-upload",
+        action="store_true",
+        help="fault injection: SIGKILL this process halfway through the first upload",
+    )
     parser.add_argument("--json", type=Path, required=True, help="where to write the report")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     layout = AdapterLayout.from_dict(json.loads(args.layout.read_text()))
     configs = [
         SyntheticAgentConfig(
@@ -516,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
             layout=layout,
             poll_ms=args.poll_ms,
             give_up_after_s=args.give_up_after,
+            max_backoff_s=args.max_backoff,
+            train_seconds=args.train_seconds,
+            die_mid_upload=args.die_mid_upload,
         )
         for agent_id in args.agent_ids.split(",")
     ]
