@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         *("--start-layer", str(start_layer), "--window", str(args.window), "--gpo", "none"),
         *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
         *("--min-agents", str(args.agents), "--round-deadline", str(args.round_deadline)),
-        *("--rank", str(args.rank), "--exit-after-done", "3", "--verbose"),
+        *("--rank", str(args.rank), "--exit-after-done", "600", "--verbose"),
     ]
     started = time.monotonic()
     with open(logs / "coordinator.log", "wb") as out:
@@ -196,8 +196,9 @@ def run(args: argparse.Namespace) -> dict:
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
         p.wait()
+    coordinator.send_signal(signal.SIGTERM)  # every agent is done or gone
     try:
-        coordinator.wait(timeout=30)
+        coordinator.wait(timeout=60)
     except subprocess.TimeoutExpired:
         coordinator.send_signal(signal.SIGKILL)
         coordinator.wait()

@@ -74,6 +74,11 @@ class ServiceConfig:
     """Cap on the declared size of one update (checked before allocating)."""
     max_workers: int = 1024
     """Threads serving calls (created on demand); each waiting GetTask holds one."""
+    max_transfers: int = 64
+    """Tensor streams (FetchTensors, SubmitUpdate) served at once; more wait up to
+    ``transfer_wait_s`` for a turn, then get UNAVAILABLE (agents back off and retry)."""
+    transfer_wait_s: float = 20.0
+    """How long a tensor stream waits for a turn."""
 
     @property
     def long_poll_slots(self) -> int:
@@ -93,6 +98,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         self._held = 0
         """GetTask calls waiting in the long-poll now."""
         self._task_key = self._current_task_key()
+        self._transfers = threading.BoundedSemaphore(config.max_transfers)
         self._fetch_cache: tuple[tuple, dict, list[pb.TensorChunk]] | None = None
         """(key, tensors, messages) of the last FetchTensors answer: every agent of a round
         fetches the same tensors, so they are cut into messages once per round."""
@@ -255,7 +261,20 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             except UpdateRejected as exc:
                 self._reject(context, exc)
             messages = self._fetch_messages(tensors)
-        yield from messages
+        self._take_transfer_turn(context)
+        try:
+            yield from messages
+        finally:
+            self._transfers.release()
+
+    def _take_transfer_turn(self, context: grpc.ServicerContext) -> None:
+        """Wait for one of ``max_transfers`` turns. A thousand agents streaming at once
+        overload the transport (calls dropped as CANCELLED or UNAVAILABLE after long
+        stalls); in turns, each stream is quick."""
+        if not self._transfers.acquire(timeout=self.config.transfer_wait_s):
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, "coordinator busy with other transfers; retry"
+            )
 
     def _fetch_messages(self, tensors: dict) -> list[pb.TensorChunk]:
         """The chunk messages of ``tensors``, reused while they are the same, unmodified
@@ -269,6 +288,13 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context):
         self._authenticate(context, None)
+        self._take_transfer_turn(context)
+        try:
+            return self._receive_update(request_iterator, context)
+        finally:
+            self._transfers.release()
+
+    def _receive_update(self, request_iterator: Iterator[pb.UpdatePart], context):
         first, received = None, 0
         try:
             first_message = next(request_iterator)

@@ -241,7 +241,8 @@ class SyntheticAgent:
                 if exc.code() not in RETRYABLE:
                     log.warning("%s %s: %s", self.agent_id, method, exc.code().name)
                     raise
-                log.warning("%s %s: %s, retrying", self.agent_id, method, exc.code().name)
+                code, details = exc.code().name, exc.details()
+                log.warning("%s %s: %s (%s), retrying", self.agent_id, method, code, details)
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.config.give_up_after_s:
                     raise SyntheticAgentError(
