@@ -46,7 +46,7 @@ from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 EXAMPLES = 500
 FUZZ = settings(
     max_examples=EXAMPLES,
-    deadline=5000,
+    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

@@ -25,7 +25,7 @@ from chainfed.coordinator.state_store import STATE_FILE, StateDirError
 EXAMPLES = 500
 FUZZ = settings(
     max_examples=EXAMPLES,
-    deadline=2000,
+    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
