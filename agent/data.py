@@ -683,6 +683,12 @@ def partition_dirichlet(
     dominant classes, large ``alpha`` (100) is close to IID. Every index lands in exactly
     one part and each part's indices are sorted.
 
+    The shares come from their own generator, drawn per class in sorted order, so they
+    depend only on ``seed``, ``num_parts``, ``alpha`` and the set of classes, not on how
+    many examples each class has: two splits of one corpus (train and validation)
+    partitioned with the same seed give every part the same label mix, and an agent
+    validates on the distribution it trains on.
+
     No part is empty: a draw can leave a part with nothing, so afterwards each empty part
     (in order) takes one random index from the currently largest part. With
     ``n >= num_parts`` the largest part then has at least 2 indices, so the donor never
@@ -693,6 +699,7 @@ def partition_dirichlet(
     if not np.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     rng = np.random.default_rng(seed)
+    share_rng = np.random.default_rng([seed, 1])
     by_class: dict[Hashable, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(label, []).append(i)
@@ -701,9 +708,9 @@ def partition_dirichlet(
     for label in sorted(by_class):  # type: ignore[type-var]
         idx = np.array(by_class[label])
         rng.shuffle(idx)
-        share = rng.dirichlet(np.full(num_parts, float(alpha)))
+        share = share_rng.dirichlet(np.full(num_parts, float(alpha)))
         if not np.all(np.isfinite(share)) or share.sum() <= 0:  # underflow at tiny alpha
-            share = np.eye(num_parts)[rng.integers(num_parts)]
+            share = np.eye(num_parts)[share_rng.integers(num_parts)]
         cuts = np.clip((np.cumsum(share)[:-1] * len(idx)).astype(np.int64), 0, len(idx))
         for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
             part.extend(chunk.tolist())

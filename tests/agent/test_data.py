@@ -443,6 +443,20 @@ def test_dirichlet_alpha_controls_skew():
     assert mean_majority_share(1000.0) < 0.4
 
 
+def test_dirichlet_gives_two_splits_the_same_label_mix_per_part():
+    # train and validation of one corpus, partitioned with one seed: each part's label
+    # proportions agree (up to rounding), so an agent validates on what it trains on
+    train = [0] * 900 + [1] * 600 + [2] * 300
+    val = [0] * 300 + [1] * 200 + [2] * 100
+    train_parts = partition_dirichlet(train, 4, 0.5, seed=7)
+    val_parts = partition_dirichlet(val, 4, 0.5, seed=7)
+    for t, v in zip(train_parts, val_parts, strict=True):
+        for label, total_t, total_v in ((0, 900, 300), (1, 600, 200), (2, 300, 100)):
+            share_t = sum(train[i] == label for i in t) / total_t
+            share_v = sum(val[i] == label for i in v) / total_v
+            assert abs(share_t - share_v) < 0.02
+
+
 def test_partitions_reject_impossible_requests():
     with pytest.raises(ValueError, match="non-empty"):
         partition_iid(3, 4, seed=0)
