@@ -29,8 +29,8 @@ non-IID chain test accuracy ≥ e2e − 1 point and > topk; chain's bytes per ag
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/accuracy.py               # ~20 min on 2 CPU cores
-    python benchmarks/accuracy.py --splits dirichlet:0.5 --train-rows 2000 --out runs/acc
+    OMP_NUM_THREADS=2 python benchmarks/accuracy.py               # both splits, 8 agents
+    python benchmarks/accuracy.py --splits dirichlet:0.5 --train-rows 4000 --out runs/acc
 
 Outputs in ``--out`` (default ``benchmarks/results/accuracy-<timestamp>``):
 ``accuracy.json`` (every run: config, per-round history, figures), ``accuracy.md`` (the
@@ -217,18 +217,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--splits", default="dirichlet:0.5,iid", help="comma-separated splits")
     parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--model", default="minilm")
-    parser.add_argument("--train-rows", type=int, default=4000, help="training rows in all")
+    parser.add_argument("--train-rows", type=int, default=1600, help="training rows in all")
     parser.add_argument("--val-rows", type=int, default=800, help="validation rows in all")
     parser.add_argument("--test-rows", type=int, default=1000, help="held-out test rows")
-    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-layer", type=int, help="chain start layer (default: FOAT)")
     parser.add_argument("--window", type=int, default=2, help="DLCT window Q")
     parser.add_argument("--topk", type=int, default=2, help="K of the topk baseline")
     parser.add_argument("--min-rounds-per-layer", type=int, default=1)
-    parser.add_argument("--max-rounds-per-layer", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=20)
-    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--max-rounds-per-layer", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument(
