@@ -133,6 +133,33 @@ class Checkpoint:
                 raise ModelLoadError(f"{path}: cannot read tensors {names}: {exc}") from exc
         return out
 
+    def load_rows(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of a 2-D tensor, reading (and mapping) only those rows.
+
+        For tensors too large to hold whole, such as a decoder's LM head read a
+        vocabulary slice at a time; the file is unmapped again before returning.
+        """
+        self._require([name])
+        rows = self._shape_of[name][0]
+        if not 0 <= start < stop <= rows:
+            raise ValueError(f"rows {start}:{stop} out of range for {name!r} with {rows} rows")
+        path = self._file_of[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_slice(name)[start:stop].to(device=device, dtype=dtype)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelLoadError(
+                f"{path}: cannot read rows {start}:{stop} of {name}: {exc}"
+            ) from exc
+
 
 def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
     try:

@@ -4,8 +4,9 @@
   Pooling is the mean over real tokens for encoders (how all-MiniLM-L6-v2 was trained)
   and the last real token for decoders.
 * ``LMObjective``: the model's own final norm + LM head, frozen. The loss covers response
-  tokens only, and logits are computed only at positions that carry loss, in chunks, so
-  the (B, T, V) logits tensor never exists. Accuracy: whether the label word the model
+  tokens only, and logits are computed only at positions that carry loss, with the head
+  read in vocabulary slices (``StreamedLMHead``), so neither the (B, T, V) logits nor the
+  whole head is ever in memory. Accuracy: whether the label word the model
   ranks first (among the label words' first tokens) is the right one.
 
 Notation: B batch, T sequence, d hidden, C classes, V vocabulary, n loss positions.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOGIT_CHUNK = 256
+from chainfed.agent.lm_head import StreamedLMHead
 
 
 @dataclass
@@ -73,9 +74,9 @@ class ClassifyObjective(nn.Module):
 
 
 class LMObjective(nn.Module):
-    """Frozen final norm + LM head; loss on response tokens; label-word accuracy."""
+    """Frozen final norm + LM head (streamed); loss on response tokens; label-word accuracy."""
 
-    def __init__(self, lm_head: nn.Module, label_token_ids: list[int]) -> None:
+    def __init__(self, lm_head: StreamedLMHead, label_token_ids: list[int]) -> None:
         super().__init__()
         self.lm_head = lm_head.requires_grad_(False)
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
@@ -86,17 +87,15 @@ class LMObjective(nn.Module):
         rows, cols = carries.nonzero(as_tuple=True)
         return rows, cols
 
-    def loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _position_losses(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) cross-entropy at every loss position, and (n,) the sample each belongs to."""
         rows, cols = self._positions(batch)
-        states = h[rows, cols]  # (n, d)
         targets = batch.input_ids[rows, cols + 1]  # (n,)
-        total = h.new_zeros(())
-        for start in range(0, states.shape[0], LOGIT_CHUNK):
-            logits = self.lm_head(states[start : start + LOGIT_CHUNK])  # (chunk, V)
-            total = total + F.cross_entropy(
-                logits.float(), targets[start : start + LOGIT_CHUNK], reduction="sum"
-            )
-        return total / max(states.shape[0], 1)
+        return self.lm_head.cross_entropy(h[rows, cols], targets), rows
+
+    def loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        losses, _ = self._position_losses(h, batch)
+        return losses.sum() / max(losses.shape[0], 1)
 
     @torch.no_grad()
     def score(self, h: torch.Tensor, batch: Batch) -> tuple[float, int, int]:
@@ -105,16 +104,10 @@ class LMObjective(nn.Module):
             batch.loss_mask.float().argmax(1) - 1
         )  # (B,) position predicting the 1st response token
         rows = torch.arange(h.shape[0])
-        logits = self.lm_head(h[rows, first])  # (B, V)
-        ranked = logits[:, self.label_token_ids].argmax(-1)  # (B,)
-        correct = int((ranked == batch.labels).sum())
-        loss = 0.0
-        for i in range(h.shape[0]):
-            single = Batch(
-                batch.input_ids[i : i + 1],
-                batch.attention_mask[i : i + 1],
-                batch.labels[i : i + 1],
-                batch.loss_mask[i : i + 1],
-            )
-            loss += self.loss(h[i : i + 1], single).item()
+        logits = self.lm_head.token_logits(h[rows, first], self.label_token_ids)  # (B, labels)
+        correct = int((logits.argmax(-1) == batch.labels).sum())
+        losses, owners = self._position_losses(h, batch)
+        per_sample = torch.zeros(h.shape[0]).index_add_(0, owners, losses.float())
+        counts = torch.zeros(h.shape[0]).index_add_(0, owners, torch.ones_like(losses.float()))
+        loss = float((per_sample / counts.clamp_min(1.0)).sum())
         return loss, correct, h.shape[0]

@@ -23,6 +23,7 @@ from chainfed.agent import bert, llama
 from chainfed.agent.attention import AttentionContext
 from chainfed.agent.checkpoint import Checkpoint, TensorSpec
 from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.lm_head import StreamedLMHead
 from chainfed.agent.model_config import ModelConfig
 
 _FAMILIES: dict[str, ModuleType] = {"bert": bert, "llama": llama}
@@ -109,15 +110,38 @@ class StreamingModel:
             module = self._family.build_block(self.config)
         return self._materialise(module, spec)
 
-    def load_lm_head(self) -> nn.Module:
-        """Final norm + LM head of a decoder: ``(B, T, d) -> (B, T, V)``."""
+    def _require_decoder(self) -> None:
         if self.config.family != "llama":
             raise ModelLoadError(
                 f"{self.model_dir}: {self.config.model_type} is an encoder and has no LM head"
             )
+
+    def load_lm_head(self) -> nn.Module:
+        """Final norm + LM head of a decoder, held whole: ``(B, T, d) -> (B, T, V)``.
+
+        For generation; losses use ``streamed_lm_head``."""
+        self._require_decoder()
         with torch.device("meta"):
             module = self._family.build_head(self.config)
         return self._materialise(module, self._family.head_tensors(self.config, self._prefix))
+
+    def streamed_lm_head(self) -> StreamedLMHead:
+        """Final norm + LM head for losses: the head is read in vocabulary slices when
+        used, never held whole (see ``chainfed.agent.lm_head``)."""
+        self._require_decoder()
+        spec = self._family.head_tensors(self.config, self._prefix)
+        weight_name, shape = spec["lm_head.weight"]
+        if self.checkpoint.shape(weight_name) != shape:
+            raise ModelLoadError(
+                f"{self.model_dir}: tensor {weight_name!r} has shape "
+                f"{list(self.checkpoint.shape(weight_name))} but the config implies {list(shape)}"
+            )
+        with torch.device("meta"):
+            norm = self._family.build_head(self.config).norm
+        norm = self._materialise(norm, {"weight": spec["norm.weight"]})
+        return StreamedLMHead(
+            norm, self.checkpoint, weight_name, dtype=self.dtype, device=self.device
+        )
 
     def attention_context(self, attention_mask: torch.Tensor) -> AttentionContext:
         """Mask (and RoPE tables) shared by every block for this batch."""

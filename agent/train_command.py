@@ -39,7 +39,12 @@ from chainfed.agent.errors import ChainFedError
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.memory_meter import format_bytes, parse_bytes, process_baseline
+from chainfed.agent.memory_meter import (
+    format_bytes,
+    parse_bytes,
+    process_baseline,
+    release_large_frees_to_os,
+)
 from chainfed.agent.model import StreamingModel
 
 
@@ -195,7 +200,7 @@ def _objective(
     if task == "classify":
         pooling = "mean" if model.config.family == "bert" else "last"
         return ClassifyObjective(model.config.hidden_size, len(labels), pooling, seed=seed)
-    return LMObjective(model.load_lm_head(), token_ids)
+    return LMObjective(model.streamed_lm_head(), token_ids)
 
 
 def stage_table(stages: list[dict[str, Any]]) -> str:
@@ -218,6 +223,7 @@ def stage_table(stages: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or evaluate) and report; returns the exit status."""
+    release_large_frees_to_os()
     process_baseline()
     torch.manual_seed(args.seed)
     model_dir = resolve_model(args.model, progress=not args.quiet)

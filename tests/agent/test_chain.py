@@ -112,7 +112,7 @@ def make_trainer(
 ) -> ChainTrainer:
     model = StreamingModel(model_dir)
     if lm:
-        objective = LMObjective(model.load_lm_head(), [5, 6])
+        objective = LMObjective(model.streamed_lm_head(), [5, 6])
     else:
         pooling = "mean" if model.config.family == "bert" else "last"
         objective = ClassifyObjective(D, CLASSES, pooling, seed=0)
