@@ -25,7 +25,7 @@ from chainfed.agent.data import (
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import AgentConfig, FederatedAgent, LocalData
 from chainfed.agent.fingerprint import digest_files
-from chainfed.agent.memory_meter import parse_bytes, process_baseline
+from chainfed.agent.memory_meter import parse_bytes, process_baseline, release_large_frees_to_os
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import (
     add_data_arguments,
@@ -99,6 +99,7 @@ def shard_of(data: SplitData, shard: str, partition: str, seed: int) -> SplitDat
 
 def run(args: argparse.Namespace) -> int:
     """Join, train until the chain is done, write the final adapters."""
+    release_large_frees_to_os()
     process_baseline()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

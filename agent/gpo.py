@@ -14,8 +14,11 @@ Two ways to give the window a view of the rest of the network for the global los
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from chainfed.agent.attention import AttentionContext
 from chainfed.agent.model import StreamingModel
@@ -50,9 +53,26 @@ class ProxyBranch(nn.Module):
             del self.proxies[key]
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        for key in sorted(self.proxies, key=int):
-            h = self.proxies[key](h)
+        """Run every proxy. With autograd on, the proxies run in segments of about √n that
+        keep only their input and recompute their activations in backward: a plain run
+        saves two (B, T, d) tensors per proxy, which made early stages (with a proxy for
+        nearly every layer) the chain's peak; segments keep ~3√n of them. Recomputation
+        is deterministic, so gradients are those of the plain run."""
+        proxies = [self.proxies[key] for key in sorted(self.proxies, key=int)]
+        if not torch.is_grad_enabled() or len(proxies) < 4:
+            for proxy in proxies:
+                h = proxy(h)
+            return h
+        size = math.ceil(math.sqrt(len(proxies)))
+        for start in range(0, len(proxies), size):
+            h = checkpoint(_run_in_order, h, *proxies[start : start + size], use_reentrant=False)
         return h
+
+
+def _run_in_order(h: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
+    for module in modules:
+        h = module(h)
+    return h
 
 
 class _StreamedBlock(torch.autograd.Function):

@@ -102,6 +102,7 @@ from chainfed.agent.memory_meter import (
     format_bytes,
     malloc_trim,
     process_baseline,
+    release_large_frees_to_os,
     vmhwm_supported,
 )
 from chainfed.agent.model import StreamingModel
@@ -314,7 +315,7 @@ def build_objective(model: StreamingModel, task: str, seed: int) -> ClassifyObje
         pooling = "mean" if model.config.family == "bert" else "last"
         head = ClassifyObjective(model.config.hidden_size, NUM_CLASSES, pooling, seed=seed)
         return head.to(model.device)
-    return LMObjective(model.load_lm_head(), LABEL_TOKENS)
+    return LMObjective(model.streamed_lm_head(), LABEL_TOKENS)
 
 
 def _on_device(split: EncodedSplit, device: str) -> EncodedSplit:
@@ -328,6 +329,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
 
     Call it in a process that has touched no model yet: the baseline is recorded first.
     """
+    release_large_frees_to_os()
     baseline = process_baseline()
     libraries_start = library_rss()
     cuda = torch.device(spec.device).type == "cuda"

@@ -94,7 +94,7 @@ def window_block(model: StreamingModel) -> torch.nn.Module:
 
 def make_objective(model: StreamingModel, kind: str):
     if kind == "lm":
-        return LMObjective(model.load_lm_head(), [5, 6, 7])
+        return LMObjective(model.streamed_lm_head(), [5, 6, 7])
     pooling = "mean" if model.config.family == "bert" else "last"
     return ClassifyObjective(D, 3, pooling, seed=0)
 
@@ -336,3 +336,24 @@ def test_trainer_retires_proxies_as_the_chain_climbs_and_trains_the_rest(model_d
     assert isinstance(trainer.foresight, ProxyBranch)
     assert proxies == {layer: [str(j) for j in range(layer + 1, L)] for layer in range(L)}
     assert all(trained[layer] for layer in range(L - 1))  # the last stage has no foresight
+
+
+def test_proxy_segments_give_the_plain_gradients() -> None:
+    """The segmented (recomputed) proxy branch equals running the proxies one by one."""
+    branch = ProxyBranch(D, 4, range(2, 11), seed=1)
+    with torch.no_grad():
+        for proxy in branch.proxies.values():
+            proxy.up.normal_(0.0, 0.1)
+    h = torch.randn(2, T, D, requires_grad=True)
+
+    segmented = branch(h, None)
+    plain = h
+    for key in sorted(branch.proxies, key=int):
+        plain = branch.proxies[key](plain)
+    params = list(branch.parameters())
+    got = torch.autograd.grad(segmented.square().sum(), [h, *params])
+    expected = torch.autograd.grad(plain.square().sum(), [h, *params])
+
+    torch.testing.assert_close(segmented, plain, rtol=0, atol=0)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
