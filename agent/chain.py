@@ -333,7 +333,7 @@ class ChainTrainer:
             block = self._frozen_block(index)
             cache.advance(
                 lambda h, mask, block=block: block(
-                    h.to(self.model.dtype), self.model.attention_context(mask)
+                    h.to(self.model.device, self.model.dtype), self.model.attention_context(mask)
                 ),
                 split.attention_mask,
                 adapter_digest=digests[index],
@@ -486,7 +486,7 @@ class ChainTrainer:
         if self.config.mode == "e2e":
             return self._embeddings(split.input_ids[idx], split.attention_mask[idx])
         cache = self.caches[0 if train else 1]
-        return cache.read(idx).to(self.model.dtype)
+        return cache.read(idx).to(self.model.device, self.model.dtype)
 
     def _window_forward(self, h: torch.Tensor, batch: Batch):
         ctx = self.model.attention_context(batch.attention_mask)
