@@ -221,8 +221,6 @@ class Options:
     seed: int = 0
     tmp_dir: str | None = None
     """Where random checkpoints and prefix caches go (None: the system temp folder)."""
-    mmap_threshold: int | None = None
-    """``MALLOC_MMAP_THRESHOLD_`` for every worker (None: glibc's default, dynamic)."""
 
 
 @dataclass(frozen=True)
@@ -248,8 +246,6 @@ class RunSpec:
     seed: int = 0
     stages: int | None = None
     """Run only the chain's first ``stages`` stages (None: ``ChainTrainer.train()``)."""
-    mmap_threshold: int | None = None
-    """glibc ``MALLOC_MMAP_THRESHOLD_`` of the worker process (None: not set)."""
 
     def chain_config(self) -> ChainConfig:
         return ChainConfig(
@@ -436,8 +432,6 @@ def run_isolated(spec: RunSpec) -> dict[str, Any]:
     spec_path.write_text(json.dumps(asdict(spec)))
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path, result_path]
     env = dict(os.environ)
-    if spec.mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(spec.mmap_threshold)
     before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - started
@@ -614,7 +608,6 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
             workdir=str(tmp / f"{shape.name}-L{p.layers}-{p.mode}"),
             seed=options.seed,
             stages=p.stages,
-            mmap_threshold=options.mmap_threshold,
         )
         started = time.perf_counter()
         run = run_isolated(spec)
@@ -660,8 +653,6 @@ def worker_env_summary(options: Options) -> dict[str, str]:
         for k, v in os.environ.items()
         if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_", "PYTORCH_"))
     }
-    if options.mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(options.mmap_threshold)
     return env
 
 
@@ -989,13 +980,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help="output folder (default: benchmarks/results/memory-<timestamp>)"
     )
     parser.add_argument("--tmp-dir", help="folder for random checkpoints and prefix caches")
-    parser.add_argument(
-        "--mmap-threshold",
-        type=int,
-        metavar="BYTES",
-        help="set glibc's MALLOC_MMAP_THRESHOLD_ in every worker (default: unset, glibc's "
-        "dynamic threshold, as chainfed runs today)",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1037,7 +1021,6 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         seed=args.seed,
         tmp_dir=args.tmp_dir,
-        mmap_threshold=args.mmap_threshold,
     )
     out = args.out or Path("benchmarks/results") / time.strftime("memory-%Y%m%d-%H%M%S")
     report = run_benchmark(shapes, options, out)
