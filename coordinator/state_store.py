@@ -322,6 +322,11 @@ def _check_fields(state: dict[str, Any], num_layers: int) -> None:
     for key, check in fields.items():
         if key not in state or not check(state[key]):
             raise ValueError(f"field {key!r} is missing or malformed: {state.get(key)!r:.200}")
+    # a chain position (stage layer) is only meaningful with the start and window it sits in
+    training = state["phase"] == ChainPhase.TRAINING.value
+    unset = [k for k in ("start_layer", "window", "stage_layer") if state[k] is None]
+    if unset and (training or state["stage_layer"] is not None):
+        raise ValueError(f"phase {state['phase']!r} at a chain position, but {unset} not set")
     optional_fields = {
         "dp_ledger": list_of(lambda r: type(r) is list and len(r) == 3 and all(map(number, r))),
         "stop_reason": text,

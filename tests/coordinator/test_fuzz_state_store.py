@@ -197,8 +197,9 @@ def test_the_saved_state_loads(saved):
         lambda s: s.update(stage_layer=10**9),
         lambda s: s.update(tensors_file="../" + s["tensors_file"]),
         lambda s: s["agents"]["a"].update(last_seen_ms=2**64),
+        lambda s: s.update(start_layer=None),  # training at a stage: was TypeError in Status
     ],
-    ids=["convergence", "digest", "round_seq", "layer", "tensors_file", "last_seen"],
+    ids=["convergence", "digest", "round_seq", "layer", "tensors_file", "last_seen", "start"],
 )
 def test_found_corruptions_are_state_dir_errors(saved, edit):
     state = json.loads(saved.files[STATE_FILE])
