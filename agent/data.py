@@ -1,20 +1,21 @@
 """Training data for the chain trainer: read, validate, split, partition, tokenise.
 
-A data file (CSV or JSONL, any text encoding) is read **once**, row by row. Each row
-either becomes an example or is counted as a bad row under one reason; the counts go
-into the result and its ``summary()``, and a file where nothing is usable raises
+A data file (CSV or JSONL, any text encoding) is read row by row. Each row either is
+usable or is counted as a bad row under one reason; the counts go into the result and
+its ``summary()``, and a file where nothing is usable raises
 :class:`~chainfed.agent.errors.DataError`::
 
     file (.csv / .jsonl)
-      │ one pass: decode → parse → check fields → example        bad rows: counted by reason
+      │ pass 1: decode → parse → check fields                    bad rows: counted by reason
       ▼
-    usable rows (file order)
+    usable rows (file order): only an 8-byte content hash and the label of each are kept
       │ seeded shuffle: sort by blake2b(row content, key=seed)
       ▼
     ┌──────────── val pool ────────────┬────────────────── train pool ──────────────────┐
     │ first round(val_fraction · n)    │ the rest                                       │
     └──────────────────────────────────┴────────────────────────────────────────────────┘
       val = val_pool[:val_rows]          train = train_pool[:train_rows]
+      │ pass 2: the chosen rows' text, read again → examples
 
 Split guarantee: the permutation depends only on ``seed`` and each row's own content
 (not on its position in the file, the Python or numpy version, or the machine), and the
@@ -51,6 +52,7 @@ import json
 import logging
 import re
 import string
+from array import array
 from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -395,7 +397,10 @@ class _Row:
 
 
 def load_dataset(config: DataConfig) -> SplitData:
-    """Read ``config.path`` once, drop bad rows, shuffle with the seed, split.
+    """Read ``config.path``, drop bad rows, shuffle with the seed, split.
+
+    The file is read twice so that memory holds the chosen subset, not the file: the
+    first pass keeps 10 bytes per usable row, the second only the chosen rows' text.
 
     Raises :class:`DataError` (message names the path) for a missing / unreadable file,
     a column or key no row has, bytes not valid in the encoding (unless
@@ -410,8 +415,10 @@ def load_dataset(config: DataConfig) -> SplitData:
     needed = list(roles)
     bad: Counter[str] = Counter()
     bad_lines: dict[str, list[int]] = {}
-    kept: list[tuple[str, str, str | None]] = []  # (text or prompt, response or "", label)
-    keys_seen: set[str] = set()
+    hashes = bytearray()  # 8 bytes per usable row: its content hash (the shuffle key)
+    label_codes = array("l")  # per usable row: index into label_seen, -1 for none
+    label_seen: dict[str, int] = {}
+    key = str(config.seed).encode()
     rows_read = 0
 
     def drop(reason: str, line: int) -> None:
@@ -420,59 +427,42 @@ def load_dataset(config: DataConfig) -> SplitData:
         if len(lines) < _MAX_BAD_LINES:
             lines.append(line)
 
-    try:
-        with open(path, encoding=config.encoding, errors="surrogateescape", newline="") as f:
-            rows = _csv_rows(f, config, roles) if config.format == "csv" else _jsonl_rows(f)
-            for row in rows:
-                rows_read += 1
-                if row.undecodable:
-                    if not config.skip_undecodable:
-                        raise _decode_error(config, row.line)
-                    drop("undecodable", row.line)
-                    continue
-                if row.values is None:
-                    drop("malformed", row.line)
-                    continue
-                keys_seen.update(row.values)
-                outcome = _build(row.values, config, needed)
-                if isinstance(outcome, str):
-                    drop(outcome, row.line)
-                else:
-                    kept.append(outcome)
-    except UnicodeError as exc:  # codecs that cannot escape a byte (e.g. odd-length UTF-16)
-        raise DataError(
-            f"cannot decode {path} as {config.encoding}: {exc}; pass the file's encoding "
-            "with --encoding (latin-1 decodes any byte)"
-        ) from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: CSV parse error: {exc}") from None
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc}") from None
+    keys_seen: set[str] = set()
+    for outcome in _scan(config, needed, roles, keys_seen):
+        rows_read += 1
+        if isinstance(outcome, _Dropped):
+            drop(outcome.reason, outcome.line)
+            continue
+        hashes += _row_hash(outcome, key)
+        label = outcome[2]
+        label_codes.append(-1 if label is None else label_seen.setdefault(label, len(label_seen)))
 
+    usable = len(label_codes)
     if config.format == "jsonl" and keys_seen:
         _check_columns(path, roles, sorted(keys_seen), "fields present in the rows")
     if rows_read == 0:
         raise DataError(f"data file {path} has no data rows")
-    if not kept:
+    if not usable:
         reasons = ", ".join(f"{r} {n:,} (e.g. line {bad_lines[r][0]})" for r, n in bad.items())
         raise DataError(
             f"no usable row in {path}: all {rows_read:,} rows are bad ({reasons}); "
             "check --text-field, --label-field and --labels"
         )
-    if len(kept) < 2:
+    if usable < 2:
         raise DataError(f"{path} has only 1 usable row; a train/validation split needs 2")
 
-    labels = _label_names(config, kept)
-    examples = _examples(config, kept, labels)
-    label_counts = Counter(label for _, _, label in kept if label is not None)
+    labels = _label_names(config, set(label_seen))
+    code_counts = Counter(code for code in label_codes if code >= 0)
+    label_counts = Counter({name: code_counts[code] for name, code in label_seen.items()})
 
     # Seeded shuffle: order rows by a keyed hash of their own content (ties by position).
-    key = str(config.seed).encode()
-    order = sorted(range(len(kept)), key=lambda i: (_row_hash(kept[i], key), i))
-    n_val = min(max(round(config.val_fraction * len(kept)), 1), len(kept) - 1)
+    order = sorted(range(usable), key=lambda i: (hashes[8 * i : 8 * i + 8], i))
+    n_val = min(max(round(config.val_fraction * usable), 1), usable - 1)
     val_pool, train_pool = order[:n_val], order[n_val:]
-    train = [examples[i] for i in train_pool[: config.train_rows]]
-    val = [examples[i] for i in val_pool[: config.val_rows]]
+    chosen = train_pool[: config.train_rows] + val_pool[: config.val_rows]
+    train_count = len(train_pool[: config.train_rows])
+    examples = _read_chosen(config, needed, roles, chosen, hashes, key, labels)
+    train, val = examples[:train_count], examples[train_count:]
 
     data = SplitData(
         config=config,
@@ -489,6 +479,75 @@ def load_dataset(config: DataConfig) -> SplitData:
     if data.num_bad:
         log.warning("dropped %d bad rows from %s: %s", data.num_bad, path, data.bad_rows)
     return data
+
+
+@dataclass(frozen=True)
+class _Dropped:
+    reason: str
+    line: int
+
+
+def _scan(
+    config: DataConfig, needed: list[str], roles: dict[str, str], keys_seen: set[str]
+) -> Iterator[tuple[str, str, str | None] | _Dropped]:
+    """Every data row of the file in order: the usable row, or why it is dropped.
+
+    Raises :class:`DataError` for an unreadable or undecodable file (bytes outside the
+    encoding without ``skip_undecodable``) and for CSV parse errors."""
+    path = config.path
+    try:
+        with open(path, encoding=config.encoding, errors="surrogateescape", newline="") as f:
+            rows = _csv_rows(f, config, roles) if config.format == "csv" else _jsonl_rows(f)
+            for row in rows:
+                if row.undecodable:
+                    if not config.skip_undecodable:
+                        raise _decode_error(config, row.line)
+                    yield _Dropped("undecodable", row.line)
+                elif row.values is None:
+                    yield _Dropped("malformed", row.line)
+                else:
+                    keys_seen.update(row.values)
+                    outcome = _build(row.values, config, needed)
+                    yield _Dropped(outcome, row.line) if isinstance(outcome, str) else outcome
+    except UnicodeError as exc:  # codecs that cannot escape a byte (e.g. odd-length UTF-16)
+        raise DataError(
+            f"cannot decode {path} as {config.encoding}: {exc}; pass the file's encoding "
+            "with --encoding (latin-1 decodes any byte)"
+        ) from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: CSV parse error: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc}") from None
+
+
+def _read_chosen(
+    config: DataConfig,
+    needed: list[str],
+    roles: dict[str, str],
+    chosen: list[int],
+    hashes: bytearray,
+    key: bytes,
+    labels: list[str],
+) -> list[Example]:
+    """The examples of the usable rows numbered ``chosen`` (in that order), read again.
+
+    Only these rows' strings are kept, so what stays resident after loading is the
+    subset, not the file. Raises :class:`DataError` if a row's content hash differs from
+    the first pass (the file changed while it was read)."""
+    slot = {ordinal: i for i, ordinal in enumerate(chosen)}
+    rows: list[tuple[str, str, str | None] | None] = [None] * len(chosen)
+    ordinal = 0
+    for outcome in _scan(config, needed, roles, set()):
+        if isinstance(outcome, _Dropped):
+            continue
+        if ordinal in slot:
+            if _row_hash(outcome, key) != hashes[8 * ordinal : 8 * ordinal + 8]:
+                raise DataError(f"data file {config.path} changed while it was being read")
+            rows[slot[ordinal]] = outcome
+        ordinal += 1
+    if any(row is None for row in rows):
+        raise DataError(f"data file {config.path} changed while it was being read")
+    return _examples(config, rows, labels)  # type: ignore[arg-type]
 
 
 def _field_roles(config: DataConfig) -> dict[str, str]:
@@ -618,10 +677,9 @@ def _build(
     return first, second, label
 
 
-def _label_names(config: DataConfig, kept: list[tuple[str, str, str | None]]) -> list[str]:
+def _label_names(config: DataConfig, seen: set[str]) -> list[str]:
     if config.labels is not None:
         return list(config.labels)
-    seen = {label for _, _, label in kept if label is not None}
     if all(_INT_LABEL.fullmatch(name) for name in seen):
         return sorted(seen, key=int)
     return sorted(seen)

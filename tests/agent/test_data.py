@@ -2,6 +2,7 @@
 
 import json
 import random
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -171,6 +172,23 @@ def test_oversized_subset_takes_whole_pool_and_says_so(tmp_path):
     data = load_dataset(DataConfig(synthetic_csv(tmp_path / "d.csv", n=30), train_rows=1000))
     assert len(data.train) == data.train_available == 27
     assert "asked for 1,000" in data.summary()
+
+
+def test_loading_a_subset_holds_the_subset_not_the_file(tmp_path):
+    """16 MB of text, 20 rows asked for: loading must not hold every row's text at once
+    (it kept all usable rows until the split before; now 10 bytes a row)."""
+    n, filler = 16_000, "x" * 1000
+    rows = [f"{('neg', 'neu', 'pos')[i % 3]},{i} {filler}" for i in range(n)]
+    path = write_csv(tmp_path / "big.csv", ["label,text", *rows])
+    tracemalloc.start()
+    try:
+        data = load_dataset(DataConfig(path, train_rows=16, val_rows=4))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(data.train) == 16 and len(data.val) == 4
+    assert all(ex.text.endswith(filler) for ex in data.train + data.val)
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB while loading 20 rows of 16 MB"
 
 
 # ---------------------------------------------------------------------------------------
