@@ -86,7 +86,9 @@ class ChainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     micro_batch: int = 16
-    """Samples per forward/backward."""
+    """Samples per forward/backward, and per evaluation batch: evaluation must fit the
+    memory the budget planner chose for training (4× the micro-batch cost SmolLM2 30 MiB
+    above a stage's training peak)."""
     grad_accum: int = 1
     """Micro-batches per optimiser step (effective batch = micro_batch × grad_accum)."""
     steps_per_round: int = 25
@@ -325,7 +327,7 @@ class ChainTrainer:
             cache.write_initial(
                 lambda sl: embeddings(split.input_ids[sl], split.attention_mask[sl]),
                 layer=0,
-                batch_size=self.config.micro_batch * 4,
+                batch_size=self.config.micro_batch,
             )
             del embeddings
         while cache.layer < layer:
@@ -337,7 +339,7 @@ class ChainTrainer:
                 ),
                 split.attention_mask,
                 adapter_digest=digests[index],
-                batch_size=self.config.micro_batch * 4,
+                batch_size=self.config.micro_batch,
             )
 
     def _final_of(self, layer: int) -> dict[str, torch.Tensor]:
@@ -539,7 +541,7 @@ class ChainTrainer:
         for block in self.window_blocks.values():
             block.eval()
         loss_sum, correct, count = 0.0, 0, 0
-        n, size = len(self.val_data), self.config.micro_batch * 4
+        n, size = len(self.val_data), self.config.micro_batch
         for start in range(0, n, size):
             idx = np.arange(start, min(n, start + size))
             batch = self.val_data.batch(idx)

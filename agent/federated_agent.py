@@ -395,7 +395,9 @@ class FederatedAgent:
             objective.head.load_state_dict(head)
         lora = chain_config_from_params(task.params, 1).lora
         adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
-        evaluation = evaluate_streaming(self.model, objective, adapters, lora, self.data.val)
+        evaluation = evaluate_streaming(
+            self.model, objective, adapters, lora, self.data.val, batch_size=task.params.micro_batch
+        )
         return UpdateMetrics(
             train_samples=len(self.data.train),
             val_samples=len(self.data.val),

@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
             f"peak {format_bytes(r.peak_mem_bytes)}"
         )
     )
-    eval_batch = config.micro_batch * 4  # the trainer's evaluation batch: same sums, same bits
+    eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
     final = evaluate_streaming(
         model, objective, trainer.final_adapters, config.lora, val, batch_size=eval_batch
     )

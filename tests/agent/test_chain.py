@@ -452,15 +452,15 @@ def test_head_mode_leaves_the_backbone_untouched(bert_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "mode, batch_size",
-    [("chain", 8), ("chain", 64), ("e2e", 8)],
+    [("chain", 2), ("chain", 64), ("e2e", 2)],
     ids=["chain-same-batches", "chain-other-batches", "e2e"],
 )
 def test_evaluate_streaming_equals_the_last_stage(bert_dir, tmp_path, mode, batch_size):
     """The last chain stage's window output is the full network's, so the stage's
     validation figures are those of the final adapters. The trainer evaluates (and builds
-    the caches) in batches of micro_batch × 4 = 8: with the same batch size
-    ``evaluate_streaming`` agrees bit for bit (as ``chainfed train`` does by default,
-    16 × 4 = 64); with other batches the matmuls may round differently, within 1e-6."""
+    the caches) in batches of micro_batch = 2: with the same batch size
+    ``evaluate_streaming`` agrees bit for bit (as ``chainfed train`` does); with other
+    batches the matmuls may round differently, within 1e-6."""
     config = fast_config(mode=mode, start_layer=1, window=2, micro_batch=2)
     trainer = make_trainer(bert_dir, tmp_path, config)
     trainer.train()
@@ -475,7 +475,7 @@ def test_evaluate_streaming_equals_the_last_stage(bert_dir, tmp_path, mode, batc
     )
 
     last = trainer.stages[-1]
-    if batch_size == config.micro_batch * 4:
+    if batch_size == config.micro_batch:
         assert (final.loss, final.metric) == (last.val_loss, last.val_metric)
     else:
         assert final.loss == pytest.approx(last.val_loss, rel=1e-6)
@@ -498,7 +498,7 @@ def test_lm_chain_on_llama_with_proxy_foresight(llama_dir, tmp_path):
         trainer.final_adapters,
         config.lora,
         trainer.val_data,
-        batch_size=8,
+        batch_size=config.micro_batch,
     )
     assert (final.loss, final.metric) == (stages[-1].val_loss, stages[-1].val_metric)
 
