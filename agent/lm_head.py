@@ -25,8 +25,10 @@ from torch import nn
 
 from chainfed.agent.checkpoint import Checkpoint
 
-SLICE_BYTES = 16 * 2**20
-"""Head bytes read per slice (before conversion to the compute dtype)."""
+SLICE_BYTES = 4 * 2**20
+"""Bytes of one slice in the compute dtype. Slices of 16 MiB made the head the largest
+transient of a SmolLM2 stage; at 4 MiB the head is read in 27 slices instead of 7, and a 3-step
+SmolLM2 stage took 2.8 s against 3.4 s before (one run each)."""
 
 
 class StreamedLMHead(nn.Module):
