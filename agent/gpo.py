@@ -14,11 +14,8 @@ Two ways to give the window a view of the rest of the network for the global los
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from chainfed.agent.attention import AttentionContext
 from chainfed.agent.model import StreamingModel
@@ -32,9 +29,13 @@ class ResidualProxy(nn.Module):
         self.down = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) * 0.02)
         self.up = nn.Parameter(torch.zeros(hidden_size, rank))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        """gelu(A · rmsnorm(h)), (B, T, r)."""
         normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return h + nn.functional.gelu(normed @ self.down.T) @ self.up.T  # (B, T, d)
+        return nn.functional.gelu(normed @ self.down.T)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.gate(h) @ self.up.T  # (B, T, d)
 
 
 class ProxyBranch(nn.Module):
@@ -53,26 +54,55 @@ class ProxyBranch(nn.Module):
             del self.proxies[key]
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Run every proxy. With autograd on, the proxies run in segments of about √n that
-        keep only their input and recompute their activations in backward: a plain run
-        saves two (B, T, d) tensors per proxy, which made early stages (with a proxy for
-        nearly every layer) the chain's peak; segments keep ~3√n of them. Recomputation
-        is deterministic, so gradients are those of the plain run."""
-        proxies = [self.proxies[key] for key in sorted(self.proxies, key=int)]
-        if not torch.is_grad_enabled() or len(proxies) < 4:
+        """Run every proxy. With autograd on, the branch is reversible: it keeps its output
+        and each proxy's (B, T, r) ``gelu`` output, not one (B, T, d) input per proxy, and
+        backward rebuilds each proxy's input from the one above it (``_ReversibleProxies``).
+        Early stages hold a proxy for nearly every layer, so a plain run (two (B, T, d)
+        tensors per proxy) made them the chain's peak."""
+        proxies = tuple(self.proxies[key] for key in sorted(self.proxies, key=int))
+        if not torch.is_grad_enabled() or not proxies:
             for proxy in proxies:
                 h = proxy(h)
             return h
-        size = math.ceil(math.sqrt(len(proxies)))
-        for start in range(0, len(proxies), size):
-            h = checkpoint(_run_in_order, h, *proxies[start : start + size], use_reentrant=False)
+        params = [t for proxy in proxies for t in (proxy.down, proxy.up)]
+        return _ReversibleProxies.apply(h, proxies, *params)
+
+
+class _ReversibleProxies(torch.autograd.Function):
+    """The proxies in order, saving O(r) per proxy instead of O(d).
+
+    A proxy is h' = h + g · Uᵀ with g = gelu(A · rmsnorm(h)) of rank r, so its input is
+    h = h' − g · Uᵀ: backward walks down the branch from the saved output, recovering each
+    input and recomputing that proxy's gradients, one proxy's activations at a time.
+    The recovered inputs differ from the forward's by fp32 rounding of the subtraction,
+    so gradients agree with a plain run to rounding (tested), not bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, proxies: tuple[ResidualProxy, ...], *params: torch.Tensor):
+        gates = []
+        for proxy in proxies:
+            gate = proxy.gate(h)
+            h = h + gate @ proxy.up.T
+            gates.append(gate)
+        ctx.proxies = proxies
+        ctx.save_for_backward(h, *gates)
         return h
 
-
-def _run_in_order(h: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
-    for module in modules:
-        h = module(h)
-    return h
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, *gates = ctx.saved_tensors
+        param_grads: list[torch.Tensor] = []
+        for proxy, gate in zip(reversed(ctx.proxies), reversed(gates), strict=True):
+            h = h - gate @ proxy.up.T
+            with torch.enable_grad():
+                x = h.detach().requires_grad_()
+                grad_x, grad_down, grad_up = torch.autograd.grad(
+                    proxy(x), (x, proxy.down, proxy.up), grad
+                )
+            grad = grad_x
+            param_grads[:0] = [grad_down, grad_up]
+        return (grad, None, *param_grads)
 
 
 class _StreamedBlock(torch.autograd.Function):
