@@ -672,10 +672,10 @@ def machine_info(options: Options) -> dict[str, Any]:
 
 
 def run_benchmark(
-    shapes: list[Shape], options: Options, out_dir: Path, *, log=print
+    shapes: list[Shape], options: Options, out_dir: Path, *, command: str = "", log=print
 ) -> dict[str, Any]:
     """Measure every shape, write ``memory.json``, ``memory.md``, ``memory.png`` to
-    ``out_dir`` and return the report."""
+    ``out_dir`` and return the report (``command``: the command line, for the record)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = []
@@ -683,6 +683,8 @@ def run_benchmark(
         with tempfile.TemporaryDirectory(prefix="chainfed-membench-", dir=options.tmp_dir) as tmp:
             results.append(bench_shape(shape, options, Path(tmp), log))
     report = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine_info(options),
         "options": asdict(options),
         "seconds": time.perf_counter() - started,
@@ -723,6 +725,8 @@ def markdown(report: dict[str, Any]) -> str:
     )
     lines = [
         "# Peak memory: chain vs e2e vs topk",
+        "",
+        f"`{report.get('command') or 'python benchmarks/memory.py'}` — {report.get('date', '')}",
         "",
         f"{machine['device']} ({machine['cpu_count']} CPUs, torch {machine['torch']}), float32, "
         f"method `{method}`; each run in its own fresh process; peak = max over the run's "
@@ -1023,7 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp_dir=args.tmp_dir,
     )
     out = args.out or Path("benchmarks/results") / time.strftime("memory-%Y%m%d-%H%M%S")
-    report = run_benchmark(shapes, options, out)
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python", "benchmarks/memory.py", *given])
+    report = run_benchmark(shapes, options, out, command=command)
     print(markdown(report))
     print(f"written: {out / 'memory.json'}, {out / 'memory.md'}, {out / 'memory.png'}")
     failed = any("error" in r for s in report["shapes"] for r in s["runs"])
