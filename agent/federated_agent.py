@@ -322,7 +322,11 @@ class FederatedAgent:
     ) -> tuple[UpdateMetrics, dict[str, torch.Tensor]]:
         """One TRAIN_ROUND on local data from the round's fetched ``tensors`` (final
         adapters + window aggregate): the metrics and window state to submit. The work of
-        a round without its transport, so an in-process simulation runs the same code."""
+        a round without its transport, so an in-process simulation runs the same code.
+
+        The validation figures are those of the fetched aggregate on this agent's
+        validation rows, measured before the local steps; the training loss is that of
+        the local steps."""
         window = list(task.window_layers)
         trainer = self._ensure_trainer(task.params, len(window))
         final = strip_prefix(tensors, "final.")
@@ -334,10 +338,14 @@ class FederatedAgent:
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)
             trainer.load_trainable_state(strip_prefix(tensors, "window."))
+            # Validate the fetched aggregate, not this agent's locally trained window: on
+            # a label-skewed shard the local window scores far above the model the
+            # federation holds, and the coordinator's stage convergence reads these
+            # figures (one round late: see UpdateMetrics.val_loss).
+            evaluation = trainer.evaluate_window()
             params = task.params
             start = trainer.trainable_state() if params.local_dp_clip > 0 else None
             result = trainer.train_round(params.local_steps)
-            evaluation = trainer.evaluate_window()
             update = trainer.trainable_state()
             if start is not None:  # local DP: clip the change, noise it, before it leaves
                 update = local_dp_update(

@@ -19,10 +19,10 @@ same coordinator: one stage at the last layer whose window reaches down to layer
 (``e2e``) or L-K (``topk``), run for exactly ``rounds`` rounds.
 
 Figures: per round the federated validation loss/metric (sample-weighted over the
-participants), the tensor payload each agent fetched and uploaded, and its memory peak;
-at the end the coordinator's evaluation round (validation data of every agent) and,
-with ``test_rows``, the final adapters on a held-out test set no agent has seen
-(validation rows after the first ``val_rows``).
+participants) of the aggregate the round started from, the tensor payload each agent
+fetched and uploaded, and its memory peak; at the end the coordinator's evaluation round
+(validation data of every agent) and, with ``test_rows``, the final adapters on a
+held-out test set no agent has seen (validation rows after the first ``val_rows``).
 """
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ class RoundEntry:
     dropped: list[str]
     train_loss: float
     val_loss: float
-    """Federated (sample-weighted) validation loss, head right after the window."""
+    """Federated (sample-weighted) validation loss, head right after the window, of the
+    aggregate the round started from (the previous round's result: agents validate what
+    they fetched, before their local steps)."""
     val_metric: float
     """Federated validation accuracy (classify) or next-token accuracy (lm)."""
     received_bytes: dict[str, int]

@@ -21,6 +21,15 @@ Guarantees:
   step, so an update for a closed round is stale and rejected.
 * Stragglers are dropped at the deadline (and logged); a round short of the quorum is
   re-run with a fresh id from the same starting state, never aggregated.
+
+Convergence sees each aggregate one round late. Agents validate the aggregate they
+fetched, before their local steps (``UpdateMetrics.val_loss``): a locally trained window
+on a label-skewed shard scores far above the model the federation holds. So round 1 of a
+stage measures where the stage starts (the previous stage's result plus the new layer's
+fresh adapter, head after the new window) and round k the aggregate of round k-1. The
+stage ends at the round whose report shows the plateau, or at the cap; that round's own
+aggregate, one round of training past the last figure, is what the stage hands on, and
+the next stage's round 1 (after the last stage: the evaluation round) measures it.
 """
 
 from __future__ import annotations

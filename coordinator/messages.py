@@ -214,9 +214,12 @@ class UpdateMetrics:
     train_loss: float
     """Mean training loss over the round."""
     val_loss: float
-    """Validation loss after the round."""
+    """Validation loss of the model the round started from: a training round reports
+    the window aggregate it fetched, before any local step (so the federated figure of
+    round k measures the aggregate of round k-1, the model the federation holds); an
+    evaluation round reports the final model."""
     val_metric: float
-    """Validation metric after the round (accuracy for classification)."""
+    """Validation metric of the same model (accuracy for classification)."""
     peak_memory_bytes: int
     """Peak memory of the round."""
     seconds: float

@@ -1,0 +1,98 @@
+"""What a federated agent reports for a training round (``FederatedAgent.train_update``).
+
+Prepare: a tiny random BERT, one agent with its own train and validation rows, the last
+stage of a chain (window [2, 3] of 4 layers), so the head after the window is the
+network's output and the streamed whole-network evaluation measures the same model.
+Execute: round 1 from the seeded start; round 2 from "the aggregate" (round 1's update).
+Assert: round 2's validation figures are those of the fetched aggregate on the agent's
+validation rows (measured before the local steps), not of the window it trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chainfed.agent.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.federated_agent import (
+    AgentConfig,
+    FederatedAgent,
+    LocalData,
+    chain_config_from_params,
+)
+from chainfed.agent.heads import ClassifyObjective
+from chainfed.agent.model import StreamingModel
+from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.coordinator.messages import Task, TaskKind, TrainingParams
+
+D, LAYERS, CLASSES = 32, 4, 3
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": D,
+    "intermediate_size": 64,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 4,
+    "vocab_size": 100,
+    "max_position_embeddings": 32,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+# a large learning rate, so the locally trained window is clearly another model
+PARAMS = TrainingParams(
+    lr=0.05, local_steps=4, micro_batch=4, gpo="none", lora_rank=4, lora_alpha=8.0, seed=3
+)
+
+
+def _split(n: int, seed: int) -> EncodedSplit:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (n, 8), generator=g)
+    return EncodedSplit(ids, torch.ones_like(ids), torch.randint(0, CLASSES, (n,), generator=g))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> StreamingModel:
+    model_dir = write_random_checkpoint(TINY_BERT, tmp_path_factory.mktemp("bert") / "model")
+    return StreamingModel(Path(model_dir))
+
+
+def _streamed(model: StreamingModel, state: dict[str, torch.Tensor], val: EncodedSplit):
+    """The whole network with ``state``'s adapters and head: the final model's evaluation."""
+    objective = ClassifyObjective(D, CLASSES, "mean", seed=PARAMS.seed)
+    head = {k.removeprefix("objective.head."): v for k, v in state.items() if "head." in k}
+    objective.head.load_state_dict(head)
+    adapters = {k: v for k, v in state.items() if k.startswith("layers.")}
+    lora = chain_config_from_params(PARAMS, 2).lora
+    return evaluate_streaming(model, objective, adapters, lora, val, batch_size=PARAMS.micro_batch)
+
+
+def test_a_round_reports_the_fetched_aggregate_not_the_locally_trained_window(
+    model: StreamingModel, tmp_path: Path
+):
+    # Prepare
+    data = LocalData(
+        train=_split(24, 1), val=_split(12, 2), task="classify", labels=["a", "b", "c"]
+    )
+    agent = FederatedAgent(AgentConfig("in-process", "", tmp_path), model, data, "fingerprint")
+    agent.agent_id = "agent-0"
+
+    def task(round_id: str) -> Task:
+        return Task(
+            TaskKind.TRAIN_ROUND, round_id, LAYERS - 1, (LAYERS - 2, LAYERS - 1), params=PARAMS
+        )
+
+    # Execute: round 1 starts from the seeds (no aggregate yet); round 2 from its result
+    _, first_update = agent.train_update(task("r1"), {})
+    aggregate = {f"window.{k}": v.clone() for k, v in first_update.items()}
+    metrics, second_update = agent.train_update(task("r2"), aggregate)
+
+    # Assert
+    fetched = _streamed(model, first_update, data.val)
+    trained = _streamed(model, second_update, data.val)
+    assert abs(trained.loss - fetched.loss) > 1e-3  # the two models are told apart
+    assert metrics.val_loss == pytest.approx(fetched.loss, rel=1e-5, abs=1e-6)
+    assert metrics.val_metric == pytest.approx(fetched.metric)
+    assert metrics.val_samples == len(data.val) and metrics.steps == PARAMS.local_steps
