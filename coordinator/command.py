@@ -154,6 +154,7 @@ def coordinator_config(
         lora_rank=args.rank,
         lora_alpha=args.alpha,
         lora_targets=args.targets,
+        lora_train_a=args.aggregation != "ffa",  # FFA averages B over one frozen, shared A
         lora_seed=args.seed,
         seed=args.seed,
     )

@@ -1,0 +1,46 @@
+"""``chainfed coordinator`` flags -> ``CoordinatorConfig``: what the agents are told to train.
+
+``--aggregation ffa`` keeps one shared, seeded A and averages B, so it must tell every
+agent to leave A frozen; otherwise each agent trains its own A and FFA's aggregation
+refuses the first round ("differs from agent ..."). Other strategies train A.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from chainfed.agent.model import StreamingModel
+from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.coordinator.command import add_arguments, coordinator_config
+
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "vocab_size": 50,
+    "max_position_embeddings": 16,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "train_a"), [("ffa", False), ("fedavg", True), ("svd", True)]
+)
+def test_ffa_tells_the_agents_to_keep_a_frozen(tmp_path: Path, aggregation: str, train_a: bool):
+    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--state-dir", "-", "--token", "-", "--aggregation", aggregation])
+
+    config = coordinator_config(args, model, "f" * 64)
+
+    assert config.aggregation == aggregation
+    assert config.params.lora_train_a is train_a
