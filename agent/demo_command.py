@@ -41,6 +41,7 @@ from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.simulation import SimulationConfig, SimulationResult, run_simulation
 from chainfed.agent.simulation_report import (
+    MEASURED_AGGREGATE_NOTE,
     e2e_memory_estimate,
     plot_accuracy,
     plot_memory,
@@ -243,6 +244,8 @@ def _markdown(
         "",
         stage_table(result),
         "",
+        MEASURED_AGGREGATE_NOTE,
+        "",
         "## Rounds",
         "",
         round_table(result),
@@ -297,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(_markdown(config, result, head, e2e_estimate, seconds))
     print()
     print(stage_table(result))
+    print(MEASURED_AGGREGATE_NOTE)
     print()
     print(
         f"final validation accuracy (every agent's validation rows): {result.final_val_metric:.4f}"

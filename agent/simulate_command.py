@@ -16,6 +16,7 @@ from typing import Any
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.simulation import SimulationConfig, run_simulation
 from chainfed.agent.simulation_report import (
+    MEASURED_AGGREGATE_NOTE,
     plot_accuracy,
     round_table,
     stage_table,
@@ -146,13 +147,14 @@ def run(args: argparse.Namespace) -> int:
         [
             f"# chainfed simulate: {label}",
             "\n".join(f"* {line}" for line in summary),
-            "## Stages\n\n" + stage_table(result),
+            "## Stages\n\n" + stage_table(result) + "\n\n" + MEASURED_AGGREGATE_NOTE,
             "## Rounds\n\n" + round_table(result),
             "![accuracy](accuracy.png)",
         ]
     )
     (out / "report.md").write_text(markdown + "\n")
     print(stage_table(result))
+    print(MEASURED_AGGREGATE_NOTE)
     print("\n".join(summary))
     print(f"report: {out / 'report.md'} (JSON: report.json, plot: accuracy.png)")
     print(f"adapters: {result.adapters}")

@@ -32,9 +32,19 @@ def write_json(path: Path, value: Any) -> Path:
     return path
 
 
+MEASURED_AGGREGATE_NOTE = (
+    "Validation figures of a round are those of the aggregate it started from (agents "
+    "validate what they fetch, before their local steps); a layer's are its last round's, "
+    "so what a stage hands on is measured by the next stage's first round, the last "
+    "stage's by the final evaluation."
+)
+"""Says which model the per-round and per-layer validation figures belong to."""
+
+
 def stage_table(result: SimulationResult) -> str:
     """Markdown: per stage layer, its rounds, last federated validation figures and the
-    largest per-agent memory peak (absolute and above the agent's idle process)."""
+    largest per-agent memory peak (absolute and above the agent's idle process).
+    ``MEASURED_AGGREGATE_NOTE`` says which model those figures are of."""
     lines = [
         "| layer | window | rounds | val loss | val accuracy | peak memory | above baseline |",
         "|---:|---|---:|---:|---:|---:|---:|",
