@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     adapters = shutil.copyfile(result.adapters, out / "adapters.safetensors")
     baselines = {"head mode (frozen backbone)": head["final"]["val_metric"]} if head else {}
     plot_accuracy(
-        {"chain (federated validation, per round)": result},
+        {"chain (federated validation of the aggregate each round started from)": result},
         out / "accuracy.png",
         title=f"chainfed demo: {config.model}, {config.agents} agents, {config.split}",
         baselines=baselines | {"chain, final model": result.final_val_metric},
