@@ -48,6 +48,7 @@ from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import data_config_from_args, encode_split
+from chainfed.coordinator.messages import TrainingParams
 
 
 def _load_harness() -> ModuleType:
@@ -217,10 +218,12 @@ def test_shards_are_disjoint_and_cover_the_data(three_shard_run: ThreeShardRun, 
 
 
 def _evaluate(model: StreamingModel, final, labels: list[str], split: EncodedSplit):
+    """As an agent evaluates: in batches of the round's micro-batch (the default 16)."""
     objective = ClassifyObjective(model.config.hidden_size, len(labels), "mean", seed=0)
     objective.head.load_state_dict(final.head())
     lora = LoRAConfig(**final.info["lora"])
-    return evaluate_streaming(model, objective, final.adapters(), lora, split)
+    batch = TrainingParams().micro_batch
+    return evaluate_streaming(model, objective, final.adapters(), lora, split, batch_size=batch)
 
 
 def test_final_adapter_scores_what_the_coordinator_reports(
