@@ -250,11 +250,26 @@ class FederatedAgent:
             self._connect()
         log.info("registered as %s", self.agent_id)
 
+    def needs_final(self, task: Task) -> bool:
+        """Whether a TRAIN_ROUND must fetch the final adapters: only on entering a stage
+        (they are adopted then and never change within it)."""
+        trainer = self.trainer
+        return (
+            trainer is None
+            or trainer.layer != task.stage_layer
+            or trainer.window != list(task.window_layers)
+        )
+
     def _fetch(self, round_id: str, task: Task) -> dict[str, torch.Tensor]:
+        omit_final = task.kind is TaskKind.TRAIN_ROUND and not self.needs_final(task)
+        specs = [s for s in task.tensors if not (omit_final and s.name.startswith("final."))]
+
         def fetch() -> dict[str, torch.Tensor]:
-            assembler = ChunkAssembler(task.tensors)
+            assembler = ChunkAssembler(specs)
             for message in self._stub.FetchTensors(
-                pb.FetchTensorsRequest(agent_id=self.agent_id, round_id=round_id),
+                pb.FetchTensorsRequest(
+                    agent_id=self.agent_id, round_id=round_id, omit_final=omit_final
+                ),
                 metadata=self._metadata,
                 timeout=600,
             ):
@@ -334,7 +349,7 @@ class FederatedAgent:
         with PeakMemoryMeter(self.model.device) as meter:
             if trainer.start_layer is None:
                 trainer.set_start_layer(window[0])
-            if trainer.layer != task.stage_layer or trainer.window != window:
+            if self.needs_final(task):
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)
             trainer.load_trainable_state(strip_prefix(tensors, "window."))

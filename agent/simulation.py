@@ -528,7 +528,9 @@ def _run_in_process(
             elif task.kind is TaskKind.TRAIN_ROUND:
                 if (agent_id, task.round_id) in rejected:
                     continue
-                tensors = coordinator.tensors_for(task.round_id)
+                tensors = coordinator.tensors_for(
+                    task.round_id, omit_final=not agent.needs_final(task)
+                )
                 metrics, update = agent.train_update(task, tensors)
                 if update_hook is not None:
                     update = update_hook(agent_id, update)

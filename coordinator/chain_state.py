@@ -619,14 +619,19 @@ class ChainCoordinator:
         tensors.update({f"window.{k}": v for k, v in self.window_state.items()})
         return tensors
 
-    def tensors_for(self, round_id: str) -> dict[str, torch.Tensor]:
+    def tensors_for(self, round_id: str, *, omit_final: bool = False) -> dict[str, torch.Tensor]:
+        """What FetchTensors streams for ``round_id``; ``omit_final``: a TRAIN_ROUND's
+        window tensors only (the agent holds the final adapters of this stage already)."""
         if self.phase is ChainPhase.DONE and round_id == "done":
             return dict(self.final)
         if self.open_round is None or round_id != self.open_round.round_id:
             raise UpdateRejected("failed_precondition", f"round {round_id!r} is not open")
         if self.open_round.evaluation:
             return dict(self.final)
-        return self.round_tensors()
+        tensors = self.round_tensors()
+        if omit_final:
+            return {k: v for k, v in tensors.items() if not k.startswith("final.")}
+        return tensors
 
     def report_probe(self, report: ProbeReport) -> None:
         if self.phase is not ChainPhase.PROBING or report.round_id != self.probe_id:

@@ -257,7 +257,9 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             self._check_fatal(context)
             try:
                 self.coordinator.touch(request.agent_id, _now_ms())
-                tensors = self.coordinator.tensors_for(request.round_id)
+                tensors = self.coordinator.tensors_for(
+                    request.round_id, omit_final=request.omit_final
+                )
             except UpdateRejected as exc:
                 self._reject(context, exc)
             messages = self._fetch_messages(tensors)

@@ -215,12 +215,14 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., frozen_layers: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[TrainingParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class FetchTensorsRequest(_message.Message):
-    __slots__ = ("agent_id", "round_id")
+    __slots__ = ("agent_id", "round_id", "omit_final")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    OMIT_FINAL_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     round_id: str
-    def __init__(self, agent_id: _Optional[str] = ..., round_id: _Optional[str] = ...) -> None: ...
+    omit_final: bool
+    def __init__(self, agent_id: _Optional[str] = ..., round_id: _Optional[str] = ..., omit_final: _Optional[bool] = ...) -> None: ...
 
 class UpdateMetrics(_message.Message):
     __slots__ = ("train_samples", "val_samples", "steps", "train_loss", "val_loss", "val_metric", "peak_memory_bytes", "seconds")

@@ -81,6 +81,11 @@ def test_chain_in_process_aggregates_what_the_agents_submitted(tmp_path):
     assert all(v > 0 for e in result.history[1:] for v in e.received_bytes.values())
     # the window at layer 5 holds layer 4's adapter too, so later stages move more
     assert result.history[4].sent_bytes["agent-0"] > result.history[0].sent_bytes["agent-0"]
+    # final adapters are fetched on entering a stage only: layer 5's first round brings
+    # layer 3's (final since the window moved past it), its second round the window alone
+    for agent, previous in submitted[12:15]:
+        assert result.history[5].received_bytes[agent] == nbytes(previous)
+        assert result.history[4].received_bytes[agent] > result.history[5].received_bytes[agent]
     assert result.bytes_per_agent_round() == pytest.approx(
         sum(sum(e.sent_bytes.values()) + sum(e.received_bytes.values()) for e in result.history)
         / (3 * len(result.history))

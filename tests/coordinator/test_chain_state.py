@@ -382,6 +382,11 @@ def test_adapters_leaving_the_window_become_final_and_stay_fixed(kit):
                 assert name not in c.window_state
                 snapshots.append((name, c.final[name].clone()))
         if stage == 2:
+            c.tick(stage * 100 + 50)
+            round_id = c.open_round.round_id
+            whole, window_only = c.tensors_for(round_id), c.tensors_for(round_id, omit_final=True)
+            assert any(k.startswith("final.layers.0.") for k in whole)
+            assert window_only == {k: v for k, v in whole.items() if k.startswith("window.")}
             stale = kit.update([0, 1, 2], 2, 0)  # carries the frozen layer 0
             c.tick(stage * 100 + 50)
             rejected(
