@@ -12,11 +12,12 @@ simulated in one process (``chainfed.agent.simulation``, in process: the product
 3. ``topk:K`` (``--topk``, 2) — plain FedLoRA on the last K layers — for exactly R rounds.
 
 Every run uses the same data, shards, seed, local steps, learning rate, rank and
-aggregation (fedavg); e2e and topk go through the same coordinator as the chain, as one
+aggregation (``--aggregation``, fedavg by default; ``ffa`` freezes LoRA A so the mean
+of the agents' B is exact); e2e and topk go through the same coordinator as the chain, as one
 stage at the last layer whose window covers their layers.
 
 Measured, per run: the federated validation accuracy of every round (sample-weighted over
-the agents, each agent's model after its local steps, head after the window); the final
+the agents, each agent scoring the aggregate the round started from); the final
 adapters' accuracy on one held-out test set (``--test-rows`` rows of the validation pool
 that no agent holds, the same for every run); tensor payload sent + received per agent
 per round (the values' bytes; gRPC framing excluded) and in all; each agent's peak memory
@@ -53,6 +54,7 @@ import torch
 from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.simulation import SimulationConfig, SimulationResult, run_simulation
 from chainfed.agent.simulation_report import pyplot, stage_boundaries, write_json
+from chainfed.coordinator.chain_state import AGGREGATIONS
 
 
 def run_split(split: str, args: argparse.Namespace, out: Path) -> dict[str, SimulationResult]:
@@ -74,6 +76,7 @@ def run_split(split: str, args: argparse.Namespace, out: Path) -> dict[str, Simu
         micro_batch=args.micro_batch,
         lr=args.lr,
         rank=args.rank,
+        aggregation=args.aggregation,
         in_process=True,
     )
     results: dict[str, SimulationResult] = {}
@@ -229,7 +232,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-rounds-per-layer", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, every mode")
+    parser.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="fedavg",
+        help="the coordinator's aggregation, every mode (default: %(default)s)",
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument(
         "--out", type=Path, help="output folder (default: benchmarks/results/accuracy-<time>)"
@@ -276,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             "# Federated accuracy: chain vs e2e vs topk, equal rounds",
             "",
             f"`{command}` — {report['date']} — {machine}; {report['seconds']:.0f} s",
+            "",
+            f"{args.agents} agents, {args.train_rows} training rows in all, aggregation "
+            f"{args.aggregation}, lr {args.lr}, {args.local_steps} local steps of micro-batch "
+            f"{args.micro_batch} per round, LoRA rank {args.rank}, window {args.window}.",
             "",
             table(rows),
             "",
