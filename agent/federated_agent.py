@@ -66,7 +66,11 @@ from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chainfed.agent")
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,  # how an overloaded or stopping server drops a call
+)
 
 
 class CoordinatorUnreachable(ChainFedError):
@@ -179,8 +183,11 @@ class FederatedAgent:
         return serde.auth_metadata(self.config.token)
 
     def _call(self, what: str, fn: Callable[[], object]) -> object:
-        """Run one RPC, retrying with exponential backoff + jitter while unreachable."""
-        delay, started = 0.5, time.monotonic()
+        """Run one RPC, retrying with exponential backoff + jitter while unreachable.
+
+        Patience (``give_up_after_s``) counts from the first failure, so one slow attempt
+        (a long fetch that timed out) is retried rather than taken as the whole wait."""
+        delay, first_failure = 0.5, None
         while True:
             try:
                 return fn()
@@ -189,7 +196,9 @@ class FederatedAgent:
                     raise ChainFedError(
                         f"coordinator refused {what}: {exc.code().name}: {exc.details()}"
                     ) from exc
-                if time.monotonic() - started > self.config.give_up_after_s:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if now - first_failure > self.config.give_up_after_s:
                     raise CoordinatorUnreachable(
                         f"coordinator {self.config.address} unreachable for "
                         f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"

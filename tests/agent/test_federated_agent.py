@@ -6,18 +6,23 @@ network's output and the streamed whole-network evaluation measures the same mod
 Execute: round 1 from the seeded start; round 2 from "the aggregate" (round 1's update).
 Assert: round 2's validation figures are those of the fetched aggregate on the agent's
 validation rows (measured before the local steps), not of the window it trained.
+Also: the agent's RPC retry policy (``_call``) on a fake clock.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
 import torch
 
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import (
     AgentConfig,
+    CoordinatorUnreachable,
     FederatedAgent,
     LocalData,
     chain_config_from_params,
@@ -96,3 +101,58 @@ def test_a_round_reports_the_fetched_aggregate_not_the_locally_trained_window(
     assert metrics.val_loss == pytest.approx(fetched.loss, rel=1e-5, abs=1e-6)
     assert metrics.val_metric == pytest.approx(fetched.metric)
     assert metrics.val_samples == len(data.val) and metrics.steps == PARAMS.local_steps
+
+
+# -- RPC retries ------------------------------------------------------------------------
+
+
+class _Rpc(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"test {self._code.name}"
+
+
+def _caller(give_up_s: float, clock: list[float]) -> SimpleNamespace:
+    """What ``FederatedAgent._call`` uses of its agent: patience, address, sleep."""
+    config = SimpleNamespace(give_up_after_s=give_up_s, address="localhost:1")
+    return SimpleNamespace(config=config, sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+
+
+def _failing(codes: list[grpc.StatusCode], clock: list[float], attempt_s: list[float]):
+    """An RPC whose n-th attempt takes ``attempt_s[n]`` (the last repeats) and fails with
+    ``codes[n]`` until they run out, then answers."""
+    durations = list(attempt_s)
+
+    def call() -> str:
+        clock[0] += durations.pop(0) if len(durations) > 1 else durations[0]
+        if codes:
+            raise _Rpc(codes.pop(0))
+        return "answer"
+
+    return call
+
+
+def test_call_retries_dropped_calls_and_counts_patience_from_the_first_failure(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("chainfed.agent.federated_agent.time.monotonic", lambda: clock[0])
+    codes = [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE]
+    # a first attempt of 100 s (a long fetch timing out) is not the whole 60 s of patience
+    call = _failing(codes, clock, attempt_s=[100.0, 1.0])
+    assert FederatedAgent._call(_caller(60, clock), "FetchTensors", call) == "answer"
+    assert codes == []
+
+
+def test_call_gives_up_after_its_patience_and_refusals_are_not_retried(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("chainfed.agent.federated_agent.time.monotonic", lambda: clock[0])
+    down = _failing([grpc.StatusCode.UNAVAILABLE] * 100, clock, attempt_s=[1.0])
+    with pytest.raises(CoordinatorUnreachable, match="unreachable for 60 s"):
+        FederatedAgent._call(_caller(60, clock), "GetTask", down)
+    refused = _failing([grpc.StatusCode.PERMISSION_DENIED], clock, attempt_s=[0.0])
+    with pytest.raises(ChainFedError, match="refused Submit: PERMISSION_DENIED"):
+        FederatedAgent._call(_caller(60, clock), "Submit", refused)
