@@ -459,10 +459,9 @@ def load_dataset(config: DataConfig) -> SplitData:
     order = sorted(range(usable), key=lambda i: (hashes[8 * i : 8 * i + 8], i))
     n_val = min(max(round(config.val_fraction * usable), 1), usable - 1)
     val_pool, train_pool = order[:n_val], order[n_val:]
-    chosen = train_pool[: config.train_rows] + val_pool[: config.val_rows]
-    train_count = len(train_pool[: config.train_rows])
-    examples = _read_chosen(config, needed, roles, chosen, hashes, key, labels)
-    train, val = examples[:train_count], examples[train_count:]
+    train_pick, val_pick = train_pool[: config.train_rows], val_pool[: config.val_rows]
+    examples = _read_chosen(config, needed, roles, train_pick + val_pick, hashes, key, labels)
+    train, val = examples[: len(train_pick)], examples[len(train_pick) :]
 
     data = SplitData(
         config=config,
