@@ -21,33 +21,8 @@ from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig, adapter_state
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.prefix_cache import PrefixCache
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 
-D, VOCAB, CLASSES = 32, 100, 3
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": D,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 32,
-    "type_vocab_size": 2,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-}
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": D,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
+D, VOCAB, LAYERS, CLASSES = 32, 100, 4, 3
 N_TRAIN, N_VAL, T = 24, 12, 8
 
 
@@ -62,19 +37,20 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_checkpoint(TINY_BERT, tmp_path_factory.mktemp("bert") / "model")
+def bert_dir(tiny_models) -> Path:
+    return tiny_models.checkpoint("bert", hidden_size=D, num_hidden_layers=LAYERS, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
-def bert6_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = {**TINY_BERT, "num_hidden_layers": 6}
-    return write_random_checkpoint(config, tmp_path_factory.mktemp("bert6") / "model")
+def bert6_dir(tiny_models) -> Path:
+    return tiny_models.checkpoint("bert", hidden_size=D, num_hidden_layers=6, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_checkpoint(TINY_LLAMA, tmp_path_factory.mktemp("llama") / "model")
+def llama_dir(tiny_models) -> Path:
+    return tiny_models.checkpoint(
+        "llama", hidden_size=D, num_hidden_layers=LAYERS, vocab_size=VOCAB
+    )
 
 
 def make_split(n: int, seed: int, *, lm: bool = False) -> EncodedSplit:
@@ -188,14 +164,13 @@ def run_observed(trainer: ChainTrainer, monkeypatch) -> tuple[list[Snapshot], li
 def test_dlct_windows_keep_q_minus_1_adapters_and_finalise_the_leaving_one(
     bert_dir, tmp_path, monkeypatch, start, window
 ):
-    L = TINY_BERT["num_hidden_layers"]
     trainer = make_trainer(bert_dir, tmp_path, fast_config(start_layer=start, window=window))
 
     starts, ends = run_observed(trainer, monkeypatch)
 
-    expected = [list(range(max(start, top - window + 1), top + 1)) for top in range(start, L)]
+    expected = [list(range(max(start, top - window + 1), top + 1)) for top in range(start, LAYERS)]
     assert [r.window for r in trainer.stages] == expected
-    assert [r.layer for r in trainer.stages] == list(range(start, L))
+    assert [r.layer for r in trainer.stages] == list(range(start, LAYERS))
     assert [s.window for s in starts] == expected
     for s in starts:
         # the trainer holds exactly the window's blocks; the new layer's adapter is fresh
@@ -217,13 +192,13 @@ def test_dlct_windows_keep_q_minus_1_adapters_and_finalise_the_leaving_one(
             assert_same_values(of_layer(cur.final, j), prev.adapters[j])
 
     # a final adapter never changes again, up to the end of the run
-    for j in range(start, L):
+    for j in range(start, LAYERS):
         last_stage = max(i for i, e in enumerate(ends) if j in e.window)
         value = ends[last_stage].adapters[j]
         for later in [*starts[last_stage + 1 :], *ends[last_stage + 1 :]]:
             assert_same_values(of_layer(later.final, j), value)
         assert_same_values(of_layer(trainer.final_adapters, j), value)
-    assert layers_of(trainer.final_adapters) == set(range(start, L))
+    assert layers_of(trainer.final_adapters) == set(range(start, LAYERS))
     assert trainer.window_blocks == {}
 
 

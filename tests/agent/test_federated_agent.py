@@ -29,23 +29,9 @@ from chainfed.agent.federated_agent import (
 )
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 from chainfed.coordinator.messages import Task, TaskKind, TrainingParams
 
 D, LAYERS, CLASSES = 32, 4, 3
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": D,
-    "intermediate_size": 64,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": 4,
-    "vocab_size": 100,
-    "max_position_embeddings": 32,
-    "type_vocab_size": 2,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-}
 # a large learning rate, so the locally trained window is clearly another model
 PARAMS = TrainingParams(
     lr=0.05, local_steps=4, micro_batch=4, gpo="none", lora_rank=4, lora_alpha=8.0, seed=3
@@ -59,8 +45,8 @@ def _split(n: int, seed: int) -> EncodedSplit:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> StreamingModel:
-    model_dir = write_random_checkpoint(TINY_BERT, tmp_path_factory.mktemp("bert") / "model")
+def model(tiny_models) -> StreamingModel:
+    model_dir = tiny_models.checkpoint("bert", hidden_size=D, num_hidden_layers=LAYERS)
     return StreamingModel(Path(model_dir))
 
 

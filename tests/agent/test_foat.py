@@ -19,35 +19,8 @@ from chainfed.agent.foat import choose_start_layer, probe_cka
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel, hidden_states
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 
 D, VOCAB, L, T = 32, 100, 4, 12
-CONFIGS = {
-    "bert": {
-        "model_type": "bert",
-        "hidden_size": D,
-        "intermediate_size": 64,
-        "num_hidden_layers": L,
-        "num_attention_heads": 4,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 32,
-        "type_vocab_size": 2,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": 0,
-    },
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": D,
-        "intermediate_size": 64,
-        "num_hidden_layers": L,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,9 +32,11 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("foat")
-    return {name: write_random_checkpoint(cfg, root / name) for name, cfg in CONFIGS.items()}
+def model_dirs(tiny_models) -> dict[str, Path]:
+    return {
+        family: tiny_models.checkpoint(family, hidden_size=D, num_hidden_layers=L, vocab_size=VOCAB)
+        for family in ("bert", "llama")
+    }
 
 
 def make_split(n: int, seed: int) -> EncodedSplit:

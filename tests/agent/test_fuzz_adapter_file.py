@@ -29,7 +29,6 @@ from chainfed.agent.adapter_file import (
 from chainfed.agent.export import load_result
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 
 EXAMPLES = 500
 FUZZ = settings(
@@ -39,18 +38,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-TINY_LLAMA = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 8,
-    "intermediate_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "vocab_size": 12,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
 INFO = {
     "task": "classify",
     "labels": ["neg", "neu", "pos"],
@@ -71,8 +58,8 @@ def write_new(path: Path, data: bytes) -> None:
 
 
 class Kit:
-    def __init__(self, root: Path) -> None:
-        self.model = StreamingModel(write_random_checkpoint(TINY_LLAMA, root / "model"))
+    def __init__(self, root: Path, model_dir: Path) -> None:
+        self.model = StreamingModel(model_dir)
         g = torch.Generator().manual_seed(0)
         tensors = {}
         for name, (_, shape) in self.model.block_tensor_spec(0).items():
@@ -99,8 +86,8 @@ class Kit:
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory) -> Kit:
-    return Kit(tmp_path_factory.mktemp("fuzz-adapter"))
+def kit(tmp_path_factory, tiny_models) -> Kit:
+    return Kit(tmp_path_factory.mktemp("fuzz-adapter"), tiny_models.checkpoint("llama-d8"))
 
 
 JSON_VALUES = st.recursive(

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from chainfed.agent.errors import ModelLoadError
 from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 
 EXAMPLES = 500
 FUZZ = settings(
@@ -31,18 +30,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-TINY_LLAMA = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 8,
-    "intermediate_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "vocab_size": 12,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
 
 
 def write_new(path: Path, data: bytes) -> None:
@@ -53,9 +40,9 @@ def write_new(path: Path, data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple[Path, bytes]:
+def folders(tiny_models) -> tuple[Path, bytes]:
     """(the folder whose checkpoint each example replaces, the valid checkpoint's bytes)."""
-    original = write_random_checkpoint(TINY_LLAMA, tmp_path_factory.mktemp("fuzz") / "model")
+    original = tiny_models.checkpoint("llama-d8")
     return original, (original / "model.safetensors").read_bytes()
 
 

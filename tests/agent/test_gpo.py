@@ -22,35 +22,8 @@ from chainfed.agent.gpo import ExactForesight, ProxyBranch, parse_gpo
 from chainfed.agent.heads import Batch, ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig, add_lora, trainable_adapter_params
 from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 
 D, VOCAB, L, T = 32, 100, 4, 8
-CONFIGS = {
-    "bert": {
-        "model_type": "bert",
-        "hidden_size": D,
-        "intermediate_size": 64,
-        "num_hidden_layers": L,
-        "num_attention_heads": 4,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 32,
-        "type_vocab_size": 2,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": 0,
-    },
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": D,
-        "intermediate_size": 64,
-        "num_hidden_layers": L,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-}
 WINDOW_LAYER = 1
 
 
@@ -63,9 +36,11 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("gpo")
-    return {name: write_random_checkpoint(cfg, root / name) for name, cfg in CONFIGS.items()}
+def model_dirs(tiny_models) -> dict[str, Path]:
+    return {
+        family: tiny_models.checkpoint(family, hidden_size=D, num_hidden_layers=L, vocab_size=VOCAB)
+        for family in ("bert", "llama")
+    }
 
 
 def make_split(n: int, seed: int) -> EncodedSplit:

@@ -19,31 +19,6 @@ import torch
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
 
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "vocab_size": 100,
-    "max_position_embeddings": 32,
-    "type_vocab_size": 2,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-}
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 100,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
-
 
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch):
@@ -66,8 +41,9 @@ def memory():
     del sys.modules[spec.name]
 
 
-def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tmp_path):
-    shape = memory.Shape("tiny-bert", batch=2, seq=8, rank=2, task="classify", hf_config=TINY_BERT)
+def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tiny_models, tmp_path):
+    bert = tiny_models.config("bert", num_hidden_layers=3)
+    shape = memory.Shape("tiny-bert", batch=2, seq=8, rank=2, task="classify", hf_config=bert)
     options = memory.Options(modes=("chain", "e2e"), tmp_dir=str(tmp_path))
 
     report = memory.run_benchmark([shape], options, tmp_path / "out", log=lambda _: None)
@@ -95,7 +71,7 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tmp
 
 
 def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
-    memory, tmp_path, monkeypatch
+    memory, tiny_models, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(memory, "run_isolated", memory.measure)  # in-process: faster
     shape = memory.Shape(
@@ -104,7 +80,7 @@ def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
         seq=8,
         rank=2,
         task="lm",
-        hf_config=TINY_LLAMA,
+        hf_config=tiny_models.config("llama", num_hidden_layers=8),
         slice_on_cpu=True,
         paper_ratio=4.5,
     )

@@ -18,25 +18,11 @@ from chainfed.agent.chain import ChainTrainer, EncodedSplit
 from chainfed.agent.federated_agent import chain_config_from_params
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 from chainfed.coordinator.aggregation import AggregationError
 from chainfed.coordinator.messages import TrainingParams
 from chainfed.coordinator.round_start import round_start_state, seeded_start
 
 D, LAYERS, CLASSES = 32, 4, 3
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": D,
-    "intermediate_size": 64,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": 4,
-    "vocab_size": 100,
-    "max_position_embeddings": 32,
-    "type_vocab_size": 2,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-}
 PARAMS = TrainingParams(
     lora_rank=3, lora_alpha=6.0, proxy_rank=2, gpo="proxy", seed=5, lora_seed=7, micro_batch=4
 )
@@ -49,8 +35,8 @@ def _split(n: int, seed: int) -> EncodedSplit:
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory: pytest.TempPathFactory) -> ChainTrainer:
-    model_dir = write_random_checkpoint(TINY_BERT, tmp_path_factory.mktemp("bert") / "model")
+def trainer(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ChainTrainer:
+    model_dir = tiny_models.checkpoint("bert", hidden_size=D, num_hidden_layers=LAYERS)
     model = StreamingModel(Path(model_dir))
     objective = ClassifyObjective(D, CLASSES, "mean", seed=PARAMS.seed)  # as FederatedAgent
     return ChainTrainer(
