@@ -26,14 +26,7 @@ D, VOCAB, LAYERS, CLASSES = 32, 100, 4, 3
 N_TRAIN, N_VAL, T = 24, 12, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box the thread
-    hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from chainfed.agent.cli import SUBCOMMANDS, build_parser, main
 
@@ -21,12 +20,7 @@ from chainfed.agent.cli import SUBCOMMANDS, build_parser, main
 DATA = ["--train-rows", "20", "--val-rows", "10", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def squeeze(text: str) -> str:

@@ -31,12 +31,7 @@ STAGE_KEYS |= {"peak_mem_bytes", "baseline_mem_bytes", "seconds"}
 FINAL_LINE = re.compile(r"^final: val metric \S+, val loss \S+$", re.MULTILINE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
