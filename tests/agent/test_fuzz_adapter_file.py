@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,14 +30,7 @@ from chainfed.agent.export import load_result
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 INFO = {
     "task": "classify",
     "labels": ["neg", "neu", "pos"],
@@ -105,23 +98,6 @@ JSON_VALUES = st.recursive(
 )
 
 
-@st.composite
-def byte_mutations(draw, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        where = draw(st.integers(0, len(out)))
-        how = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if how == "flip" and where < len(out):
-            out[where] ^= 1 << draw(st.integers(0, 7))
-        elif how == "insert":
-            out[where:where] = draw(st.binary(min_size=1, max_size=16))
-        elif how == "delete":
-            del out[where : where + draw(st.integers(1, 16))]
-        elif how == "truncate":
-            del out[where:]
-    return bytes(out)
-
-
 @FUZZ
 @given(data=st.binary(max_size=512))
 @example(data=b"")
@@ -131,7 +107,7 @@ def test_random_bytes_as_adapter_file(kit, data):
 
 @FUZZ
 @given(data=st.data())
-def test_byte_mutated_adapter_file(kit, data):
+def test_byte_mutated_adapter_file(kit, byte_mutations, data):
     kit.check(data.draw(byte_mutations(kit.valid_bytes)))
 
 

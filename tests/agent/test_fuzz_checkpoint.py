@@ -16,20 +16,13 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.agent.errors import ModelLoadError
 from chainfed.agent.model import StreamingModel
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 
 
 def write_new(path: Path, data: bytes) -> None:
@@ -129,23 +122,6 @@ def header_edits(draw, data: bytes) -> bytes:
     return join(header, body)
 
 
-@st.composite
-def byte_mutations(draw, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        where = draw(st.integers(0, len(out)))
-        how = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if how == "flip" and where < len(out):
-            out[where] ^= 1 << draw(st.integers(0, 7))
-        elif how == "insert":
-            out[where:where] = draw(st.binary(min_size=1, max_size=16))
-        elif how == "delete":
-            del out[where : where + draw(st.integers(1, 16))]
-        elif how == "truncate":
-            del out[where:]
-    return bytes(out)
-
-
 @FUZZ
 @given(data=st.binary(max_size=512), prefix=st.booleans())
 @example(data=b"", prefix=False)
@@ -161,7 +137,7 @@ def test_random_bytes_as_safetensors(folders, data, prefix):
 
 @FUZZ
 @given(data=st.data())
-def test_byte_mutated_safetensors(folders, data):
+def test_byte_mutated_safetensors(folders, byte_mutations, data):
     model_dir, valid = folders
     assert_loads_or_names_the_file(model_dir, data.draw(byte_mutations(valid)))
 

@@ -12,20 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.agent.data import BAD_ROW_REASONS, DataConfig, load_dataset
 from chainfed.agent.errors import DataError
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 
 VALID_CSV = (
     "text,label\n"
@@ -82,23 +75,15 @@ def check(path: Path, data: bytes) -> None:
         split.summary()
 
 
-@st.composite
-def byte_mutations(draw, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 5))):
-        where = draw(st.integers(0, len(out)))
-        how = draw(st.sampled_from(["flip", "insert", "delete", "special"]))
-        if how == "flip" and where < len(out):
-            out[where] ^= 1 << draw(st.integers(0, 7))
-        elif how == "insert":
-            out[where:where] = draw(st.binary(min_size=1, max_size=8))
-        elif how == "delete":
-            del out[where : where + draw(st.integers(1, 8))]
-        elif how == "special":
-            special = [b'"', b",", b"\n", b"\r", b"\x00", b"\xff", b"{", b"[", b"\xef\xbb\xbf"]
-            out[where:where] = draw(st.sampled_from(special))
-    return bytes(out)
-
+MUTATIONS = {
+    "kinds": ("flip", "insert", "delete", "special"),
+    "max_edits": 5,
+    "max_insert": 8,
+    "max_delete": 8,
+    "specials": [b'"', b",", b"\n", b"\r", b"\x00", b"\xff", b"{", b"[", b"\xef\xbb\xbf"],
+}
+"""Edits of a valid file for ``byte_mutations``: ``specials`` are bytes a CSV or JSON reader
+gives a meaning to (quote, comma, line ends, NUL, invalid UTF-8, brackets, a BOM)."""
 
 TEXT_LINES = st.lists(
     st.one_of(
@@ -124,9 +109,10 @@ def test_random_files(folder, suffix, data):
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 @FUZZ
 @given(data=st.data())
-def test_mutated_valid_files(folder, suffix, data):
+def test_mutated_valid_files(folder, suffix, byte_mutations, data):
     valid = VALID_CSV if suffix == ".csv" else VALID_JSONL
-    check(folder / f"mutated{suffix}", data.draw(byte_mutations(valid)))
+    mutated = byte_mutations(valid, **MUTATIONS)
+    check(folder / f"mutated{suffix}", data.draw(mutated))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])

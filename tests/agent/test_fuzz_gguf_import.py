@@ -18,20 +18,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.agent.errors import ModelLoadError
 from chainfed.agent.gguf_import import convert_gguf
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 
 
 V = gguf.GGUFValueType

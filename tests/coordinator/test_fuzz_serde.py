@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.coordinator import serde
@@ -36,14 +36,7 @@ from chainfed.coordinator.messages import (
 from chainfed.coordinator.tensor_chunks import ChunkAssembler, ChunkError, TensorChunk, TensorSpec
 from chainfed.proto import chainfed_pb2 as pb
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 """≥ 500 examples per parser, the same ones on every run."""
 
 EXPECTED = (ProtocolError, ChunkError)
@@ -168,26 +161,13 @@ def _valid_messages() -> dict[str, bytes]:
 
 VALID = {name: message.SerializeToString() for name, message in _valid_messages().items()}
 
-
-@st.composite
-def mutations(draw, seed: bytes) -> bytes:
-    """``seed`` with a few bytes flipped, inserted, deleted or overwritten."""
-    data = bytearray(seed)
-    for _ in range(draw(st.integers(1, 4))):
-        where = draw(st.integers(0, len(data)))
-        how = draw(st.sampled_from(["flip", "insert", "delete", "overwrite", "truncate"]))
-        if how == "flip" and where < len(data):
-            data[where] ^= 1 << draw(st.integers(0, 7))
-        elif how == "insert":
-            data[where:where] = draw(st.binary(min_size=1, max_size=12))
-        elif how == "delete":
-            del data[where : where + draw(st.integers(1, 8))]
-        elif how == "overwrite" and where < len(data):
-            data[where] = draw(st.integers(0, 255))
-        elif how == "truncate":
-            del data[where:]
-    return bytes(data)
-
+MUTATIONS = {
+    "kinds": ("flip", "insert", "delete", "overwrite", "truncate"),
+    "max_insert": 12,
+    "max_delete": 8,
+}
+"""Edits of a valid message for ``byte_mutations``: a few bytes flipped, inserted, deleted
+or overwritten, or the rest cut off."""
 
 NAMES = sorted(PARSERS)
 CONVERTED = [
@@ -223,8 +203,10 @@ def test_random_field_values_convert_or_fail_cleanly(name: str, data: st.DataObj
 @pytest.mark.parametrize("name", CONVERTED)
 @FUZZ
 @given(data=st.data())
-def test_mutated_valid_messages_convert_or_fail_cleanly(name: str, data: st.DataObject):
-    parse(name, data.draw(mutations(VALID[name])))
+def test_mutated_valid_messages_convert_or_fail_cleanly(
+    name: str, byte_mutations, data: st.DataObject
+):
+    parse(name, data.draw(byte_mutations(VALID[name], **MUTATIONS)))
 
 
 @pytest.mark.parametrize("name", NAMES)

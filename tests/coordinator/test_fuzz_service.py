@@ -43,12 +43,8 @@ from chainfed.coordinator.tensor_chunks import manifest_of, tensors_to_chunks
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
+FUZZ = settings(  # the "fuzz" profile of tests/conftest.py
+    settings.get_profile("fuzz"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 CALL_TIMEOUT = 10
@@ -194,27 +190,12 @@ def _valid_bodies(served: Served) -> dict[str, bytes]:
     }
 
 
-@st.composite
-def byte_mutations(draw, seed: bytes) -> bytes:
-    data = bytearray(seed)
-    for _ in range(draw(st.integers(1, 3))):
-        where = draw(st.integers(0, len(data)))
-        how = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if how == "flip" and where < len(data):
-            data[where] ^= 1 << draw(st.integers(0, 7))
-        elif how == "insert":
-            data[where:where] = draw(st.binary(min_size=1, max_size=8))
-        elif how == "delete":
-            del data[where : where + draw(st.integers(1, 6))]
-        elif how == "truncate":
-            del data[where:]
-    return bytes(data)
-
-
 @FUZZ
 @given(method=st.sampled_from(sorted(REQUESTS)), data=st.data())
 @example(method="Register", data=None)
-def test_random_and_mutated_request_bodies_are_rejected_cleanly(served, method, data):
+def test_random_and_mutated_request_bodies_are_rejected_cleanly(
+    served, byte_mutations, method, data
+):
     before = served.state()
     if data is None:  # pinned: a length prefix running past the end of the body
         body = b"\x1a\xff\xff\xff\x0f"
@@ -222,7 +203,7 @@ def test_random_and_mutated_request_bodies_are_rejected_cleanly(served, method, 
         body = data.draw(st.binary(max_size=200))
     else:
         seed = _valid_bodies(served)[method].SerializeToString()
-        body = data.draw(byte_mutations(seed))
+        body = data.draw(byte_mutations(seed, max_edits=3, max_insert=8, max_delete=6))
     error = served.call(method, body)
     _check_rejection(error, invalid=not _decodes(REQUESTS[method], body))
     served.assert_serving()

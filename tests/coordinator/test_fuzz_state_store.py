@@ -22,12 +22,8 @@ from chainfed.coordinator import serde, state_store
 from chainfed.coordinator.chain_state import UpdateRejected
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
+FUZZ = settings(  # the "fuzz" profile of tests/conftest.py
+    settings.get_profile("fuzz"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
@@ -139,23 +135,6 @@ def json_edits(draw, state: dict) -> bytes:
     return json.dumps(state).encode()
 
 
-@st.composite
-def byte_mutations(draw, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 4))):
-        where = draw(st.integers(0, len(out)))
-        how = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        if how == "flip" and where < len(out):
-            out[where] ^= 1 << draw(st.integers(0, 7))
-        elif how == "insert":
-            out[where:where] = draw(st.binary(min_size=1, max_size=8))
-        elif how == "delete":
-            del out[where : where + draw(st.integers(1, 8))]
-        elif how == "truncate":
-            del out[where:]
-    return bytes(out)
-
-
 @FUZZ
 @given(data=st.data())
 def test_edited_state_json(saved, data):
@@ -165,7 +144,7 @@ def test_edited_state_json(saved, data):
 @FUZZ
 @given(data=st.data(), random=st.booleans())
 @example(data=None, random=None)
-def test_random_and_mutated_state_json(saved, data, random):
+def test_random_and_mutated_state_json(saved, byte_mutations, data, random):
     if data is None:  # pinned cases
         for doc in (b"[]", b"null", b'{"config": []}', b'{"config": {}, "x": 1}', b"\xff\xfe"):
             saved.check(state_json=doc)
@@ -173,13 +152,15 @@ def test_random_and_mutated_state_json(saved, data, random):
     if random:
         saved.check(state_json=data.draw(st.binary(max_size=300)))
     else:
-        saved.check(state_json=data.draw(byte_mutations(saved.files[STATE_FILE])))
+        mutated = byte_mutations(saved.files[STATE_FILE], max_insert=8, max_delete=8)
+        saved.check(state_json=data.draw(mutated))
 
 
 @FUZZ
 @given(data=st.data())
-def test_mutated_tensors_file(saved, data):
-    saved.check(tensors=data.draw(byte_mutations(saved.files[saved.tensors_file])))
+def test_mutated_tensors_file(saved, byte_mutations, data):
+    mutated = byte_mutations(saved.files[saved.tensors_file], max_insert=8, max_delete=8)
+    saved.check(tensors=data.draw(mutated))
 
 
 def test_the_saved_state_loads(saved):

@@ -31,13 +31,8 @@ from chainfed.coordinator.tensor_chunks import (
     tensors_to_chunks,
 )
 
-EXAMPLES = 500
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=10_000,  # ms; examples take < 30 ms: only a hang (or a loaded machine) nears it
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
+FUZZ = settings(  # the "fuzz" profile of tests/conftest.py
+    settings.get_profile("fuzz"), suppress_health_check=[HealthCheck.too_slow]
 )
 
 SLACK_BYTES = 256 * 1024
