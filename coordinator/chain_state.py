@@ -582,34 +582,21 @@ class ChainCoordinator:
             return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
         r = self.open_round
         if (
-            self.phase is ChainPhase.EVALUATING
+            self.phase in (ChainPhase.EVALUATING, ChainPhase.TRAINING)
             and r is not None
             and agent_id in r.participants
             and agent_id not in r.updates
         ):
+            # an evaluation fetches the final adapters, a training round the round's tensors
+            evaluating = self.phase is ChainPhase.EVALUATING
             return Task(
-                TaskKind.EVALUATE,
+                TaskKind.EVALUATE if evaluating else TaskKind.TRAIN_ROUND,
                 round_id=r.round_id,
                 stage_layer=r.stage_layer,
                 window_layers=tuple(r.window),
                 params=params,
                 deadline_unix_ms=r.deadline_ms,
-                tensors=tuple(manifest_of(self.final)),
-            )
-        if (
-            self.phase is ChainPhase.TRAINING
-            and r is not None
-            and agent_id in r.participants
-            and agent_id not in r.updates
-        ):
-            return Task(
-                TaskKind.TRAIN_ROUND,
-                round_id=r.round_id,
-                stage_layer=r.stage_layer,
-                window_layers=tuple(r.window),
-                params=params,
-                deadline_unix_ms=r.deadline_ms,
-                tensors=tuple(manifest_of(self.round_tensors())),
+                tensors=tuple(manifest_of(self.final if evaluating else self.round_tensors())),
             )
         return Task(TaskKind.WAIT, retry_after_ms=200)
 
