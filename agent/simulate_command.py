@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--start-layer", help="first chain layer (default: FOAT)")
     c.add_argument("--window", type=int, default=d.window, help="DLCT window Q")
     c.add_argument("--gpo", default=d.gpo, help="proxy | exact:K | exact:all | none")
+    c.add_argument(
+        "--gpo-lambda", type=float, help="global-loss weight (default: bert 0.1, llama 0.2)"
+    )
     c.add_argument("--min-rounds-per-layer", type=int, default=d.min_rounds_per_layer)
     c.add_argument("--max-rounds-per-layer", type=int, default=d.max_rounds_per_layer)
     c.add_argument("--local-steps", type=int, default=d.local_steps, help="steps per round")
@@ -121,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         start_layer=None if args.start_layer in (None, "auto") else int(args.start_layer),
         window=args.window,
         gpo=args.gpo,
+        gpo_lambda=args.gpo_lambda,
         min_rounds_per_layer=args.min_rounds_per_layer,
         max_rounds_per_layer=args.max_rounds_per_layer,
         local_steps=args.local_steps,

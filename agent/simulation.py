@@ -125,6 +125,8 @@ class SimulationConfig:
     """DLCT window Q of the chain."""
     gpo: str = "proxy"
     """``proxy``, ``exact:K``, ``exact:all`` or ``none``."""
+    gpo_lambda: float | None = None
+    """Weight of the GPO global loss; None = the model family's default (bert 0.1, llama 0.2)."""
     min_rounds_per_layer: int = 1
     """Rounds every chain stage runs at least."""
     max_rounds_per_layer: int = 3
@@ -321,6 +323,7 @@ def coordinator_argv(config: SimulationConfig, num_layers: int) -> list[str]:
         config.aggregation,
         "--gpo",
         config.gpo,
+        *([] if config.gpo_lambda is None else ["--gpo-lambda", str(config.gpo_lambda)]),
         "--lr",
         str(config.lr),
         "--micro-batch",

@@ -10,6 +10,7 @@ gRPC through ``chainfed simulate --processes``, and ``chainfed demo`` end to end
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -18,7 +19,14 @@ import torch
 
 from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.cli import main
-from chainfed.agent.simulation import SimulationConfig, SimulationError, run_simulation
+from chainfed.agent.model import StreamingModel
+from chainfed.agent.simulation import (
+    SimulationConfig,
+    SimulationError,
+    coordinator_argv,
+    run_simulation,
+)
+from chainfed.coordinator.command import add_arguments, coordinator_config
 
 TINY = {
     "agents": 3,
@@ -224,6 +232,19 @@ def test_simulate_command_with_processes_over_grpc(tmp_path, capsys):
 def test_simulate_refuses_a_malformed_coordinator_option(capsys):
     assert main(["simulate", "--coordinator-option", "min_agents"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("gpo_lambda", "expected"), [(None, 0.1), (0.75, 0.75)])
+def test_gpo_lambda_reaches_the_round_params(minilm_path, gpo_lambda, expected):
+    # unset, the bert family's default applies; set, it reaches every agent's TrainingParams
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = SimulationConfig(gpo_lambda=gpo_lambda)
+    args = parser.parse_args(["--state-dir", "-", "--token", "-", *coordinator_argv(config, 6)])
+
+    params = coordinator_config(args, StreamingModel(minilm_path), "fp").params
+
+    assert params.gpo_lambda == expected
 
 
 @pytest.mark.slow
