@@ -5,8 +5,9 @@ a federation of ``--agents`` (8) agents on the packaged all-MiniLM-L6-v2 and twe
 simulated in one process (``chainfed.agent.simulation``, in process: the product's
 ``ChainCoordinator`` and ``FederatedAgent`` round work, no gRPC):
 
-1. ``chain`` — the method: FOAT start layer, DLCT window ``--window``, GPO proxies, each
-   stage until the federated validation loss converges (``--max-rounds-per-layer`` cap).
+1. ``chain`` — the method: FOAT start layer, DLCT window ``--window``, GPO (``--gpo``,
+   proxies by default; ``--gpo-lambda``, the global loss's weight), each stage until
+   the federated validation loss converges (``--max-rounds-per-layer`` cap).
    Its number of communication rounds R is what the chain took.
 2. ``e2e`` — plain FedLoRA, LoRA on every layer, end-to-end backprop — for exactly R rounds.
 3. ``topk:K`` (``--topk``, 2) — plain FedLoRA on the last K layers — for exactly R rounds.
@@ -70,6 +71,8 @@ def run_split(split: str, args: argparse.Namespace, out: Path) -> dict[str, Simu
         seed=args.seed,
         start_layer=args.start_layer,
         window=args.window,
+        gpo=args.gpo,
+        gpo_lambda=args.gpo_lambda,
         min_rounds_per_layer=args.min_rounds_per_layer,
         max_rounds_per_layer=args.max_rounds_per_layer,
         local_steps=args.local_steps,
@@ -227,6 +230,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-layer", type=int, help="chain start layer (default: FOAT)")
     parser.add_argument("--window", type=int, default=2, help="DLCT window Q")
+    parser.add_argument(
+        "--gpo", default="proxy", help="chain's GPO: proxy | exact:K | exact:all | none"
+    )
+    parser.add_argument(
+        "--gpo-lambda", type=float, help="chain's global-loss weight (default: bert 0.1)"
+    )
     parser.add_argument("--topk", type=int, default=2, help="K of the topk baseline")
     parser.add_argument("--min-rounds-per-layer", type=int, default=1)
     parser.add_argument("--max-rounds-per-layer", type=int, default=2)
@@ -288,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"{args.agents} agents, {args.train_rows} training rows in all, aggregation "
             f"{args.aggregation}, lr {args.lr}, {args.local_steps} local steps of micro-batch "
-            f"{args.micro_batch} per round, LoRA rank {args.rank}, window {args.window}.",
+            f"{args.micro_batch} per round, LoRA rank {args.rank}, window {args.window}, "
+            f"GPO {args.gpo} (lambda {args.gpo_lambda or 'the family default'}).",
             "",
             table(rows),
             "",

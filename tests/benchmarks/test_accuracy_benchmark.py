@@ -33,7 +33,7 @@ def test_accuracy_benchmark_tiny(tmp_path, capsys):
     argv = ["--splits", "dirichlet:0.5", "--agents", "2", "--train-rows", "40"]
     argv += ["--val-rows", "20", "--test-rows", "20", "--max-len", "24", "--local-steps", "2"]
     argv += ["--micro-batch", "8", "--start-layer", "4", "--max-rounds-per-layer", "1"]
-    argv += ["--out", str(tmp_path)]
+    argv += ["--gpo", "exact:all", "--gpo-lambda", "2", "--out", str(tmp_path)]
     try:
         assert benchmark.main(argv) == 0
     finally:
@@ -42,6 +42,8 @@ def test_accuracy_benchmark_tiny(tmp_path, capsys):
     report = json.loads((tmp_path / "accuracy.json").read_text())
     rows = {r["mode"]: r for r in report["rows"]}
     assert set(rows) == {"chain", "e2e", "topk:2"}
+    chain_config = report["runs"]["dirichlet:0.5"]["chain"]["config"]
+    assert (chain_config["gpo"], chain_config["gpo_lambda"]) == ("exact:all", 2.0)
     assert rows["chain"]["rounds"] == rows["e2e"]["rounds"] == rows["topk:2"]["rounds"] == 2
     assert rows["chain"]["trained_layers"] == [4, 5]
     assert rows["e2e"]["trained_layers"] == list(range(6))
