@@ -15,6 +15,10 @@ coordinator is unreachable it retries with exponential backoff and jitter. After
 restart it re-registers and, because its prefix caches live in ``workdir`` keyed by
 fingerprints, continues without recomputing any prefix it already holds. Raw data never
 leaves the device: only adapter/head tensors and scalar metrics are sent.
+
+Under FFA (``TrainingParams.lora_train_a`` False) every A stays at its seeded init for
+the whole run, so none travels: the agent uploads B (with the head and GPO proxies) only,
+and rebuilds the A of whatever it fetches from the shared seed (``with_seeded_lora_a``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,12 @@ from chainfed.agent.chain import (
 )
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.heads import ClassifyObjective, LMObjective
-from chainfed.agent.lora import LoRAConfig
+from chainfed.agent.lora import (
+    LoRAConfig,
+    linear_in_features,
+    with_seeded_lora_a,
+    without_lora_a,
+)
 from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import serde
@@ -161,6 +170,8 @@ class FederatedAgent:
         self.rounds_done = 0
         self.traffic: list[RoundTraffic] = []
         """One entry per training round this agent ran."""
+        self.params: TrainingParams | None = None
+        """The latest task's hyper-parameters: their LoRA seed rebuilds a frozen A (FFA)."""
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.ChainFedStub | None = None
 
@@ -321,6 +332,7 @@ class FederatedAgent:
 
     def probe_report(self, task: Task) -> ProbeReport:
         """FOAT scores of this device's data for a PROBE task (no transport)."""
+        self.params = task.params
         trainer = self._ensure_trainer(task.params, 1)
         scores = trainer.probe()
         return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
@@ -352,8 +364,9 @@ class FederatedAgent:
         validation rows, measured before the local steps; the training loss is that of
         the local steps."""
         window = list(task.window_layers)
+        self.params = task.params
         trainer = self._ensure_trainer(task.params, len(window))
-        final = strip_prefix(tensors, "final.")
+        final = self.with_frozen_a(strip_prefix(tensors, "final."), trainer.config.lora)
         started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
             if trainer.start_layer is None:
@@ -371,6 +384,8 @@ class FederatedAgent:
             start = trainer.trainable_state() if params.local_dp_clip > 0 else None
             result = trainer.train_round(params.local_steps)
             update = trainer.trainable_state()
+            if not params.lora_train_a:  # A frozen at its seeded init: nothing to send
+                update = without_lora_a(update)
             if start is not None:  # local DP: clip the change, noise it, before it leaves
                 update = local_dp_update(
                     update,
@@ -421,11 +436,13 @@ class FederatedAgent:
         """The final model (``final``: adapters + head) on local validation data, by the
         same streamed evaluation as ``chainfed train``; only these metrics go back."""
         started = time.perf_counter()
+        self.params = task.params
         objective = self._objective(task.params)
         head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}
         if head:
             objective.head.load_state_dict(head)
         lora = chain_config_from_params(task.params, 1).lora
+        final = self.with_frozen_a(final, lora)
         adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
         evaluation = evaluate_streaming(
             self.model, objective, adapters, lora, self.data.val, batch_size=task.params.micro_batch
@@ -462,14 +479,31 @@ class FederatedAgent:
             raise
 
     def _finish(self, task: Task) -> Path:
-        path = self.write_final_adapters(self._fetch("done", task))
+        path = self.write_final_adapters(self._fetch("done", task), task.params)
         if self._channel is not None:
             self._channel.close()
         return path
 
-    def write_final_adapters(self, final: dict[str, torch.Tensor]) -> Path:
+    def with_frozen_a(
+        self, tensors: dict[str, torch.Tensor], lora: LoRAConfig
+    ) -> dict[str, torch.Tensor]:
+        """``tensors`` with the seeded A of every adapter that came as B alone, when
+        ``lora`` freezes A (FFA); unchanged otherwise."""
+        if lora.train_a:
+            return tensors
+
+        def in_features(layer: int, module: str) -> int:
+            return linear_in_features(self.model.block_tensor_spec(layer))[module]
+
+        return with_seeded_lora_a(tensors, lora.seed, in_features)
+
+    def write_final_adapters(
+        self, final: dict[str, torch.Tensor], params: TrainingParams | None = None
+    ) -> Path:
         """``WORKDIR/final_adapters.safetensors``: the federation's result with this
-        device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``."""
+        device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``.
+        Under FFA the frozen A, which never travels, is rebuilt from the seed of ``params``
+        (default: those of the latest task this agent ran)."""
         info = {
             "task": self.data.task,
             "labels": self.data.labels,
@@ -480,7 +514,9 @@ class FederatedAgent:
         if self.trainer is not None:
             info["lora"] = self.trainer.config.lora.to_dict()
             info["pooling"] = getattr(self.trainer.objective, "pooling", None)
-        tensors = dict(final)
+        params = params or self.params
+        lora = None if params is None else chain_config_from_params(params, 1).lora
+        tensors = dict(final) if lora is None else self.with_frozen_a(final, lora)
         path = save_adapter_file(
             self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info)
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -70,6 +71,48 @@ def initial_lora_a(
     a = torch.empty(shape, dtype=dtype)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_a_generator(seed, layer, module))
     return a
+
+
+def without_lora_a(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` less every ``*.lora_a``: what travels when A is frozen at its seeded init."""
+    return {name: t for name, t in tensors.items() if not name.endswith(".lora_a")}
+
+
+def linear_in_features(layer_spec: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, int]:
+    """In features of every linear of a block by module name, from the block's checkpoint
+    spec (``StreamingModel.block_tensor_spec``: shapes only, no weights read) — the width
+    of each adapter's A."""
+    return {
+        ours.removesuffix(".weight"): shape[1]
+        for ours, (_, shape) in layer_spec.items()
+        if ours.endswith(".weight") and len(shape) == 2
+    }
+
+
+def with_seeded_lora_a(
+    tensors: Mapping[str, torch.Tensor], seed: int, in_features: Callable[[int, str], int]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` plus the frozen A of every ``layers.{i}.{module}.lora_b`` that came
+    without its ``lora_a``: ``initial_lora_a(seed, i, module)`` of shape (r, in) — r from
+    B (out, r), in from ``in_features(i, module)`` — in B's dtype, placed before its B.
+    An A already present is kept as is."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        prefix = name.removesuffix(".lora_b")
+        if (
+            name.endswith(".lora_b")
+            and prefix + ".lora_a" not in tensors
+            and len(parts) == 4
+            and parts[0] == "layers"
+            and parts[1].isdigit()
+        ):
+            layer, module = int(parts[1]), parts[2]
+            shape = (t.shape[1], in_features(layer, module))
+            a = initial_lora_a(seed, layer, module, shape, t.dtype)
+            out[prefix + ".lora_a"] = a.to(t.device)
+        out[name] = t
+    return out
 
 
 def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRALinear]:

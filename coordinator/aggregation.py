@@ -20,6 +20,8 @@ Strategies (``aggregate(strategy, updates)``)::
              classic baseline, exact only when all A_k (or all B_k) are equal.
     ffa      A ← A (shared: frozen from one seed, checked bit-identical)
              B ← Σ w_k B_k            ⇒ B A = Σ w_k B_k A, the mean product, exactly
+             with ``b_only`` updates may carry B alone (A stays with the agents,
+             rebuilt from the seed: chainfed's ffa federations never send it)
     svd      ΔW ← Σ w_k B_k A_k       (the mean product, exact, float64)
              ΔW = U S Vᵀ → B ← U_r S_r^½,  A ← S_r^½ V_rᵀ
 
@@ -106,10 +108,13 @@ class WeightedUpdate:
 # -- names ----------------------------------------------------------------------------
 
 
-def adapter_prefixes(names: Sequence[str] | Mapping[str, object]) -> list[str]:
+def adapter_prefixes(
+    names: Sequence[str] | Mapping[str, object], *, b_only: bool = False
+) -> list[str]:
     """Prefixes ``p`` for which ``p.lora_a`` and ``p.lora_b`` are both present, in name order.
 
-    Raises ``AggregationError`` for a ``lora_a`` without its ``lora_b`` or the reverse.
+    Raises ``AggregationError`` for a ``lora_a`` without its ``lora_b`` or the reverse;
+    with ``b_only`` (FFA: A never sent) a ``lora_b`` may come alone, as a plain tensor.
     """
     names = set(names)
     prefixes = []
@@ -121,7 +126,7 @@ def adapter_prefixes(names: Sequence[str] | Mapping[str, object]) -> list[str]:
             prefixes.append(prefix)
         elif name.endswith(LORA_B_SUFFIX):
             prefix = name.removesuffix(LORA_B_SUFFIX)
-            if prefix + LORA_A_SUFFIX not in names:
+            if prefix + LORA_A_SUFFIX not in names and not b_only:
                 raise AggregationError(f"tensor {name!r} has no {prefix + LORA_A_SUFFIX!r}")
     return prefixes
 
@@ -145,13 +150,13 @@ def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
 
 
-def validate_updates(updates: Sequence[WeightedUpdate]) -> None:
+def validate_updates(updates: Sequence[WeightedUpdate], *, b_only: bool = False) -> None:
     """Check a round's updates are mutually consistent; raise ``AggregationError`` if not.
 
     At least one update; distinct agent ids; ``samples`` a positive int; every update has
     the first update's tensor names, and per name the same shape and dtype; every tensor
     floating point with finite values; adapters come in pairs of non-empty 2-D tensors
-    A (r, in) / B (out, r) with one r.
+    A (r, in) / B (out, r) with one r — or, with ``b_only``, also as B alone.
     """
     if not updates:
         raise AggregationError("no updates to aggregate")
@@ -191,7 +196,7 @@ def validate_updates(updates: Sequence[WeightedUpdate]) -> None:
             if not bool(torch.isfinite(t).all()):
                 raise AggregationError(f"agent {u.agent_id!r} tensor {name!r}: non-finite values")
 
-    for prefix in adapter_prefixes(ref.tensors):
+    for prefix in adapter_prefixes(ref.tensors, b_only=b_only):
         a, b = ref.tensors[prefix + LORA_A_SUFFIX], ref.tensors[prefix + LORA_B_SUFFIX]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or 0 in (*a.shape, *b.shape):
             raise AggregationError(
@@ -222,14 +227,17 @@ def _weighted_mean(
 def _aggregate(
     updates: Sequence[WeightedUpdate],
     adapter_rule: Callable[[Sequence[WeightedUpdate], Sequence[float], str], tuple],
+    *,
+    b_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Validate, apply ``adapter_rule`` per adapter prefix → (A, B), weighted mean elsewhere."""
+    """Validate, apply ``adapter_rule`` per adapter prefix → (A, B), weighted mean elsewhere
+    (a lone B of ``b_only`` updates included)."""
     updates = list(updates)
-    validate_updates(updates)
+    validate_updates(updates, b_only=b_only)
     weights = _weights(updates)
     ref = updates[0].tensors
     out: dict[str, torch.Tensor] = {}
-    for prefix in adapter_prefixes(ref):
+    for prefix in adapter_prefixes(ref, b_only=b_only):
         a, b = adapter_rule(updates, weights, prefix)
         out[prefix + LORA_A_SUFFIX] = a
         out[prefix + LORA_B_SUFFIX] = b
@@ -272,14 +280,18 @@ def _ffa_pair(updates, weights, prefix):
     return a.clone(), _weighted_mean(updates, weights, b_name).to(a.dtype)
 
 
-def aggregate_ffa(updates: Sequence[WeightedUpdate]) -> dict[str, torch.Tensor]:
+def aggregate_ffa(
+    updates: Sequence[WeightedUpdate], *, b_only: bool = False
+) -> dict[str, torch.Tensor]:
     """FFA: every agent's A must be bit-identical (frozen, shared seed); keep it, average B.
 
     Then ``B̄ A = Σ w_k B_k A`` — the weighted mean of the products, exactly (up to
     rounding B̄ to the input dtype). Raises ``AggregationError`` naming the tensor and
     both agents when an A differs at all (the tolerance is zero: a frozen A cannot drift).
+    With ``b_only`` the updates may carry B without its A (every agent keeps the seeded A
+    and never sends it); such a B gets B̄ alone: the same B̄, bit for bit, as with the A.
     """
-    return _aggregate(updates, _ffa_pair)
+    return _aggregate(updates, _ffa_pair, b_only=b_only)
 
 
 def _svd_pair(updates, weights, prefix, rank):
@@ -431,7 +443,7 @@ def aggregate(
     strategy: str, updates: Sequence[WeightedUpdate], **kwargs: object
 ) -> dict[str, torch.Tensor]:
     """Aggregate ``updates`` with the named strategy; ``kwargs`` go to it (``svd``: ``rank``,
-    ``trimmed-mean``: ``trim``)."""
+    ``trimmed-mean``: ``trim``, ``ffa``: ``b_only``)."""
     try:
         fn = STRATEGIES[strategy]
     except KeyError:

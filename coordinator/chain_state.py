@@ -30,6 +30,14 @@ fresh adapter, head after the new window) and round k the aggregate of round k-1
 stage ends at the round whose report shows the plateau, or at the cap; that round's own
 aggregate, one round of training past the last figure, is what the stage hands on, and
 the next stage's round 1 (after the last stage: the evaluation round) measures it.
+
+FFA (``params.lora_train_a`` False): every A stays at its seeded init for the whole run,
+so no A travels. Updates carry B (with head and proxies) only — an A is rejected like any
+unexpected tensor — and no task, round fetch or final fetch sends one: agents rebuild A
+from the shared seed. ``final`` and ``window_state`` hold B only (a state saved before
+this may still hold the seeded A: kept, never sent); ``final_adapters()`` rebuilds A
+(``lora_in_features`` gives its width) for the final adapter file, and ``norm_bound``
+still counts it, as when agents sent it.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ import torch
 
 from chainfed.agent.chain import StageConvergence
 from chainfed.agent.foat import choose_start_layer
+from chainfed.agent.lora import with_seeded_lora_a, without_lora_a
 from chainfed.coordinator.aggregation import (
+    LORA_A_SUFFIX,
     STRATEGIES,
     WeightedUpdate,
     aggregate,
@@ -142,6 +152,10 @@ class CoordinatorConfig:
     """Stage the chain opens at; None = the start layer. A plain FedLoRA baseline is one
     stage at L-1 whose window reaches down to the start layer (``e2e``: start 0, window
     L; ``topk:K``: start L-K, window K), through the same rounds and aggregation."""
+    lora_in_features: dict[str, int] = field(default_factory=dict)
+    """In features of each linear of a block by module name (every block of a model
+    alike): the width of a frozen A, which the coordinator rebuilds from the seed for the
+    final adapters since agents never send it (``params.lora_train_a`` False)."""
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -166,6 +180,13 @@ class CoordinatorConfig:
             raise ValueError("differential privacy needs both a noise multiplier and a clip")
         if self.dp_epsilon_budget is not None and self.dp_noise_multiplier is None:
             raise ValueError("an epsilon budget needs differential privacy (a noise multiplier)")
+        if not self.params.lora_train_a and self.aggregation != "ffa":
+            raise ValueError(
+                f"A frozen (lora_train_a False) is ffa's: agents then send B alone, which "
+                f"{self.aggregation!r} cannot aggregate"
+            )
+        if not self.params.lora_train_a and not self.lora_in_features:
+            raise ValueError("A frozen (ffa) needs lora_in_features to rebuild it from the seed")
         if (
             self.dp is not None
             and self.dp.mode == "central"
@@ -277,6 +298,29 @@ class ChainCoordinator:
     def _new_convergence(self) -> StageConvergence:
         c = self.config
         return StageConvergence(c.min_rounds, c.max_rounds, c.patience, c.tolerance)
+
+    @property
+    def a_frozen(self) -> bool:
+        """FFA: every A stays at its seeded init, so none is sent either way."""
+        return not self.config.params.lora_train_a
+
+    def _sendable(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` less every A when A is frozen (a state saved before may hold it)."""
+        return without_lora_a(tensors) if self.a_frozen else dict(tensors)
+
+    def _with_frozen_a(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with the seeded A of each lone B when A is frozen, each before its B."""
+        if not self.a_frozen:
+            return dict(tensors)
+        widths = self.config.lora_in_features
+        return with_seeded_lora_a(
+            tensors, self.config.params.lora_seed, lambda _layer, module: widths[module]
+        )
+
+    def final_adapters(self) -> dict[str, torch.Tensor]:
+        """The federation's result, A included: under FFA rebuilt from the shared seed
+        (``initial_lora_a``), exactly the A every agent trained with."""
+        return self._with_frozen_a(self.final)
 
     def window_for(self, layer: int) -> list[int]:
         """DLCT window of the stage whose newest layer is ``layer``."""
@@ -525,7 +569,8 @@ class ChainCoordinator:
         c = self.config
         uploads = {a: r.updates[a][1] for a in received}
         validate_updates(
-            [WeightedUpdate(t, r.updates[a][0].train_samples, a) for a, t in uploads.items()]
+            [WeightedUpdate(t, r.updates[a][0].train_samples, a) for a, t in uploads.items()],
+            b_only=self.a_frozen,
         )
         central = c.dp is not None and c.dp.mode == "central"
         if c.clip_norm is not None or central:
@@ -544,6 +589,8 @@ class ChainCoordinator:
                 )
         updates = [WeightedUpdate(uploads[a], r.updates[a][0].train_samples, a) for a in received]
         options = {"trim": c.trim_fraction} if c.aggregation == "trimmed-mean" else {}
+        if self.a_frozen:  # ffa (the config allows no other): B travels without its A
+            options = {"b_only": True}
         return aggregate(c.aggregation, updates, **options)
 
     def _advance(self) -> None:
@@ -577,7 +624,13 @@ class ChainCoordinator:
         self.tick(now_ms)
         params = self.params
         if self.phase is ChainPhase.DONE:
-            return Task(TaskKind.DONE, round_id="done", tensors=tuple(manifest_of(self.final)))
+            # params: an agent that never trained rebuilds a frozen A from their seed
+            return Task(
+                TaskKind.DONE,
+                round_id="done",
+                params=params,
+                tensors=tuple(manifest_of(self._sendable(self.final))),
+            )
         if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
             return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
         r = self.open_round
@@ -596,25 +649,28 @@ class ChainCoordinator:
                 window_layers=tuple(r.window),
                 params=params,
                 deadline_unix_ms=r.deadline_ms,
-                tensors=tuple(manifest_of(self.final if evaluating else self.round_tensors())),
+                tensors=tuple(
+                    manifest_of(self._sendable(self.final) if evaluating else self.round_tensors())
+                ),
             )
         return Task(TaskKind.WAIT, retry_after_ms=200)
 
     def round_tensors(self) -> dict[str, torch.Tensor]:
-        """What a TRAIN_ROUND fetch streams: final adapters + the window's aggregate."""
-        tensors = {f"final.{k}": v for k, v in self.final.items()}
-        tensors.update({f"window.{k}": v for k, v in self.window_state.items()})
+        """What a TRAIN_ROUND fetch streams: final adapters + the window's aggregate (no A
+        when A is frozen)."""
+        tensors = {f"final.{k}": v for k, v in self._sendable(self.final).items()}
+        tensors.update({f"window.{k}": v for k, v in self._sendable(self.window_state).items()})
         return tensors
 
     def tensors_for(self, round_id: str, *, omit_final: bool = False) -> dict[str, torch.Tensor]:
         """What FetchTensors streams for ``round_id``; ``omit_final``: a TRAIN_ROUND's
         window tensors only (the agent holds the final adapters of this stage already)."""
         if self.phase is ChainPhase.DONE and round_id == "done":
-            return dict(self.final)
+            return self._sendable(self.final)
         if self.open_round is None or round_id != self.open_round.round_id:
             raise UpdateRejected("failed_precondition", f"round {round_id!r} is not open")
         if self.open_round.evaluation:
-            return dict(self.final)
+            return self._sendable(self.final)
         tensors = self.round_tensors()
         if omit_final:
             return {k: v for k, v in tensors.items() if not k.startswith("final.")}
@@ -639,11 +695,12 @@ class ChainCoordinator:
         """(shape, dtype) of every tensor a round at ``layer`` must upload, from the
         current aggregate; the new layer's adapter is shaped like the layer below's.
         Empty before the chain's first aggregate: the first update then sets it."""
-        known = {**self.final, **self.window_state}
+        window_state = self._sendable(self.window_state)
+        known = {**self._sendable(self.final), **window_state}
         if not known:
             return {}
         expected = {}
-        for name, tensor in self.window_state.items():
+        for name, tensor in window_state.items():
             kind, index = _tensor_owner(name)
             if (
                 (kind == "layers" and index in window)
@@ -713,6 +770,12 @@ class ChainCoordinator:
             for k, v in next(iter(r.updates.values()), (None, {}))[1].items()
         }
         for name in tensors:
+            if self.a_frozen and name.endswith(LORA_A_SUFFIX):
+                raise UpdateRejected(
+                    "invalid_argument",
+                    f"unexpected tensor {name!r}: round {r.round_id} keeps every A frozen at "
+                    "its seeded init (ffa); an update carries B, not A",
+                )
             kind, index = _tensor_owner(name)
             if (
                 kind == "layers"
@@ -742,12 +805,16 @@ class ChainCoordinator:
                         f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                         f"expected {dtype} {list(shape)}",
                     )
-        total_sq = 0.0
         for name, tensor in tensors.items():
             if not torch.isfinite(tensor).all():
                 raise UpdateRejected("invalid_argument", f"tensor {name!r} has NaN or Inf values")
+        if self.config.norm_bound is None:
+            return
+        # the norm counts a frozen A too, as it did when agents sent it (same sum order)
+        total_sq = 0.0
+        for tensor in self._with_frozen_a(tensors).values():
             total_sq += float(tensor.double().pow(2).sum())
-        if self.config.norm_bound is not None and math.sqrt(total_sq) > self.config.norm_bound:
+        if math.sqrt(total_sq) > self.config.norm_bound:
             raise UpdateRejected(
                 "invalid_argument",
                 f"update norm {math.sqrt(total_sq):.4g} exceeds the bound {self.config.norm_bound}",

@@ -16,6 +16,7 @@ from chainfed.agent.budget import estimate_stage_bytes
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import chain_config_from_params
 from chainfed.agent.fingerprint import digest_files
+from chainfed.agent.lora import linear_in_features
 from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import serde, state_store
@@ -184,6 +185,7 @@ def coordinator_config(
         dp_epsilon_budget=args.dp_epsilon_budget,
         seed=args.seed,
         first_stage_layer=args.first_stage_layer,
+        lora_in_features=linear_in_features(model.block_tensor_spec(0)),
     )
 
 

@@ -115,7 +115,7 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         if coordinator.phase is ChainPhase.DONE:
             save_adapter_file(
                 state_dir / FINAL_FILE,
-                AdapterFile(dict(coordinator.final), _final_info(coordinator)),
+                AdapterFile(coordinator.final_adapters(), _final_info(coordinator)),
             )
         crash_point("save.done")
     except (OSError, SafetensorError) as exc:

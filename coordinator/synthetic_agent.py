@@ -38,7 +38,7 @@ import grpc
 import torch
 
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
+from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora, without_lora_a
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import serde
 from chainfed.coordinator.messages import (
@@ -367,6 +367,8 @@ class SyntheticAgent:
         self.stop.wait(self.config.train_seconds)
         self._round += 1
         tensors = self.config.layout.update(task.window_layers, self._seed(task.round_id))
+        if not task.params.lora_train_a:  # ffa: A stays at its seed, only B travels
+            tensors = without_lora_a(tensors)
         loss = 1.0 / (1 + self._round)
         metrics = UpdateMetrics(
             train_samples=self.config.num_samples,

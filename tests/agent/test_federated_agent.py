@@ -11,6 +11,7 @@ Also: the agent's RPC retry policy (``_call``) on a fake clock.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ import grpc
 import pytest
 import torch
 
+from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import (
@@ -28,6 +30,7 @@ from chainfed.agent.federated_agent import (
     chain_config_from_params,
 )
 from chainfed.agent.heads import ClassifyObjective
+from chainfed.agent.lora import initial_lora_a
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.messages import Task, TaskKind, TrainingParams
 
@@ -87,6 +90,51 @@ def test_a_round_reports_the_fetched_aggregate_not_the_locally_trained_window(
     assert metrics.val_loss == pytest.approx(fetched.loss, rel=1e-5, abs=1e-6)
     assert metrics.val_metric == pytest.approx(fetched.metric)
     assert metrics.val_samples == len(data.val) and metrics.steps == PARAMS.local_steps
+
+
+def test_an_ffa_agent_sends_b_only_and_rebuilds_a_from_the_seed(
+    model: StreamingModel, tmp_path: Path
+):
+    """A frozen (ffa): updates carry no A; an aggregate, evaluation and final adapters
+    without A work as if the seeded A had been sent, and the file written holds that A."""
+    params = replace(PARAMS, lora_train_a=False, lora_seed=9)
+    data = LocalData(
+        train=_split(24, 1), val=_split(12, 2), task="classify", labels=["a", "b", "c"]
+    )
+    agent = FederatedAgent(AgentConfig("in-process", "", tmp_path), model, data, "fingerprint")
+    agent.agent_id = "agent-0"
+    window = (LAYERS - 2, LAYERS - 1)
+
+    _, first = agent.train_update(
+        Task(TaskKind.TRAIN_ROUND, "r1", LAYERS - 1, window, params=params), {}
+    )
+    aggregate = {f"window.{k}": v.clone() for k, v in first.items()}
+    _, second = agent.train_update(
+        Task(TaskKind.TRAIN_ROUND, "r2", LAYERS - 1, window, params=params), aggregate
+    )
+
+    seeded = {}
+    for layer in window:
+        for module, wrapped in agent.trainer.window_blocks[layer].named_children():
+            if hasattr(wrapped, "adapter_params"):
+                a = wrapped.lora_a.detach()
+                assert torch.equal(a, initial_lora_a(9, layer, module, tuple(a.shape), a.dtype))
+                seeded[f"layers.{layer}.{module}.lora_a"] = a.clone()
+    assert len(seeded) == 2 * 6
+    for update in (first, second):
+        assert not [k for k in update if k.endswith(".lora_a")]
+        assert {k.replace("lora_a", "lora_b") for k in seeded} <= set(update)
+    final = {k: v for k, v in second.items() if k.startswith("layers.")}
+    final.update({k.removeprefix("objective."): v for k, v in second.items() if "head." in k})
+    evaluate = Task(TaskKind.EVALUATE, "eval", LAYERS - 1, window, params=params)
+    without_a = agent.evaluation_metrics(evaluate, final)
+    with_a = agent.evaluation_metrics(evaluate, {**final, **seeded})
+    assert (without_a.val_loss, without_a.val_metric) == (with_a.val_loss, with_a.val_metric)
+
+    written = load_adapter_file(agent.write_final_adapters(final, params)).tensors
+    assert set(written) == set(final) | set(seeded)
+    for name, a in seeded.items():
+        assert torch.equal(written[name], a), name
 
 
 # -- RPC retries ------------------------------------------------------------------------

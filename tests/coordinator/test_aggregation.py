@@ -154,6 +154,31 @@ def test_ffa_rejects_independent_a():
         aggregate_ffa(_updates(2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ffa_of_b_alone_is_bit_for_bit_the_ffa_of_the_pairs(dtype):
+    """Agents of an ffa federation send B without its (frozen, seeded) A: every result
+    tensor is the one the pairs give, bit for bit, and no A appears."""
+    updates = _updates(4, shared_a=True, dtype=dtype)
+    b_alone = [
+        WeightedUpdate(
+            {k: v for k, v in u.tensors.items() if not k.endswith(".lora_a")}, u.samples, u.agent_id
+        )
+        for u in updates
+    ]
+
+    got = aggregate_ffa(b_alone, b_only=True)
+
+    want = aggregate_ffa(updates)
+    assert list(got) == [k for k in want if not k.endswith(".lora_a")]
+    for name, tensor in got.items():
+        assert tensor.dtype == want[name].dtype and torch.equal(tensor, want[name]), name
+    with pytest.raises(AggregationError, match="has no 'layers.3.q_proj.lora_a'"):
+        aggregate_ffa(b_alone)  # without b_only a lone B is an error, as before
+    lone_a = [WeightedUpdate({"layers.3.q_proj.lora_a": torch.ones(2, 6)}, 1, "agent-0")]
+    with pytest.raises(AggregationError, match="has no 'layers.3.q_proj.lora_b'"):
+        aggregate_ffa(lone_a, b_only=True)
+
+
 # ---------------------------------------------------------------------------------
 # svd
 # ---------------------------------------------------------------------------------

@@ -9,9 +9,18 @@ import math
 import pytest
 import torch
 
+from chainfed.agent.adapter_file import load_adapter_file
+from chainfed.agent.lora import initial_lora_a
+from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import UpdateRejected
-from chainfed.coordinator.messages import ChainPhase, ProbeReport, TaskKind, UpdateMetrics
+from chainfed.coordinator.messages import (
+    ChainPhase,
+    ProbeReport,
+    TaskKind,
+    TrainingParams,
+    UpdateMetrics,
+)
 
 DEADLINE_MS = 60_000  # kit.config() rounds wait 60 s
 RANK_DIM = (2, 8)  # conftest RANK, DIM
@@ -498,3 +507,141 @@ def test_snapshot_reports_position(kit):
     assert [a.agent_id for a in s.agents] == ["a", "b"]
     assert [a.rounds_completed for a in s.agents] == [1, 1]
     assert s.history == tuple(c.history)
+
+
+# -- ffa: A frozen at its seed, never exchanged -----------------------------------------
+
+FFA_WIDTHS = {"q_proj": RANK_DIM[1], "v_proj": RANK_DIM[1]}
+
+
+def ffa_coordinator(kit, **overrides):
+    params = TrainingParams(lora_rank=RANK_DIM[0], lora_train_a=False, lora_seed=7)
+    return kit.coordinator(
+        aggregation="ffa", params=params, lora_in_features=FFA_WIDTHS, **overrides
+    )
+
+
+def b_alone(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items() if not k.endswith(".lora_a")}
+
+
+def seeded_a(name: str) -> torch.Tensor:
+    _, layer, module, _ = name.split(".")
+    return initial_lora_a(7, int(layer), module, RANK_DIM, torch.float32)
+
+
+def test_ffa_updates_and_round_tensors_carry_no_a_and_the_result_rebuilds_it(kit, tmp_path):
+    """Window 2 over 4 layers (layers 0 and 1 turn final on the way): B-only updates are
+    taken, an update carrying an A is rejected like any unexpected tensor, no task
+    manifest or fetch holds an A, and the final adapters (and file) hold the seeded A."""
+    c = ffa_coordinator(kit, min_agents=2)
+    kit.register(c, "a", "b")
+    fetched: list[dict] = []
+    for stage in range(kit.num_layers):
+        c.tick(stage * 100)
+        r = c.open_round
+        for k, agent in enumerate(sorted(r.participants)):
+            task = c.next_task(agent, stage * 100)
+            fetched.append({s.name: s for s in task.tensors})
+            fetched.append(c.tensors_for(task.round_id))
+            update = kit.update(task.window_layers, task.stage_layer, stage * 10 + k)
+            err = rejected(
+                "invalid_argument",
+                c.submit,
+                agent,
+                task.round_id,
+                kit.metrics(),
+                update,
+                stage * 100 + 1,
+            )
+            assert "keeps every A frozen" in str(err) and agent not in r.updates
+            assert c.submit(agent, task.round_id, kit.metrics(), b_alone(update), stage * 100 + 1)
+    assert c.phase is ChainPhase.EVALUATING
+    assert any(k.startswith("final.layers.0.") for f in fetched for k in f)  # finals travel
+    assert not [k for f in fetched for k in f if k.endswith(".lora_a")]
+    assert not [k for k in {**c.final, **c.window_state} if k.endswith(".lora_a")]
+
+    task = c.next_task("a", 1000)
+    assert not [s.name for s in task.tensors if s.name.endswith(".lora_a")]
+    assert set(c.tensors_for(task.round_id)) == {s.name for s in task.tensors}
+    for agent in ("a", "b"):
+        c.submit(agent, task.round_id, kit.eval_metrics(), {}, 1001)
+    done = c.next_task("a", 1002)
+    assert done.kind is TaskKind.DONE and done.params == c.params  # seed to rebuild A
+    assert not [s.name for s in done.tensors if s.name.endswith(".lora_a")]
+
+    adapters = c.final_adapters()
+    b_names = [k for k in c.final if k.endswith(".lora_b")]
+    assert len(b_names) == kit.num_layers * 2
+    assert set(adapters) == set(c.final) | {n.replace("lora_b", "lora_a") for n in b_names}
+    for name in b_names:
+        a_name = name.replace("lora_b", "lora_a")
+        assert torch.equal(adapters[a_name], seeded_a(a_name)), a_name
+        assert adapters[name] is c.final[name]
+    state_store.save(c, tmp_path)
+    written = load_adapter_file(tmp_path / state_store.FINAL_FILE).tensors
+    assert_tensors_equal(written, adapters)
+
+
+def test_ffa_state_saved_with_a_still_resumes_without_sending_it(kit, tmp_path):
+    """A state written while ffa agents still sent A holds the seeded A in its final and
+    window tensors: it loads, its A is neither expected nor sent, and B-only updates go
+    on from it."""
+    c = ffa_coordinator(kit)
+    kit.register(c, "a")
+    sent = kit.update([0, 1], 1, 1)
+    with_a = {k: seeded_a(k) if k.endswith(".lora_a") else v for k, v in sent.items()}
+    c.final = {k: v.clone() for k, v in with_a.items() if k.startswith("layers.0.")}
+    c.window_state = {k: v for k, v in with_a.items() if not k.startswith("layers.0.")}
+    c.stage_layer, c.open_round = 2, None
+    state_store.save(c, tmp_path)
+
+    resumed = state_store.load(tmp_path, c.config)
+    resumed.tick(10)
+    r = resumed.open_round
+    assert r.window == [1, 2] and not [k for k in r.expected if k.endswith(".lora_a")]
+    assert {k for k in r.expected if k.startswith("layers.2.")} == {
+        "layers.2.q_proj.lora_b",
+        "layers.2.v_proj.lora_b",
+    }
+    task = resumed.next_task("a", 11)
+    assert not [s.name for s in task.tensors if s.name.endswith(".lora_a")]
+    assert not [k for k in resumed.tensors_for(task.round_id) if k.endswith(".lora_a")]
+    assert resumed.submit("a", task.round_id, kit.metrics(), b_alone(kit.update([1, 2], 2, 3)), 12)
+    assert resumed.stage_layer == 3 and "layers.1.q_proj.lora_b" in resumed.final
+    adapters = resumed.final_adapters()
+    for name in ("layers.0.q_proj.lora_a", "layers.1.v_proj.lora_a"):
+        assert torch.equal(adapters[name], seeded_a(name)), name
+
+
+def test_ffa_norm_bound_still_counts_the_frozen_a(kit):
+    """The bound is the update's norm with its seeded A, as when agents sent it: B alone
+    just under the bound passes only if the A it leaves out is counted too."""
+    update = kit.update([0], 0, 1)
+    with_a = {**update, **{k: seeded_a(k) for k in update if k.endswith(".lora_a")}}
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in with_a.values()))
+    b_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in b_alone(update).values()))
+    assert b_norm < norm * 0.99
+    tight = ffa_coordinator(kit, norm_bound=norm * 0.99)  # above B alone, below B with A
+    kit.register(tight, "a")
+    err = rejected(
+        "invalid_argument",
+        tight.submit,
+        "a",
+        tight.open_round.round_id,
+        kit.metrics(),
+        b_alone(update),
+        1,
+    )
+    assert "exceeds the bound" in str(err)
+    loose = ffa_coordinator(kit, norm_bound=norm * 1.01)
+    kit.register(loose, "a")
+    assert loose.submit("a", loose.open_round.round_id, kit.metrics(), b_alone(update), 1)
+
+
+def test_ffa_config_needs_the_widths_of_a_and_no_other_aggregation(kit):
+    frozen = TrainingParams(lora_rank=RANK_DIM[0], lora_train_a=False)
+    with pytest.raises(ValueError, match="lora_in_features"):
+        kit.config(aggregation="ffa", params=frozen)
+    with pytest.raises(ValueError, match="ffa's.*'fedavg'"):
+        kit.config(aggregation="fedavg", params=frozen, lora_in_features=FFA_WIDTHS)
