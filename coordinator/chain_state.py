@@ -164,6 +164,8 @@ class CoordinatorConfig:
             )
         if self.start_layer is not None and not 0 <= self.start_layer < self.num_layers:
             raise ValueError(f"start layer {self.start_layer} not in 0..{self.num_layers - 1}")
+        if self.first_stage_layer is not None and not 0 <= self.first_stage_layer < self.num_layers:
+            raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
         if (self.window is not None and self.window < 1) or self.min_agents < 1:
             raise ValueError("window and min_agents must be >= 1")
         if self.max_rounds < 1:
@@ -209,8 +211,6 @@ class CoordinatorConfig:
             self.dp_mode,
             self.dp_epsilon_budget,
         )
-        if self.first_stage_layer is not None and not 0 <= self.first_stage_layer < self.num_layers:
-            raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

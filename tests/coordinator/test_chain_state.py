@@ -645,3 +645,11 @@ def test_ffa_config_needs_the_widths_of_a_and_no_other_aggregation(kit):
         kit.config(aggregation="ffa", params=frozen)
     with pytest.raises(ValueError, match="ffa's.*'fedavg'"):
         kit.config(aggregation="fedavg", params=frozen, lora_in_features=FFA_WIDTHS)
+
+
+def test_a_first_stage_layer_outside_the_model_is_refused(kit):
+    for layer in (-1, kit.num_layers):
+        with pytest.raises(ValueError, match=f"first stage layer {layer} is not a layer"):
+            kit.config(first_stage_layer=layer)
+    last = kit.num_layers - 1
+    assert kit.config(first_stage_layer=last).first_stage_layer == last
