@@ -317,6 +317,8 @@ def run_status(args: argparse.Namespace) -> int:
             f"{a.rounds_completed} | {(now - a.last_seen_unix_ms) / 1000:.0f} s ago |"
         )
     dp = s.dp_epsilon is not None
+    if s.history_omitted:
+        print(f"\n{s.history_omitted} older rounds not shown (--history, or the message limit)")
     print(
         "\n| round | layer | window | agents | dropped | train loss | val loss | val metric |"
         + (" epsilon |" if dp else "")

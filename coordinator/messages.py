@@ -347,8 +347,11 @@ class StatusSnapshot:
     """DP: the ε budget; None when there is none."""
     stop_reason: str = ""
     """Why the chain stopped before training every layer; empty when it did not."""
+    history_omitted: int = 0
+    """Finished rounds left out of ``history`` (older than all it holds): not asked for,
+    or over the reply's message limit."""
 
     def __post_init__(self) -> None:
         for name in ("window_layers", "final_layers", "agents", "history"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _non_negative(self, "num_layers", "stage_rounds", "total_rounds")
+        _non_negative(self, "num_layers", "stage_rounds", "total_rounds", "history_omitted")

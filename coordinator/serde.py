@@ -477,6 +477,7 @@ def status_snapshot_to_proto(snapshot: StatusSnapshot) -> pb.StatusSnapshot:
         dp_delta=snapshot.dp_delta,
         dp_epsilon_budget=snapshot.dp_epsilon_budget,
         stop_reason=snapshot.stop_reason,
+        history_omitted=snapshot.history_omitted,
     )
 
 
@@ -498,4 +499,5 @@ def status_snapshot_from_proto(message: pb.StatusSnapshot) -> StatusSnapshot:
         dp_delta=message.dp_delta,
         dp_epsilon_budget=_optional_float(message, "dp_epsilon_budget"),
         stop_reason=message.stop_reason,
+        history_omitted=message.history_omitted,
     )

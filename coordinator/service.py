@@ -368,9 +368,38 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         self._authenticate(context, None)
         with self.lock:
             snapshot = self.coordinator.snapshot()
-        if request.history_limit:
-            snapshot = replace(snapshot, history=snapshot.history[-request.history_limit :])
-        return serde.status_snapshot_to_proto(snapshot)
+        if request.history_limit and len(snapshot.history) > request.history_limit:
+            snapshot = replace(
+                snapshot,
+                history=snapshot.history[-request.history_limit :],
+                history_omitted=len(snapshot.history) - request.history_limit,
+            )
+        return fit_status(serde.status_snapshot_to_proto(snapshot), self.config.max_message_bytes)
+
+
+_OMITTED_FIELD_BYTES = 6
+"""Most bytes ``history_omitted`` can add: one tag byte and a varint of up to 5."""
+
+
+def fit_status(reply: pb.StatusSnapshot, limit: int) -> pb.StatusSnapshot:
+    """``reply`` with its oldest round records left out until it fits ``limit`` bytes.
+
+    A long federation (about 50 rounds of 1,000 agents) outgrows the message limit, and
+    gRPC would refuse to send the reply at all; the newest rounds are the ones an
+    operator wants. ``history_omitted`` counts what was left out. Each removed record
+    is credited with its own size plus one byte, no more than the tag and length it
+    also frees, so the result is guaranteed to fit unless the rest of the reply alone
+    (the agent list) does not.
+    """
+    excess = reply.ByteSize() + _OMITTED_FIELD_BYTES - limit
+    dropped = 0
+    while excess > 0 and dropped < len(reply.history):
+        excess -= reply.history[dropped].ByteSize() + 1
+        dropped += 1
+    if dropped:
+        del reply.history[:dropped]
+        reply.history_omitted += dropped
+    return reply
 
 
 _METHOD_HANDLERS = {  # (client streams, server streams) -> grpc handler factory

@@ -335,7 +335,7 @@ class RoundRecord(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ..., finished_unix_ms: _Optional[int] = ..., update_digests: _Optional[_Iterable[str]] = ..., dp_epsilon: _Optional[float] = ..., dp_round_epsilon: _Optional[float] = ...) -> None: ...
 
 class StatusSnapshot(_message.Message):
-    __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history", "dp_epsilon", "dp_delta", "dp_epsilon_budget", "stop_reason")
+    __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history", "dp_epsilon", "dp_delta", "dp_epsilon_budget", "stop_reason", "history_omitted")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +351,7 @@ class StatusSnapshot(_message.Message):
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     DP_EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_OMITTED_FIELD_NUMBER: _ClassVar[int]
     phase: ChainPhase
     num_layers: int
     start_layer: int
@@ -366,4 +367,5 @@ class StatusSnapshot(_message.Message):
     dp_delta: float
     dp_epsilon_budget: float
     stop_reason: str
-    def __init__(self, phase: _Optional[_Union[ChainPhase, str]] = ..., num_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., final_layers: _Optional[_Iterable[int]] = ..., round_id: _Optional[str] = ..., stage_rounds: _Optional[int] = ..., total_rounds: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_epsilon_budget: _Optional[float] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+    history_omitted: int
+    def __init__(self, phase: _Optional[_Union[ChainPhase, str]] = ..., num_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., final_layers: _Optional[_Iterable[int]] = ..., round_id: _Optional[str] = ..., stage_rounds: _Optional[int] = ..., total_rounds: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_epsilon_budget: _Optional[float] = ..., stop_reason: _Optional[str] = ..., history_omitted: _Optional[int] = ...) -> None: ...

@@ -30,7 +30,7 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
+from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, fit_status, start_server
 from chainfed.coordinator.tensor_chunks import (
     ChunkAssembler,
     TensorChunk,
@@ -549,6 +549,64 @@ def test_status_snapshot_with_history_limit(kit, serve):
     assert [a.agent_id for a in full.agents] == ["a"] and full.agents[0].rounds_completed == 3
     assert [r.round_id for r in last2.history] == ids[1:] and last2.total_rounds == 3
     assert last2.history[-1].metrics.val_loss == pytest.approx(0.8)
+    assert (full.history_omitted, last2.history_omitted) == (0, 1)
+
+
+@pytest.mark.parametrize("agents", [1, 40, 1000])
+def test_fit_status_keeps_the_newest_records_that_fit(agents):
+    # records of growing size (more participants each round, as agents join): for every
+    # limit, the trimmed reply fits and keeps at most one record fewer than could fit
+    history = [
+        pb.RoundRecord(
+            round_id=f"r{n}",
+            participants=[f"agent-{k}" for k in range(n * agents // 30 + 1)],
+            update_digests=["0" * 64] * (n * agents // 30 + 1),
+        )
+        for n in range(30)
+    ]
+    whole = pb.StatusSnapshot(num_layers=6, history=history)
+    for limit in range(whole.ByteSize() - 100 * agents, whole.ByteSize() + 10, 7 * agents):
+        reply = pb.StatusSnapshot()
+        reply.CopyFrom(whole)
+
+        kept = list(fit_status(reply, limit).history)
+
+        assert reply.ByteSize() <= limit
+        assert kept == history[len(history) - len(kept) :]
+        assert reply.history_omitted == len(history) - len(kept)
+        best = max(
+            n
+            for n in range(len(history) + 1)
+            if pb.StatusSnapshot(
+                num_layers=6, history=history[len(history) - n :], history_omitted=30 - n
+            ).ByteSize()
+            <= limit
+        )
+        assert best - 1 <= len(kept) <= best
+
+
+def test_status_leaves_out_the_oldest_rounds_to_fit_the_message_limit(kit, serve):
+    # three rounds recorded; a second server on the same coordinator whose message limit
+    # is one byte short of the whole reply must send the newest rounds that fit
+    coordinator = kit.coordinator(min_rounds=5, max_rounds=5)
+    run = serve(coordinator)
+    register(run.stub, "tok-a", "a", kit.caps())
+    for n in range(3):
+        task = get_task(run.stub, "tok-a", "a")
+        tensors = kit.update(task.window_layers, task.stage_layer, n)
+        submit(run.stub, "tok-a", "a", task.round_id, kit.metrics(1.0 - n / 10), tensors)
+    whole = run.stub.Status(pb.StatusRequest(), metadata=meta("shared"), timeout=CALL_TIMEOUT)
+    ids = [r.round_id for r in whole.history]
+    limit = whole.ByteSize() - 1
+    tight = serve(coordinator, max_message_bytes=limit)
+
+    reply = tight.stub.Status(pb.StatusRequest(), metadata=meta("shared"), timeout=CALL_TIMEOUT)
+
+    assert reply.ByteSize() <= limit
+    kept = [r.round_id for r in reply.history]
+    assert 1 <= len(kept) < len(ids) and kept == ids[-len(kept) :]
+    assert reply.history_omitted == len(ids) - len(kept)
+    assert serde.status_snapshot_from_proto(reply).total_rounds == 3
 
 
 # -- TLS ------------------------------------------------------------------------------
