@@ -36,8 +36,8 @@ so no A travels. Updates carry B (with head and proxies) only — an A is reject
 unexpected tensor — and no task, round fetch or final fetch sends one: agents rebuild A
 from the shared seed. ``final`` and ``window_state`` hold B only (a state saved before
 this may still hold the seeded A: kept, never sent); ``final_adapters()`` rebuilds A
-(``lora_in_features`` gives its width) for the final adapter file, and ``norm_bound``
-still counts it, as when agents sent it.
+(``lora_in_features`` gives its width) for the final adapter file. ``norm_bound``
+measures an update's change from the round's start, in which a frozen A has no part.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from chainfed.coordinator.aggregation import (
     WeightedUpdate,
     aggregate,
     clip_update,
+    update_norm,
     validate_updates,
 )
 from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean, noise_generator
@@ -132,7 +133,10 @@ class CoordinatorConfig:
     trim_fraction: float = 0.2
     """``trimmed-mean``: fraction of the updates dropped at each end of every coordinate."""
     norm_bound: float | None = None
-    """Reject updates whose tensors' total L2 norm exceeds this."""
+    """Reject updates whose change from the round's start (all tensors together, L2)
+    exceeds this. The change, not the tensors: adapters and head legitimately grow over
+    a chain, and a seeded A is large from the start, so only the delta says how far one
+    agent tries to move the aggregate."""
     clip_norm: float | None = None
     """Scale each update's delta from the round's start down to this L2 norm (all its
     tensors together) before aggregating; None = no clipping."""
@@ -808,16 +812,18 @@ class ChainCoordinator:
         for name, tensor in tensors.items():
             if not torch.isfinite(tensor).all():
                 raise UpdateRejected("invalid_argument", f"tensor {name!r} has NaN or Inf values")
-        if self.config.norm_bound is None:
+        c = self.config
+        if c.norm_bound is None:
             return
-        # the norm counts a frozen A too, as it did when agents sent it (same sum order)
-        total_sq = 0.0
-        for tensor in self._with_frozen_a(tensors).values():
-            total_sq += float(tensor.double().pow(2).sum())
-        if math.sqrt(total_sq) > self.config.norm_bound:
+        start = round_start_state(
+            tensors, self.window_state, c.params, self.start_layer, c.num_layers
+        )
+        norm = update_norm(tensors, start)
+        if norm > c.norm_bound:
             raise UpdateRejected(
                 "invalid_argument",
-                f"update norm {math.sqrt(total_sq):.4g} exceeds the bound {self.config.norm_bound}",
+                f"update norm {norm:.4g} (its change from the round's start) exceeds the "
+                f"bound {c.norm_bound}",
             )
 
     @staticmethod

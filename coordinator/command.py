@@ -75,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.2,
         help="trimmed-mean: fraction of updates dropped at each end of every coordinate",
     )
-    c.add_argument("--norm-bound", type=float, help="reject updates above this L2 norm")
+    c.add_argument(
+        "--norm-bound",
+        type=float,
+        help="reject updates whose change from the round's start has an L2 norm above this",
+    )
     c.add_argument(
         "--clip-norm",
         type=float,

@@ -21,6 +21,7 @@ from chainfed.coordinator.messages import (
     TrainingParams,
     UpdateMetrics,
 )
+from chainfed.coordinator.round_start import round_start_state
 
 DEADLINE_MS = 60_000  # kit.config() rounds wait 60 s
 RANK_DIM = (2, 8)  # conftest RANK, DIM
@@ -334,19 +335,34 @@ def test_metrics_are_validated(kit):
     assert r.updates == {}
 
 
-def test_norm_bound_rejects_large_updates(kit):
-    probe = kit.update([0], 0, 1)
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in probe.values()))
-    c = kit.coordinator(norm_bound=norm * 1.01)
+def scaled_delta(start: dict, direction: dict, norm: float) -> dict:
+    """start + direction scaled so that the change has L2 norm ``norm``."""
+    size = math.sqrt(sum(float(d.double().pow(2).sum()) for d in direction.values()))
+    return {k: start[k] + direction[k] * (norm / size) for k in direction}
+
+
+def test_norm_bound_measures_the_change_from_the_round_start(kit):
+    # round 2 of a stage starts from round 1's aggregate; the bound is on the change from
+    # it: an update far from zero but near its start passes, one that moves the start by
+    # more than the bound is rejected
+    bound = 0.5
+    c = kit.coordinator(norm_bound=bound, min_rounds=2, max_rounds=2)
     kit.register(c, "a")
+    shape = kit.update([0], 0, 1)
+    first = round_start_state(shape, {}, c.config.params, 0, c.config.num_layers)
+    assert c.submit("a", c.open_round.round_id, kit.metrics(), first, 1)  # no change at all
+    c.tick(2)
     r = c.open_round
-    scaled = {k: v * 1.1 for k, v in probe.items()}
+    assert r.stage_layer == 0
+    base = c.window_state
+    far = scaled_delta(base, kit.update([0], 0, 3), 1.1 * bound)
+    near = scaled_delta(base, kit.update([0], 0, 3), 0.9 * bound)
+    assert math.sqrt(sum(float(v.double().pow(2).sum()) for v in near.values())) > 2 * bound
 
-    err = rejected("invalid_argument", c.submit, "a", r.round_id, kit.metrics(), scaled, 1)
+    err = rejected("invalid_argument", c.submit, "a", r.round_id, kit.metrics(), far, 2)
 
-    assert "norm" in str(err) and r.updates == {}
-    assert c.submit("a", r.round_id, kit.metrics(), probe, 2)
-    assert_tensors_equal(c.window_state, probe)
+    assert "change from the round's start" in str(err) and r.updates == {}
+    assert c.submit("a", r.round_id, kit.metrics(), near, 3)
 
 
 # -- convergence, freezing, evaluation ------------------------------------------------
@@ -614,29 +630,28 @@ def test_ffa_state_saved_with_a_still_resumes_without_sending_it(kit, tmp_path):
         assert torch.equal(adapters[name], seeded_a(name)), name
 
 
-def test_ffa_norm_bound_still_counts_the_frozen_a(kit):
-    """The bound is the update's norm with its seeded A, as when agents sent it: B alone
-    just under the bound passes only if the A it leaves out is counted too."""
-    update = kit.update([0], 0, 1)
-    with_a = {**update, **{k: seeded_a(k) for k in update if k.endswith(".lora_a")}}
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in with_a.values()))
-    b_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in b_alone(update).values()))
-    assert b_norm < norm * 0.99
-    tight = ffa_coordinator(kit, norm_bound=norm * 0.99)  # above B alone, below B with A
-    kit.register(tight, "a")
+def test_ffa_norm_bound_measures_the_change_of_b(kit):
+    """Under ffa A never changes, so the bound is on B's (and the head's) change alone:
+    the first round starts from B = 0 and the seeded head."""
+    bound = 0.5
+    c = ffa_coordinator(kit, norm_bound=bound)
+    kit.register(c, "a")
+    update = b_alone(kit.update([0], 0, 1))
+    start = round_start_state(update, {}, c.config.params, 0, c.config.num_layers)
+    r = c.open_round
+
     err = rejected(
         "invalid_argument",
-        tight.submit,
+        c.submit,
         "a",
-        tight.open_round.round_id,
+        r.round_id,
         kit.metrics(),
-        b_alone(update),
+        scaled_delta(start, update, 1.1 * bound),
         1,
     )
+
     assert "exceeds the bound" in str(err)
-    loose = ffa_coordinator(kit, norm_bound=norm * 1.01)
-    kit.register(loose, "a")
-    assert loose.submit("a", loose.open_round.round_id, kit.metrics(), b_alone(update), 1)
+    assert c.submit("a", r.round_id, kit.metrics(), scaled_delta(start, update, 0.9 * bound), 2)
 
 
 def test_ffa_config_needs_the_widths_of_a_and_no_other_aggregation(kit):
