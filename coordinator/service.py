@@ -29,6 +29,7 @@ import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, replace
@@ -56,6 +57,13 @@ _CODES = {
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "not_found": grpc.StatusCode.NOT_FOUND,
 }
+
+
+FETCH_CACHE_ANSWERS = 2
+"""FetchTensors answers kept cut into messages. Two, because a round is fetched two ways:
+with the final adapters (an agent entering the stage, or restarted within it) and
+without them (``omit_final``, every later round); with one, a restarted agent's fetch
+would evict the answer every other agent of the round still asks for."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,10 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         """GetTask calls waiting in the long-poll now."""
         self._task_key = self._current_task_key()
         self._transfers = threading.BoundedSemaphore(config.max_transfers)
-        self._fetch_cache: tuple[tuple, dict, list[pb.TensorChunk]] | None = None
-        """(key, tensors, messages) of the last FetchTensors answer: every agent of a round
-        fetches the same tensors, so they are cut into messages once per round."""
+        self._fetch_cache: OrderedDict[tuple, tuple[dict, list[pb.TensorChunk]]] = OrderedDict()
+        """key -> (tensors, messages) of the latest FetchTensors answers, newest last:
+        every agent of a round fetches the same tensors, so they are cut into messages
+        once per round."""
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True)
         self._ticker.start()
@@ -282,11 +291,15 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         """The chunk messages of ``tensors``, reused while they are the same, unmodified
         tensor objects (the cache holds them, so their ids cannot be reused)."""
         key = tuple((name, id(t), t._version) for name, t in tensors.items())
-        if self._fetch_cache is None or self._fetch_cache[0] != key:
+        if key in self._fetch_cache:
+            self._fetch_cache.move_to_end(key)
+        else:
             budget = chunk_data_budget(self.config.max_message_bytes)
             messages = [serde.tensor_chunk_to_proto(c) for c in tensors_to_chunks(tensors, budget)]
-            self._fetch_cache = (key, tensors, messages)
-        return self._fetch_cache[2]
+            self._fetch_cache[key] = (tensors, messages)
+            while len(self._fetch_cache) > FETCH_CACHE_ANSWERS:
+                self._fetch_cache.popitem(last=False)
+        return self._fetch_cache[key][1]
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdatePart], context):
         self._authenticate(context, None)

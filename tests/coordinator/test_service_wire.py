@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from chainfed.coordinator import serde
+from chainfed.coordinator import service as service_module
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.messages import (
@@ -471,6 +472,39 @@ def test_fetch_for_a_closed_round_is_stale(kit, serve):
     stale = Task(TaskKind.TRAIN_ROUND, "r1", 0, (0,), params=task.params)
     error = rpc_error(fetch, run.stub, "tok-a", "a", stale)
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_round_fetched_with_and_without_final_adapters_is_cut_once_each_way(
+    kit, serve, monkeypatch
+):
+    # stage 2 of a window-2 chain: layer 0 is final. Agents entering the stage fetch it,
+    # the others omit it; interleaved, each answer is still cut into messages only once
+    cuts = []
+    real_cut = service_module.tensors_to_chunks
+
+    def counted_cut(tensors, budget):
+        cuts.append(sorted(tensors))
+        return real_cut(tensors, budget)
+
+    monkeypatch.setattr(service_module, "tensors_to_chunks", counted_cut)
+    run = serve(kit.coordinator())
+    register(run.stub, "tok-a", "a", kit.caps())
+    with run.servicer.lock:
+        for stage in range(2):
+            kit.train_round(run.coordinator, stage * 100, seed=stage)
+        run.coordinator.tick(250)
+        round_id = run.coordinator.open_round.round_id
+        whole = run.coordinator.tensors_for(round_id)
+        window_only = run.coordinator.tensors_for(round_id, omit_final=True)
+    assert set(window_only) < set(whole)
+
+    for _ in range(3):
+        for omit_final, expected in ((False, whole), (True, window_only)):
+            request = pb.FetchTensorsRequest(agent_id="a", round_id=round_id, omit_final=omit_final)
+            messages = run.stub.FetchTensors(request, metadata=meta("tok-a"), timeout=CALL_TIMEOUT)
+            assert {serde.tensor_chunk_from_proto(m).name for m in messages} == set(expected)
+
+    assert cuts == [sorted(whole), sorted(window_only)]
 
 
 # -- long-poll and status -------------------------------------------------------------
