@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise ChainFedError("a token is required: --token or --token-file")
     model_dir = resolve_model(args.model, progress=False)
     model = StreamingModel(model_dir)
-    data = load_dataset(data_config_from_args(args))
+    data_config = data_config_from_args(args)
+    data = load_dataset(data_config)
     if args.shard:
         data = shard_of(data, args.shard, args.partition, args.seed)
     local = LocalData(
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         task=args.task,
         labels=data.labels,
         label_token_ids=(
-            label_token_ids(model, data.train, len(data.labels)) if args.task == "lm" else None
+            label_token_ids(model, data.train, data.labels, data_config)
+            if args.task == "lm"
+            else None
         ),
     )
     config = AgentConfig(

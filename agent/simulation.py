@@ -419,9 +419,7 @@ def _local_data(corpus: _Corpus, config: SimulationConfig, k: int) -> LocalData:
         task=config.task,
         labels=shard.labels,
         label_token_ids=(
-            label_token_ids(model, corpus.data.train, len(shard.labels))
-            if config.task == "lm"
-            else None
+            label_token_ids(model, corpus.data.train, shard.labels) if config.task == "lm" else None
         ),
     )
 

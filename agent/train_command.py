@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from chainfed.agent.data import (
     encode_classify,
     encode_lm,
     load_dataset,
+    template_fields,
     tokenizer_pad_id,
 )
 from chainfed.agent.errors import ChainFedError
@@ -176,17 +178,33 @@ def encode_split(model: StreamingModel, examples: list, task: str, max_len: int)
     return EncodedSplit(ids, mask, labels, loss_mask)
 
 
-def label_token_ids(model: StreamingModel, examples: list, num_labels: int) -> list[int]:
-    """First token of each label's response: what LM accuracy ranks (must be distinct)."""
-    tokenizer = model.tokenizer()
-    first: dict[int, int] = {}
+def label_token_ids(
+    model: StreamingModel, examples: list, labels: Sequence[str], data: DataConfig | None = None
+) -> list[int]:
+    """First token of each label's response: what LM accuracy ranks (must be distinct).
+
+    A label's response is a row's that has the label. A label none of ``examples`` has
+    (an agent's own shard under label skew may lack a class) takes ``data``'s response
+    template rendered with the label's name, when that template reads no other field.
+    """
+    responses: dict[int, str] = {}
     for ex in examples:
-        if ex.label is not None and ex.label not in first:
-            first[ex.label] = tokenizer.encode(ex.response, add_special_tokens=False).ids[0]
-    missing = [i for i in range(num_labels) if i not in first]
+        if ex.label is not None and ex.label not in responses:
+            responses[ex.label] = ex.response
+    template, field = (None, None) if data is None else (data.response_template, data.label_field)
+    if template is not None and field is not None and template_fields(template) == [field]:
+        for i, name in enumerate(labels):
+            responses.setdefault(i, template.format_map({field: name}))
+    missing = [name for i, name in enumerate(labels) if i not in responses]
     if missing:
-        raise ChainFedError(f"labels {missing} never occur in the training rows")
-    ids = [first[i] for i in range(num_labels)]
+        raise ChainFedError(
+            f"labels {missing} never occur in the training rows, and the response template "
+            "reads more than the label, so their answers are unknown"
+        )
+    tokenizer = model.tokenizer()
+    ids = [
+        tokenizer.encode(responses[i], add_special_tokens=False).ids[0] for i in range(len(labels))
+    ]
     if len(set(ids)) != len(ids):
         raise ChainFedError(
             f"label words share their first token ({ids}); LM accuracy needs them distinct"
@@ -228,11 +246,14 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model_dir = resolve_model(args.model, progress=not args.quiet)
     model = StreamingModel(model_dir)
-    data = load_dataset(data_config_from_args(args))
+    data_config = data_config_from_args(args)
+    data = load_dataset(data_config)
     print(data.summary())
     train = encode_split(model, data.train, args.task, args.max_len)
     val = encode_split(model, data.val, args.task, args.max_len)
-    token_ids = label_token_ids(model, data.train, len(data.labels)) if args.task == "lm" else None
+    token_ids = (
+        label_token_ids(model, data.train, data.labels, data_config) if args.task == "lm" else None
+    )
     model_digest = digest_files([model_dir / "config.json", *model.checkpoint.files])
     if args.eval_only:
         return _eval_only(args, model, val, data.labels, token_ids, model_digest)

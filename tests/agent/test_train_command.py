@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.cli import main
+from chainfed.agent.data import DataConfig, load_dataset
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.model import StreamingModel
 from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
-from chainfed.agent.train_command import stage_table
+from chainfed.agent.train_command import label_token_ids, stage_table
 
 # The tiny run, plus --max-len 32 to keep it quick on two cores.
 TINY_RUN = ["--train-rows", "200", "--val-rows", "100", "--steps-per-round", "5"]
@@ -274,3 +278,23 @@ def test_lm_head_mode_report_is_strict_json(lm_assets, tmp_path):
     )
     assert status == 0
     json.loads((workdir / "report.json").read_text(), parse_constant=_refuse)
+
+
+def test_lm_label_tokens_of_a_label_the_rows_lack_come_from_the_template(lm_assets):
+    # an agent's shard under label skew may hold no "good" row: its answer token is the
+    # response template rendered with the name, the same token a "good" row gives
+    model_dir, data = lm_assets
+    model = StreamingModel(model_dir)
+    config = DataConfig(path=data, task="lm", label_field="label")
+    rows = load_dataset(replace(config, train_rows=40, val_rows=6)).train
+    bad_only = [ex for ex in rows if ex.label == 0]
+    assert bad_only and len(bad_only) < len(rows)
+
+    assert label_token_ids(model, bad_only, ["bad", "good"], config) == label_token_ids(
+        model, rows, ["bad", "good"], config
+    )
+    with pytest.raises(ChainFedError, match=r"labels \['good'\] never occur"):
+        label_token_ids(model, bad_only, ["bad", "good"])
+    reads_text = replace(config, response_template=" {label} ({text})")
+    with pytest.raises(ChainFedError, match="reads more than the label"):
+        label_token_ids(model, bad_only, ["bad", "good"], reads_text)
