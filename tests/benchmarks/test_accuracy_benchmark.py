@@ -8,26 +8,18 @@ reported figures.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+
+@pytest.fixture(scope="module")
+def accuracy_benchmark(benchmark_script):
+    return benchmark_script("accuracy")
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_accuracy_benchmark_tiny(tmp_path, capsys):
-    benchmark = load_benchmark()
+def test_accuracy_benchmark_tiny(accuracy_benchmark, tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     argv = ["--splits", "dirichlet:0.5", "--agents", "2", "--train-rows", "40"]
@@ -35,7 +27,7 @@ def test_accuracy_benchmark_tiny(tmp_path, capsys):
     argv += ["--micro-batch", "8", "--start-layer", "4", "--max-rounds-per-layer", "1"]
     argv += ["--gpo", "exact:all", "--gpo-lambda", "2", "--out", str(tmp_path)]
     try:
-        assert benchmark.main(argv) == 0
+        assert accuracy_benchmark.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
 

@@ -8,27 +8,17 @@ noise multiplier the accountant calibrates for its rounds and stayed within its 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from chainfed.coordinator.dp import epsilon_for
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "dp.py"
-
 
 @pytest.fixture(scope="module")
-def dp_benchmark():
-    spec = importlib.util.spec_from_file_location("dp_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dp_benchmark"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["dp_benchmark"]
+def dp_benchmark(benchmark_script):
+    return benchmark_script("dp")
 
 
 def test_dp_benchmark_smoke(dp_benchmark, tmp_path):

@@ -7,7 +7,6 @@ fed doctored histories to show that it catches what it claims to catch.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -31,13 +30,8 @@ KEYS = {
 
 
 @pytest.fixture(scope="module")
-def load():
-    spec = importlib.util.spec_from_file_location("chainfed_benchmarks_load", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def load(benchmark_script):
+    return benchmark_script("load")
 
 
 def test_load_benchmark_smoke(tmp_path):

@@ -9,15 +9,10 @@ extrapolated, and the extrapolation is the stated affine formula.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +27,8 @@ def _one_thread(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def memory():
-    spec = importlib.util.spec_from_file_location("chainfed_benchmarks_memory", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def memory(benchmark_script):
+    return benchmark_script("memory")
 
 
 def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tiny_models, tmp_path):

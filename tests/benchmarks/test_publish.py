@@ -3,24 +3,15 @@ report that does not record how it was produced is refused with the README untou
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "publish.py"
-
 
 @pytest.fixture(scope="module")
-def publish_module():
-    spec = importlib.util.spec_from_file_location("publish_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["publish_benchmark"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["publish_benchmark"]
+def publish_module(benchmark_script):
+    return benchmark_script("publish")
 
 
 README = (
@@ -39,17 +30,19 @@ def result_folder(tmp_path: Path, record: dict) -> Path:
     return folder
 
 
+def publish(module, folder: Path, readme: Path) -> int:
+    """``publish.py FOLDER --readme README --images <beside README>/img``."""
+    return module.main(
+        [str(folder), "--readme", str(readme), "--images", str(readme.parent / "img")]
+    )
+
+
 def test_publish_replaces_the_block_and_copies_the_plot(publish_module, tmp_path):
     folder = result_folder(tmp_path, {"command": "python benchmarks/dp.py", "date": "2026-11-26"})
     readme = tmp_path / "README.md"
     readme.write_text(README)
 
-    assert (
-        publish_module.main(
-            [str(folder), "--readme", str(readme), "--images", str(tmp_path / "img")]
-        )
-        == 0
-    )
+    assert publish(publish_module, folder, readme) == 0
     text = readme.read_text()
     assert "old table" not in text and "| 1 | 0.29 |" in text
     assert "### Accuracy vs ε" in text  # nested under the README's own section
@@ -58,7 +51,7 @@ def test_publish_replaces_the_block_and_copies_the_plot(publish_module, tmp_path
     )
     assert text.startswith("# Tool\n") and text.endswith("<!-- /measured:dp -->\n\n## End\n")
 
-    publish_module.main([str(folder), "--readme", str(readme), "--images", str(tmp_path / "img")])
+    publish(publish_module, folder, readme)
     assert readme.read_text() == text  # idempotent
 
 
@@ -76,12 +69,7 @@ def test_publish_refuses_and_leaves_the_readme(
     folder = result_folder(tmp_path, record)
     readme = tmp_path / "README.md"
     readme.write_text(readme_text)
-    assert (
-        publish_module.main(
-            [str(folder), "--readme", str(readme), "--images", str(tmp_path / "img")]
-        )
-        == 2
-    )
+    assert publish(publish_module, folder, readme) == 2
     assert message in capsys.readouterr().err
     assert readme.read_text() == readme_text
     assert not (tmp_path / "img").exists()
