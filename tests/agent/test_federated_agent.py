@@ -41,12 +41,6 @@ PARAMS = TrainingParams(
 )
 
 
-def _split(n: int, seed: int) -> EncodedSplit:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (n, 8), generator=g)
-    return EncodedSplit(ids, torch.ones_like(ids), torch.randint(0, CLASSES, (n,), generator=g))
-
-
 @pytest.fixture(scope="module")
 def model(tiny_models) -> StreamingModel:
     model_dir = tiny_models.checkpoint("bert", hidden_size=D, num_hidden_layers=LAYERS)
@@ -64,11 +58,14 @@ def _streamed(model: StreamingModel, state: dict[str, torch.Tensor], val: Encode
 
 
 def test_a_round_reports_the_fetched_aggregate_not_the_locally_trained_window(
-    model: StreamingModel, tmp_path: Path
+    model: StreamingModel, tiny_models, tmp_path: Path
 ):
     # Prepare
     data = LocalData(
-        train=_split(24, 1), val=_split(12, 2), task="classify", labels=["a", "b", "c"]
+        train=tiny_models.classify_split(24, 1, CLASSES),
+        val=tiny_models.classify_split(12, 2, CLASSES),
+        task="classify",
+        labels=["a", "b", "c"],
     )
     agent = FederatedAgent(AgentConfig("in-process", "", tmp_path), model, data, "fingerprint")
     agent.agent_id = "agent-0"
@@ -93,13 +90,16 @@ def test_a_round_reports_the_fetched_aggregate_not_the_locally_trained_window(
 
 
 def test_an_ffa_agent_sends_b_only_and_rebuilds_a_from_the_seed(
-    model: StreamingModel, tmp_path: Path
+    model: StreamingModel, tiny_models, tmp_path: Path
 ):
     """A frozen (ffa): updates carry no A; an aggregate, evaluation and final adapters
     without A work as if the seeded A had been sent, and the file written holds that A."""
     params = replace(PARAMS, lora_train_a=False, lora_seed=9)
     data = LocalData(
-        train=_split(24, 1), val=_split(12, 2), task="classify", labels=["a", "b", "c"]
+        train=tiny_models.classify_split(24, 1, CLASSES),
+        val=tiny_models.classify_split(12, 2, CLASSES),
+        task="classify",
+        labels=["a", "b", "c"],
     )
     agent = FederatedAgent(AgentConfig("in-process", "", tmp_path), model, data, "fingerprint")
     agent.agent_id = "agent-0"

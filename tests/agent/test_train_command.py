@@ -203,24 +203,12 @@ LABELS = ("good", "bad")
 
 
 @pytest.fixture(scope="module")
-def lm_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def lm_assets(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model folder with tokenizer.json, CSV of text,label rows)."""
     root = tmp_path_factory.mktemp("lm")
     vocab = ["<pad>", "[UNK]", "Text", "Label", ":", *LABELS, *WORDS]
-    model_dir = write_random_checkpoint(
-        {
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 64,
-            "pad_token_id": 0,
-            "tie_word_embeddings": False,
-        },
-        root / "model",
-    )
+    # the tiny llama over a 64-token vocabulary, with the model's default norm epsilon
+    model_dir = tiny_models.checkpoint("llama", vocab_size=64, pad_token_id=0, rms_norm_eps=1e-6)
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(model_dir / "tokenizer.json"))

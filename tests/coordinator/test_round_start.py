@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.chain import ChainTrainer, EncodedSplit
+from chainfed.agent.chain import ChainTrainer
 from chainfed.agent.federated_agent import chain_config_from_params
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.model import StreamingModel
@@ -28,12 +28,6 @@ PARAMS = TrainingParams(
 )
 
 
-def _split(n: int, seed: int) -> EncodedSplit:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (n, 8), generator=g)
-    return EncodedSplit(ids, torch.ones_like(ids), torch.randint(0, CLASSES, (n,), generator=g))
-
-
 @pytest.fixture(scope="module")
 def trainer(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ChainTrainer:
     model_dir = tiny_models.checkpoint("bert", hidden_size=D, num_hidden_layers=LAYERS)
@@ -42,8 +36,8 @@ def trainer(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ChainTrain
     return ChainTrainer(
         model,
         objective,
-        _split(8, 1),
-        _split(4, 2),
+        tiny_models.classify_split(8, 1, CLASSES),
+        tiny_models.classify_split(4, 2, CLASSES),
         chain_config_from_params(PARAMS, 2),
         tmp_path_factory.mktemp("work"),
         progress=False,
