@@ -170,8 +170,6 @@ class FederatedAgent:
         self.rounds_done = 0
         self.traffic: list[RoundTraffic] = []
         """One entry per training round this agent ran."""
-        self.params: TrainingParams | None = None
-        """The latest task's hyper-parameters: their LoRA seed rebuilds a frozen A (FFA)."""
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.ChainFedStub | None = None
 
@@ -332,7 +330,6 @@ class FederatedAgent:
 
     def probe_report(self, task: Task) -> ProbeReport:
         """FOAT scores of this device's data for a PROBE task (no transport)."""
-        self.params = task.params
         trainer = self._ensure_trainer(task.params, 1)
         scores = trainer.probe()
         return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
@@ -364,7 +361,6 @@ class FederatedAgent:
         validation rows, measured before the local steps; the training loss is that of
         the local steps."""
         window = list(task.window_layers)
-        self.params = task.params
         trainer = self._ensure_trainer(task.params, len(window))
         final = self.with_frozen_a(strip_prefix(tensors, "final."), trainer.config.lora)
         started = time.perf_counter()
@@ -436,7 +432,6 @@ class FederatedAgent:
         """The final model (``final``: adapters + head) on local validation data, by the
         same streamed evaluation as ``chainfed train``; only these metrics go back."""
         started = time.perf_counter()
-        self.params = task.params
         objective = self._objective(task.params)
         head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}
         if head:
@@ -497,13 +492,11 @@ class FederatedAgent:
 
         return with_seeded_lora_a(tensors, lora.seed, in_features)
 
-    def write_final_adapters(
-        self, final: dict[str, torch.Tensor], params: TrainingParams | None = None
-    ) -> Path:
+    def write_final_adapters(self, final: dict[str, torch.Tensor], params: TrainingParams) -> Path:
         """``WORKDIR/final_adapters.safetensors``: the federation's result with this
         device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``.
         Under FFA the frozen A, which never travels, is rebuilt from the seed of ``params``
-        (default: those of the latest task this agent ran)."""
+        (the DONE task's)."""
         info = {
             "task": self.data.task,
             "labels": self.data.labels,
@@ -514,9 +507,7 @@ class FederatedAgent:
         if self.trainer is not None:
             info["lora"] = self.trainer.config.lora.to_dict()
             info["pooling"] = getattr(self.trainer.objective, "pooling", None)
-        params = params or self.params
-        lora = None if params is None else chain_config_from_params(params, 1).lora
-        tensors = dict(final) if lora is None else self.with_frozen_a(final, lora)
+        tensors = self.with_frozen_a(dict(final), chain_config_from_params(params, 1).lora)
         path = save_adapter_file(
             self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info)
         )

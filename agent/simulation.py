@@ -557,7 +557,10 @@ def _run_in_process(
             )
     snapshot = coordinator.snapshot()
     reporter.show(snapshot)
-    paths = [agent.write_final_adapters(dict(coordinator.final)) for agent in agents.values()]
+    paths = [
+        agent.write_final_adapters(dict(coordinator.final), coordinator.params)
+        for agent in agents.values()
+    ]
     return _Outcome(snapshot, paths[0], traffic, samples, coordinator.foat_scores)
 
 
