@@ -1,7 +1,11 @@
 """Our streamed blocks against transformers on real weights: all-MiniLM-L6-v2 and SmolLM2."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from chainfed.agent.assets import smollm2_gguf
 from chainfed.agent.generate import greedy_generate
@@ -14,22 +18,59 @@ TEXTS = [
 ]
 
 
-def test_minilm_hidden_states_match_transformers(minilm_path):
+@pytest.fixture(scope="module")
+def minilm_reference(minilm_path):
+    """A padded batch of ``TEXTS`` and transformers' hidden states of all-MiniLM-L6-v2."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     assert batch["attention_mask"].sum(1).unique().numel() == 3, "lengths must differ"
-
-    ours = hidden_states(minilm_path, batch["input_ids"], batch["attention_mask"])
-    reference = AutoModel.from_pretrained(minilm_path, torch_dtype=torch.float32).eval()
+    reference = AutoModel.from_pretrained(minilm_path, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = reference(**batch, output_hidden_states=True).hidden_states
+    return batch, theirs
 
-    assert len(ours) == len(theirs) == 7
-    for layer, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        diff = (a - b).abs().max().item()
+
+def _real_token_diffs(model_dir: Path, batch, theirs) -> list[float]:
+    """Max abs difference of our streamed hidden states from ``theirs``, per layer, over
+    real-token positions only: at padding positions the two implementations legitimately
+    differ (masked keys leave those rows' attention free), and nothing downstream reads
+    them."""
+    ours = hidden_states(model_dir, batch["input_ids"], batch["attention_mask"])
+    assert len(ours) == len(theirs)
+    real = batch["attention_mask"].bool()
+    return [(a - b)[real].abs().max().item() for a, b in zip(ours, theirs, strict=True)]
+
+
+def test_minilm_hidden_states_match_transformers(minilm_path, minilm_reference):
+    batch, theirs = minilm_reference
+    diffs = _real_token_diffs(minilm_path, batch, theirs)
+    assert len(diffs) == 7
+    for layer, diff in enumerate(diffs):
         assert diff < 1e-4, f"hidden state {layer}: max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("defect", ["norm epsilon 1e-5", "one attention bias off by 1e-3"])
+def test_minilm_parity_check_catches_a_wrong_model(minilm_path, minilm_reference, tmp_path, defect):
+    """The real-token comparison stays discriminating: a folder whose LayerNorm epsilon
+    (1e-12 in the real config) or one bias value is wrong fails the 1e-4 bound."""
+    for item in minilm_path.iterdir():
+        if item.is_file() and item.name not in ("config.json", "model.safetensors"):
+            (tmp_path / item.name).symlink_to(item)
+    config = json.loads((minilm_path / "config.json").read_text())
+    weights = load_file(minilm_path / "model.safetensors")
+    if defect.startswith("norm"):
+        config["layer_norm_eps"] = 1e-5
+    else:
+        name = next(k for k in weights if k.endswith("layer.0.attention.output.dense.bias"))
+        weights[name] = weights[name].clone()
+        weights[name][0] += 1e-3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(weights, tmp_path / "model.safetensors")
+
+    batch, theirs = minilm_reference
+    assert max(_real_token_diffs(tmp_path, batch, theirs)) > 1e-4
 
 
 def test_our_tokenizer_matches_transformers_for_minilm(minilm_path):
