@@ -849,7 +849,7 @@ def _evaluate_file(
         objective.head.load_state_dict(saved.head())
     else:
         token_ids = saved.info.get("label_token_ids")
-        objective = LMObjective(model.load_lm_head(), token_ids)
+        objective = LMObjective(model.streamed_lm_head(), token_ids)
     lora = LoRAConfig(**saved.info["lora"])
     evaluation = evaluate_streaming(model, objective, saved.adapters(), lora, corpus.test)
     return evaluation.loss, evaluation.metric

