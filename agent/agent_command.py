@@ -33,12 +33,13 @@ from chainfed.agent.train_command import (
     encode_split,
     label_token_ids,
 )
+from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``chainfed agent``."""
     parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
-    parser.add_argument("--token", help="auth token (or set --token-file)")
+    parser.add_argument("--token", help=f"auth token (prefer --token-file or ${TOKEN_ENV})")
     parser.add_argument("--token-file", type=Path, help="file holding the auth token")
     parser.add_argument("--agent-id", default="", help="requested id (default: assigned)")
     parser.add_argument("--workdir", type=Path, required=True, help="caches and final adapters")
@@ -105,11 +106,9 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",
     )
-    token = args.token
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-    if not token:
-        raise ChainFedError("a token is required: --token or --token-file")
+    token = resolve_token(args.token, args.token_file)
+    if token is None:
+        raise ChainFedError(f"a token is required: --token-file, --token or ${TOKEN_ENV}")
     model_dir = resolve_model(args.model, progress=False)
     model = StreamingModel(model_dir)
     data_config = data_config_from_args(args)

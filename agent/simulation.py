@@ -75,6 +75,7 @@ from chainfed.coordinator.messages import (
 )
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto.auth_token import write_token_file
 
 UpdateHook = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(agent id, update tensors) -> the tensors actually submitted (e.g. a malicious agent)."""
@@ -639,6 +640,7 @@ def _run_processes(
     }
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
+    token_file = write_token_file(root / "token", token)
     state_dir = root / "state"
     options = []
     for name, value in config.coordinator_options.items():
@@ -652,8 +654,8 @@ def _run_processes(
         "0",
         "--state-dir",
         str(state_dir),
-        "--token",
-        token,
+        "--token-file",
+        str(token_file),
         "--exit-after-done",
         "2",
         *coordinator_argv(config, corpus.model.num_layers),
@@ -674,8 +676,8 @@ def _run_processes(
                 "agent",
                 "--coordinator",
                 address,
-                "--token",
-                token,
+                "--token-file",
+                str(token_file),
                 "--agent-id",
                 agent_id,
                 "--workdir",

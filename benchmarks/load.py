@@ -48,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,8 +63,8 @@ from chainfed.agent.assets import resolve_model
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.synthetic_agent import AdapterLayout, SwarmReport
+from chainfed.proto.auth_token import write_token_file
 
-TOKEN = "load-test"
 REQUEST_METHODS = ("Register", "FetchTensors", "SubmitUpdate")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -141,11 +142,12 @@ def run(args: argparse.Namespace) -> dict:
     (root / "layout.json").write_text(json.dumps(layout.to_dict()))
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
+    token_file = write_token_file(root / "token", secrets.token_urlsafe(16))
 
     coordinator_argv = [
         *(sys.executable, "-m", "chainfed.agent.cli", "coordinator"),
         *("--model", str(model_dir), "--state-dir", str(state_dir)),
-        *("--host", "127.0.0.1", "--port", "0", "--token", TOKEN),
+        *("--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)),
         *("--start-layer", str(start_layer), "--window", str(args.window), "--gpo", "none"),
         *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
         *("--min-agents", str(args.agents), "--round-deadline", str(args.round_deadline)),
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
         report = root / f"swarm-{w}.json"
         argv = [
             *(sys.executable, "-m", "chainfed.coordinator.synthetic_agent"),
-            *("--coordinator", f"127.0.0.1:{port}", "--token", TOKEN),
+            *("--coordinator", f"127.0.0.1:{port}", "--token-file", str(token_file)),
             *("--fingerprint", fingerprint, "--layout", str(root / "layout.json")),
             *("--agent-ids", ",".join(share), "--poll-ms", str(args.poll_ms)),
             *("--start-spread", str(args.start_spread), "--timeout", str(args.timeout)),

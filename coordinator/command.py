@@ -27,6 +27,7 @@ from chainfed.coordinator.service import ServiceConfig, start_server
 from chainfed.coordinator.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("chainfed.coordinator")
 
@@ -38,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--state-dir", type=Path, required=True, help="persisted chain state")
-    parser.add_argument("--token", help="shared token every agent presents")
+    parser.add_argument(
+        "--token",
+        help=f"shared token every agent presents (visible in ps: prefer --token-file or "
+        f"${TOKEN_ENV})",
+    )
+    parser.add_argument("--token-file", type=Path, help="file holding the shared token")
     parser.add_argument(
         "--tokens-file", type=Path, help="per-agent tokens: one 'AGENT_ID TOKEN' per line"
     )
@@ -124,8 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _tokens(args: argparse.Namespace) -> dict[str, str]:
     tokens: dict[str, str] = {}
-    if args.token:
-        tokens[args.token] = ""
+    shared = resolve_token(args.token, args.token_file)
+    if shared:
+        tokens[shared] = ""
     if args.tokens_file:
         try:
             lines = args.tokens_file.read_text().splitlines()
@@ -139,7 +146,7 @@ def _tokens(args: argparse.Namespace) -> dict[str, str]:
                 raise ChainFedError(f"{args.tokens_file}:{number}: expected 'AGENT_ID TOKEN'")
             tokens[parts[1]] = parts[0]
     if not tokens:
-        raise ChainFedError("no auth configured: give --token or --tokens-file")
+        raise ChainFedError(f"no auth configured: give --token-file, --tokens-file or ${TOKEN_ENV}")
     return tokens
 
 
@@ -274,13 +281,17 @@ def run(args: argparse.Namespace) -> int:
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``chainfed status``."""
     parser.add_argument("address", help="coordinator HOST:PORT")
-    parser.add_argument("--token", required=True, help="auth token")
+    parser.add_argument("--token", help=f"auth token (prefer --token-file or ${TOKEN_ENV})")
+    parser.add_argument("--token-file", type=Path, help="file holding the auth token")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the coordinator")
     parser.add_argument("--history", type=int, default=0, help="show only the last N rounds")
 
 
 def run_status(args: argparse.Namespace) -> int:
     """Print the chain position, agents and per-round history."""
+    token = resolve_token(args.token, args.token_file)
+    if token is None:
+        raise ChainFedError(f"a token is required: --token-file, --token or ${TOKEN_ENV}")
     if args.tls_ca:
         channel = grpc.secure_channel(
             args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
@@ -291,7 +302,7 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         reply = stub.Status(
             pb.StatusRequest(history_limit=args.history),
-            metadata=serde.auth_metadata(args.token),
+            metadata=serde.auth_metadata(token),
             timeout=10,
         )
     except grpc.RpcError as exc:

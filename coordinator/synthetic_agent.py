@@ -59,6 +59,7 @@ from chainfed.coordinator.tensor_chunks import (
 from chainfed.coordinator.update_digest import update_digest
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 
 log = logging.getLogger("chainfed.synthetic_agent")
 
@@ -527,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
         "until its chain is done, then write what they did as JSON.",
     )
     parser.add_argument("--coordinator", required=True, help="coordinator HOST:PORT")
-    parser.add_argument("--token", required=True, help="auth token")
+    parser.add_argument("--token", help=f"auth token (prefer --token-file or ${TOKEN_ENV})")
+    parser.add_argument("--token-file", type=Path, help="file holding the auth token")
     parser.add_argument("--fingerprint", required=True, help="the coordinator's model fingerprint")
     parser.add_argument("--layout", type=Path, required=True, help="AdapterLayout JSON file")
     parser.add_argument("--agent-ids", required=True, help="comma-separated agent ids")
@@ -547,13 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    token = resolve_token(args.token, args.token_file)
+    if token is None:
+        parser.error(f"a token is required: --token-file, --token or ${TOKEN_ENV}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     layout = AdapterLayout.from_dict(json.loads(args.layout.read_text()))
     configs = [
         SyntheticAgentConfig(
             address=args.coordinator,
-            token=args.token,
+            token=token,
             agent_id=agent_id,
             model_fingerprint=args.fingerprint,
             layout=layout,

@@ -13,6 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +46,44 @@ TINY = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+DASH_TOKEN = "-Zk3_dash-first-token"
+"""A token as ``secrets.token_urlsafe`` draws about one time in 64: argparse once took
+``--token -Zk3...`` for an option and the coordinator exited before listening."""
+
+
+@dataclass
+class Launches:
+    """What the processes started in a test were told on their command lines."""
+
+    token: str
+    cmdlines: list[bytes] = field(default_factory=list)
+    """``/proc/PID/cmdline`` of every Python child (ChainFed's own processes; libraries
+    also run short-lived helpers such as ``ldconfig``), read right after it started."""
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> Launches:
+    """The auth token the launch draws is ``DASH_TOKEN``; every child process started
+    through ``subprocess`` has its command line read back from ``/proc``."""
+    seen = Launches(DASH_TOKEN)
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda nbytes=None: DASH_TOKEN)
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)  # returns once the child has exec'd
+            if self.args[0] == sys.executable:
+                seen.cmdlines.append(Path(f"/proc/{self.pid}/cmdline").read_bytes())
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    return seen
+
+
+def assert_token_kept_off_command_lines(launches: Launches, processes: int, run: Path) -> None:
+    assert len(launches.cmdlines) == processes
+    assert all(launches.token.encode() not in c for c in launches.cmdlines)
+    assert all(b"--token-file" in c for c in launches.cmdlines[:2])  # coordinator, agent
+    assert (run / "token").stat().st_mode & 0o777 == 0o600
 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -185,9 +228,9 @@ def test_bad_settings_are_refused_with_a_message(tmp_path):
         run_simulation(SimulationConfig(**TINY, in_process=False), update_hook=lambda a, u: u)
 
 
-def test_simulate_command_with_processes_over_grpc(tmp_path, capsys):
+def test_simulate_command_with_processes_over_grpc(tmp_path, capsys, launches):
     # one coordinator process and 2 agent processes on localhost; the run folder's report
-    # matches the printed figures
+    # matches the printed figures. The token starts with "-" and reaches them in a file.
     out = tmp_path / "run"
     argv = [
         "simulate",
@@ -227,6 +270,7 @@ def test_simulate_command_with_processes_over_grpc(tmp_path, capsys):
     # the agents' own processes wrote the traffic they measured
     agent_report = json.loads((out / "agent-0" / "agent_report.json").read_text())
     assert [r["stage_layer"] for r in agent_report["rounds"]] == [4, 5]
+    assert_token_kept_off_command_lines(launches, 3, out)
 
 
 def test_simulate_refuses_a_malformed_coordinator_option(capsys):

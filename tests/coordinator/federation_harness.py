@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import torch
 from safetensors import safe_open
 
+from chainfed.proto.auth_token import write_token_file
+
 CLI = [sys.executable, "-m", "chainfed.agent.cli"]
 ENV = {
     **os.environ,
@@ -107,6 +109,15 @@ class Federation:
     def state_dir(self) -> Path:
         return self.root / "state"
 
+    @property
+    def token_file(self) -> Path:
+        """``token`` in an owner-only file: how every process here gets it."""
+        path = self.root / "token"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_token_file(path, self.token)
+        return path
+
     def workdir(self, agent_id: str) -> Path:
         return self.root / agent_id
 
@@ -140,8 +151,8 @@ class Federation:
             "127.0.0.1",
             "--port",
             self.port,
-            "--token",
-            self.token,
+            "--token-file",
+            self.token_file,
             "--exit-after-done",
             exit_after_done,
             "--verbose",
@@ -155,8 +166,8 @@ class Federation:
             "agent",
             "--coordinator",
             self.address,
-            "--token",
-            self.token,
+            "--token-file",
+            self.token_file,
             "--agent-id",
             agent_id,
             "--workdir",
@@ -166,12 +177,15 @@ class Federation:
             *flags,
         )
 
-    def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        """A short ``chainfed`` command (e.g. ``status``), run to completion."""
+    def run_cli(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """A short ``chainfed`` command (e.g. ``status``), run to completion; ``env`` adds
+        to the environment."""
         return subprocess.run(
             [*CLI, *map(str, args)],
             cwd=self.root,
-            env=ENV,
+            env={**ENV, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

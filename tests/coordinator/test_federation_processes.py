@@ -10,8 +10,9 @@ tweets, at tiny settings (a few hundred rows, 32 tokens, 3-4 local steps, short 
   completes, frozen adapters are byte-identical, no round is aggregated twice;
 * an agent SIGKILLed mid-round: the round closes at its deadline with the others, the
   restarted agent rejoins and reuses its prefix cache untouched;
-* ``chainfed status`` against the running coordinator; with a wrong token, and with the
-  coordinator gone, one line and exit 2.
+* ``chainfed status`` against the running coordinator (token from ``$CHAINFED_TOKEN``,
+  then ``--token-file``; every process here gets it from a file); with a wrong token,
+  and with the coordinator gone, one line and exit 2.
 
 Bugs found on the way are pinned by the tests at the end of the file.
 
@@ -49,6 +50,7 @@ from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import data_config_from_args, encode_split
 from chainfed.coordinator.messages import TrainingParams
+from chainfed.proto.auth_token import TOKEN_ENV
 
 
 def _load_harness() -> ModuleType:
@@ -128,8 +130,10 @@ def _three_shard_run(tmp_path_factory: pytest.TempPathFactory) -> ThreeShardRun:
             lambda: (fed.state() or {}).get("phase") == "done", timeout=30, what="phase done"
         )
         assert coordinator.alive(), "the coordinator must still serve after the chain"
-        status = fed.run_cli("status", fed.address, "--token", fed.token)
-        status_last2 = fed.run_cli("status", fed.address, "--token", fed.token, "--history", "2")
+        status = fed.run_cli("status", fed.address, env={TOKEN_ENV: fed.token})
+        status_last2 = fed.run_cli(
+            "status", fed.address, "--token-file", fed.token_file, "--history", "2"
+        )
         bad = fed.run_cli("status", fed.address, "--token", "wrong-token")
         coordinator_code = coordinator.terminate()
         down = fed.run_cli("status", fed.address, "--token", fed.token)
