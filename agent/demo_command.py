@@ -15,8 +15,9 @@ proxies give each stage foresight. The defaults are sized to finish in a few min
 
 The run folder (``--out``, default ``runs/demo-<time>``) holds ``report.json``,
 ``report.md``, ``accuracy.png`` (federated validation accuracy per round, stages
-marked), ``memory.png`` (measured peak per layer against an end-to-end estimate:
-the heaviest stage plus the planner's figure for the other layers),
+marked), ``memory.png`` (measured peak per layer against the measured peak of
+end-to-end LoRA training of the same model, micro-batch and sequence length: a few
+``chainfed train --mode e2e`` steps in a separate process),
 ``adapters.safetensors`` (the final adapters and head, for ``chainfed classify`` /
 ``chainfed export``) and the federation's own folders (coordinator state, agent
 workdirs, logs).
@@ -28,22 +29,20 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from chainfed.agent.assets import resolve_model
-from chainfed.agent.budget import estimate_stage_bytes
-from chainfed.agent.chain import ChainConfig
-from chainfed.agent.lora import LoRAConfig
+from chainfed.agent.errors import ChainFedError
 from chainfed.agent.memory_meter import format_bytes
-from chainfed.agent.model import StreamingModel
 from chainfed.agent.simulation import SimulationConfig, SimulationResult, run_simulation
 from chainfed.agent.simulation_report import (
     MEASURED_AGGREGATE_NOTE,
-    e2e_memory_estimate,
     plot_accuracy,
     plot_memory,
     round_table,
@@ -200,27 +199,45 @@ def head_baseline(config: SimulationConfig, steps_per_round: int, workdir: Path)
     return json.loads((workdir / "report.json").read_text())
 
 
-def memory_budgets(config: SimulationConfig) -> tuple[int, int]:
-    """The planner's (``agent/budget.py``) peak estimates above the idle process of one
-    chain stage and of end-to-end training, for this federation's settings."""
-    model = StreamingModel(resolve_model(config.model, progress=False))
-    lora = LoRAConfig(rank=config.rank)
-    chain = ChainConfig(
-        window=config.window, gpo=config.gpo, micro_batch=config.micro_batch, lora=lora
-    )
-    e2e = replace(chain, window=model.num_layers, gpo="none")
-    cfg = model.config
-    return (
-        estimate_stage_bytes(cfg, chain, seq_len=config.max_len, task=config.task),
-        estimate_stage_bytes(cfg, e2e, seq_len=config.max_len, task=config.task),
-    )
+E2E_STEPS = 3
+"""Optimiser steps of the end-to-end memory measurement: the peak is reached in the first
+step (every layer's weights, adapters and saved activations at once); later ones repeat it."""
+
+
+def measure_e2e_peak(config: SimulationConfig, workdir: Path) -> int:
+    """Peak memory above the idle process of end-to-end LoRA training (every layer, full
+    backprop) of the federation's model at its micro-batch, sequence length, rank and
+    threads per agent: ``E2E_STEPS`` steps of ``chainfed train --mode e2e`` in a process
+    of its own, measured by the same meter as the agents' rounds."""
+    rows = config.micro_batch * E2E_STEPS
+    argv = [
+        *(sys.executable, "-m", "chainfed.agent.cli", "train", "--mode", "e2e", "--quiet"),
+        *("--model", config.model, "--task", config.task, "--seed", str(config.seed)),
+        *("--train-rows", str(rows), "--val-rows", str(config.micro_batch)),
+        *("--max-len", str(config.max_len), "--micro-batch", str(config.micro_batch)),
+        *("--rank", str(config.rank), "--lr", str(config.lr)),
+        *("--steps-per-round", str(E2E_STEPS), "--baseline-rounds", "1"),
+        *("--workdir", str(workdir)),
+    ]
+    threads = str(config.threads_per_agent)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "train.log", "w") as log:
+        status = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if status != 0:
+        raise ChainFedError(
+            f"the end-to-end memory measurement exited with status {status}; "
+            f"see {workdir / 'train.log'}"
+        )
+    stages = json.loads((workdir / "report.json").read_text())["stages"]
+    return max(s["peak_mem_bytes"] - s["baseline_mem_bytes"] for s in stages)
 
 
 def _markdown(
     config: SimulationConfig,
     result: SimulationResult,
     head: dict | None,
-    e2e_estimate: int,
+    e2e_bytes: int,
     seconds: float,
 ) -> str:
     lines = [
@@ -244,8 +261,8 @@ def _markdown(
     lines += [
         f"* peak memory above the idle process: heaviest chain stage "
         f"{format_bytes(max(s['above_baseline_bytes'] for s in result.stages()))} (measured), "
-        f"end-to-end {format_bytes(e2e_estimate)} (estimated: that stage plus the other "
-        "layers' weights, adapters and activations by agent/budget.py)",
+        f"end-to-end {format_bytes(e2e_bytes)} (measured: {E2E_STEPS} steps of "
+        "`chainfed train --mode e2e` at the same micro-batch and length, one process)",
         f"* demo wall time: {seconds:.0f} s",
         "",
         "## Per layer",
@@ -281,8 +298,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_baseline:
         print("head-mode baseline (frozen backbone, same rows, one device) ...", flush=True)
         head = head_baseline(config, PRESETS[args.model].head_steps_per_round, out / "head")
-    chain_budget, e2e_budget = memory_budgets(config)
-    e2e_estimate = e2e_memory_estimate(result, chain_budget, e2e_budget)
+    print("end-to-end memory measurement (a few e2e steps, one process) ...", flush=True)
+    e2e_bytes = measure_e2e_peak(config, out / "e2e-memory")
     adapters = shutil.copyfile(result.adapters, out / "adapters.safetensors")
     baselines = {"head mode (frozen backbone)": head["final"]["val_metric"]} if head else {}
     plot_accuracy(
@@ -291,21 +308,26 @@ def run(args: argparse.Namespace) -> int:
         title=f"chainfed demo: {config.model}, {config.agents} agents, {config.split}",
         baselines=baselines | {"chain, final model": result.final_val_metric},
     )
-    plot_memory(result, out / "memory.png", e2e_estimate_bytes=e2e_estimate)
+    plot_memory(
+        result,
+        out / "memory.png",
+        e2e_bytes=e2e_bytes,
+        e2e_label=f"e2e, measured ({E2E_STEPS} steps, same micro-batch and length)",
+    )
     seconds = time.perf_counter() - started
     report = {
         "federation": result.to_dict(),
         "head_baseline": None if head is None else head["final"],
         "memory": {
-            "planner_chain_stage_bytes": chain_budget,
-            "planner_e2e_bytes": e2e_budget,
-            "e2e_estimate_bytes": e2e_estimate,
+            "chain_heaviest_stage_bytes": max(s["above_baseline_bytes"] for s in result.stages()),
+            "e2e_bytes": e2e_bytes,
+            "e2e_steps": E2E_STEPS,
         },
         "adapters": str(adapters),
         "seconds": seconds,
     }
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(_markdown(config, result, head, e2e_estimate, seconds))
+    (out / "report.md").write_text(_markdown(config, result, head, e2e_bytes, seconds))
     print()
     print(stage_table(result))
     print(MEASURED_AGGREGATE_NOTE)

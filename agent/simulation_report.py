@@ -121,6 +121,17 @@ def stage_boundaries(result: SimulationResult) -> list[tuple[float, int]]:
     return out
 
 
+def _label_stages(ax: Any, boundaries: list[tuple[float, int]], rounds: int) -> None:
+    """Name each stage's layer on a second x axis along the top, centred over its
+    rounds: tick labels are laid out with the figure, so none is cut at the edge."""
+    ends = [x for x, _ in boundaries[1:]] + [rounds + 0.5]
+    centres = [(x + end) / 2 for (x, _), end in zip(boundaries, ends, strict=True)]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, labels=[f"L{layer}" for _, layer in boundaries])
+    top.tick_params(length=0, labelsize=7)
+    top.set_xlabel("stage layer", fontsize=8)
+
+
 def plot_accuracy(
     curves: dict[str, SimulationResult],
     path: Path,
@@ -128,27 +139,23 @@ def plot_accuracy(
     title: str,
     baselines: dict[str, float] | None = None,
 ) -> Path:
-    """Validation accuracy per round, one line per run: each round's federated figure, the
-    sample-weighted mean over the participants of their model after the round's local
-    steps, with the head right after the window. The stages of a chain run (one with
-    several stage layers) are marked by dotted lines; ``baselines`` are flat lines."""
+    """Validation accuracy per round, one line per run: each round's federated figure (see
+    ``MEASURED_AGGREGATE_NOTE``), with the head right after the window. The stages of a
+    chain run (one with several stage layers) are marked by dotted lines, and the first
+    such run's layers are named along the top; ``baselines`` are flat lines."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    labelled = False
     for label, result in curves.items():
         xs = list(range(1, result.rounds + 1))
         (line,) = ax.plot(xs, [e.val_metric for e in result.history], marker="o", label=label)
         boundaries = stage_boundaries(result)
         if len(boundaries) > 1:
-            for x, layer in boundaries:
+            for x, _layer in boundaries:
                 ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.6)
-                ax.annotate(
-                    f"L{layer}",
-                    (x, 1.0),
-                    xycoords=("data", "axes fraction"),
-                    fontsize=7,
-                    color=line.get_color(),
-                    va="top",
-                )
+            if not labelled:
+                _label_stages(ax, boundaries, result.rounds)
+                labelled = True
     styles = iter(["--", "-.", (0, (1, 1)), (0, (5, 1))])
     for label, value in (baselines or {}).items():
         ax.axhline(value, color="grey", linestyle=next(styles), label=label)
@@ -164,18 +171,9 @@ def plot_accuracy(
     return path
 
 
-def e2e_memory_estimate(result: SimulationResult, chain_budget: int, e2e_budget: int) -> int:
-    """End-to-end peak above the idle process, estimated from this run: the heaviest
-    measured chain stage plus what the planner (``agent/budget.py``) says end-to-end
-    training needs on top of one chain stage (the other layers' weights, adapters and saved
-    activations). What both share — library code, data, the cache pass — is measured once."""
-    measured = max(s["above_baseline_bytes"] for s in result.stages())
-    return measured + max(0, e2e_budget - chain_budget)
-
-
-def plot_memory(result: SimulationResult, path: Path, *, e2e_estimate_bytes: int) -> Path:
+def plot_memory(result: SimulationResult, path: Path, *, e2e_bytes: int, e2e_label: str) -> Path:
     """Measured peak per stage layer (largest agent, above its idle process) as bars and
-    the end-to-end estimate (``e2e_memory_estimate``) as a line."""
+    a measured end-to-end peak (``e2e_bytes``, described by ``e2e_label``) as a line."""
     plt = pyplot()
     stages = result.stages()
     mib = 1 << 20
@@ -185,12 +183,7 @@ def plot_memory(result: SimulationResult, path: Path, *, e2e_estimate_bytes: int
         [s["above_baseline_bytes"] / mib for s in stages],
         label="chain, measured (largest agent, above its idle process)",
     )
-    ax.axhline(
-        e2e_estimate_bytes / mib,
-        color="tab:red",
-        linestyle="--",
-        label="e2e, estimated (heaviest chain stage + planner's extra layers)",
-    )
+    ax.axhline(e2e_bytes / mib, color="tab:red", linestyle="--", label=e2e_label)
     ax.set_xlabel("stage layer")
     ax.set_ylabel("peak memory above idle process (MiB)")
     ax.set_title("Peak training memory per layer: chain vs end-to-end")

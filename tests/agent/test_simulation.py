@@ -291,6 +291,24 @@ def test_gpo_lambda_reaches_the_round_params(minilm_path, gpo_lambda, expected):
     assert params.gpo_lambda == expected
 
 
+def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys, launches):
+    # the demo's own launch (coordinator, 2 agents, the end-to-end memory measurement),
+    # small: the agents register, the chain runs, and no child's command line holds the token
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--agents", "2", "--train-rows", "40"]
+    argv += ["--val-rows", "20", "--local-steps", "2", "--max-rounds-per-layer", "1"]
+    argv += ["--start-layer", "5", "--no-baseline"]
+
+    assert main(argv) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert [a for a in report["federation"]["agent_samples"]] == ["agent-0", "agent-1"]
+    assert [s["layer"] for s in report["federation"]["stages"]] == [5]
+    assert report["memory"]["e2e_bytes"] > 0
+    assert "estimated" not in (out / "report.md").read_text()
+    assert_token_kept_off_command_lines(launches, 4, out / "federation")
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
