@@ -112,6 +112,24 @@ def plan_for_budget(
     )
 
 
+MAX_AUTO_WINDOW = 4
+"""Largest window ``--window auto`` picks: past a few layers the co-tuning anchor gains
+little and the stage costs grow linearly."""
+
+
+def largest_window(
+    cfg: ModelConfig, config: ChainConfig, budget: int, *, seq_len: int, task: str
+) -> int:
+    """The largest window Q <= ``MAX_AUTO_WINDOW`` (and <= the layers) whose stage, with
+    ``config``'s other settings, fits ``budget`` bytes at ``seq_len`` tokens; 1 when
+    none does (the smallest the chain can run)."""
+    for window in range(min(MAX_AUTO_WINDOW, cfg.num_layers), 1, -1):
+        candidate = replace(config, window=window)
+        if estimate_stage_bytes(cfg, candidate, seq_len=seq_len, task=task) <= budget:
+            return window
+    return 1
+
+
 def _round_up(n: int) -> str:
     """A budget string of at least ``n`` bytes: 2 decimals of MiB or GiB, rounded up."""
     unit, name = (1 << 30, "GiB") if n >= 1 << 30 else (1 << 20, "MiB")

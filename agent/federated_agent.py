@@ -34,6 +34,7 @@ import grpc
 import torch
 
 from chainfed.agent.adapter_file import AdapterFile, save_adapter_file
+from chainfed.agent.budget import largest_window
 from chainfed.agent.chain import (
     ChainConfig,
     ChainTrainer,
@@ -245,13 +246,43 @@ class FederatedAgent:
             elif task.kind is TaskKind.DONE:
                 return self._finish(task)
 
+    def max_window(self, params: TrainingParams) -> int:
+        """The largest DLCT window whose stage fits this agent's declared memory budget at
+        the width of its training rows (what it trains at; at most ``--max-len``) under
+        ``params``; 0 when it declared no budget."""
+        if not self.config.memory_budget_bytes:
+            return 0
+        return largest_window(
+            self.model.config,
+            chain_config_from_params(params, 1),
+            self.config.memory_budget_bytes,
+            seq_len=self.data.train.input_ids.shape[1],
+            task=self.data.task,
+        )
+
+    def _coordinator_params(self) -> TrainingParams | None:
+        """The training settings the coordinator gives every task (Status), or None from
+        a coordinator that does not say."""
+        reply = self._call(
+            "Status",
+            lambda: self._stub.Status(
+                pb.StatusRequest(history_limit=1), metadata=self._metadata, timeout=30
+            ),
+        )
+        return serde.status_snapshot_from_proto(reply).params
+
     def _register(self) -> None:
+        max_window = 0
+        if self.config.memory_budget_bytes:
+            params = self._coordinator_params()
+            max_window = 0 if params is None else self.max_window(params)
         capabilities = AgentCapabilities(
             device=self.config.device,
             memory_budget_bytes=self.config.memory_budget_bytes,
             num_samples=len(self.data.train),
             software_version="0.1.0",
             model_fingerprint=self.model_fingerprint,
+            max_window=max_window,
         )
         request = serde.registration_to_proto(
             Registration(self.agent_id, self.config.token, capabilities)

@@ -65,7 +65,7 @@ from chainfed.agent.train_command import data_config_from_args, encode_split, la
 from chainfed.coordinator import serde
 from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
 from chainfed.coordinator.command import add_arguments as add_coordinator_arguments
-from chainfed.coordinator.command import coordinator_config, window_chooser
+from chainfed.coordinator.command import coordinator_config
 from chainfed.coordinator.messages import (
     AgentCapabilities,
     ChainPhase,
@@ -493,9 +493,7 @@ def _run_in_process(
             coord_config = replace(coord_config, **config.coordinator_options)
         except (TypeError, ValueError) as exc:
             raise SimulationError(f"coordinator_options: {exc}") from exc
-    coordinator = ChainCoordinator(
-        coord_config, choose_window=window_chooser(model, coord_config.params, config.task)
-    )
+    coordinator = ChainCoordinator(coord_config)
     clock = _VirtualClock()
     agents: dict[str, FederatedAgent] = {}
     traffic: dict[tuple[str, str], dict[str, Any]] = {}

@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -84,6 +83,8 @@ from chainfed.coordinator.update_digest import update_digest
 log = logging.getLogger("chainfed.coordinator")
 
 AGGREGATIONS = tuple(STRATEGIES)
+DEFAULT_WINDOW = 2
+"""DLCT window of ``--window auto`` when no agent declared a memory budget."""
 
 
 class UpdateRejected(Exception):
@@ -110,8 +111,9 @@ class CoordinatorConfig:
     start_layer: int | None = None
     """First chain layer; None = FOAT (probe the agents)."""
     window: int | None = 2
-    """DLCT window Q; None = auto: chosen when training starts, from the smallest
-    registered memory budget (``ChainCoordinator(choose_window=...)``)."""
+    """DLCT window Q; None = auto: chosen when training starts, the smallest
+    ``AgentCapabilities.max_window`` the registered agents declared (each sized it for its
+    own budget and sequence length); ``DEFAULT_WINDOW`` when none declared one."""
     foat_threshold: float = 0.8
     """FOAT CKA threshold."""
     min_rounds: int = 1
@@ -254,12 +256,9 @@ class ChainCoordinator:
         self,
         config: CoordinatorConfig,
         *,
-        choose_window: Callable[[list[int]], int] | None = None,
         dp_generator: torch.Generator | None = None,
     ) -> None:
         self.config = config
-        self.choose_window = choose_window
-        """For ``window=None``: memory budgets of the agents (bytes, 0 = unknown) -> Q."""
         self.window = config.window
         self.phase = ChainPhase.WAITING_FOR_AGENTS
         self.agents: dict[str, AgentEntry] = {}
@@ -349,6 +348,13 @@ class ChainCoordinator:
             agent_id = f"agent-{len(self.agents) + 1}"
             while agent_id in self.agents:
                 agent_id += "x"
+        if self.window is not None and 0 < capabilities.max_window < self.window:
+            log.warning(
+                "agent %s fits a window of %d only; the chain runs with %d",
+                agent_id,
+                capabilities.max_window,
+                self.window,
+            )
         entry = self.agents.get(agent_id)
         if entry is None:
             self.agents[agent_id] = AgentEntry(capabilities, now_ms)
@@ -398,9 +404,13 @@ class ChainCoordinator:
 
     def _start_training(self) -> None:
         if self.window is None:
-            budgets = [e.capabilities.memory_budget_bytes for e in self.agents.values()]
-            self.window = self.choose_window(budgets) if self.choose_window else 2
-            log.info("window auto: Q = %d for the smallest budget %s", self.window, min(budgets))
+            declared = {
+                a: e.capabilities.max_window
+                for a, e in self.agents.items()
+                if e.capabilities.max_window > 0
+            }
+            self.window = min(declared.values(), default=DEFAULT_WINDOW)
+            log.info("window auto: Q = %d (agents' largest windows: %s)", self.window, declared)
         self.phase = ChainPhase.TRAINING
         first = self.config.first_stage_layer
         self.stage_layer = self.start_layer if first is None else max(first, self.start_layer)
@@ -855,6 +865,7 @@ class ChainCoordinator:
             dp_delta=self.config.dp.delta if self.config.dp is not None else 0.0,
             dp_epsilon_budget=self.config.dp.epsilon_budget if self.config.dp else None,
             stop_reason=self.stop_reason,
+            params=self.params,
         )
 
 

@@ -12,9 +12,7 @@ from pathlib import Path
 import grpc
 
 from chainfed.agent.assets import resolve_model
-from chainfed.agent.budget import estimate_stage_bytes
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.federated_agent import chain_config_from_params
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lora import linear_in_features
 from chainfed.agent.memory_meter import format_bytes
@@ -58,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stage to open at (default: the start layer); with --start-layer S --window "
         "L-S and this at L-1, one stage trains layers S..L-1 end to end: plain FedLoRA",
     )
-    c.add_argument("--window", default="2", help="DLCT window Q, or auto (weakest device)")
+    c.add_argument(
+        "--window",
+        default="2",
+        help="DLCT window Q, or auto: the smallest window an agent's --memory-budget allows",
+    )
     c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
     c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
     c.add_argument("--foat-threshold", type=float, default=0.8)
@@ -200,22 +202,6 @@ def coordinator_config(
     )
 
 
-def window_chooser(model: StreamingModel, params: TrainingParams, task: str, seq_len: int = 64):
-    """``--window auto``: the largest Q ≤ 4 whose estimated stage fits every budget."""
-
-    def choose(budgets: list[int]) -> int:
-        known = [b for b in budgets if b > 0]
-        if not known:
-            return 2
-        for q in (4, 3, 2):
-            config = chain_config_from_params(params, q)
-            if estimate_stage_bytes(model.config, config, seq_len=seq_len, task=task) <= min(known):
-                return q
-        return 1
-
-    return choose
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve the federation until done (or interrupted)."""
     logging.basicConfig(
@@ -230,12 +216,10 @@ def run(args: argparse.Namespace) -> int:
         config = coordinator_config(args, model, fingerprint)
     except ValueError as exc:
         raise ChainFedError(f"invalid option: {exc}") from exc
-    chooser = window_chooser(model, config.params, args.task)
     coordinator = state_store.load(args.state_dir, config)
     if coordinator is None:
-        coordinator = ChainCoordinator(config, choose_window=chooser)
+        coordinator = ChainCoordinator(config)
     else:
-        coordinator.choose_window = chooser
         print(
             f"resuming from {args.state_dir}: phase {coordinator.phase.value}, "
             f"{len(coordinator.history)} rounds done, final layers "
@@ -321,15 +305,16 @@ def run_status(args: argparse.Namespace) -> int:
         )
     if s.stop_reason:
         print(f"stopped early: {s.stop_reason}")
-    print("\n| agent | device | samples | memory budget | rounds | last seen |")
-    print("|---|---|---:|---:|---:|---|")
+    print("\n| agent | device | samples | memory budget | max window | rounds | last seen |")
+    print("|---|---|---:|---:|---:|---:|---|")
     now = time.time() * 1000
     for a in s.agents:
         c = a.capabilities
         print(
             f"| {a.agent_id} | {c.device} | {c.num_samples} | "
             f"{format_bytes(c.memory_budget_bytes) if c.memory_budget_bytes else '-'} | "
-            f"{a.rounds_completed} | {(now - a.last_seen_unix_ms) / 1000:.0f} s ago |"
+            f"{c.max_window or '-'} | {a.rounds_completed} | "
+            f"{(now - a.last_seen_unix_ms) / 1000:.0f} s ago |"
         )
     dp = s.dp_epsilon is not None
     if s.history_omitted:

@@ -68,9 +68,14 @@ class AgentCapabilities:
     """ChainFed version the agent runs."""
     model_fingerprint: str
     """Fingerprint of the base model files; must match the coordinator's."""
+    max_window: int = 0
+    """Largest DLCT window whose stage fits ``memory_budget_bytes`` at the width of the
+    agent's own training rows (at most its ``--max-len``), under the coordinator's
+    ``TrainingParams``; 0 = no budget declared. ``--window auto`` takes the smallest one
+    declared."""
 
     def __post_init__(self) -> None:
-        _non_negative(self, "memory_budget_bytes", "num_samples")
+        _non_negative(self, "memory_budget_bytes", "num_samples", "max_window")
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,9 @@ class StatusSnapshot:
     history_omitted: int = 0
     """Finished rounds left out of ``history`` (older than all it holds): not asked for,
     or over the reply's message limit."""
+    params: TrainingParams | None = None
+    """The training settings every task carries (fixed for the run); None from a
+    coordinator that does not say."""
 
     def __post_init__(self) -> None:
         for name in ("window_layers", "final_layers", "agents", "history"):

@@ -177,6 +177,7 @@ def agent_capabilities_to_proto(caps: AgentCapabilities) -> pb.AgentCapabilities
         num_samples=caps.num_samples,
         software_version=caps.software_version,
         model_fingerprint=caps.model_fingerprint,
+        max_window=caps.max_window,
     )
 
 
@@ -187,6 +188,7 @@ def agent_capabilities_from_proto(message: pb.AgentCapabilities) -> AgentCapabil
         num_samples=message.num_samples,
         software_version=message.software_version,
         model_fingerprint=message.model_fingerprint,
+        max_window=message.max_window,
     )
 
 
@@ -478,6 +480,7 @@ def status_snapshot_to_proto(snapshot: StatusSnapshot) -> pb.StatusSnapshot:
         dp_epsilon_budget=snapshot.dp_epsilon_budget,
         stop_reason=snapshot.stop_reason,
         history_omitted=snapshot.history_omitted,
+        params=None if snapshot.params is None else training_params_to_proto(snapshot.params),
     )
 
 
@@ -500,4 +503,5 @@ def status_snapshot_from_proto(message: pb.StatusSnapshot) -> StatusSnapshot:
         dp_epsilon_budget=_optional_float(message, "dp_epsilon_budget"),
         stop_reason=message.stop_reason,
         history_omitted=message.history_omitted,
+        params=(training_params_from_proto(message.params) if message.HasField("params") else None),
     )

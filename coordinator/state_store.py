@@ -245,7 +245,7 @@ def _check_fields(state: dict[str, Any], num_layers: int) -> None:
             )
         )
 
-    capabilities = record_of(
+    capabilities_fields = record_of(
         {
             "device": text,
             "memory_budget_bytes": count,
@@ -254,6 +254,13 @@ def _check_fields(state: dict[str, Any], num_layers: int) -> None:
             "model_fingerprint": text,
         }
     )
+    capabilities_extras = record_of(  # states written before agents declared it lack it
+        {"max_window": optional(lambda v: count(v, 2**32))}, required=False
+    )
+
+    def capabilities(v: Any) -> bool:
+        return capabilities_fields(v) and capabilities_extras(v)
+
     metrics = record_of(
         {
             "train_samples": count,

@@ -111,18 +111,20 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AgentCapabilities(_message.Message):
-    __slots__ = ("device", "memory_budget_bytes", "num_samples", "software_version", "model_fingerprint")
+    __slots__ = ("device", "memory_budget_bytes", "num_samples", "software_version", "model_fingerprint", "max_window")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOW_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_budget_bytes: int
     num_samples: int
     software_version: str
     model_fingerprint: str
-    def __init__(self, device: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    max_window: int
+    def __init__(self, device: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., max_window: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("agent_id", "token", "capabilities")
@@ -335,7 +337,7 @@ class RoundRecord(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., participants: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Union[UpdateMetrics, _Mapping]] = ..., finished_unix_ms: _Optional[int] = ..., update_digests: _Optional[_Iterable[str]] = ..., dp_epsilon: _Optional[float] = ..., dp_round_epsilon: _Optional[float] = ...) -> None: ...
 
 class StatusSnapshot(_message.Message):
-    __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history", "dp_epsilon", "dp_delta", "dp_epsilon_budget", "stop_reason", "history_omitted")
+    __slots__ = ("phase", "num_layers", "start_layer", "stage_layer", "window_layers", "final_layers", "round_id", "stage_rounds", "total_rounds", "agents", "history", "dp_epsilon", "dp_delta", "dp_epsilon_budget", "stop_reason", "history_omitted", "params")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +354,7 @@ class StatusSnapshot(_message.Message):
     DP_EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     HISTORY_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     phase: ChainPhase
     num_layers: int
     start_layer: int
@@ -368,4 +371,5 @@ class StatusSnapshot(_message.Message):
     dp_epsilon_budget: float
     stop_reason: str
     history_omitted: int
-    def __init__(self, phase: _Optional[_Union[ChainPhase, str]] = ..., num_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., final_layers: _Optional[_Iterable[int]] = ..., round_id: _Optional[str] = ..., stage_rounds: _Optional[int] = ..., total_rounds: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_epsilon_budget: _Optional[float] = ..., stop_reason: _Optional[str] = ..., history_omitted: _Optional[int] = ...) -> None: ...
+    params: TrainingParams
+    def __init__(self, phase: _Optional[_Union[ChainPhase, str]] = ..., num_layers: _Optional[int] = ..., start_layer: _Optional[int] = ..., stage_layer: _Optional[int] = ..., window_layers: _Optional[_Iterable[int]] = ..., final_layers: _Optional[_Iterable[int]] = ..., round_id: _Optional[str] = ..., stage_rounds: _Optional[int] = ..., total_rounds: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RoundRecord, _Mapping]]] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_epsilon_budget: _Optional[float] = ..., stop_reason: _Optional[str] = ..., history_omitted: _Optional[int] = ..., params: _Optional[_Union[TrainingParams, _Mapping]] = ...) -> None: ...

@@ -59,9 +59,14 @@ class ChainKit:
         return ChainCoordinator(self.config(**overrides))
 
     def caps(
-        self, num_samples: int = 10, *, memory: int = 0, fingerprint: str = FINGERPRINT
+        self,
+        num_samples: int = 10,
+        *,
+        memory: int = 0,
+        fingerprint: str = FINGERPRINT,
+        max_window: int = 0,
     ) -> AgentCapabilities:
-        return AgentCapabilities("cpu", memory, num_samples, "0.1.0", fingerprint)
+        return AgentCapabilities("cpu", memory, num_samples, "0.1.0", fingerprint, max_window)
 
     def metrics(
         self, val_loss: float = 1.0, *, train_samples: int = 10, val_samples: int = 5

@@ -13,7 +13,7 @@ from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.lora import initial_lora_a
 from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
-from chainfed.coordinator.chain_state import UpdateRejected
+from chainfed.coordinator.chain_state import DEFAULT_WINDOW, UpdateRejected
 from chainfed.coordinator.messages import (
     ChainPhase,
     ProbeReport,
@@ -480,35 +480,28 @@ def test_evaluation_by_agents_without_training_samples_finishes(kit):
     assert c.phase is ChainPhase.DONE
 
 
-def test_window_auto_from_the_smallest_budget(kit):
-    seen = []
-
-    def choose(budgets):
-        seen.append(sorted(budgets))
-        return 1 if min(budgets) < 1 << 30 else 3
-
-    c = kit.coordinator(window=None, min_agents=2)
-    c.choose_window = choose
-    c.register("big", kit.caps(memory=8 << 30), 0)
+def test_window_auto_is_the_smallest_window_an_agent_declared(kit):
+    c = kit.coordinator(window=None, min_agents=3)
+    c.register("roomy", kit.caps(memory=8 << 30, max_window=3), 0)
+    c.register("no-budget", kit.caps(), 0)
     assert c.window is None
-    c.register("small", kit.caps(memory=512 << 20), 0)
+    c.register("tight", kit.caps(memory=512 << 20, max_window=1), 0)
     c.tick(0)
 
-    assert seen == [[512 << 20, 8 << 30]] and c.window == 1
+    assert c.window == 1
     for stage in range(3):
         c.tick(stage * 100)
         assert c.open_round.window == [stage]
         kit.train_round(c, stage * 100)
 
     roomy = kit.coordinator(window=None)
-    roomy.choose_window = choose
-    roomy.register("big", kit.caps(memory=8 << 30), 0)
+    roomy.register("big", kit.caps(memory=8 << 30, max_window=3), 0)
     roomy.tick(0)
     assert roomy.window == 3
 
     default = kit.coordinator(window=None)
     kit.register(default, "a")
-    assert default.window == 2
+    assert default.window == DEFAULT_WINDOW == 2
 
 
 def test_snapshot_reports_position(kit):

@@ -542,6 +542,47 @@ def test_agent_whose_round_closed_before_it_fetched_moves_on(
     assert [r["participants"] for r in state["history"]] == [["late"], ["late"]]
 
 
+def test_window_auto_fits_the_agent_with_the_longest_sequences(
+    tmp_path: Path, minilm: StreamingModel
+):
+    """``--window auto``: each agent sizes the largest window its budget allows at the
+    width of its own training rows (at most its --max-len) and declares it; the
+    coordinator takes the smallest. The budget is what a window of 4 needs at 64 tokens,
+    the width the coordinator once assumed for every agent: it picked 4, while the agent
+    whose rows run past 64 tokens fits only 3."""
+    from chainfed.agent.budget import estimate_stage_bytes, largest_window
+    from chainfed.agent.federated_agent import chain_config_from_params
+
+    short = ("--train-rows", "40", "--val-rows", "20", "--max-len", "16")
+    long = ("--train-rows", "200", "--val-rows", "20", "--max-len", "128")
+    params = TrainingParams(local_steps=1)
+    chain = chain_config_from_params(params, 4)
+    budget = estimate_stage_bytes(minilm.config, chain, seq_len=64, task="classify")
+    width = encode_split(minilm, _split(*long).train, "classify", 128).input_ids.shape[1]
+    expected = largest_window(minilm.config, chain, budget, seq_len=width, task="classify")
+    assert width > 64 and expected < 4, (width, expected)  # the case the old sizing missed
+    with federation(tmp_path) as fed:
+        fed.coordinator(
+            "--window", "auto", "--start-layer", "2", "--local-steps", "1",
+            "--min-rounds-per-layer", "1", "--max-rounds-per-layer", "1", "--min-agents", "2",
+        )  # fmt: skip
+        agents = [
+            fed.agent(name, "--memory-budget", str(budget), *rows)
+            for name, rows in (("short", short), ("long", long))
+        ]
+        codes = fed.wait_exit(agents, timeout=RUN_TIMEOUT)
+        state = fed.state()
+
+    assert codes == {"short": 0, "long": 0}
+    declared = {a: e["capabilities"]["max_window"] for a, e in state["agents"].items()}
+    assert declared == {"short": 4, "long": expected}
+    assert state["window"] == expected
+    windows = [r["window_layers"] for r in state["history"] if r["round_id"].startswith("r")]
+    assert windows == [
+        list(range(max(2, layer - expected + 1), layer + 1)) for layer in (2, 3, 4, 5)
+    ]
+
+
 def _split(*rows: str):
     args = build_parser(only="agent").parse_args(
         ["agent", "--coordinator", "-", "--workdir", "-", *rows]

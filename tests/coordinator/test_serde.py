@@ -46,6 +46,7 @@ capabilities = st.builds(
     num_samples=u63,
     software_version=text,
     model_fingerprint=text,
+    max_window=u32,
 )
 tensor_specs = st.builds(
     TensorSpec,
@@ -169,6 +170,7 @@ snapshots = st.builds(
     dp_delta=non_negative,
     dp_epsilon_budget=st.none() | non_negative,
     stop_reason=text,
+    params=st.none() | training_params,
 )
 registrations = st.builds(Registration, agent_id=text, token=text, capabilities=capabilities)
 register_acks = st.builds(RegisterAck, agent_id=ids, max_message_bytes=st.integers(1, 2**63 - 1))

@@ -114,6 +114,24 @@ def test_round_trip_of_a_fresh_and_a_finished_chain(kit, tmp_path):
     assert final.info["task"] == "classify" and final.info["model_digest"] == kit.fingerprint
 
 
+def test_agents_saved_before_they_declared_a_max_window_still_load(kit, tmp_path):
+    c = kit.coordinator(start_layer=None, window=None)
+    c.register("a", kit.caps(memory=123, max_window=3), 7)
+    state_store.save(c, tmp_path)
+    path = tmp_path / STATE_FILE
+    state = json.loads(path.read_text())
+    del state["agents"]["a"]["capabilities"]["max_window"]  # as written before the field
+    path.write_text(json.dumps(state))
+
+    loaded = state_store.load(tmp_path, kit.config())
+
+    assert loaded.agents["a"].capabilities == kit.caps(memory=123)
+    state["agents"]["a"]["capabilities"]["max_window"] = -1
+    path.write_text(json.dumps(state))
+    with pytest.raises(StateDirError, match="agents"):
+        state_store.load(tmp_path, kit.config())
+
+
 @pytest.mark.parametrize(
     ("change", "what"),
     [
