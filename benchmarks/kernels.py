@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -180,6 +181,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylabel("step time ratio (>1: fused faster)")
     ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
 
 
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps,
             "torch": torch.__version__,
         }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
     if args.plot:

@@ -677,6 +677,8 @@ def run_benchmark(
     """Measure every shape, write ``memory.json``, ``memory.md``, ``memory.png`` to
     ``out_dir`` and return the report (``command``: the command line, for the record)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if options.tmp_dir is not None:
+        Path(options.tmp_dir).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = []
     for shape in shapes:  # one temporary folder per shape: its checkpoint goes when it is done

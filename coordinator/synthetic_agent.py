@@ -572,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         for agent_id in args.agent_ids.split(",")
     ]
     report = run_swarm(configs, timeout_s=args.timeout, start_spread_s=args.start_spread)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(report.to_dict()))
     tmp.replace(args.json)

@@ -34,13 +34,15 @@ def memory(benchmark_script):
 def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tiny_models, tmp_path):
     bert = tiny_models.config("bert", num_hidden_layers=3)
     shape = memory.Shape("tiny-bert", batch=2, seq=8, rank=2, task="classify", hf_config=bert)
-    options = memory.Options(modes=("chain", "e2e"), tmp_dir=str(tmp_path))
+    scratch = tmp_path / "scratch" / "not-yet"  # --tmp-dir of a folder still to be made
+    options = memory.Options(modes=("chain", "e2e"), tmp_dir=str(scratch))
 
     report = memory.run_benchmark([shape], options, tmp_path / "out", log=lambda _: None)
 
     result = report["shapes"][0]
     runs = {r["mode"]: r for r in result["runs"]}
     assert not [r["error"] for r in runs.values() if "error" in r]
+    assert scratch.is_dir() and not list(scratch.iterdir())  # made, and cleaned after use
     assert [s["layer"] for s in runs["chain"]["stages"]] == [0, 1, 2]
     assert [s["window"] for s in runs["chain"]["stages"]] == [[0], [0, 1], [1, 2]]
     assert [s["window"] for s in runs["e2e"]["stages"]] == [[0, 1, 2]]
