@@ -32,12 +32,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from chainfed.agent.adapter_file import (
-    AdapterFile,
-    AdapterFileError,
-    load_adapter_file,
-    save_adapter_file,
-)
 from chainfed.agent.fingerprint import digest_files, digest_json, digest_tensors
 from chainfed.agent.foat import choose_start_layer, probe_cka
 from chainfed.agent.gpo import ExactForesight, ProxyBranch, parse_gpo
@@ -52,6 +46,12 @@ from chainfed.agent.lora import (
 from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.prefix_cache import PrefixCache
+from chainfed.proto.adapter_file import (
+    AdapterFile,
+    AdapterFileError,
+    load_adapter_file,
+    save_adapter_file,
+)
 
 MODES = ("chain", "e2e", "topk", "head")
 DEFAULT_GPO_LAMBDA = {"bert": 0.1, "llama": 0.2}

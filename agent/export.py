@@ -53,12 +53,12 @@ import torch
 from tqdm import tqdm
 
 from chainfed.agent import bert, llama
-from chainfed.agent.adapter_file import AdapterFileError, load_adapter_file
 from chainfed.agent.errors import ChainFedError, ModelLoadError
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lora import ATTENTION_TARGETS, LoRAConfig
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.staged_folder import staged_folder
+from chainfed.proto.adapter_file import AdapterFileError, load_adapter_file
 
 FORMATS = ("peft", "merged")
 PEFT_CONFIG_FILE = "adapter_config.json"

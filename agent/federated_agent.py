@@ -33,7 +33,6 @@ from pathlib import Path
 import grpc
 import torch
 
-from chainfed.agent.adapter_file import AdapterFile, save_adapter_file
 from chainfed.agent.budget import largest_window
 from chainfed.agent.chain import (
     ChainConfig,
@@ -52,9 +51,12 @@ from chainfed.agent.lora import (
 )
 from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
-from chainfed.coordinator import serde
 from chainfed.coordinator.dp import local_dp_update
-from chainfed.coordinator.messages import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
+from chainfed.proto.messages import (
     AgentCapabilities,
     ProbeReport,
     Registration,
@@ -64,15 +66,13 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto.tensor_chunks import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ChunkAssembler,
     chunk_data_budget,
     manifest_of,
     tensors_to_chunks,
 )
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chainfed.agent")
 

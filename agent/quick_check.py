@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chainfed.agent.adapter_file import AdapterFileError
 from chainfed.agent.assets import resolve_model
 from chainfed.agent.data import ClassifyExample, encode_classify
 from chainfed.agent.errors import ChainFedError, ModelLoadError
@@ -39,6 +38,7 @@ from chainfed.agent.generate import greedy_generate
 from chainfed.agent.heads import pool
 from chainfed.agent.lora import add_lora, load_adapter_state
 from chainfed.agent.model import StreamingModel
+from chainfed.proto.adapter_file import AdapterFileError
 
 
 class AdaptedModel(StreamingModel):

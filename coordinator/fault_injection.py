@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import signal
 
-from chainfed.agent.errors import ChainFedError
+from chainfed.proto.errors import ChainFedError
 
 ENV = "CHAINFED_FAULT"
 POINTS = (

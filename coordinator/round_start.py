@@ -30,7 +30,7 @@ from chainfed.agent.gpo import ProxyBranch
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.lora import initial_lora_a
 from chainfed.coordinator.aggregation import AggregationError
-from chainfed.coordinator.messages import TrainingParams
+from chainfed.proto.messages import TrainingParams
 
 
 def seeded_start(

@@ -37,18 +37,19 @@ from pathlib import Path
 
 import grpc
 
-from chainfed.coordinator import fault_injection, serde, state_store
+from chainfed.coordinator import fault_injection, state_store
 from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
-from chainfed.coordinator.messages import ProtocolError, RegisterAck, TaskKind, UpdateHeader
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.messages import ProtocolError, RegisterAck, TaskKind, UpdateHeader
+from chainfed.proto.tensor_chunks import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ChunkAssembler,
     ChunkError,
     chunk_data_budget,
     tensors_to_chunks,
 )
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("chainfed.coordinator")
 

@@ -33,17 +33,17 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from chainfed.agent.adapter_file import (
+from chainfed.coordinator.chain_state import AgentEntry, ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.dp import PrivacyLedger
+from chainfed.coordinator.fault_injection import crash_point
+from chainfed.proto.adapter_file import (
     AdapterFile,
     AdapterFileError,
     load_adapter_file,
     save_adapter_file,
 )
-from chainfed.agent.errors import ChainFedError
-from chainfed.coordinator.chain_state import AgentEntry, ChainCoordinator, CoordinatorConfig
-from chainfed.coordinator.dp import PrivacyLedger
-from chainfed.coordinator.fault_injection import crash_point
-from chainfed.coordinator.messages import (
+from chainfed.proto.errors import ChainFedError
+from chainfed.proto.messages import (
     AgentCapabilities,
     ChainPhase,
     RoundRecord,

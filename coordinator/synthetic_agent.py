@@ -37,11 +37,14 @@ from pathlib import Path
 import grpc
 import torch
 
-from chainfed.agent.errors import ChainFedError
 from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora, without_lora_a
 from chainfed.agent.model import StreamingModel
-from chainfed.coordinator import serde
-from chainfed.coordinator.messages import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
+from chainfed.proto.errors import ChainFedError
+from chainfed.proto.messages import (
     AgentCapabilities,
     Registration,
     Task,
@@ -49,17 +52,14 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto.tensor_chunks import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ChunkAssembler,
     chunk_data_budget,
     manifest_of,
     tensors_to_chunks,
 )
-from chainfed.coordinator.update_digest import update_digest
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
-from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
+from chainfed.proto.update_digest import update_digest
 
 log = logging.getLogger("chainfed.synthetic_agent")
 

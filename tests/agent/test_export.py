@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from chainfed.agent.adapter_file import AdapterFile, AdapterFileError, save_adapter_file
 from chainfed.agent.cli import main
 from chainfed.agent.export import (
     HEAD_INFO_FILE,
@@ -34,6 +33,7 @@ from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.quick_check import AdaptedModel, classify_logits, last_hidden_state, lm_logits
+from chainfed.proto.adapter_file import AdapterFile, AdapterFileError, save_adapter_file
 
 LABELS = ["negative", "neutral", "positive"]
 README_TEXTS = ["I love this airline", "my flight got cancelled again"]  # as in the README
@@ -256,7 +256,7 @@ def test_export_refuses_a_head_only_result_for_peft(minilm_path, tmp_path):
 def test_a_malformed_adapter_file_is_refused_with_the_reason(
     minilm_path, minilm_result, tmp_path, change, message
 ):
-    from chainfed.agent.adapter_file import load_adapter_file
+    from chainfed.proto.adapter_file import load_adapter_file
 
     saved = load_adapter_file(minilm_result)
     change(saved.tensors)

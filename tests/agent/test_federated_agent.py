@@ -19,7 +19,6 @@ import grpc
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import (
@@ -32,7 +31,8 @@ from chainfed.agent.federated_agent import (
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.lora import initial_lora_a
 from chainfed.agent.model import StreamingModel
-from chainfed.coordinator.messages import Task, TaskKind, TrainingParams
+from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.messages import Task, TaskKind, TrainingParams
 
 D, LAYERS, CLASSES = 32, 4, 3
 # a large learning rate, so the locally trained window is clearly another model

@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.assets import minilm_dir
 from chainfed.agent.lora import LoRAConfig, add_lora
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.simulation import SimulationConfig, run_simulation
 from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.proto.adapter_file import load_adapter_file
 
 TINY = {
     "agents": 3,

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import AdapterFile, save_adapter_file
 from chainfed.agent.cli import main
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.export import export_peft, model_digest
@@ -26,6 +25,7 @@ from chainfed.agent.quick_check import (
     render_chat,
     stop_ids,
 )
+from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
 
 LABELS = ["negative", "neutral", "positive"]
 PROMPT = "What is the capital of France?"

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.cli import main
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.simulation import (
@@ -32,6 +31,7 @@ from chainfed.agent.simulation import (
     run_simulation,
 )
 from chainfed.coordinator.command import add_arguments, coordinator_config
+from chainfed.proto.adapter_file import load_adapter_file
 
 TINY = {
     "agents": 3,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from chainfed.coordinator.chain_state import ChainCoordinator, CoordinatorConfig
-from chainfed.coordinator.messages import (
+from chainfed.proto.messages import (
     AgentCapabilities,
     ChainPhase,
     TaskKind,

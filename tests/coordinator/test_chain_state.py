@@ -9,19 +9,19 @@ import math
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.lora import initial_lora_a
 from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import DEFAULT_WINDOW, UpdateRejected
-from chainfed.coordinator.messages import (
+from chainfed.coordinator.round_start import round_start_state
+from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.messages import (
     ChainPhase,
     ProbeReport,
     TaskKind,
     TrainingParams,
     UpdateMetrics,
 )
-from chainfed.coordinator.round_start import round_start_state
 
 DEADLINE_MS = 60_000  # kit.config() rounds wait 60 s
 RANK_DIM = (2, 8)  # conftest RANK, DIM

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import clip_update, update_norm
 from chainfed.coordinator.dp import (
@@ -32,9 +31,10 @@ from chainfed.coordinator.dp import (
     local_dp_update,
     noise_multiplier_for,
 )
-from chainfed.coordinator.messages import ChainPhase, TaskKind, TrainingParams
 from chainfed.coordinator.round_start import round_start_state
 from chainfed.coordinator.state_store import StateDirError
+from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.messages import ChainPhase, TaskKind, TrainingParams
 
 # dp-accounting's default orders, written out: 1.1 … 10.9, 11 … 63, 128 … 1024
 ORDERS = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]

@@ -38,7 +38,6 @@ from typing import Any
 import pytest
 import torch
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.agent.agent_command import shard_of
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
 from chainfed.agent.cli import build_parser
@@ -49,8 +48,9 @@ from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import data_config_from_args, encode_split
-from chainfed.coordinator.messages import TrainingParams
+from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.auth_token import TOKEN_ENV
+from chainfed.proto.messages import TrainingParams
 
 
 def _load_harness() -> ModuleType:

@@ -27,9 +27,13 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chainfed.coordinator import serde
 from chainfed.coordinator.chain_state import ChainCoordinator, CoordinatorConfig
-from chainfed.coordinator.messages import (
+from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
+from chainfed.coordinator.state_store import STATE_FILE
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.messages import (
     AgentCapabilities,
     Registration,
     TaskKind,
@@ -37,11 +41,7 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
-from chainfed.coordinator.state_store import STATE_FILE
-from chainfed.coordinator.tensor_chunks import manifest_of, tensors_to_chunks
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto.tensor_chunks import manifest_of, tensors_to_chunks
 
 FUZZ = settings(  # the "fuzz" profile of tests/conftest.py
     settings.get_profile("fuzz"),

@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chainfed.coordinator import serde, state_store
+from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import UpdateRejected
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
+from chainfed.proto import serde
 
 FUZZ = settings(  # the "fuzz" profile of tests/conftest.py
     settings.get_profile("fuzz"),

@@ -19,8 +19,8 @@ from chainfed.agent.federated_agent import chain_config_from_params
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.aggregation import AggregationError
-from chainfed.coordinator.messages import TrainingParams
 from chainfed.coordinator.round_start import round_start_state, seeded_start
+from chainfed.proto.messages import TrainingParams
 
 D, LAYERS, CLASSES = 32, 4, 3
 PARAMS = TrainingParams(

@@ -19,11 +19,14 @@ import grpc
 import pytest
 import torch
 
-from chainfed.coordinator import serde
 from chainfed.coordinator import service as service_module
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import ChainCoordinator
-from chainfed.coordinator.messages import (
+from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, fit_status, start_server
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.messages import (
     ChainPhase,
     Registration,
     Task,
@@ -31,16 +34,13 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, fit_status, start_server
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto.tensor_chunks import (
     ChunkAssembler,
     TensorChunk,
     chunk_data_budget,
     manifest_of,
     tensors_to_chunks,
 )
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 
 TOKENS = {"tok-a": "a", "tok-b": "b", "shared": ""}
 """Per-agent tokens for a and b, and one shared token valid for any agent id."""

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from chainfed.agent.adapter_file import load_adapter_file
 from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import UpdateRejected
-from chainfed.coordinator.messages import ChainPhase, ProbeReport
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
+from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.messages import ChainPhase, ProbeReport
 
 
 def tensor_bytes(tensors: dict) -> dict:

@@ -19,16 +19,16 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chainfed.agent.adapter_file import (
+from chainfed.agent.export import load_result
+from chainfed.agent.lora import LoRAConfig
+from chainfed.agent.model import StreamingModel
+from chainfed.proto.adapter_file import (
     METADATA_KEY,
     AdapterFile,
     AdapterFileError,
     load_adapter_file,
     save_adapter_file,
 )
-from chainfed.agent.export import load_result
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.model import StreamingModel
 
 FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 INFO = {

@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chainfed.coordinator import serde
-from chainfed.coordinator.messages import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import serde
+from chainfed.proto.messages import (
     AgentCapabilities,
     AgentStatus,
     ChainPhase,
@@ -21,14 +22,13 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto.tensor_chunks import (
     DTYPES,
     MAX_RANK,
     ChunkError,
     TensorChunk,
     TensorSpec,
 )
-from chainfed.proto import chainfed_pb2 as pb
 
 u32 = st.integers(0, 2**32 - 1)
 u63 = st.integers(0, 2**63 - 1)  # fits both int64 and uint64 fields

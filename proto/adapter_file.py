@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from chainfed.agent.errors import ChainFedError
+from chainfed.proto.errors import ChainFedError
 
 METADATA_KEY = "chainfed"
 

@@ -3,7 +3,7 @@
 Both directions of the protocol move tensors the same way: ``tensors_to_chunks`` cuts
 each tensor's raw bytes into ``TensorChunk`` pieces of at most ``max_chunk_bytes``, and
 a ``ChunkAssembler`` on the other side rebuilds the tensors from chunks arriving in any
-order. Plain Python and torch only; ``chainfed.coordinator.serde`` maps the dataclasses
+order. Plain Python and torch only; ``chainfed.proto.serde`` maps the dataclasses
 here to and from protobuf.
 
 Wire bytes of a tensor: its elements in C (row-major) order, little-endian, exactly the

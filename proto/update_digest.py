@@ -6,7 +6,7 @@ the digest of what it sent can then check that its update went into exactly one
 aggregate, and which one (``benchmarks/load.py``, the fault-injection tests).
 
 Digest: hex SHA-256 over the tensors in name order, each as its name, wire dtype,
-shape and wire bytes (``chainfed.coordinator.tensor_chunks``: little-endian, C order),
+shape and wire bytes (``chainfed.proto.tensor_chunks``: little-endian, C order),
 with lengths so that no two different updates hash the same byte stream. Two updates
 with the same digest carry bit-identical tensors under the same names.
 """
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from chainfed.coordinator.tensor_chunks import TensorSpec
+from chainfed.proto.tensor_chunks import TensorSpec
 
 
 def update_digest(tensors: Mapping[str, torch.Tensor]) -> str:

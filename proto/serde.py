@@ -18,7 +18,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from chainfed.coordinator.messages import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto.messages import (
     AgentCapabilities,
     AgentStatus,
     ChainPhase,
@@ -34,8 +35,7 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.tensor_chunks import ChunkError, TensorChunk, TensorSpec
-from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto.tensor_chunks import ChunkError, TensorChunk, TensorSpec
 
 AUTH_METADATA_KEY = "authorization"
 """gRPC metadata key of the agent's token (value ``Bearer <token>``)."""

@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto.tensor_chunks import (
     DTYPES,
     ChunkAssembler,
     ChunkError,

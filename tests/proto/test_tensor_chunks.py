@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainfed.coordinator.serde import tensor_chunk_to_proto
-from chainfed.coordinator.tensor_chunks import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto.serde import tensor_chunk_to_proto
+from chainfed.proto.tensor_chunks import (
     CHUNK_ENVELOPE_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DTYPES,
@@ -24,7 +25,6 @@ from chainfed.coordinator.tensor_chunks import (
     manifest_of,
     tensors_to_chunks,
 )
-from chainfed.proto import chainfed_pb2 as pb
 
 
 def _random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator):

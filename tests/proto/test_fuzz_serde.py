@@ -21,8 +21,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from chainfed.coordinator import serde
-from chainfed.coordinator.messages import (
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import serde
+from chainfed.proto.messages import (
     AgentCapabilities,
     ProbeReport,
     ProtocolError,
@@ -33,8 +34,7 @@ from chainfed.coordinator.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
-from chainfed.coordinator.tensor_chunks import ChunkAssembler, ChunkError, TensorChunk, TensorSpec
-from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto.tensor_chunks import ChunkAssembler, ChunkError, TensorChunk, TensorSpec
 
 FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 """≥ 500 examples per parser, the same ones on every run."""

@@ -1,10 +1,10 @@
 """Domain objects of the federation protocol: plain dataclasses, no protobuf.
 
 Each mirrors one message of ``proto/chainfed.proto`` (whose comments are the reference
-for every field); ``chainfed.coordinator.serde`` converts between the two, so protobuf
+for every field); ``chainfed.proto.serde`` converts between the two, so protobuf
 types never reach training or coordination code. Objects validate what they can on
 creation and raise ``ProtocolError`` for values no peer may send. Tensor manifests use
-``chainfed.coordinator.tensor_chunks.TensorSpec``.
+``chainfed.proto.tensor_chunks.TensorSpec``.
 
 Times are unix epoch milliseconds (``*_unix_ms``); sizes are bytes.
 """
@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from chainfed.agent.gpo import parse_gpo
-from chainfed.coordinator.tensor_chunks import TensorSpec
+from chainfed.proto.tensor_chunks import TensorSpec
 
 
 class ProtocolError(ValueError):
