@@ -33,8 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from chainfed.agent.fingerprint import digest_files, digest_json, digest_tensors
-from chainfed.agent.foat import choose_start_layer, probe_cka
-from chainfed.agent.gpo import ExactForesight, ProxyBranch, parse_gpo
+from chainfed.agent.foat import probe_cka
+from chainfed.agent.gpo import ExactForesight, ProxyBranch
 from chainfed.agent.heads import Batch, ClassifyObjective, LMObjective
 from chainfed.agent.lora import (
     LoRAConfig,
@@ -52,9 +52,15 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
+from chainfed.proto.chain_rules import (
+    DEFAULT_GPO_LAMBDA,
+    StageConvergence,
+    choose_start_layer,
+    parse_gpo,
+    window_layers,
+)
 
 MODES = ("chain", "e2e", "topk", "head")
-DEFAULT_GPO_LAMBDA = {"bert": 0.1, "llama": 0.2}
 
 
 @dataclass(frozen=True)
@@ -182,34 +188,6 @@ class RoundResult:
     steps: int
     samples: int
     train_loss: float
-
-
-@dataclass
-class StageConvergence:
-    """When a stage is done: the validation loss stopped improving or the cap was hit.
-
-    The same rule serves a local run (local validation loss) and the coordinator
-    (federated, sample-weighted validation loss), so both freeze at the same round.
-    """
-
-    min_rounds: int
-    max_rounds: int
-    patience: int
-    tolerance: float
-    rounds: int = 0
-    best: float = math.inf
-    since_best: int = 0
-
-    def update(self, val_loss: float) -> bool:
-        """Record one round's validation loss; True when the stage should end."""
-        self.rounds += 1
-        if val_loss < self.best * (1 - self.tolerance):
-            self.best, self.since_best = val_loss, 0
-        else:
-            self.since_best += 1
-        if self.rounds >= self.max_rounds:
-            return True
-        return self.rounds >= self.min_rounds and self.since_best >= self.patience
 
 
 StageHook = Callable[[StageReport], None]
@@ -374,8 +352,7 @@ class ChainTrainer:
         """Layers trained in the stage whose newest layer is ``layer``."""
         if self.config.mode != "chain":
             return list(range(self._baseline_first, self.L))
-        lo = max(self.start_layer, layer - self.config.window + 1)
-        return list(range(lo, layer + 1))
+        return window_layers(self.start_layer, layer, self.config.window)
 
     @property
     def _baseline_first(self) -> int:

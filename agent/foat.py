@@ -28,11 +28,3 @@ def probe_cka(
         h = model.load_block(index)(h, ctx)
         scores.append(linear_cka(masked_token_rows(h, attention_mask), reference))
     return scores
-
-
-def choose_start_layer(scores: list[float], threshold: float = 0.8) -> int:
-    """First block whose CKA is below ``threshold``; the last block if none is."""
-    for index, score in enumerate(scores):
-        if score < threshold:
-            return index
-    return len(scores) - 1

@@ -146,16 +146,3 @@ class ExactForesight(nn.Module):
         for layer in self.layers:
             h = _StreamedBlock.apply(h, self.model, layer, ctx)
         return h
-
-
-def parse_gpo(spec: str, num_layers: int) -> tuple[str, int]:
-    """``proxy`` / ``none`` / ``exact:K`` / ``exact:all`` -> (kind, depth)."""
-    if spec in ("proxy", "none"):
-        return spec, num_layers
-    if spec.startswith("exact:"):
-        depth = spec.split(":", 1)[1]
-        if depth == "all":
-            return "exact", num_layers
-        if depth.isdigit() and int(depth) > 0:
-            return "exact", int(depth)
-    raise ValueError(f"--gpo must be proxy, none, exact:K (K>0) or exact:all; got {spec!r}")

@@ -91,7 +91,6 @@ from typing import Any
 import torch
 
 from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit, StageReport
-from chainfed.agent.gpo import parse_gpo
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import (
@@ -108,6 +107,7 @@ from chainfed.agent.memory_meter import (
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.model_config import ModelConfig
 from chainfed.agent.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.proto.chain_rules import parse_gpo
 
 # FacebookAI/roberta-large, config.json as published on the Hugging Face hub.
 ROBERTA_LARGE = {

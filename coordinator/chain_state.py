@@ -50,8 +50,6 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.chain import StageConvergence
-from chainfed.agent.foat import choose_start_layer
 from chainfed.agent.lora import with_seeded_lora_a, without_lora_a
 from chainfed.coordinator.aggregation import (
     LORA_A_SUFFIX,
@@ -65,6 +63,7 @@ from chainfed.coordinator.aggregation import (
 from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean, noise_generator
 from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.round_start import round_start_state
+from chainfed.proto.chain_rules import StageConvergence, choose_start_layer, window_layers
 from chainfed.proto.messages import (
     AgentCapabilities,
     AgentStatus,
@@ -327,7 +326,7 @@ class ChainCoordinator:
 
     def window_for(self, layer: int) -> list[int]:
         """DLCT window of the stage whose newest layer is ``layer``."""
-        return list(range(max(self.start_layer, layer - self.window + 1), layer + 1))
+        return window_layers(self.start_layer, layer, self.window)
 
     def _next_round_id(self, prefix: str = "r") -> str:
         self.round_seq += 1

@@ -24,6 +24,7 @@ from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
+from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import ChainPhase, TrainingParams
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
@@ -158,7 +159,7 @@ def coordinator_config(
 ) -> CoordinatorConfig:
     """The ``CoordinatorConfig`` these options ask for (also used by in-process simulation,
     so both build the same federation from the same flags)."""
-    family_lambda = {"bert": 0.1, "llama": 0.2}[model.config.family]
+    family_lambda = DEFAULT_GPO_LAMBDA[model.config.family]
     params = TrainingParams(
         lr=args.lr,
         micro_batch=args.micro_batch,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from chainfed.agent.gpo import parse_gpo
+from chainfed.proto.chain_rules import parse_gpo
 from chainfed.proto.tensor_chunks import TensorSpec
 
 

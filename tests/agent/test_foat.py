@@ -15,10 +15,11 @@ import torch
 
 from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit
 from chainfed.agent.cka import linear_cka, masked_token_rows
-from chainfed.agent.foat import choose_start_layer, probe_cka
+from chainfed.agent.foat import probe_cka
 from chainfed.agent.heads import ClassifyObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel, hidden_states
+from chainfed.proto.chain_rules import choose_start_layer
 
 D, VOCAB, L, T = 32, 100, 4, 12
 

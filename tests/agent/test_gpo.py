@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit
-from chainfed.agent.gpo import ExactForesight, ProxyBranch, parse_gpo
+from chainfed.agent.gpo import ExactForesight, ProxyBranch
 from chainfed.agent.heads import Batch, ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig, add_lora, trainable_adapter_params
 from chainfed.agent.model import StreamingModel
+from chainfed.proto.chain_rules import parse_gpo
 
 D, VOCAB, L, T = 32, 100, 4, 8
 WINDOW_LAYER = 1

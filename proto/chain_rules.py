@@ -1,0 +1,70 @@
+"""The chain's rules that agent and coordinator must apply alike (DESIGN.md §3).
+
+A local run decides with them on its own validation loss and CKA scores; the
+coordinator decides with them on the federated ones, so both freeze, start and window
+the chain the same way. Pure Python: no tensors, no model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_GPO_LAMBDA = {"bert": 0.1, "llama": 0.2}
+"""Weight λ of GPO's global loss by model family, when none is given."""
+
+
+@dataclass
+class StageConvergence:
+    """When a stage is done: the validation loss stopped improving or the cap was hit.
+
+    The same rule serves a local run (local validation loss) and the coordinator
+    (federated, sample-weighted validation loss), so both freeze at the same round.
+    """
+
+    min_rounds: int
+    max_rounds: int
+    patience: int
+    tolerance: float
+    rounds: int = 0
+    best: float = math.inf
+    since_best: int = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record one round's validation loss; True when the stage should end."""
+        self.rounds += 1
+        if val_loss < self.best * (1 - self.tolerance):
+            self.best, self.since_best = val_loss, 0
+        else:
+            self.since_best += 1
+        if self.rounds >= self.max_rounds:
+            return True
+        return self.rounds >= self.min_rounds and self.since_best >= self.patience
+
+
+def choose_start_layer(scores: list[float], threshold: float = 0.8) -> int:
+    """FOAT: the first block whose CKA with the embedding output is below ``threshold``;
+    the last block if none is."""
+    for index, score in enumerate(scores):
+        if score < threshold:
+            return index
+    return len(scores) - 1
+
+
+def parse_gpo(spec: str, num_layers: int) -> tuple[str, int]:
+    """``proxy`` / ``none`` / ``exact:K`` / ``exact:all`` -> (kind, depth)."""
+    if spec in ("proxy", "none"):
+        return spec, num_layers
+    if spec.startswith("exact:"):
+        depth = spec.split(":", 1)[1]
+        if depth == "all":
+            return "exact", num_layers
+        if depth.isdigit() and int(depth) > 0:
+            return "exact", int(depth)
+    raise ValueError(f"--gpo must be proxy, none, exact:K (K>0) or exact:all; got {spec!r}")
+
+
+def window_layers(start_layer: int, layer: int, window: int) -> list[int]:
+    """DLCT: the layers trained in the stage whose newest layer is ``layer`` — the last
+    ``window`` of them, never below the chain's start."""
+    return list(range(max(start_layer, layer - window + 1), layer + 1))
