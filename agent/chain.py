@@ -59,6 +59,7 @@ from chainfed.proto.chain_rules import (
     parse_gpo,
     window_layers,
 )
+from chainfed.proto.tensor_names import strip_prefix
 
 MODES = ("chain", "e2e", "topk", "head")
 
@@ -645,11 +646,6 @@ class ChainTrainer:
             self.foresight.load_state_dict(strip_prefix(tensors, "foresight."))
         self.resumed_from = info["next_layer"]
         return self.resumed_from
-
-
-def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with ``prefix``, under the rest of their names."""
-    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class _DepthLimited(nn.Module):

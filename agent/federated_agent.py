@@ -34,21 +34,10 @@ import grpc
 import torch
 
 from chainfed.agent.budget import largest_window
-from chainfed.agent.chain import (
-    ChainConfig,
-    ChainTrainer,
-    EncodedSplit,
-    evaluate_streaming,
-    strip_prefix,
-)
+from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit, evaluate_streaming
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.heads import ClassifyObjective, LMObjective
-from chainfed.agent.lora import (
-    LoRAConfig,
-    linear_in_features,
-    with_seeded_lora_a,
-    without_lora_a,
-)
+from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.dp import local_dp_update
@@ -66,6 +55,7 @@ from chainfed.proto.messages import (
     UpdateHeader,
     UpdateMetrics,
 )
+from chainfed.proto.seeded_init import linear_in_features, with_seeded_lora_a
 from chainfed.proto.tensor_chunks import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ChunkAssembler,
@@ -73,6 +63,7 @@ from chainfed.proto.tensor_chunks import (
     manifest_of,
     tensors_to_chunks,
 )
+from chainfed.proto.tensor_names import strip_prefix, without_lora_a
 
 log = logging.getLogger("chainfed.agent")
 

@@ -19,15 +19,16 @@ from torch import nn
 
 from chainfed.agent.attention import AttentionContext
 from chainfed.agent.model import StreamingModel
+from chainfed.proto.seeded_init import initial_proxies
 
 
 class ResidualProxy(nn.Module):
-    """h + B · gelu(A · rmsnorm(h)); B starts at zero."""
+    """h + B · gelu(A · rmsnorm(h)); A is ``down`` (r, d), B is ``up`` (d, r)."""
 
-    def __init__(self, hidden_size: int, rank: int, generator: torch.Generator) -> None:
+    def __init__(self, down: torch.Tensor, up: torch.Tensor) -> None:
         super().__init__()
-        self.down = nn.Parameter(torch.randn(rank, hidden_size, generator=generator) * 0.02)
-        self.up = nn.Parameter(torch.zeros(hidden_size, rank))
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(up)
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """gelu(A · rmsnorm(h)), (B, T, r)."""
@@ -43,10 +44,8 @@ class ProxyBranch(nn.Module):
 
     def __init__(self, hidden_size: int, rank: int, layers: range, seed: int = 0) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(seed + 7919)
-        self.proxies = nn.ModuleDict(
-            {str(j): ResidualProxy(hidden_size, rank, generator) for j in layers}
-        )
+        start = initial_proxies(hidden_size, rank, layers, seed)
+        self.proxies = nn.ModuleDict({str(j): ResidualProxy(*start[j]) for j in layers})
 
     def retire_below(self, layer: int) -> None:
         """Drop the proxies of layers ≤ ``layer`` (they are now real, trained layers)."""

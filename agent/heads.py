@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chainfed.agent.lm_head import StreamedLMHead
+from chainfed.proto.seeded_init import initial_head
 
 
 @dataclass
@@ -53,10 +54,10 @@ class ClassifyObjective(nn.Module):
         super().__init__()
         self.pooling = pooling
         self.head = nn.Linear(hidden_size, num_labels)
-        generator = torch.Generator().manual_seed(seed)
+        weight, bias = initial_head(hidden_size, num_labels, seed)
         with torch.no_grad():
-            self.head.weight.normal_(0.0, 0.02, generator=generator)
-            self.head.bias.zero_()
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
 
     def logits(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.head(pool(h, batch.attention_mask, self.pooling))  # (B, C)

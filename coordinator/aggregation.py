@@ -82,11 +82,7 @@ from dataclasses import dataclass
 
 import torch
 
-LORA_A_SUFFIX = ".lora_a"
-"""Name suffix of an adapter's down projection A (r, in)."""
-
-LORA_B_SUFFIX = ".lora_b"
-"""Name suffix of an adapter's up projection B (out, r)."""
+from chainfed.proto.tensor_names import LORA_A_SUFFIX, LORA_B_SUFFIX
 
 
 class AggregationError(ValueError):

@@ -50,9 +50,7 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.lora import with_seeded_lora_a, without_lora_a
 from chainfed.coordinator.aggregation import (
-    LORA_A_SUFFIX,
     STRATEGIES,
     WeightedUpdate,
     aggregate,
@@ -76,7 +74,9 @@ from chainfed.proto.messages import (
     TrainingParams,
     UpdateMetrics,
 )
+from chainfed.proto.seeded_init import with_seeded_lora_a
 from chainfed.proto.tensor_chunks import manifest_of
+from chainfed.proto.tensor_names import LORA_A_SUFFIX, layers_of, tensor_owner, without_lora_a
 from chainfed.proto.update_digest import update_digest
 
 log = logging.getLogger("chainfed.coordinator")
@@ -714,15 +714,15 @@ class ChainCoordinator:
             return {}
         expected = {}
         for name, tensor in window_state.items():
-            kind, index = _tensor_owner(name)
+            kind, index = tensor_owner(name)
             if (
                 (kind == "layers" and index in window)
                 or kind == "objective"
                 or (kind == "foresight" and index > layer)
             ):
                 expected[name] = (tuple(tensor.shape), str(tensor.dtype))
-        if layer not in {i for k, i in map(_tensor_owner, expected) if k == "layers"}:
-            layers = [i for k, i in map(_tensor_owner, known) if k == "layers"]
+        if layer not in {i for k, i in map(tensor_owner, expected) if k == "layers"}:
+            layers = [i for k, i in map(tensor_owner, known) if k == "layers"]
             if not layers:
                 return expected
             below = max(layers)
@@ -789,7 +789,7 @@ class ChainCoordinator:
                     f"unexpected tensor {name!r}: round {r.round_id} keeps every A frozen at "
                     "its seeded init (ffa); an update carries B, not A",
                 )
-            kind, index = _tensor_owner(name)
+            kind, index = tensor_owner(name)
             if (
                 kind == "layers"
                 and index not in r.window
@@ -835,10 +835,6 @@ class ChainCoordinator:
                 f"bound {c.norm_bound}",
             )
 
-    @staticmethod
-    def _layers_of(tensors: dict) -> set[int]:
-        return {int(n.split(".")[1]) for n in tensors if n.startswith("layers.")}
-
     # -- status -----------------------------------------------------------------------
 
     def snapshot(self) -> StatusSnapshot:
@@ -851,7 +847,7 @@ class ChainCoordinator:
             window_layers=tuple(self.window_for(self.stage_layer))
             if self.stage_layer is not None
             else (),
-            final_layers=tuple(sorted(self._layers_of(self.final))),
+            final_layers=tuple(sorted(layers_of(self.final))),
             round_id=r.round_id if r else "",
             stage_rounds=self.convergence.rounds,
             total_rounds=len(self.history),
@@ -866,20 +862,6 @@ class ChainCoordinator:
             stop_reason=self.stop_reason,
             params=self.params,
         )
-
-
-def _tensor_owner(name: str) -> tuple[str, int]:
-    """("layers", i) for ``layers.i.*``, ("foresight", j) for a proxy of layer j,
-    ("objective", -1) for the head; anything else ("other", -1)."""
-    parts = name.split(".")
-    if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
-        return "layers", int(parts[1])
-    if parts[0] == "foresight":
-        digits = [p for p in parts[1:] if p.isdigit()]
-        return "foresight", int(digits[0]) if digits else -1
-    if parts[0] == "objective":
-        return "objective", -1
-    return "other", -1
 
 
 def _federated_metrics(metrics: list[UpdateMetrics]) -> UpdateMetrics:

@@ -13,7 +13,6 @@ import grpc
 
 from chainfed.agent.assets import resolve_model
 from chainfed.agent.fingerprint import digest_files
-from chainfed.agent.lora import linear_in_features
 from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import state_store
@@ -27,7 +26,9 @@ from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import ChainPhase, TrainingParams
+from chainfed.proto.seeded_init import linear_in_features
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
+from chainfed.proto.tensor_names import layers_of
 
 log = logging.getLogger("chainfed.coordinator")
 
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"resuming from {args.state_dir}: phase {coordinator.phase.value}, "
             f"{len(coordinator.history)} rounds done, final layers "
-            f"{sorted(coordinator._layers_of(coordinator.final))}"
+            f"{sorted(layers_of(coordinator.final))}"
         )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ChainFedError("--tls-cert and --tls-key go together")

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chainfed.coordinator.aggregation import LORA_A_SUFFIX, clip_update
+from chainfed.coordinator.aggregation import clip_update
+from chainfed.proto.tensor_names import LORA_A_SUFFIX
 
 DP_MODES = ("central", "local")
 

@@ -6,15 +6,9 @@ is the coordinator's own window aggregate. The rest enters the window untrained 
 starts, on every agent alike, from the shared seeded initialisation — the first round of
 the chain (adapters, task head, GPO proxies) and the adapter of each layer that joins the
 window at a new stage. Those starting values depend only on seeds, names and shapes, never
-on data, so they are rebuilt here with the agent's own initialisers:
-
-=============================================  ============================================
-``layers.{i}.{module}.lora_a`` (r, in)         ``initial_lora_a(lora_seed, i, module)``
-``layers.{i}.{module}.lora_b`` (out, r)        zeros
-``objective.head.weight`` (labels, d)          ``ClassifyObjective``'s N(0, 0.02²), ``seed``
-``objective.head.bias``                        zeros
-``foresight.proxies.{j}.down`` / ``.up``       ``ProxyBranch`` from the start layer, ``seed``
-=============================================  ============================================
+on data, so they are rebuilt here with the draws the agents make
+(``chainfed.proto.seeded_init``: A from ``lora_seed``, the head and the proxies from
+``seed``, the proxies drawn from the start layer up).
 
 A tensor of any other name has no known start and raises ``AggregationError`` (clipping
 would be meaningless). The rebuilt values are those drawn on CPU, in the update's dtype.
@@ -26,11 +20,10 @@ from collections.abc import Mapping
 
 import torch
 
-from chainfed.agent.gpo import ProxyBranch
-from chainfed.agent.heads import ClassifyObjective
-from chainfed.agent.lora import initial_lora_a
 from chainfed.coordinator.aggregation import AggregationError
 from chainfed.proto.messages import TrainingParams
+from chainfed.proto.seeded_init import initial_head, initial_lora_a, initial_proxies
+from chainfed.proto.tensor_names import parse_adapter_name, tensor_owner
 
 
 def seeded_start(
@@ -42,23 +35,26 @@ def seeded_start(
 ) -> torch.Tensor:
     """The shared initial value of tensor ``name`` (shape and dtype of ``reference``)."""
     shape, dtype = tuple(reference.shape), reference.dtype
-    parts = name.split(".")
-    if parts[0] == "layers" and len(parts) == 4 and parts[1].isdigit():
-        if parts[3] == "lora_b":
+    adapter = parse_adapter_name(name)
+    if adapter is not None:
+        layer, module, which = adapter
+        if which == "lora_b":
             return torch.zeros(shape, dtype=dtype)
-        if parts[3] == "lora_a" and len(shape) == 2:
-            return initial_lora_a(params.lora_seed, int(parts[1]), parts[2], shape, dtype)
+        if len(shape) == 2:
+            return initial_lora_a(params.lora_seed, layer, module, shape, dtype)
     if name == "objective.head.bias":
         return torch.zeros(shape, dtype=dtype)
     if name == "objective.head.weight" and len(shape) == 2:
-        head = ClassifyObjective(shape[1], shape[0], "mean", seed=params.seed).head.weight
-        return head.detach().to(dtype)
-    if parts[0] == "foresight" and len(parts) == 4 and parts[2].isdigit():
-        layer, which = int(parts[2]), parts[3]
+        return initial_head(shape[1], shape[0], params.seed)[0].to(dtype)
+    parts = name.split(".")
+    kind, layer = tensor_owner(name)
+    if kind == "foresight" and len(parts) == 4 and parts[2].isdigit():
+        which = parts[3]
         if start_layer < layer < num_layers and which in ("down", "up") and len(shape) == 2:
             hidden, rank = (shape[1], shape[0]) if which == "down" else shape
-            branch = ProxyBranch(hidden, rank, range(start_layer + 1, num_layers), params.seed)
-            return getattr(branch.proxies[str(layer)], which).detach().to(dtype)
+            proxies = initial_proxies(hidden, rank, range(start_layer + 1, num_layers), params.seed)
+            down, up = proxies[layer]
+            return (down if which == "down" else up).to(dtype)
     raise AggregationError(f"tensor {name!r} has no known starting value to clip against")
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora, without_lora_a
+from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
 from chainfed.agent.model import StreamingModel
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
@@ -59,6 +59,7 @@ from chainfed.proto.tensor_chunks import (
     manifest_of,
     tensors_to_chunks,
 )
+from chainfed.proto.tensor_names import without_lora_a
 from chainfed.proto.update_digest import update_digest
 
 log = logging.getLogger("chainfed.synthetic_agent")

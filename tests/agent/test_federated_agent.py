@@ -29,10 +29,10 @@ from chainfed.agent.federated_agent import (
     chain_config_from_params,
 )
 from chainfed.agent.heads import ClassifyObjective
-from chainfed.agent.lora import initial_lora_a
 from chainfed.agent.model import StreamingModel
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.messages import Task, TaskKind, TrainingParams
+from chainfed.proto.seeded_init import initial_lora_a
 
 D, LAYERS, CLASSES = 32, 4, 3
 # a large learning rate, so the locally trained window is clearly another model

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from chainfed.agent.lora import initial_lora_a
 from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import DEFAULT_WINDOW, UpdateRejected
@@ -22,6 +21,7 @@ from chainfed.proto.messages import (
     TrainingParams,
     UpdateMetrics,
 )
+from chainfed.proto.seeded_init import initial_lora_a
 
 DEADLINE_MS = 60_000  # kit.config() rounds wait 60 s
 RANK_DIM = (2, 8)  # conftest RANK, DIM
