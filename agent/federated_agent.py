@@ -40,11 +40,11 @@ from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import PeakMemoryMeter
 from chainfed.agent.model import StreamingModel
-from chainfed.coordinator.dp import local_dp_update
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
 from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
+from chainfed.proto.dp_mechanism import local_dp_update
 from chainfed.proto.messages import (
     AgentCapabilities,
     ProbeReport,

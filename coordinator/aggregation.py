@@ -44,10 +44,11 @@ adapter pair is treated factor by factor, A and B separately, like ``fedavg`` (t
 caveat on cross terms holds; with A frozen (FFA) all A_k are equal and the result is
 the robust statistic of the B_k, exact in the product B A).
 
-Norm clipping (``clip_update``) is not translation-equivariant: it scales the delta
-x_k − S to L2 norm ≤ C over all of the update's tensors together, so it needs S (see
-``chainfed.coordinator.round_start`` for how the coordinator knows S, including
-adapters that enter the window from the shared seeded initialisation).
+Norm clipping (``chainfed.proto.dp_mechanism.clip_update``) is not translation-
+equivariant: it scales the delta x_k − S to L2 norm ≤ C over all of the update's tensors
+together, so it needs S (see ``chainfed.coordinator.round_start`` for how the
+coordinator knows S, including adapters that enter the window from the shared seeded
+initialisation).
 
 ``svd`` in more detail. The mean of K rank-r products has rank ≤ K·r, so the rank-r
 re-factorisation reproduces ΔW exactly only when rank(ΔW) ≤ r (K = 1, all A_k equal, all
@@ -389,40 +390,6 @@ def aggregate_median(updates: Sequence[WeightedUpdate]) -> dict[str, torch.Tenso
     """
     k = len(updates)
     return _coordinatewise(updates, lambda s: (s[(k - 1) // 2] + s[k // 2]) / 2)
-
-
-def update_norm(tensors: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> float:
-    """‖x − S‖₂ over all tensors together (float64): the size of an update's delta."""
-    total = 0.0
-    for name, t in tensors.items():
-        total += float((t.double() - start[name].to(t.device).double()).pow(2).sum())
-    return math.sqrt(total)
-
-
-def clip_update(
-    tensors: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], max_norm: float
-) -> dict[str, torch.Tensor]:
-    """S + (x − S) · min(1, C / ‖x − S‖₂): the update's delta from the round's starting
-    tensors ``start`` scaled down to L2 norm ≤ ``max_norm`` = C (over all tensors
-    together, so the direction is kept). An update within the bound comes back unchanged
-    (the same tensor objects). Results keep each tensor's dtype.
-
-    Raises ``AggregationError`` when ``start`` lacks one of the update's tensors.
-    """
-    if not max_norm > 0:
-        raise ValueError(f"clip norm must be > 0, got {max_norm!r}")
-    missing = sorted(set(tensors) - set(start))
-    if missing:
-        raise AggregationError(f"no round-start value for {missing[:5]}")
-    norm = update_norm(tensors, start)
-    if norm <= max_norm:
-        return dict(tensors)
-    factor = max_norm / norm
-    out = {}
-    for name, t in tensors.items():
-        s = start[name].to(device=t.device, dtype=torch.float64)
-        out[name] = (s + (t.double() - s) * factor).to(t.dtype)
-    return out
 
 
 STRATEGIES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {

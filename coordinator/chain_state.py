@@ -50,18 +50,12 @@ from typing import Any
 
 import torch
 
-from chainfed.coordinator.aggregation import (
-    STRATEGIES,
-    WeightedUpdate,
-    aggregate,
-    clip_update,
-    update_norm,
-    validate_updates,
-)
-from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean, noise_generator
+from chainfed.coordinator.aggregation import STRATEGIES, WeightedUpdate, aggregate, validate_updates
+from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean
 from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.round_start import round_start_state
 from chainfed.proto.chain_rules import StageConvergence, choose_start_layer, window_layers
+from chainfed.proto.dp_mechanism import clip_update, noise_generator, update_norm
 from chainfed.proto.messages import (
     AgentCapabilities,
     AgentStatus,

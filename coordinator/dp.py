@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import functools
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from chainfed.coordinator.aggregation import clip_update
-from chainfed.proto.tensor_names import LORA_A_SUFFIX
+from chainfed.proto.dp_mechanism import clip_update, noise_generator, noised_names
 
 DP_MODES = ("central", "local")
 
@@ -162,16 +160,6 @@ class PrivacyLedger:
         return cls(delta, [(float(z), float(q), int(n)) for z, q, n in rounds])
 
 
-def noise_generator(seed: int | None = None) -> torch.Generator:
-    """A CPU generator for DP noise: from the OS's randomness unless a test fixes ``seed``
-    (predictable noise protects nothing)."""
-    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-
-
-def _noised_names(tensors: Mapping[str, torch.Tensor], train_a: bool) -> list[str]:
-    return [n for n in tensors if train_a or not n.endswith(LORA_A_SUFFIX)]
-
-
 def central_dp_mean(
     updates: Sequence[Mapping[str, torch.Tensor]],
     start: Mapping[str, torch.Tensor],
@@ -191,7 +179,7 @@ def central_dp_mean(
     generator = generator or noise_generator()
     n = len(updates)
     clipped = [clip_update(u, start, config.clip) for u in updates]
-    noised = set(_noised_names(updates[0], train_a))
+    noised = set(noised_names(updates[0], train_a))
     std = config.noise_multiplier * config.clip
     out = {}
     for name, ref in updates[0].items():
@@ -204,27 +192,4 @@ def central_dp_mean(
             total += c[name].double().cpu() - s
         total += torch.randn(ref.shape, generator=generator, dtype=torch.float64) * std
         out[name] = (s + total / n).to(device=ref.device, dtype=ref.dtype)
-    return out
-
-
-def local_dp_update(
-    tensors: Mapping[str, torch.Tensor],
-    start: Mapping[str, torch.Tensor],
-    clip: float,
-    noise_multiplier: float,
-    *,
-    train_a: bool = True,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """What a local-DP agent uploads: S + clip_C(x − S) + N(0, z²C²) per coordinate."""
-    generator = generator or noise_generator()
-    clipped = clip_update(tensors, start, clip)
-    noised = set(_noised_names(tensors, train_a))
-    std = noise_multiplier * clip
-    out = {}
-    for name, t in clipped.items():
-        if name in noised:
-            noise = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
-            t = (t.double().cpu() + noise).to(device=t.device, dtype=t.dtype)
-        out[name] = t
     return out

@@ -22,18 +22,17 @@ import pytest
 import torch
 
 from chainfed.coordinator import state_store
-from chainfed.coordinator.aggregation import clip_update, update_norm
 from chainfed.coordinator.dp import (
     DPConfig,
     PrivacyLedger,
     central_dp_mean,
     epsilon_for,
-    local_dp_update,
     noise_multiplier_for,
 )
 from chainfed.coordinator.round_start import round_start_state
 from chainfed.coordinator.state_store import StateDirError
 from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.dp_mechanism import clip_update, local_dp_update, update_norm
 from chainfed.proto.messages import ChainPhase, TaskKind, TrainingParams
 
 # dp-accounting's default orders, written out: 1.1 … 10.9, 11 … 63, 128 … 1024

@@ -13,9 +13,8 @@ from chainfed.coordinator.aggregation import (
     aggregate,
     aggregate_median,
     aggregate_trimmed_mean,
-    clip_update,
-    update_norm,
 )
+from chainfed.proto.dp_mechanism import MissingStartError, clip_update, update_norm
 
 SHAPES = {
     "layers.1.q_proj.lora_a": (2, 6),
@@ -158,7 +157,7 @@ def test_clip_update_leaves_a_small_update_alone_and_needs_every_start():
     update = _updates(1, seed=2)[0].tensors
     same = clip_update(update, start, update_norm(update, start) * 1.01)
     assert all(same[n] is update[n] for n in SHAPES)
-    with pytest.raises(AggregationError, match="objective.head.bias"):
+    with pytest.raises(MissingStartError, match="objective.head.bias"):
         clip_update(update, {n: t for n, t in start.items() if "bias" not in n}, 1.0)
     with pytest.raises(ValueError, match="clip norm"):
         clip_update(update, start, 0.0)
