@@ -25,7 +25,7 @@ from chainfed.agent.data import (
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import AgentConfig, FederatedAgent, LocalData
 from chainfed.agent.fingerprint import digest_files
-from chainfed.agent.memory_meter import parse_bytes, process_baseline, release_large_frees_to_os
+from chainfed.agent.memory_meter import process_baseline, release_large_frees_to_os
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import (
     add_data_arguments,
@@ -34,6 +34,7 @@ from chainfed.agent.train_command import (
     label_token_ids,
 )
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
+from chainfed.proto.units import parse_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

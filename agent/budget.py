@@ -21,9 +21,9 @@ from dataclasses import replace
 
 from chainfed.agent.chain import ChainConfig
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model_config import ModelConfig
 from chainfed.proto.chain_rules import parse_gpo
+from chainfed.proto.units import format_bytes
 
 BYTES = 4  # float32 compute
 

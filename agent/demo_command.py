@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.simulation import SimulationConfig, SimulationResult, run_simulation
 from chainfed.agent.simulation_report import (
     MEASURED_AGGREGATE_NOTE,
@@ -50,6 +49,7 @@ from chainfed.agent.simulation_report import (
     summary_lines,
     write_json,
 )
+from chainfed.proto.units import format_bytes
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from chainfed.agent.export import (
     export_merged,
     export_peft,
 )
-from chainfed.agent.memory_meter import format_bytes, parse_bytes
+from chainfed.proto.units import format_bytes, parse_bytes
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.simulation import SimulationResult
+from chainfed.proto.units import format_bytes
 
 
 def finite(value: Any) -> Any:

@@ -40,14 +40,10 @@ from chainfed.agent.errors import ChainFedError
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.memory_meter import (
-    format_bytes,
-    parse_bytes,
-    process_baseline,
-    release_large_frees_to_os,
-)
+from chainfed.agent.memory_meter import process_baseline, release_large_frees_to_os
 from chainfed.agent.model import StreamingModel
 from chainfed.proto.adapter_file import AdapterFile, load_adapter_file, save_adapter_file
+from chainfed.proto.units import format_bytes, parse_bytes
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -52,10 +52,10 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.simulation import SimulationConfig, SimulationResult, run_simulation
 from chainfed.agent.simulation_report import pyplot, stage_boundaries, write_json
 from chainfed.coordinator.chain_state import AGGREGATIONS
+from chainfed.proto.units import format_bytes
 
 
 def run_split(split: str, args: argparse.Namespace, out: Path) -> dict[str, SimulationResult]:

@@ -98,7 +98,6 @@ from chainfed.agent.memory_meter import (
     SAMPLING,
     VMHWM,
     PeakMemoryMeter,
-    format_bytes,
     malloc_trim,
     process_baseline,
     release_large_frees_to_os,
@@ -108,6 +107,7 @@ from chainfed.agent.model import StreamingModel
 from chainfed.agent.model_config import ModelConfig
 from chainfed.agent.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
 from chainfed.proto.chain_rules import parse_gpo
+from chainfed.proto.units import format_bytes
 
 # FacebookAI/roberta-large, config.json as published on the Hugging Face hub.
 ROBERTA_LARGE = {

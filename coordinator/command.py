@@ -13,7 +13,6 @@ import grpc
 
 from chainfed.agent.assets import resolve_model
 from chainfed.agent.fingerprint import digest_files
-from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import AGGREGATIONS, ChainCoordinator, CoordinatorConfig
@@ -29,6 +28,7 @@ from chainfed.proto.messages import ChainPhase, TrainingParams
 from chainfed.proto.seeded_init import linear_in_features
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto.tensor_names import layers_of
+from chainfed.proto.units import format_bytes
 
 log = logging.getLogger("chainfed.coordinator")
 

@@ -15,8 +15,8 @@ import pytest
 from chainfed.agent.budget import BudgetError, estimate_stage_bytes, plan_for_budget
 from chainfed.agent.chain import ChainConfig
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.memory_meter import parse_bytes
 from chainfed.agent.model_config import ModelConfig
+from chainfed.proto.units import parse_bytes
 
 SEQ = 64
 MINILM = ModelConfig.from_hf(

@@ -30,10 +30,10 @@ from chainfed.agent.export import (
     model_digest,
 )
 from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.memory_meter import format_bytes
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.quick_check import AdaptedModel, classify_logits, last_hidden_state, lm_logits
 from chainfed.proto.adapter_file import AdapterFile, AdapterFileError, save_adapter_file
+from chainfed.proto.units import format_bytes
 
 LABELS = ["negative", "neutral", "positive"]
 README_TEXTS = ["I love this airline", "my flight got cancelled again"]  # as in the README
