@@ -5,16 +5,21 @@ generic such as ``agent`` or ``proto`` lands at the top level of site-packages.
 ``chainfed`` itself is an implicit namespace package.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 FOLDERS = ("agent", "kernels", "coordinator", "proto")
+PACKAGES = [
+    f"chainfed.{folder}{'.' + sub if sub else ''}"
+    for folder in FOLDERS
+    for sub in ("", *find_packages(folder))
+]
 
 setup(
     name="chainfed",
     version="0.1.0",
     description="Federated layer-by-layer (chain) LoRA fine-tuning for memory-limited edge devices",
     python_requires=">=3.10",
-    packages=[f"chainfed.{name}" for name in FOLDERS],
+    packages=PACKAGES,
     package_dir={f"chainfed.{name}": name for name in FOLDERS},
     package_data={"chainfed.proto": ["*.proto", "*.pyi"]},
     install_requires=[

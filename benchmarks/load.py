@@ -2,7 +2,7 @@
 
 What runs. A real ``chainfed coordinator`` process (the CLI, plaintext gRPC on
 localhost) serves the packaged MiniLM model (``--model``) with a fixed start layer, so
-no FOAT probe, and N agents from ``chainfed.coordinator.synthetic_agent`` in
+no FOAT probe, and N agents from ``chainfed.coordinator.testing.synthetic_agent`` in
 ``--processes`` worker processes (threads inside; one channel and TCP connection per
 agent). Agents do what ``chainfed agent`` does on the wire — Register, long-poll
 GetTask, FetchTensors, a streamed SubmitUpdate — but upload seeded noise of the real
@@ -61,8 +61,9 @@ import numpy as np
 
 from chainfed.agent.assets import resolve_model
 from chainfed.agent.fingerprint import digest_files
+from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
 from chainfed.agent.model import StreamingModel
-from chainfed.coordinator.synthetic_agent import AdapterLayout, SwarmReport
+from chainfed.coordinator.testing.synthetic_agent import AdapterLayout, SwarmReport
 from chainfed.proto.auth_token import write_token_file
 
 REQUEST_METHODS = ("Register", "FetchTensors", "SubmitUpdate")
@@ -130,11 +131,30 @@ def check_updates(history: list[dict], submissions: list[dict]) -> dict[str, int
     }
 
 
+def adapter_layout(model_dir: Path, *, rank: int = 8, num_labels: int = 2) -> AdapterLayout:
+    """The tensors ``chainfed agent`` uploads for ``model_dir`` (LoRA on every linear, a
+    classification head): one block is loaded and wrapped to read them; every block of a
+    model has the same shapes."""
+    model = StreamingModel(model_dir)
+    block = model.load_block(0)
+    add_lora(block, 0, LoRAConfig(rank=rank))
+    layer = tuple(
+        (name.removeprefix("layers.0."), tuple(t.shape))
+        for name, t in sorted(adapter_state(block, 0).items())
+    )
+    hidden = model.config.hidden_size
+    head = (
+        ("objective.head.bias", (num_labels,)),
+        ("objective.head.weight", (num_labels, hidden)),
+    )
+    return AdapterLayout(layer, head)
+
+
 def run(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model, progress=False)
     model = StreamingModel(model_dir)
     fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
-    layout = AdapterLayout.from_model(model_dir, rank=args.rank)
+    layout = adapter_layout(model_dir, rank=args.rank)
     start_layer, per_layer = chain_plan(model.num_layers, args.rounds)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="chainfed-load-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         report = root / f"swarm-{w}.json"
         argv = [
-            *(sys.executable, "-m", "chainfed.coordinator.synthetic_agent"),
+            *(sys.executable, "-m", "chainfed.coordinator.testing.synthetic_agent"),
             *("--coordinator", f"127.0.0.1:{port}", "--token-file", str(token_file)),
             *("--fingerprint", fingerprint, "--layout", str(root / "layout.json")),
             *("--agent-ids", ",".join(share), "--poll-ms", str(args.poll_ms)),

@@ -1,9 +1,13 @@
 """Shared fixtures: the real packaged assets (DESIGN.md §6), tiny random checkpoints, the
-fuzz tests' settings profile and byte mutations, and the slow-test switch."""
+benchmark scripts (files, not package modules: loaded by path), the fuzz tests' settings
+profile and byte mutations, and the slow-test switch."""
 
+import importlib.util
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -166,3 +170,27 @@ def byte_mutations() -> Callable[..., st.SearchStrategy[bytes]]:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(tmp_path_factory)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmark_script() -> Iterator[Callable[[str], ModuleType]]:
+    """``load(name)``: the module of ``benchmarks/<name>.py``. It stays in ``sys.modules``
+    while the test module runs (dataclasses resolve their module by name), then leaves."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(
+            f"chainfed_benchmarks_{name}", BENCHMARKS / f"{name}.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -2,7 +2,7 @@
 
 Every test runs the coordinator CLI as its own process on localhost with the packaged
 MiniLM model (start layer 3, window 2, two rounds per layer: 6 training rounds and the
-evaluation round) and synthetic agents (``chainfed.coordinator.synthetic_agent``, real
+evaluation round) and synthetic agents (``chainfed.coordinator.testing.synthetic_agent``, real
 gRPC clients uploading seeded noise of MiniLM's adapter shapes) in one more process,
 which outlives every coordinator restart: agents back off while it is down and carry on.
 
@@ -54,7 +54,6 @@ from safetensors import safe_open
 from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.fault_injection import ENV as FAULT_ENV
-from chainfed.coordinator.synthetic_agent import AdapterLayout
 
 SLOW = os.environ.get("CHAINFED_SLOW_TESTS") == "1"
 SEEDS = range(12) if SLOW else range(4)
@@ -136,7 +135,7 @@ class Cluster:
     def start_swarm(self, ids: list[str], name: str = "swarm", *extra: str) -> subprocess.Popen:
         report = self.root / f"{name}.json"
         argv = [
-            *(sys.executable, "-m", "chainfed.coordinator.synthetic_agent"),
+            *(sys.executable, "-m", "chainfed.coordinator.testing.synthetic_agent"),
             *("--coordinator", self.address, "--token", TOKEN),
             *("--fingerprint", self.fingerprint, "--layout", str(self.layout_file)),
             *("--agent-ids", ",".join(ids), "--poll-ms", "1000"),
@@ -177,11 +176,12 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def model_assets(minilm_path, tmp_path_factory):
+def model_assets(minilm_path, tmp_path_factory, benchmark_script):
     model = StreamingModel(minilm_path)
     fingerprint = digest_files([minilm_path / "config.json", *model.checkpoint.files])
     layout_file = tmp_path_factory.mktemp("layout") / "layout.json"
-    layout_file.write_text(json.dumps(AdapterLayout.from_model(minilm_path).to_dict()))
+    layout = benchmark_script("load").adapter_layout(minilm_path)
+    layout_file.write_text(json.dumps(layout.to_dict()))
     return minilm_path, layout_file, fingerprint
 
 

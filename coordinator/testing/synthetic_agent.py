@@ -15,7 +15,7 @@ recorded with its ``update_digest`` and whether the coordinator accepted it
 digests in the coordinator's round history. Update values depend on (agent, round)
 only, so a retried upload is bit-identical to the first attempt.
 
-``python -m chainfed.coordinator.synthetic_agent --help`` runs a swarm in its own process
+``python -m chainfed.coordinator.testing.synthetic_agent --help`` runs a swarm in its own process
 and writes a JSON report (``benchmarks/load.py`` and the fault-injection tests use it).
 """
 
@@ -37,8 +37,6 @@ from pathlib import Path
 import grpc
 import torch
 
-from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
-from chainfed.agent.model import StreamingModel
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
@@ -83,26 +81,6 @@ class AdapterLayout:
     """(name relative to ``layers.{i}.``, shape) of one block's adapter tensors."""
     head_tensors: tuple[tuple[str, tuple[int, ...]], ...]
     """(full name, shape) of the trainable task head (``objective.*``)."""
-
-    @classmethod
-    def from_model(
-        cls, model_dir: Path, *, rank: int = 8, targets: str = "all", num_labels: int = 2
-    ) -> AdapterLayout:
-        """The layout ``chainfed agent`` uploads for ``model_dir`` (one block is loaded to
-        read its linear layers; every block of a model has the same shapes)."""
-        model = StreamingModel(model_dir)
-        block = model.load_block(0)
-        add_lora(block, 0, LoRAConfig(rank=rank, targets=targets))
-        layer = tuple(
-            (name.removeprefix("layers.0."), tuple(t.shape))
-            for name, t in sorted(adapter_state(block, 0).items())
-        )
-        hidden = model.config.hidden_size
-        head = (
-            ("objective.head.bias", (num_labels,)),
-            ("objective.head.weight", (num_labels, hidden)),
-        )
-        return cls(layer, head)
 
     def to_dict(self) -> dict:
         return {"layer_tensors": self.layer_tensors, "head_tensors": self.head_tensors}
@@ -524,7 +502,7 @@ def run_swarm(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m chainfed.coordinator.synthetic_agent",
+        prog="python -m chainfed.coordinator.testing.synthetic_agent",
         description="Run synthetic agents (threads of one process) against a coordinator "
         "until its chain is done, then write what they did as JSON.",
     )
