@@ -24,7 +24,6 @@ from chainfed.agent.data import (
 )
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federated_agent import AgentConfig, FederatedAgent, LocalData
-from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.memory_meter import process_baseline, release_large_frees_to_os
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.train_command import (
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         give_up_after_s=args.give_up_after,
     )
-    fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    fingerprint = model.fingerprint
     agent = FederatedAgent(config, model, local, fingerprint, progress=not args.quiet)
     path = agent.run()
     report = {"agent_id": agent.agent_id, "rounds": [asdict(t) for t in agent.traffic]}

@@ -24,7 +24,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from chainfed.agent.fingerprint import digest_files, digest_json, digest_tensors
+from chainfed.agent.fingerprint import digest_json, digest_tensors
 from chainfed.agent.foat import probe_cka
 from chainfed.agent.gpo import ExactForesight, ProxyBranch
 from chainfed.agent.heads import Batch, ClassifyObjective, LMObjective
@@ -268,13 +267,9 @@ class ChainTrainer:
         self.start_layer = layer
         self.foresight = self._make_foresight(layer)
 
-    @cached_property
-    def _model_digest(self) -> str:
-        return digest_files([self.model.model_dir / "config.json", *self.model.checkpoint.files])
-
     def _fingerprint(self, split: EncodedSplit) -> str:
         return digest_json(
-            [self._model_digest, split.digest(), str(self.model.dtype), self.config.seed]
+            [self.model.fingerprint, split.digest(), str(self.model.dtype), self.config.seed]
         )
 
     def _open_cache(self, name: str, split: EncodedSplit) -> PrefixCache:

@@ -88,8 +88,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "is persisted atomically after every change; started on an existing --state-dir it "
         "resumes exactly there. Agents authenticate with --token or --tokens-file; TLS with "
         "--tls-cert/--tls-key. The coordinator never dials agents.",
-        add_arguments=_lazy("chainfed.coordinator.command", "add_arguments"),
-        run=_lazy("chainfed.coordinator.command", "run"),
+        add_arguments=_lazy("chainfed.agent.coordinator_command", "add_arguments"),
+        run=_lazy("chainfed.agent.coordinator_command", "run"),
+    ),
+    "model-spec": Subcommand(
+        summary="write a model's spec (layers, family, fingerprint) for a coordinator-only box",
+        description="Open a model folder (config, tensor headers; the weights are hashed for "
+        "the fingerprint) and write the ModelSpec JSON that python -m chainfed.coordinator "
+        "--model-spec FILE serves from, on a machine without the model or the training stack.",
+        add_arguments=_lazy("chainfed.agent.model_spec_command", "add_arguments"),
+        run=_lazy("chainfed.agent.model_spec_command", "run"),
     ),
     "agent": Subcommand(
         summary="join a coordinator and train this device's part of the chain",

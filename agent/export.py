@@ -54,7 +54,6 @@ from tqdm import tqdm
 
 from chainfed.agent import bert, llama
 from chainfed.agent.errors import ChainFedError, ModelLoadError
-from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lora import ATTENTION_TARGETS, LoRAConfig
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.staged_folder import staged_folder
@@ -164,11 +163,6 @@ class TrainedResult:
             )
 
 
-def model_digest(model: StreamingModel) -> str:
-    """The fingerprint an adapter file records for its base model (config + weights)."""
-    return digest_files([model.model_dir / "config.json", *model.checkpoint.files])
-
-
 def load_result(
     model: StreamingModel, path: Path | str, *, check_model: bool = True
 ) -> TrainedResult:
@@ -186,7 +180,7 @@ def load_result(
         raise AdapterFileError(f"{path}: unknown task {task!r} in its metadata")
     if task == "lm" and cfg.family != "llama":
         raise AdapterFileError(f"{path}: an lm result needs a decoder; {model.model_dir} is not")
-    if check_model and info.get("model_digest") != model_digest(model):
+    if check_model and info.get("model_digest") != model.fingerprint:
         raise AdapterFileError(
             f"{path}: trained on a different model than {model.model_dir} (model digest "
             f"{info.get('model_digest')!r} differs); pass the training model folder"

@@ -12,6 +12,7 @@ assignment, so building a block allocates its weights once, never twice.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 
@@ -23,8 +24,11 @@ from chainfed.agent import bert, llama
 from chainfed.agent.attention import AttentionContext
 from chainfed.agent.checkpoint import Checkpoint, TensorSpec
 from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lm_head import StreamedLMHead
 from chainfed.agent.model_config import ModelConfig
+from chainfed.proto.model_spec import ModelSpec
+from chainfed.proto.seeded_init import linear_in_features
 
 _FAMILIES: dict[str, ModuleType] = {"bert": bert, "llama": llama}
 
@@ -64,6 +68,22 @@ class StreamingModel:
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Digest of ``config.json`` and every weight file (names and bytes): what agents
+        and coordinator compare, and what prefix caches and adapter files are keyed by."""
+        return digest_files([self.model_dir / "config.json", *self.checkpoint.files])
+
+    def spec(self) -> ModelSpec:
+        """What the coordinator needs to know of this model (reads no weights beyond the
+        fingerprint's hashing)."""
+        return ModelSpec(
+            num_layers=self.num_layers,
+            family=self.config.family,
+            fingerprint=self.fingerprint,
+            lora_in_features=linear_in_features(self.block_tensor_spec(0)),
+        )
 
     def tokenizer(self) -> Tokenizer:
         """The folder's ``tokenizer.json``, with any padding/truncation it declares switched off.

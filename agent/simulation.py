@@ -55,7 +55,6 @@ from chainfed.agent.federated_agent import (
     LocalData,
     payload_bytes,
 )
-from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import process_baseline
@@ -312,8 +311,6 @@ def coordinator_argv(config: SimulationConfig, num_layers: int) -> list[str]:
     """The ``chainfed coordinator`` options of this federation (without transport)."""
     start, window = fedlora_layout(config.mode, num_layers)
     argv = [
-        "--model",
-        config.model,
         "--task",
         config.task,
         "--min-agents",
@@ -395,7 +392,7 @@ class _Corpus:
 def _load_corpus(config: SimulationConfig) -> _Corpus:
     model_dir = resolve_model(config.model, progress=False)
     model = StreamingModel(model_dir)
-    fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    fingerprint = model.fingerprint
     data = load_dataset(
         data_config_from_args(_data_args(config, config.val_rows + config.test_rows))
     )
@@ -485,7 +482,7 @@ def _run_in_process(
         ["--state-dir", "-", "--token", "-", *coordinator_argv(config, model.num_layers)],
     )
     try:
-        coord_config = coordinator_config(args, model, corpus.fingerprint)
+        coord_config = coordinator_config(args, model.spec())
     except ValueError as exc:
         raise SimulationError(f"invalid federation: {exc}") from exc
     if config.coordinator_options:
@@ -656,6 +653,8 @@ def _run_processes(
         str(token_file),
         "--exit-after-done",
         "2",
+        "--model",
+        config.model,
         *coordinator_argv(config, corpus.model.num_layers),
         *options,
     ]

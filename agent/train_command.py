@@ -37,7 +37,6 @@ from chainfed.agent.data import (
     tokenizer_pad_id,
 )
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.heads import ClassifyObjective, LMObjective
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.memory_meter import process_baseline, release_large_frees_to_os
@@ -250,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     token_ids = (
         label_token_ids(model, data.train, data.labels, data_config) if args.task == "lm" else None
     )
-    model_digest = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    model_digest = model.fingerprint
     if args.eval_only:
         return _eval_only(args, model, val, data.labels, token_ids, model_digest)
 

@@ -60,7 +60,6 @@ from pathlib import Path
 import numpy as np
 
 from chainfed.agent.assets import resolve_model
-from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.testing.synthetic_agent import AdapterLayout, SwarmReport
@@ -153,7 +152,7 @@ def adapter_layout(model_dir: Path, *, rank: int = 8, num_labels: int = 2) -> Ad
 def run(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model, progress=False)
     model = StreamingModel(model_dir)
-    fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
+    fingerprint = model.fingerprint
     layout = adapter_layout(model_dir, rank=args.rank)
     start_layer, per_layer = chain_plan(model.num_layers, args.rounds)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="chainfed-load-"))

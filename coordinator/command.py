@@ -1,4 +1,10 @@
-"""``chainfed coordinator`` and ``chainfed status``: run the federation, look at it."""
+"""The coordinator service's command line: its options, ``serve`` and ``chainfed status``.
+
+``serve(args, spec)`` runs the service from a ``ModelSpec``; it is what both entry
+points call: ``python -m chainfed.coordinator --model-spec FILE`` on a box without the
+training stack, and the agent-side ``chainfed coordinator --model M``, which builds the
+spec from the model folder first.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,10 @@ from pathlib import Path
 
 import grpc
 
-from chainfed.agent.assets import resolve_model
-from chainfed.agent.fingerprint import digest_files
-from chainfed.agent.model import StreamingModel
 from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import AGGREGATIONS, ChainCoordinator, CoordinatorConfig
 from chainfed.coordinator.dp import DP_MODES
-from chainfed.coordinator.service import ServiceConfig, start_server
+from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
@@ -25,7 +28,7 @@ from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import ChainPhase, TrainingParams
-from chainfed.proto.seeded_init import linear_in_features
+from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto.tensor_names import layers_of
 from chainfed.proto.units import format_bytes
@@ -34,9 +37,15 @@ log = logging.getLogger("chainfed.coordinator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``chainfed coordinator``."""
-    parser.add_argument("--model", default="minilm", help="model folder or alias (minilm, smollm2)")
+    """The coordinator's options (the model itself comes as a ``ModelSpec``)."""
     parser.add_argument("--task", choices=("classify", "lm"), default="classify")
+    _add_service_arguments(parser)
+    _add_chain_arguments(parser.add_argument_group("chain"))
+    _add_privacy_arguments(parser.add_argument_group("differential privacy (DP-FedAvg)"))
+    _add_training_arguments(parser.add_argument_group("training (sent to agents)"))
+
+
+def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--state-dir", type=Path, required=True, help="persisted chain state")
@@ -51,7 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
-    c = parser.add_argument_group("chain")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument(
+        "--exit-after-done",
+        type=float,
+        help="stop this many seconds after the chain is done (default: serve until Ctrl-C)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log every round")
+
+
+def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     c.add_argument("--start-layer", default="auto", help="auto (FOAT probe) or a layer index")
     c.add_argument(
         "--first-stage-layer",
@@ -96,7 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="scale each update's change from the round's start down to this L2 norm",
     )
-    p = parser.add_argument_group("differential privacy (client-level DP-FedAvg)")
+
+
+def _add_privacy_arguments(p: argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--dp-noise-multiplier",
         type=float,
@@ -115,7 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="stop the chain (trained adapters kept) before a round would exceed this epsilon",
     )
-    t = parser.add_argument_group("training (sent to agents)")
+
+
+def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--micro-batch", type=int, default=16)
     t.add_argument("--grad-accum", type=int, default=1)
@@ -124,13 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--targets", choices=("attention", "all"), default="all")
     t.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    parser.add_argument(
-        "--exit-after-done",
-        type=float,
-        help="stop this many seconds after the chain is done (default: serve until Ctrl-C)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="log every round")
 
 
 def _tokens(args: argparse.Namespace) -> dict[str, str]:
@@ -155,12 +170,11 @@ def _tokens(args: argparse.Namespace) -> dict[str, str]:
     return tokens
 
 
-def coordinator_config(
-    args: argparse.Namespace, model: StreamingModel, fingerprint: str
-) -> CoordinatorConfig:
-    """The ``CoordinatorConfig`` these options ask for (also used by in-process simulation,
-    so both build the same federation from the same flags)."""
-    family_lambda = DEFAULT_GPO_LAMBDA[model.config.family]
+def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> CoordinatorConfig:
+    """The ``CoordinatorConfig`` these options ask for, for the model ``spec`` describes
+    (also used by in-process simulation, so both build the same federation from the same
+    flags)."""
+    family_lambda = DEFAULT_GPO_LAMBDA[spec.family]
     params = TrainingParams(
         lr=args.lr,
         micro_batch=args.micro_batch,
@@ -176,8 +190,8 @@ def coordinator_config(
         seed=args.seed,
     )
     return CoordinatorConfig(
-        num_layers=model.num_layers,
-        model_fingerprint=fingerprint,
+        num_layers=spec.num_layers,
+        model_fingerprint=spec.fingerprint,
         task=args.task,
         params=params,
         start_layer=None if args.start_layer == "auto" else int(args.start_layer),
@@ -201,22 +215,20 @@ def coordinator_config(
         dp_epsilon_budget=args.dp_epsilon_budget,
         seed=args.seed,
         first_stage_layer=args.first_stage_layer,
-        lora_in_features=linear_in_features(model.block_tensor_spec(0)),
+        lora_in_features=dict(spec.lora_in_features),
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve the federation until done (or interrupted)."""
+def serve(args: argparse.Namespace, spec: ModelSpec) -> int:
+    """Serve the federation of the model ``spec`` describes until the chain is done (and
+    ``--exit-after-done`` has passed), SIGTERM or Ctrl-C; returns the exit status."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     tokens = _tokens(args)
-    model_dir = resolve_model(args.model, progress=False)
-    model = StreamingModel(model_dir)
-    fingerprint = digest_files([model_dir / "config.json", *model.checkpoint.files])
     try:
-        config = coordinator_config(args, model, fingerprint)
+        config = coordinator_config(args, spec)
     except ValueError as exc:
         raise ChainFedError(f"invalid option: {exc}") from exc
     coordinator = state_store.load(args.state_dir, config)
@@ -238,6 +250,19 @@ def run(args: argparse.Namespace) -> int:
         f"state in {args.state_dir}",
         flush=True,
     )
+    _wait_until_done(coordinator, servicer, args)
+    servicer.stop()
+    server.stop(grace=2).wait()
+    if servicer.fatal is not None:
+        raise servicer.fatal  # exit 2 naming the problem; the state on disk is the last good one
+    return 0
+
+
+def _wait_until_done(
+    coordinator: ChainCoordinator, servicer: ChainFedServicer, args: argparse.Namespace
+) -> None:
+    """Block until a fatal error, SIGTERM, Ctrl-C, or ``--exit-after-done`` seconds after
+    the chain is done."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     done_since = None
@@ -258,11 +283,6 @@ def run(args: argparse.Namespace) -> int:
                 break
     except KeyboardInterrupt:
         pass
-    servicer.stop()
-    server.stop(grace=2).wait()
-    if servicer.fatal is not None:
-        raise servicer.fatal  # exit 2 naming the problem; the state on disk is the last good one
-    return 0
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:

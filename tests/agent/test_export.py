@@ -27,7 +27,6 @@ from chainfed.agent.export import (
     ExportError,
     export_merged,
     export_peft,
-    model_digest,
 )
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
@@ -76,7 +75,7 @@ def make_result(
         "label_token_ids": None,
         "lora": LoRAConfig(rank=rank, alpha=alpha, targets="all").to_dict(),
         "mode": "chain",
-        "model_digest": model_digest(model),
+        "model_digest": model.fingerprint,
         "pooling": ("mean" if model.config.family == "bert" else "last")
         if task == "classify"
         else None,

@@ -13,7 +13,7 @@ import torch
 
 from chainfed.agent.cli import main
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.export import export_peft, model_digest
+from chainfed.agent.export import export_peft
 from chainfed.agent.lora import LoRAConfig
 from chainfed.agent.model import StreamingModel
 from chainfed.agent.quick_check import (
@@ -50,7 +50,7 @@ def random_result(model_dir: Path, path: Path, *, task: str, layers: list[int], 
         "task": task,
         "labels": LABELS if task == "classify" else [],
         "lora": LoRAConfig(rank=4, alpha=8.0).to_dict(),
-        "model_digest": model_digest(model),
+        "model_digest": model.fingerprint,
         **info,
     }
     return save_adapter_file(path, AdapterFile(tensors, meta))

@@ -286,7 +286,7 @@ def test_gpo_lambda_reaches_the_round_params(minilm_path, gpo_lambda, expected):
     config = SimulationConfig(gpo_lambda=gpo_lambda)
     args = parser.parse_args(["--state-dir", "-", "--token", "-", *coordinator_argv(config, 6)])
 
-    params = coordinator_config(args, StreamingModel(minilm_path), "fp").params
+    params = coordinator_config(args, StreamingModel(minilm_path).spec()).params
 
     assert params.gpo_lambda == expected
 

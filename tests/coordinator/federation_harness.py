@@ -35,6 +35,8 @@ from safetensors import safe_open
 from chainfed.proto.auth_token import write_token_file
 
 CLI = [sys.executable, "-m", "chainfed.agent.cli"]
+SERVICE = [sys.executable, "-m", "chainfed.coordinator"]
+"""The coordinator alone, from a model spec file (no model, no training stack)."""
 ENV = {
     **os.environ,
     "OMP_NUM_THREADS": "1",
@@ -123,28 +125,44 @@ class Federation:
 
     # -- processes ------------------------------------------------------------------
 
-    def spawn(self, name: str, *args: str) -> Process:
-        """``chainfed ARGS`` in ``root``; output appended to ``logs/NAME.log``."""
+    def spawn(
+        self, name: str, *args: str, command: list[str] = CLI, env: dict[str, str] | None = None
+    ) -> Process:
+        """``command ARGS`` (default: ``chainfed ARGS``) in ``root``, ``env`` added to the
+        environment; output appended to ``logs/NAME.log``."""
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        argv = [*CLI, *map(str, args)]
+        argv = [*command, *map(str, args)]
         with open(log, "ab") as out:
-            out.write(f"$ chainfed {' '.join(map(str, args))}\n".encode())
+            out.write(f"$ {' '.join(argv[2:])}\n".encode())
             out.flush()
             popen = subprocess.Popen(
-                argv, cwd=self.root, env=ENV, stdout=out, stderr=subprocess.STDOUT
+                argv,
+                cwd=self.root,
+                env={**ENV, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         process = Process(name, argv, log, popen)
         self.processes.append(process)
         return process
 
     def coordinator(
-        self, *flags: str, exit_after_done: float = 1.0, name: str = "coordinator"
+        self,
+        *flags: str,
+        exit_after_done: float = 1.0,
+        name: str = "coordinator",
+        spec: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Process:
-        """``chainfed coordinator`` on ``port`` with ``state_dir``, plus ``flags``."""
+        """``chainfed coordinator`` on ``port`` with ``state_dir``, plus ``flags``; with
+        ``spec``, ``python -m chainfed.coordinator --model-spec SPEC`` instead."""
+        command, head = (
+            (CLI, ["coordinator"]) if spec is None else (SERVICE, ["--model-spec", spec])
+        )
         return self.spawn(
             name,
-            "coordinator",
+            *head,
             "--state-dir",
             self.state_dir,
             "--host",
@@ -157,6 +175,8 @@ class Federation:
             exit_after_done,
             "--verbose",
             *flags,
+            command=command,
+            env=env,
         )
 
     def agent(self, agent_id: str, *flags: str) -> Process:

@@ -40,7 +40,7 @@ def test_ffa_tells_the_agents_to_keep_a_frozen(tmp_path: Path, aggregation: str,
     add_arguments(parser)
     args = parser.parse_args(["--state-dir", "-", "--token", "-", "--aggregation", aggregation])
 
-    config = coordinator_config(args, model, "f" * 64)
+    config = coordinator_config(args, model.spec())
 
     assert config.aggregation == aggregation
     assert config.params.lora_train_a is train_a

@@ -51,7 +51,6 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from chainfed.agent.fingerprint import digest_files
 from chainfed.agent.model import StreamingModel
 from chainfed.coordinator.fault_injection import ENV as FAULT_ENV
 
@@ -178,7 +177,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def model_assets(minilm_path, tmp_path_factory, benchmark_script):
     model = StreamingModel(minilm_path)
-    fingerprint = digest_files([minilm_path / "config.json", *model.checkpoint.files])
+    fingerprint = model.fingerprint
     layout_file = tmp_path_factory.mktemp("layout") / "layout.json"
     layout = benchmark_script("load").adapter_layout(minilm_path)
     layout_file.write_text(json.dumps(layout.to_dict()))

@@ -25,7 +25,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ import torch
 
 from chainfed.agent.agent_command import shard_of
 from chainfed.agent.chain import EncodedSplit, evaluate_streaming
-from chainfed.agent.cli import build_parser
+from chainfed.agent.cli import build_parser, main
 from chainfed.agent.data import load_dataset
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.fingerprint import digest_tensors
@@ -481,7 +483,6 @@ def test_agent_whose_round_closed_before_it_fetched_moves_on(
     """A real coordinator process; the agent in-process (real gRPC) so the test can hold
     its first fetch until that round has closed at its deadline and been re-run."""
     from chainfed.agent.federated_agent import AgentConfig, FederatedAgent, LocalData
-    from chainfed.agent.fingerprint import digest_files
 
     full, parts = shards
     with federation(tmp_path) as fed:
@@ -503,7 +504,7 @@ def test_agent_whose_round_closed_before_it_fetched_moves_on(
             agent_id="late",
             give_up_after_s=60,
         )
-        fingerprint = digest_files([minilm.model_dir / "config.json", *minilm.checkpoint.files])
+        fingerprint = minilm.fingerprint
         agent = FederatedAgent(config, minilm, local, fingerprint)
         fetch, held = agent._fetch, []
 
@@ -581,6 +582,78 @@ def test_window_auto_fits_the_agent_with_the_longest_sequences(
     assert windows == [
         list(range(max(2, layer - expected + 1), layer + 1)) for layer in (2, 3, 4, 5)
     ]
+
+
+# -- the coordinator alone, from a model spec file ---------------------------------
+
+AGENT_STACK = ("chainfed.agent", "tokenizers", "tqdm", "triton", "gguf", "matplotlib", "psutil")
+"""What a coordinator-only box does not need: the agent and its libraries."""
+
+BLOCKER = f'''
+import sys
+
+BLOCKED = {AGENT_STACK!r}
+
+
+class _Blocked:
+    """Refuses to import the agent stack: this process is a coordinator-only box."""
+
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"{{name}} is not installed on a coordinator-only box")
+        return None
+
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def test_coordinator_from_a_spec_file_runs_a_federation_of_three_agents(tmp_path: Path):
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    spec = tmp_path / "minilm.spec.json"
+    assert main(["model-spec", "--model", "minilm", str(spec)]) == 0
+    data = ("--train-rows", "60", "--val-rows", "30", "--max-len", "24")
+    python_path = os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])
+    with federation(tmp_path / "fed") as fed:
+        coordinator = fed.coordinator(
+            "--start-layer", "4", "--window", "2", "--local-steps", "2",
+            "--min-rounds-per-layer", "1", "--max-rounds-per-layer", "1", "--min-agents", "3",
+            spec=spec, env={"PYTHONPATH": python_path},
+        )  # fmt: skip
+        agents = [fed.agent(f"a{k}", *data, "--shard", f"{k}/3") for k in range(3)]
+        codes = fed.wait_exit(agents, timeout=240)
+        coordinator_code = coordinator.wait(60)
+        state = fed.state()
+
+    assert codes == {"a0": 0, "a1": 0, "a2": 0} and coordinator_code == 0
+    assert state["phase"] == "done"
+    assert [r["window_layers"] for r in state["history"]] == [[4], [4, 5], [4, 5]]
+    log = (fed.root / "logs" / "coordinator.log").read_text()
+    assert "is not installed on a coordinator-only box" not in log
+    assert json.loads(spec.read_text())["fingerprint"] == state["config"]["model_fingerprint"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read the model spec"), ("{", "not a JSON model spec")],
+)
+def test_a_bad_spec_file_exits_2_naming_it(tmp_path: Path, content, message):
+    spec = tmp_path / "spec.json"
+    if content is not None:
+        spec.write_text(content)
+    argv = [sys.executable, "-m", "chainfed.coordinator", "--model-spec", str(spec)]
+    argv += ["--state-dir", str(tmp_path / "state"), "--token", "t"]
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"chainfed coordinator: error: {spec}: {done.stderr.split(f'{spec}: ', 1)[1].strip()}"
+    ]
+    assert message in done.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def _split(*rows: str):
