@@ -30,7 +30,7 @@ def _add_convert_gguf(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert_gguf(args: argparse.Namespace) -> int:
-    from chainfed.agent.gguf_import import convert_gguf
+    from chainfed.agent.convert.gguf_import import convert_gguf
 
     out = convert_gguf(args.gguf, args.out_dir, progress=not args.quiet)
     print(f"wrote {out}")
@@ -78,8 +78,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "foresight of the layers above. --mode e2e|topk|head runs the baselines through the "
         "same code. Writes the adapter file, a JSON report and a per-stage table. With no "
         "options it fine-tunes the packaged all-MiniLM-L6-v2 on the packaged tweet corpus.",
-        add_arguments=_lazy("chainfed.agent.train_command", "add_arguments"),
-        run=_lazy("chainfed.agent.train_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.train_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.train_command", "run"),
     ),
     "coordinator": Subcommand(
         summary="run the federation's coordinator (gRPC service)",
@@ -88,16 +88,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "is persisted atomically after every change; started on an existing --state-dir it "
         "resumes exactly there. Agents authenticate with --token or --tokens-file; TLS with "
         "--tls-cert/--tls-key. The coordinator never dials agents.",
-        add_arguments=_lazy("chainfed.agent.coordinator_command", "add_arguments"),
-        run=_lazy("chainfed.agent.coordinator_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.coordinator_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.coordinator_command", "run"),
     ),
     "model-spec": Subcommand(
         summary="write a model's spec (layers, family, fingerprint) for a coordinator-only box",
         description="Open a model folder (config, tensor headers; the weights are hashed for "
         "the fingerprint) and write the ModelSpec JSON that python -m chainfed.coordinator "
         "--model-spec FILE serves from, on a machine without the model or the training stack.",
-        add_arguments=_lazy("chainfed.agent.model_spec_command", "add_arguments"),
-        run=_lazy("chainfed.agent.model_spec_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.model_spec_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.model_spec_command", "run"),
     ),
     "agent": Subcommand(
         summary="join a coordinator and train this device's part of the chain",
@@ -105,8 +105,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "window on local data that never leaves the device, upload adapters. Reconnects with "
         "backoff when the coordinator is away; restarted with the same --workdir it reuses "
         "its prefix cache. Exits 0 when the chain is done, with the final adapters in WORKDIR.",
-        add_arguments=_lazy("chainfed.agent.agent_command", "add_arguments"),
-        run=_lazy("chainfed.agent.agent_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.agent_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.agent_command", "run"),
     ),
     "demo": Subcommand(
         summary="the main job: a 4-agent federated chain on this machine, with a report",
@@ -117,8 +117,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "folder (--out) holding report.json, report.md, accuracy.png, memory.png and the "
         "final adapters; also trains head mode (frozen backbone) on the same rows for "
         "comparison. No options needed; --model smollm2 runs the decoder variant.",
-        add_arguments=_lazy("chainfed.agent.demo_command", "add_arguments"),
-        run=_lazy("chainfed.agent.demo_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.demo_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.demo_command", "run"),
     ),
     "simulate": Subcommand(
         summary="simulate a federation on this machine: agents, split, mode, rounds",
@@ -128,8 +128,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "FedLoRA rounds through the same coordinator. Writes report.json, report.md and "
         "accuracy.png (per round: federated validation loss/accuracy, bytes sent and "
         "received and peak memory per agent; final validation and held-out test accuracy).",
-        add_arguments=_lazy("chainfed.agent.simulate_command", "add_arguments"),
-        run=_lazy("chainfed.agent.simulate_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.simulate_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.simulate_command", "run"),
     ),
     "status": Subcommand(
         summary="show a coordinator's chain position, agents and round history",
@@ -147,24 +147,24 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "merged into the weights, streamed in row slices. A classification head is "
         "written beside them as classifier.safetensors + classifier.json, and OUT_DIR/README.md "
         "shows the lines that load the result.",
-        add_arguments=_lazy("chainfed.agent.export_command", "add_arguments"),
-        run=_lazy("chainfed.agent.export_command", "run"),
+        add_arguments=_lazy("chainfed.agent.app.export_command", "add_arguments"),
+        run=_lazy("chainfed.agent.app.export_command", "run"),
     ),
     "generate": Subcommand(
         summary="continue a prompt with a decoder and (optionally) trained adapters",
         description="Quick check of an lm result: greedy decoding by default with our own "
         "blocks and the adapters on the LoRA path used in training; the prompt goes through "
         "the model's chat template when it has one (--no-chat-template: as is).",
-        add_arguments=_lazy("chainfed.agent.quick_check", "add_generate_arguments"),
-        run=_lazy("chainfed.agent.quick_check", "run_generate"),
+        add_arguments=_lazy("chainfed.agent.app.check_command", "add_generate_arguments"),
+        run=_lazy("chainfed.agent.app.check_command", "run_generate"),
     ),
     "classify": Subcommand(
         summary="label texts with a trained classification result",
         description="Quick check of a classify result: each text is tokenised and truncated "
         "as in training, run through the model with the adapters, pooled and passed through "
         "the trained head; prints the label and every class probability.",
-        add_arguments=_lazy("chainfed.agent.quick_check", "add_classify_arguments"),
-        run=_lazy("chainfed.agent.quick_check", "run_classify"),
+        add_arguments=_lazy("chainfed.agent.app.check_command", "add_classify_arguments"),
+        run=_lazy("chainfed.agent.app.check_command", "run_classify"),
     ),
 }
 

@@ -2,7 +2,7 @@
 
 What runs. For each split (default ``dirichlet:0.5`` — non-IID label skew — and ``iid``)
 a federation of ``--agents`` (8) agents on the packaged all-MiniLM-L6-v2 and tweets,
-simulated in one process (``chainfed.agent.simulation``, in process: the product's
+simulated in one process (``chainfed.agent.app.simulation``, in process: the product's
 ``ChainCoordinator`` and ``FederatedAgent`` round work, no gRPC):
 
 1. ``chain`` — the method: FOAT start layer, DLCT window ``--window``, GPO (``--gpo``,
@@ -52,8 +52,9 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.simulation import SimulationConfig, SimulationResult, run_simulation
-from chainfed.agent.simulation_report import pyplot, stage_boundaries, write_json
+from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.simulation import SimulationResult, run_simulation
+from chainfed.agent.app.simulation_report import pyplot, stage_boundaries, write_json
 from chainfed.coordinator.chain_state import AGGREGATIONS
 from chainfed.proto.units import format_bytes
 

@@ -2,7 +2,7 @@
 
 What runs. One federation per target ε — ``--agents`` agents on the packaged
 all-MiniLM-L6-v2 and tweets (iid shards), simulated in one process
-(``chainfed.agent.simulation``: the product's ``ChainCoordinator`` and
+(``chainfed.agent.app.simulation``: the product's ``ChainCoordinator`` and
 ``FederatedAgent`` round work) — with the same data, seed and schedule: the chain from
 ``--start-layer`` to the last layer, exactly ``--rounds-per-layer`` rounds per stage, so
 the number of rounds R is known before training. For a finite ε the noise multiplier z
@@ -42,9 +42,10 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.assets import resolve_model
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.simulation import SimulationConfig, run_simulation
+from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.simulation import run_simulation
+from chainfed.agent.convert.assets import resolve_model
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.dp import epsilon_for, noise_multiplier_for
 
 

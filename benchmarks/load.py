@@ -59,9 +59,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chainfed.agent.assets import resolve_model
-from chainfed.agent.lora import LoRAConfig, adapter_state, add_lora
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.convert.assets import resolve_model
+from chainfed.agent.runtime.lora import LoRAConfig, adapter_state, add_lora
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.testing.synthetic_agent import AdapterLayout, SwarmReport
 from chainfed.proto.auth_token import write_token_file
 

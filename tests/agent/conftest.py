@@ -9,8 +9,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from chainfed.agent.assets import smollm2_gguf
-from chainfed.agent.gguf_import import convert_gguf
+from chainfed.agent.convert.assets import smollm2_gguf
+from chainfed.agent.convert.gguf_import import convert_gguf
 
 
 @pytest.fixture(scope="session")

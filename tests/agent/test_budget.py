@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import pytest
 
-from chainfed.agent.budget import BudgetError, estimate_stage_bytes, plan_for_budget
-from chainfed.agent.chain import ChainConfig
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.model_config import ModelConfig
+from chainfed.agent.runtime.model_config import ModelConfig
+from chainfed.agent.training.budget import BudgetError, estimate_stage_bytes, plan_for_budget
+from chainfed.agent.training.chain import ChainConfig
 from chainfed.proto.units import parse_bytes
 
 SEQ = 64

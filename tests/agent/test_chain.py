@@ -16,11 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit, evaluate_streaming
-from chainfed.agent.heads import ClassifyObjective, LMObjective
-from chainfed.agent.lora import LoRAConfig, adapter_state
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.prefix_cache import PrefixCache
+from chainfed.agent.runtime.lora import LoRAConfig, adapter_state
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import (
+    ChainConfig,
+    ChainTrainer,
+    EncodedSplit,
+    evaluate_streaming,
+)
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.prefix_cache import PrefixCache
 
 D, VOCAB, LAYERS, CLASSES = 32, 100, 4, 3
 N_TRAIN, N_VAL, T = 24, 12, 8

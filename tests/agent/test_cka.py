@@ -1,9 +1,9 @@
-"""Tests of chainfed.agent.cka against the HSIC definition of linear CKA."""
+"""Tests of chainfed.agent.training.cka against the HSIC definition of linear CKA."""
 
 import pytest
 import torch
 
-from chainfed.agent.cka import linear_cka, masked_token_rows
+from chainfed.agent.training.cka import linear_cka, masked_token_rows
 
 
 @pytest.fixture

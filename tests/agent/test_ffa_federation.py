@@ -15,10 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chainfed.agent.assets import minilm_dir
-from chainfed.agent.lora import LoRAConfig, add_lora
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.simulation import SimulationConfig, run_simulation
+from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.simulation import run_simulation
+from chainfed.agent.convert.assets import minilm_dir
+from chainfed.agent.runtime.lora import LoRAConfig, add_lora
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.proto.adapter_file import load_adapter_file
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit
-from chainfed.agent.cka import linear_cka, masked_token_rows
-from chainfed.agent.foat import probe_cka
-from chainfed.agent.heads import ClassifyObjective
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.model import StreamingModel, hidden_states
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel, hidden_states
+from chainfed.agent.training.chain import ChainConfig, ChainTrainer, EncodedSplit
+from chainfed.agent.training.cka import linear_cka, masked_token_rows
+from chainfed.agent.training.foat import probe_cka
+from chainfed.agent.training.objectives import ClassifyObjective
 from chainfed.proto.chain_rules import choose_start_layer
 
 D, VOCAB, L, T = 32, 100, 4, 12

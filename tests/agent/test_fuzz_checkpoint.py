@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.agent.errors import ModelLoadError
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.runtime.model import StreamingModel
 
 FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 

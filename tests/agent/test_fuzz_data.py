@@ -15,8 +15,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from chainfed.agent.data import BAD_ROW_REASONS, DataConfig, load_dataset
 from chainfed.agent.errors import DataError
+from chainfed.agent.training.data import BAD_ROW_REASONS, DataConfig, load_dataset
 
 FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
+from chainfed.agent.convert.gguf_import import convert_gguf
 from chainfed.agent.errors import ModelLoadError
-from chainfed.agent.gguf_import import convert_gguf
 
 FUZZ = settings.get_profile("fuzz")  # tests/conftest.py
 

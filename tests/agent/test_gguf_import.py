@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from chainfed.agent import gguf_import
-from chainfed.agent.assets import smollm2_gguf
+from chainfed.agent.convert import gguf_import
+from chainfed.agent.convert.assets import smollm2_gguf
+from chainfed.agent.convert.gguf_import import MARKER_FILE, convert_gguf
 from chainfed.agent.errors import ModelLoadError
-from chainfed.agent.gguf_import import MARKER_FILE, convert_gguf
 
 TEXTS = [
     "Hello world",

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.chain import ChainConfig, ChainTrainer, EncodedSplit
-from chainfed.agent.gpo import ExactForesight, ProxyBranch
-from chainfed.agent.heads import Batch, ClassifyObjective, LMObjective
-from chainfed.agent.lora import LoRAConfig, add_lora, trainable_adapter_params
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.runtime.lora import LoRAConfig, add_lora, trainable_adapter_params
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import ChainConfig, ChainTrainer, EncodedSplit
+from chainfed.agent.training.gpo import ExactForesight, ProxyBranch
+from chainfed.agent.training.objectives import Batch, ClassifyObjective, LMObjective
 from chainfed.proto.chain_rules import parse_gpo
 
 D, VOCAB, L, T = 32, 100, 4, 8

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.errors import ModelLoadError
-from chainfed.agent.heads import Batch, LMObjective
-from chainfed.agent.lm_head import StreamedLMHead
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.runtime.lm_head import StreamedLMHead
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.objectives import Batch, LMObjective
 
 D, VOCAB = 32, 1000
 

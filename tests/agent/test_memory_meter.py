@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chainfed.agent.memory_meter import (
+from chainfed.agent.training.memory_meter import (
     CUDA,
     SAMPLING,
     VMHWM,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.errors import ModelLoadError
-from chainfed.agent.model import StreamingModel, hidden_states
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.runtime.model import StreamingModel, hidden_states
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from chainfed.agent.assets import smollm2_gguf
-from chainfed.agent.generate import greedy_generate
-from chainfed.agent.model import StreamingModel, hidden_states
+from chainfed.agent.convert.assets import smollm2_gguf
+from chainfed.agent.runtime.generate import greedy_generate
+from chainfed.agent.runtime.model import StreamingModel, hidden_states
 
 TEXTS = [
     "Hello world",

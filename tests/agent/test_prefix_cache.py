@@ -3,7 +3,7 @@ crashes, cost one block pass per sample per layer, and keep RAM flat as N grows.
 
 Prepare: a tiny random LLaMA checkpoint (d=32, 4 layers) and a right-padded batch.
 Execute: write the embeddings, then ``advance`` block by block with the real blocks.
-Assert: against ``chainfed.agent.model.hidden_states`` on the same batch.
+Assert: against ``chainfed.agent.runtime.model.hidden_states`` on the same batch.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.model import StreamingModel, hidden_states
-from chainfed.agent.prefix_cache import META, PrefixCache
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.runtime.model import StreamingModel, hidden_states
+from chainfed.agent.training.prefix_cache import META, PrefixCache
 
 MIB = 1 << 20
 
@@ -314,7 +314,7 @@ MEASURE_RSS = r"""
 import json, sys
 from pathlib import Path
 import torch
-from chainfed.agent.prefix_cache import PrefixCache
+from chainfed.agent.training.prefix_cache import PrefixCache
 
 def status(key):
     for line in open("/proc/self/status"):

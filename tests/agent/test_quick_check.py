@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.cli import main
-from chainfed.agent.errors import ChainFedError
-from chainfed.agent.export import export_peft
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.quick_check import (
+from chainfed.agent.app.check_command import (
     AdaptedModel,
     chat_template,
     classify_logits,
@@ -25,6 +20,11 @@ from chainfed.agent.quick_check import (
     render_chat,
     stop_ids,
 )
+from chainfed.agent.cli import main
+from chainfed.agent.convert.export import export_peft
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
 
 LABELS = ["negative", "neutral", "positive"]

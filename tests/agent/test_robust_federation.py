@@ -1,6 +1,6 @@
 """Byzantine agents against the aggregation strategies, on real MiniLM + tweets.
 
-Prepare: an in-process federation (``chainfed.agent.simulation``: the product's
+Prepare: an in-process federation (``chainfed.agent.app.simulation``: the product's
 ``ChainCoordinator`` and ``FederatedAgent`` round work) of iid shards; 20 % of the agents
 are attackers whose ``update_hook`` replaces every upload by a multiple of it (here ×−10:
 scaled and sign-flipped) while the honest agents train normally.
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.simulation import SimulationConfig, run_simulation
+from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.simulation import run_simulation
 
 FEDERATION = SimulationConfig(
     agents=5,

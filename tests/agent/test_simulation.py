@@ -1,4 +1,4 @@
-"""The simulated federation (``chainfed.agent.simulation``), ``chainfed simulate`` and
+"""The simulated federation (``chainfed.agent.app.simulation``), ``chainfed simulate`` and
 ``chainfed demo`` on the real MiniLM and tweets at tiny sizes.
 
 In process: the coordinator's aggregate is the sample-weighted mean of exactly the updates
@@ -16,20 +16,17 @@ import math
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from chainfed.agent.app.options import SimulationConfig, SimulationError
+from chainfed.agent.app.simulation import coordinator_argv, run_simulation
 from chainfed.agent.cli import main
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.simulation import (
-    SimulationConfig,
-    SimulationError,
-    coordinator_argv,
-    run_simulation,
-)
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
 from chainfed.proto.adapter_file import load_adapter_file
 
@@ -71,9 +68,19 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> Launches:
 
     class Recorded(subprocess.Popen):
         def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)  # returns once the child has exec'd
+            super().__init__(*args, **kwargs)
             if self.args[0] == sys.executable:
-                seen.cmdlines.append(Path(f"/proc/{self.pid}/cmdline").read_bytes())
+                seen.cmdlines.append(self._cmdline())
+
+        def _cmdline(self) -> bytes:
+            """``/proc/PID/cmdline``, once the kernel has filled it in: Popen returns when
+            exec starts, and the new image's arguments can show a moment later."""
+            for _ in range(500):
+                line = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+                if line or self.poll() is not None:
+                    return line
+                time.sleep(0.01)
+            return line
 
     monkeypatch.setattr(subprocess, "Popen", Recorded)
     return seen

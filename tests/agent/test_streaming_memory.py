@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from chainfed.agent.model_config import ModelConfig
-from chainfed.agent.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.agent.convert.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.agent.runtime.model_config import ModelConfig
 
 MIB = 1 << 20
 
@@ -33,7 +33,7 @@ LLAMA_8L = {
 
 MEASURE = r"""
 import json, sys, torch
-from chainfed.agent.model import hidden_states
+from chainfed.agent.runtime.model import hidden_states
 
 def hwm():
     for line in open("/proc/self/status"):

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from chainfed.agent.app.train_command import stage_table
 from chainfed.agent.cli import main
-from chainfed.agent.data import DataConfig, load_dataset
+from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
-from chainfed.agent.train_command import label_token_ids, stage_table
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.data import DataConfig, load_dataset
+from chainfed.agent.training.tokenize import label_token_ids
 from chainfed.proto.adapter_file import load_adapter_file
 
 # The tiny run, plus --max-len 32 to keep it quick on two cores.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
 
 TINY_BERT = {

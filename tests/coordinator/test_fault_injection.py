@@ -51,7 +51,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.fault_injection import ENV as FAULT_ENV
 
 SLOW = os.environ.get("CHAINFED_SLOW_TESTS") == "1"

@@ -40,16 +40,17 @@ from typing import Any
 import pytest
 import torch
 
-from chainfed.agent.agent_command import shard_of
-from chainfed.agent.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.app.options import data_config_from_args
 from chainfed.agent.cli import build_parser, main
-from chainfed.agent.data import load_dataset
 from chainfed.agent.errors import ChainFedError
-from chainfed.agent.fingerprint import digest_tensors
-from chainfed.agent.heads import ClassifyObjective
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.model import StreamingModel
-from chainfed.agent.train_command import data_config_from_args, encode_split
+from chainfed.agent.runtime.fingerprint import digest_tensors
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.training.data import load_dataset
+from chainfed.agent.training.objectives import ClassifyObjective
+from chainfed.agent.training.partition import shard_of
+from chainfed.agent.training.tokenize import encode_split
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.auth_token import TOKEN_ENV
 from chainfed.proto.messages import TrainingParams
@@ -482,7 +483,7 @@ def test_agent_whose_round_closed_before_it_fetched_moves_on(
 ):
     """A real coordinator process; the agent in-process (real gRPC) so the test can hold
     its first fetch until that round has closed at its deadline and been re-run."""
-    from chainfed.agent.federated_agent import AgentConfig, FederatedAgent, LocalData
+    from chainfed.agent.federation.federated_agent import AgentConfig, FederatedAgent, LocalData
 
     full, parts = shards
     with federation(tmp_path) as fed:
@@ -551,8 +552,8 @@ def test_window_auto_fits_the_agent_with_the_longest_sequences(
     coordinator takes the smallest. The budget is what a window of 4 needs at 64 tokens,
     the width the coordinator once assumed for every agent: it picked 4, while the agent
     whose rows run past 64 tokens fits only 3."""
-    from chainfed.agent.budget import estimate_stage_bytes, largest_window
-    from chainfed.agent.federated_agent import chain_config_from_params
+    from chainfed.agent.federation.federated_agent import chain_config_from_params
+    from chainfed.agent.training.budget import estimate_stage_bytes, largest_window
 
     short = ("--train-rows", "40", "--val-rows", "20", "--max-len", "16")
     long = ("--train-rows", "200", "--val-rows", "20", "--max-len", "128")
@@ -674,7 +675,7 @@ def test_by_topic_shards_are_never_silently_empty():
 
 
 def test_by_topic_shards_validate_on_the_topics_they_train_on():
-    from chainfed.agent.data import topic_of
+    from chainfed.agent.training.partition import topic_of
 
     full = _split("--train-rows", "180", "--val-rows", "10")
     for k in range(2):

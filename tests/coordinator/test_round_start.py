@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.chain import ChainTrainer
-from chainfed.agent.federated_agent import chain_config_from_params
-from chainfed.agent.heads import ClassifyObjective
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.federation.federated_agent import chain_config_from_params
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import ChainTrainer
+from chainfed.agent.training.objectives import ClassifyObjective
 from chainfed.coordinator.aggregation import AggregationError
 from chainfed.coordinator.round_start import round_start_state, seeded_start
 from chainfed.proto.messages import TrainingParams

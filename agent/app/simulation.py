@@ -1,0 +1,744 @@
+"""A whole federation on one machine: N agents with shards of one corpus and a coordinator.
+
+Two ways to run the same federation, chosen by ``SimulationConfig.in_process``::
+
+    in process (fast; tests, benchmarks)        one process per agent (the real thing)
+    ┌──────────── this process ────────────┐    coordinator process ◄─gRPC─► agent process × N
+    │ ChainCoordinator ◄─ calls ─► agents  │         ▲ Status RPC (progress)
+    │ (same tasks, same FederatedAgent work)│    this process: polls, reads the reports
+    └───────────────────────────────────────┘
+
+Both build the coordinator from the same ``chainfed coordinator`` flags (``coordinator_config``)
+and the agents' data with ``chainfed agent``'s ``--shard K/N --partition`` rule, and the
+agents do their rounds with ``FederatedAgent``'s own methods, so the in-process run differs
+from the real one only by transport: no gRPC, no chunking, a virtual clock. In process,
+agents take their tasks in a fixed order, so a run is deterministic for its seed.
+
+Modes: ``chain`` (the method), ``e2e`` and ``topk:K`` — plain FedLoRA rounds through the
+same coordinator: one stage at the last layer whose window reaches down to layer 0
+(``e2e``) or L-K (``topk``), run for exactly ``rounds`` rounds.
+
+Figures: per round the federated validation loss/metric (sample-weighted over the
+participants) of the aggregate the round started from, the tensor payload each agent
+fetched and uploaded, and its memory peak; at the end the coordinator's evaluation round
+(validation data of every agent) and, with ``test_rows``, the final adapters on a
+held-out test set no agent has seen (validation rows after the first ``val_rows``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from chainfed.agent.app.options import (
+    SimulationConfig,
+    SimulationError,
+    data_config,
+)
+from chainfed.agent.convert.assets import resolve_model
+from chainfed.agent.federation.federated_agent import (
+    AgentConfig,
+    FederatedAgent,
+    LocalData,
+    payload_bytes,
+)
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.training.data import SplitData, load_dataset
+from chainfed.agent.training.memory_meter import process_baseline
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.partition import shard_of
+from chainfed.agent.training.tokenize import encode_split, label_token_ids
+from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
+from chainfed.coordinator.command import coordinator_config, option_defaults
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.auth_token import write_token_file
+from chainfed.proto.messages import (
+    AgentCapabilities,
+    ChainPhase,
+    RoundRecord,
+    StatusSnapshot,
+    TaskKind,
+)
+
+UpdateHook = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+"""(agent id, update tensors) -> the tensors actually submitted (e.g. a malicious agent)."""
+Progress = Callable[[str], None]
+"""Receives one line of progress text at a time."""
+MAX_RERUNS = 10
+"""In process: rounds re-run below the quorum before the simulation gives up."""
+
+
+@dataclass
+class RoundEntry:
+    """One aggregated round of the federation, with each participant's cost."""
+
+    round_id: str
+    stage_layer: int
+    window: list[int]
+    participants: list[str]
+    dropped: list[str]
+    train_loss: float
+    val_loss: float
+    """Federated (sample-weighted) validation loss, head right after the window, of the
+    aggregate the round started from (the previous round's result: agents validate what
+    they fetched, before their local steps)."""
+    val_metric: float
+    """Federated validation accuracy (classify) or next-token accuracy (lm)."""
+    received_bytes: dict[str, int]
+    """Tensor payload each participant fetched for the round."""
+    sent_bytes: dict[str, int]
+    """Tensor payload each participant uploaded."""
+    peak_memory_bytes: dict[str, int]
+    """Each participant's memory peak in the round (process RSS on CPU; in process all
+    agents share one process, so this includes the others' resident state)."""
+    baseline_memory_bytes: dict[str, int]
+    """Each participant's idle process baseline."""
+
+
+@dataclass
+class SimulationResult:
+    """What a simulation did and reached."""
+
+    config: dict[str, Any]
+    num_layers: int
+    start_layer: int
+    foat_scores: list[float] | None
+    history: list[RoundEntry]
+    """Training rounds, in order."""
+    final_val_loss: float
+    final_val_metric: float
+    """The coordinator's evaluation round: the final model on every agent's validation data."""
+    test_loss: float | None
+    test_metric: float | None
+    """The final adapters on the held-out test rows (None without ``test_rows``)."""
+    adapters: str
+    """Path of the final adapter file."""
+    agent_samples: dict[str, int]
+    """Training rows each agent held."""
+    seconds: float
+
+    @property
+    def rounds(self) -> int:
+        return len(self.history)
+
+    def bytes_per_agent_round(self) -> float:
+        """Mean tensor payload (sent + received) of one agent in one round."""
+        per = [
+            e.sent_bytes[a] + e.received_bytes[a]
+            for e in self.history
+            for a in e.participants
+            if a in e.sent_bytes
+        ]
+        return sum(per) / max(len(per), 1)
+
+    def bytes_per_agent(self) -> dict[str, int]:
+        """Total tensor payload (sent + received) per agent over the run."""
+        total = dict.fromkeys(self.agent_samples, 0)
+        for e in self.history:
+            for agent, sent in e.sent_bytes.items():
+                total[agent] = total.get(agent, 0) + sent + e.received_bytes[agent]
+        return total
+
+    def peak_memory_per_agent(self) -> dict[str, int]:
+        """Largest round peak of each agent."""
+        peak = dict.fromkeys(self.agent_samples, 0)
+        for e in self.history:
+            for agent, value in e.peak_memory_bytes.items():
+                peak[agent] = max(peak.get(agent, 0), value)
+        return peak
+
+    def peak_above_baseline_per_agent(self) -> dict[str, int]:
+        """Largest round peak of each agent above its idle process."""
+        peak = dict.fromkeys(self.agent_samples, 0)
+        for e in self.history:
+            for agent, value in e.peak_memory_bytes.items():
+                above = value - e.baseline_memory_bytes[agent]
+                peak[agent] = max(peak.get(agent, 0), above)
+        return peak
+
+    def stages(self) -> list[dict[str, Any]]:
+        """Per stage layer: rounds, last federated validation figures, peak memory."""
+        out: dict[int, dict[str, Any]] = {}
+        for e in self.history:
+            s = out.setdefault(
+                e.stage_layer,
+                {"layer": e.stage_layer, "window": e.window, "rounds": 0, "peak_memory_bytes": 0},
+            )
+            s["rounds"] += 1
+            s["val_loss"], s["val_metric"] = e.val_loss, e.val_metric
+            s["peak_memory_bytes"] = max(s["peak_memory_bytes"], *e.peak_memory_bytes.values())
+            s["above_baseline_bytes"] = max(
+                s.get("above_baseline_bytes", 0),
+                *(e.peak_memory_bytes[a] - e.baseline_memory_bytes[a] for a in e.peak_memory_bytes),
+            )
+        return list(out.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rounds"] = self.rounds
+        out["bytes_per_agent_round"] = self.bytes_per_agent_round()
+        out["bytes_per_agent"] = self.bytes_per_agent()
+        out["peak_memory_per_agent"] = self.peak_memory_per_agent()
+        out["peak_above_baseline_per_agent"] = self.peak_above_baseline_per_agent()
+        out["stages"] = self.stages()
+        return out
+
+
+# -- the federation's settings, as chainfed coordinator / chainfed agent flags ------------------
+
+
+def fedlora_layout(mode: str, num_layers: int) -> tuple[int | None, int | None]:
+    """(start layer, window) of a plain FedLoRA baseline; (None, None) for ``chain``."""
+    if mode == "chain":
+        return None, None
+    k = num_layers if mode == "e2e" else min(int(mode.split(":", 1)[1]), num_layers)
+    return num_layers - k, k
+
+
+def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, Any]:
+    """The ``chainfed coordinator`` options of this federation (without transport), by
+    attribute name, valued as the coordinator's parser gives them."""
+    start, window = fedlora_layout(config.mode, num_layers)
+    options: dict[str, Any] = {
+        "task": config.task,
+        "min_agents": config.agents,
+        "agents_per_round": config.agents_per_round,
+        "aggregation": config.aggregation,
+        "gpo": config.gpo,
+        "gpo_lambda": config.gpo_lambda,
+        "lr": config.lr,
+        "micro_batch": config.micro_batch,
+        "local_steps": config.local_steps,
+        "rank": config.rank,
+        "seed": config.seed,
+        "round_deadline": config.deadline_s,
+    }
+    if start is None:
+        options["start_layer"] = "auto" if config.start_layer is None else str(config.start_layer)
+        options["window"] = str(config.window)
+        options["min_rounds_per_layer"] = config.min_rounds_per_layer
+        options["max_rounds_per_layer"] = config.max_rounds_per_layer
+    else:
+        rounds = config.rounds or config.max_rounds_per_layer * num_layers
+        options.update(start_layer=str(start), window=str(window))
+        options["first_stage_layer"] = num_layers - 1
+        options.update(min_rounds_per_layer=rounds, max_rounds_per_layer=rounds)
+    return options
+
+
+def coordinator_argv(config: SimulationConfig, num_layers: int) -> list[str]:
+    """``coordinator_options`` as the command line of a coordinator process."""
+    argv = []
+    for name, value in coordinator_options(config, num_layers).items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def data_argv(config: SimulationConfig, val_rows: int | None = None) -> list[str]:
+    """The ``chainfed agent`` data options (model, corpus, rows, length, seed)."""
+    argv = ["--model", config.model, "--task", config.task, "--max-len", str(config.max_len)]
+    argv += ["--train-rows", str(config.train_rows)]
+    argv += ["--val-rows", str(config.val_rows if val_rows is None else val_rows)]
+    argv += ["--seed", str(config.seed)]
+    if config.data is not None:
+        argv += ["--data", str(config.data)]
+    return argv
+
+
+@dataclass
+class _Corpus:
+    """The shared corpus, split the agents' way, plus the held-out test rows."""
+
+    model: StreamingModel
+    model_dir: Path
+    fingerprint: str
+    data: SplitData
+    test: EncodedSplit | None
+
+
+def _load_corpus(config: SimulationConfig) -> _Corpus:
+    model_dir = resolve_model(config.model, progress=False)
+    model = StreamingModel(model_dir)
+    fingerprint = model.fingerprint
+    data = load_dataset(
+        data_config(
+            config.data,
+            config.task,
+            train_rows=config.train_rows,
+            val_rows=config.val_rows + config.test_rows,
+            seed=config.seed,
+        )
+    )
+    test = None
+    if config.test_rows:
+        held_out = data.val[config.val_rows :]
+        if not held_out:
+            raise SimulationError(
+                f"no rows left for a test set: the validation pool holds {data.val_available}"
+            )
+        test = encode_split(model, held_out, config.task, config.max_len)
+    data.val = data.val[: config.val_rows]
+    return _Corpus(model, model_dir, fingerprint, data, test)
+
+
+def _local_data(corpus: _Corpus, config: SimulationConfig, k: int) -> LocalData:
+    shard = shard_of(copy.copy(corpus.data), f"{k}/{config.agents}", config.split, config.seed)
+    model = corpus.model
+    return LocalData(
+        train=encode_split(model, shard.train, config.task, config.max_len),
+        val=encode_split(model, shard.val, config.task, config.max_len),
+        task=config.task,
+        labels=shard.labels,
+        label_token_ids=(
+            label_token_ids(model, corpus.data.train, shard.labels) if config.task == "lm" else None
+        ),
+    )
+
+
+def _workdir(config: SimulationConfig) -> Path:
+    root = config.workdir or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    update_hook: UpdateHook | None = None,
+    progress: Progress | None = None,
+) -> SimulationResult:
+    """Run the federation ``config`` describes to the end; see the module docstring.
+
+    ``update_hook`` (in process only) sees every agent's update before it is submitted
+    and returns what is submitted instead; an update the coordinator rejects leaves that
+    agent out of the round (dropped at the deadline), as over gRPC.
+    """
+    if update_hook is not None and not config.in_process:
+        raise SimulationError("update_hook needs in_process=True (agents are separate processes)")
+    process_baseline()
+    started = time.perf_counter()
+    say = progress or (lambda _line: None)
+    corpus = _load_corpus(config)
+    root = _workdir(config)
+    if config.in_process:
+        outcome = _run_in_process(config, corpus, root, update_hook, say)
+    else:
+        outcome = _run_processes(config, corpus, root, say)
+    return _result(config, corpus, outcome, time.perf_counter() - started)
+
+
+@dataclass
+class _Outcome:
+    """What a run leaves for the result: the coordinator's last snapshot, each agent's
+    RoundTraffic (as a dict) per (agent, round id), samples per agent, the adapter file."""
+
+    snapshot: StatusSnapshot
+    adapters: Path
+    traffic: dict[tuple[str, str], dict[str, Any]]
+    samples: dict[str, int]
+    foat_scores: list[float] | None = None
+
+
+def _run_in_process(
+    config: SimulationConfig,
+    corpus: _Corpus,
+    root: Path,
+    update_hook: UpdateHook | None,
+    say: Progress,
+) -> _Outcome:
+    model = corpus.model
+    args = argparse.Namespace(**(option_defaults() | coordinator_options(config, model.num_layers)))
+    try:
+        coord_config = coordinator_config(args, model.spec())
+    except ValueError as exc:
+        raise SimulationError(f"invalid federation: {exc}") from exc
+    if config.coordinator_options:
+        try:
+            coord_config = replace(coord_config, **config.coordinator_options)
+        except (TypeError, ValueError) as exc:
+            raise SimulationError(f"coordinator_options: {exc}") from exc
+    coordinator = ChainCoordinator(coord_config)
+    clock = _VirtualClock()
+    agents: dict[str, FederatedAgent] = {}
+    traffic: dict[tuple[str, str], dict[str, Any]] = {}
+    samples: dict[str, int] = {}
+    for k in range(config.agents):
+        agent_id = f"agent-{k}"
+        local = _local_data(corpus, config, k)
+        agent_config = AgentConfig(address="in-process", token="", workdir=root / agent_id)
+        agent = FederatedAgent(agent_config, model, local, corpus.fingerprint)
+        capabilities = AgentCapabilities(
+            device="cpu",
+            memory_budget_bytes=0,
+            num_samples=len(local.train),
+            software_version="0.1.0",
+            model_fingerprint=corpus.fingerprint,
+        )
+        agent.agent_id = coordinator.register(agent_id, capabilities, clock.now())
+        agents[agent.agent_id] = agent
+        samples[agent.agent_id] = len(local.train)
+    reporter = _ProgressReporter(say, config.agents)
+    rejected: set[tuple[str, str]] = set()
+    """(agent, round) whose update was refused: the agent sits the round out (over gRPC
+    such an agent gets INVALID_ARGUMENT and stops)."""
+    while coordinator.phase is not ChainPhase.DONE:
+        coordinator.tick(clock.now())
+        worked = False
+        for agent_id, agent in agents.items():
+            task = coordinator.next_task(agent_id, clock.now())
+            if task.kind is TaskKind.PROBE:
+                coordinator.report_probe(agent.probe_report(task))
+                coordinator.tick(clock.now())
+            elif task.kind is TaskKind.TRAIN_ROUND:
+                if (agent_id, task.round_id) in rejected:
+                    continue
+                tensors = coordinator.tensors_for(
+                    task.round_id, omit_final=not agent.needs_final(task)
+                )
+                metrics, update = agent.train_update(task, tensors)
+                if update_hook is not None:
+                    update = update_hook(agent_id, update)
+                if not _submit(coordinator, agent_id, task.round_id, metrics, update, clock, say):
+                    rejected.add((agent_id, task.round_id))
+                cost = asdict(agent.traffic[-1])
+                cost["sent_bytes"] = payload_bytes(update)
+                traffic[(agent_id, task.round_id)] = cost
+            elif task.kind is TaskKind.EVALUATE:
+                final = coordinator.tensors_for(task.round_id)
+                metrics = agent.evaluation_metrics(task, final)
+                _submit(coordinator, agent_id, task.round_id, metrics, {}, clock, say)
+            else:
+                continue
+            worked = True
+            reporter.show(coordinator.snapshot())
+        if not worked and coordinator.open_round is not None:
+            clock.jump_to(coordinator.open_round.deadline_ms)
+        if coordinator.round_seq - len(coordinator.history) > MAX_RERUNS:
+            raise SimulationError(
+                f"more than {MAX_RERUNS} rounds fell short of the quorum (rejected or silent "
+                "agents); lower min_agents in coordinator_options to go on without them"
+            )
+    snapshot = coordinator.snapshot()
+    reporter.show(snapshot)
+    paths = [
+        agent.write_final_adapters(dict(coordinator.final), coordinator.params)
+        for agent in agents.values()
+    ]
+    return _Outcome(snapshot, paths[0], traffic, samples, coordinator.foat_scores)
+
+
+def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> bool:
+    """Submit as the servicer would; False (and a progress line) when it is rejected."""
+    try:
+        coordinator.submit(agent_id, round_id, metrics, tensors, clock.now())
+    except UpdateRejected as exc:
+        say(f"update of {agent_id} for round {round_id} rejected: {exc}")
+        return False
+    return True
+
+
+class _VirtualClock:
+    """Wall time plus the jumps made to close rounds at their deadline without waiting."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def now(self) -> int:
+        return int(time.time() * 1000) + self.offset_ms
+
+    def jump_to(self, when_ms: int) -> None:
+        self.offset_ms += max(0, when_ms - self.now())
+
+
+class _ProgressReporter:
+    """Turns coordinator snapshots into one line per new event (phase, round)."""
+
+    def __init__(self, say: Progress, agents: int) -> None:
+        self.say, self.agents = say, agents
+        self.phase: ChainPhase | None = None
+        self.seen = 0
+        self.started = time.monotonic()
+
+    def _line(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        self.say(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {text}")
+
+    def show(self, s: StatusSnapshot) -> None:
+        for record in s.history[self.seen :]:
+            m = record.metrics
+            what = "final evaluation" if record.round_id.startswith("eval") else "round"
+            self._line(
+                f"{what} {record.round_id}: layer {record.stage_layer} window "
+                f"{list(record.window_layers)}, {len(record.participants)}/"
+                f"{len(record.participants) + len(record.dropped)} agents reported, "
+                f"val loss {m.val_loss:.4f}, val accuracy {m.val_metric:.4f}"
+            )
+        self.seen = len(s.history)
+        if s.phase is not self.phase:
+            self.phase = s.phase
+            if s.phase is ChainPhase.TRAINING:
+                self._line(
+                    f"training: chain starts at layer {s.start_layer} of {s.num_layers}, "
+                    f"window {list(s.window_layers)}"
+                )
+            else:
+                registered = len(s.agents)
+                self._line(f"{s.phase.value} ({registered}/{self.agents} agents registered)")
+
+
+# -- one process per agent over gRPC ---------------------------------------------------------------
+
+
+def _run_processes(
+    config: SimulationConfig, corpus: _Corpus, root: Path, say: Progress
+) -> _Outcome:
+    token = secrets.token_urlsafe(16)
+    cli = [sys.executable, "-m", "chainfed.agent.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    agent_env = {
+        **env,
+        "OMP_NUM_THREADS": str(config.threads_per_agent),
+        "MKL_NUM_THREADS": str(config.threads_per_agent),
+    }
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    token_file = write_token_file(root / "token", token)
+    state_dir = root / "state"
+    options = []
+    for name, value in config.coordinator_options.items():
+        options += [f"--{name.replace('_', '-')}", str(value)]
+    coordinator_cmd = [
+        *cli,
+        "coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+        "--token-file",
+        str(token_file),
+        "--exit-after-done",
+        "2",
+        "--model",
+        config.model,
+        *coordinator_argv(config, corpus.model.num_layers),
+        *options,
+    ]
+    processes: list[tuple[str, subprocess.Popen]] = []
+    try:
+        log_path = logs / "coordinator.log"
+        coordinator = subprocess.Popen(
+            coordinator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+        )
+        processes.append(("coordinator", coordinator))
+        address = _listening_address(coordinator, log_path)
+        for k in range(config.agents):
+            agent_id = f"agent-{k}"
+            cmd = [
+                *cli,
+                "agent",
+                "--coordinator",
+                address,
+                "--token-file",
+                str(token_file),
+                "--agent-id",
+                agent_id,
+                "--workdir",
+                str(root / agent_id),
+                "--shard",
+                f"{k}/{config.agents}",
+                "--partition",
+                config.split,
+                "--quiet",
+                *data_argv(config),
+            ]
+            with open(logs / f"{agent_id}.log", "w") as log_file:
+                processes.append(
+                    (
+                        agent_id,
+                        subprocess.Popen(
+                            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=agent_env
+                        ),
+                    )
+                )
+        snapshot = _follow(address, token, processes, say, config.agents, logs)
+        for name, process in processes:
+            if process.wait(timeout=120) != 0:
+                raise SimulationError(
+                    f"{name} exited with status {process.returncode}; see {logs / (name + '.log')}"
+                )
+    finally:
+        for _name, process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    traffic = {}
+    for k in range(config.agents):
+        agent_id = f"agent-{k}"
+        report = json.loads((root / agent_id / "agent_report.json").read_text())
+        for entry in report["rounds"]:
+            traffic[(agent_id, entry["round_id"])] = entry
+    samples = {a.agent_id: a.capabilities.num_samples for a in snapshot.agents}
+    return _Outcome(snapshot, root / "agent-0" / "final_adapters.safetensors", traffic, samples)
+
+
+def _listening_address(process: subprocess.Popen, log_path: Path) -> str:
+    """Read the coordinator's stdout until it says where it listens; the rest of its
+    output goes to ``log_path`` from a background thread."""
+    import threading
+
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed by the copying thread
+    for line in process.stdout:
+        log_file.write(line)
+        log_file.flush()
+        match = re.search(r"listening on ([^ ]+:\d+)", line)
+        if match:
+            address = match.group(1)
+
+            def copy_rest() -> None:
+                with log_file:
+                    for rest in process.stdout:
+                        log_file.write(rest)
+                        log_file.flush()
+
+            threading.Thread(target=copy_rest, daemon=True).start()
+            return address
+    log_file.close()
+    raise SimulationError(
+        f"the coordinator exited with status {process.wait()} before listening; see {log_path}"
+    )
+
+
+def _follow(
+    address: str,
+    token: str,
+    processes: list[tuple[str, subprocess.Popen]],
+    say: Progress,
+    agents: int,
+    logs: Path,
+) -> StatusSnapshot:
+    """Poll the coordinator's Status RPC until the chain is done; report progress."""
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.ChainFedStub(channel)
+    reporter = _ProgressReporter(say, agents)
+    try:
+        while True:
+            for name, process in processes:
+                if process.poll() not in (None, 0):
+                    raise SimulationError(
+                        f"{name} exited with status {process.returncode}; see "
+                        f"{logs / (name + '.log')}"
+                    )
+            try:
+                reply = stub.Status(
+                    pb.StatusRequest(), metadata=serde.auth_metadata(token), timeout=10
+                )
+            except grpc.RpcError:
+                time.sleep(0.5)
+                continue
+            snapshot = serde.status_snapshot_from_proto(reply)
+            reporter.show(snapshot)
+            if snapshot.phase is ChainPhase.DONE:
+                return snapshot
+            time.sleep(1.0)
+    finally:
+        channel.close()
+
+
+# -- the result ------------------------------------------------------------------------------------
+
+
+def _result(
+    config: SimulationConfig,
+    corpus: _Corpus,
+    outcome: _Outcome,
+    seconds: float,
+) -> SimulationResult:
+    snapshot = outcome.snapshot
+    history = [
+        _entry(r, outcome.traffic) for r in snapshot.history if not r.round_id.startswith("eval")
+    ]
+    evaluation = [r for r in snapshot.history if r.round_id.startswith("eval")]
+    if not evaluation:
+        raise SimulationError("the federation finished without its evaluation round")
+    final = evaluation[-1].metrics
+    test_loss = test_metric = None
+    if corpus.test is not None:
+        test_loss, test_metric = _evaluate_file(corpus, outcome.adapters, config)
+    return SimulationResult(
+        config=config.to_dict(),
+        num_layers=snapshot.num_layers,
+        start_layer=snapshot.start_layer,
+        foat_scores=outcome.foat_scores,
+        history=history,
+        final_val_loss=final.val_loss,
+        final_val_metric=final.val_metric,
+        test_loss=test_loss,
+        test_metric=test_metric,
+        adapters=str(outcome.adapters),
+        agent_samples=dict(outcome.samples),
+        seconds=seconds,
+    )
+
+
+def _entry(record: RoundRecord, traffic: dict[tuple[str, str], dict[str, Any]]) -> RoundEntry:
+    costs = {a: traffic[(a, record.round_id)] for a in record.participants}
+    m = record.metrics
+    return RoundEntry(
+        round_id=record.round_id,
+        stage_layer=record.stage_layer,
+        window=list(record.window_layers),
+        participants=list(record.participants),
+        dropped=list(record.dropped),
+        train_loss=m.train_loss,
+        val_loss=m.val_loss,
+        val_metric=m.val_metric,
+        received_bytes={a: c["received_bytes"] for a, c in costs.items()},
+        sent_bytes={a: c["sent_bytes"] for a, c in costs.items()},
+        peak_memory_bytes={a: c["peak_memory_bytes"] for a, c in costs.items()},
+        baseline_memory_bytes={a: c["baseline_memory_bytes"] for a, c in costs.items()},
+    )
+
+
+def _evaluate_file(
+    corpus: _Corpus, adapters: Path, config: SimulationConfig
+) -> tuple[float, float]:
+    """The final adapter file on the held-out test rows, by the streamed evaluation."""
+    saved = load_adapter_file(adapters)
+    model = corpus.model
+    if config.task == "classify":
+        pooling = "mean" if model.config.family == "bert" else "last"
+        objective = ClassifyObjective(
+            model.config.hidden_size, len(corpus.data.labels), pooling, seed=config.seed
+        )
+        objective.head.load_state_dict(saved.head())
+    else:
+        token_ids = saved.info.get("label_token_ids")
+        objective = LMObjective(model.streamed_lm_head(), token_ids)
+    lora = LoRAConfig(**saved.info["lora"])
+    evaluation = evaluate_streaming(model, objective, saved.adapters(), lora, corpus.test)
+    return evaluation.loss, evaluation.metric

@@ -1,0 +1,196 @@
+"""Tables, plots and files of a simulated federation (``chainfed simulate``, ``chainfed demo``).
+
+Everything here is derived from a ``SimulationResult``; nothing is measured. Plots use
+matplotlib's non-interactive Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from chainfed.agent.app.simulation import SimulationResult
+from chainfed.proto.units import format_bytes
+
+
+def finite(value: Any) -> Any:
+    """NaN/inf as JSON null, recursively (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite(value), indent=2, default=str, allow_nan=False))
+    return path
+
+
+MEASURED_AGGREGATE_NOTE = (
+    "Validation figures of a round are those of the aggregate it started from (agents "
+    "validate what they fetch, before their local steps); a layer's are its last round's, "
+    "so what a stage hands on is measured by the next stage's first round, the last "
+    "stage's by the final evaluation."
+)
+"""Says which model the per-round and per-layer validation figures belong to."""
+
+
+def stage_table(result: SimulationResult) -> str:
+    """Markdown: per stage layer, its rounds, last federated validation figures and the
+    largest per-agent memory peak (absolute and above the agent's idle process).
+    ``MEASURED_AGGREGATE_NOTE`` says which model those figures are of."""
+    lines = [
+        "| layer | window | rounds | val loss | val accuracy | peak memory | above baseline |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in result.stages():
+        window = f"{s['window'][0]}-{s['window'][-1]}"
+        lines.append(
+            f"| {s['layer']} | {window} | {s['rounds']} | {s['val_loss']:.4f} "
+            f"| {s['val_metric']:.4f} | {format_bytes(s['peak_memory_bytes'])} "
+            f"| {format_bytes(s['above_baseline_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def round_table(result: SimulationResult) -> str:
+    """Markdown: every training round with its agents, losses and mean traffic per agent."""
+    lines = [
+        "| round | layer | window | agents | dropped | train loss | val loss | val accuracy "
+        "| sent / agent | received / agent |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in result.history:
+        n = max(len(e.sent_bytes), 1)
+        lines.append(
+            f"| {e.round_id} | {e.stage_layer} | {e.window[0]}-{e.window[-1]} "
+            f"| {len(e.participants)} | {len(e.dropped)} | {e.train_loss:.4f} | {e.val_loss:.4f} "
+            f"| {e.val_metric:.4f} | {format_bytes(sum(e.sent_bytes.values()) // n)} "
+            f"| {format_bytes(sum(e.received_bytes.values()) // n)} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(result: SimulationResult) -> list[str]:
+    """A few lines: rounds, final figures, traffic and memory per agent."""
+    lines = [
+        f"rounds: {result.rounds} (start layer {result.start_layer} of {result.num_layers})",
+        f"final validation (every agent's validation rows): accuracy "
+        f"{result.final_val_metric:.4f}, loss {result.final_val_loss:.4f}",
+    ]
+    if result.test_metric is not None:
+        lines.append(
+            f"held-out test: accuracy {result.test_metric:.4f}, loss {result.test_loss:.4f}"
+        )
+    traffic = result.bytes_per_agent()
+    peaks = result.peak_memory_per_agent()
+    lines.append(
+        f"traffic per agent per round (sent + received tensors): "
+        f"{format_bytes(int(result.bytes_per_agent_round()))}; per agent in all: "
+        + ", ".join(f"{a} {format_bytes(b)}" for a, b in traffic.items())
+    )
+    lines.append(
+        "peak memory per agent: " + ", ".join(f"{a} {format_bytes(b)}" for a, b in peaks.items())
+    )
+    lines.append(f"wall time: {result.seconds:.1f} s")
+    return lines
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def stage_boundaries(result: SimulationResult) -> list[tuple[float, int]]:
+    """(x, layer) where a new stage begins, x between its first round and the one before."""
+    out = []
+    for i, entry in enumerate(result.history):
+        if i == 0 or entry.stage_layer != result.history[i - 1].stage_layer:
+            out.append((i + 0.5, entry.stage_layer))
+    return out
+
+
+def _label_stages(ax: Any, boundaries: list[tuple[float, int]], rounds: int) -> None:
+    """Name each stage's layer on a second x axis along the top, centred over its
+    rounds: tick labels are laid out with the figure, so none is cut at the edge."""
+    ends = [x for x, _ in boundaries[1:]] + [rounds + 0.5]
+    centres = [(x + end) / 2 for (x, _), end in zip(boundaries, ends, strict=True)]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, labels=[f"L{layer}" for _, layer in boundaries])
+    top.tick_params(length=0, labelsize=7)
+    top.set_xlabel("stage layer", fontsize=8)
+
+
+def plot_accuracy(
+    curves: dict[str, SimulationResult],
+    path: Path,
+    *,
+    title: str,
+    baselines: dict[str, float] | None = None,
+) -> Path:
+    """Validation accuracy per round, one line per run: each round's federated figure (see
+    ``MEASURED_AGGREGATE_NOTE``), with the head right after the window. The stages of a
+    chain run (one with several stage layers) are marked by dotted lines, and the first
+    such run's layers are named along the top; ``baselines`` are flat lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labelled = False
+    for label, result in curves.items():
+        xs = list(range(1, result.rounds + 1))
+        (line,) = ax.plot(xs, [e.val_metric for e in result.history], marker="o", label=label)
+        boundaries = stage_boundaries(result)
+        if len(boundaries) > 1:
+            for x, _layer in boundaries:
+                ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.6)
+            if not labelled:
+                _label_stages(ax, boundaries, result.rounds)
+                labelled = True
+    styles = iter(["--", "-.", (0, (1, 1)), (0, (5, 1))])
+    for label, value in (baselines or {}).items():
+        ax.axhline(value, color="grey", linestyle=next(styles), label=label)
+    ax.set_xlabel("communication round")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(result: SimulationResult, path: Path, *, e2e_bytes: int, e2e_label: str) -> Path:
+    """Measured peak per stage layer (largest agent, above its idle process) as bars and
+    a measured end-to-end peak (``e2e_bytes``, described by ``e2e_label``) as a line."""
+    plt = pyplot()
+    stages = result.stages()
+    mib = 1 << 20
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar(
+        [str(s["layer"]) for s in stages],
+        [s["above_baseline_bytes"] / mib for s in stages],
+        label="chain, measured (largest agent, above its idle process)",
+    )
+    ax.axhline(e2e_bytes / mib, color="tab:red", linestyle="--", label=e2e_label)
+    ax.set_xlabel("stage layer")
+    ax.set_ylabel("peak memory above idle process (MiB)")
+    ax.set_title("Peak training memory per layer: chain vs end-to-end")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

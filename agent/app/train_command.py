@@ -1,0 +1,263 @@
+"""``chainfed train``: a whole chain (or a baseline) on one device, no network.
+
+Loads data and model, trains, evaluates the final adapters on the validation split by
+streaming the whole network, writes the adapter file and a JSON report, and prints a
+markdown table of the stages. ``--eval-only --adapters FILE`` re-runs that final
+evaluation on a saved file; it shares the code path, so the figures are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chainfed.agent.app.options import (
+    add_data_arguments,
+    chain_config_from_args,
+    data_config_from_args,
+)
+from chainfed.agent.convert.assets import resolve_model
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.budget import plan_for_budget
+from chainfed.agent.training.chain import (
+    MODES,
+    ChainTrainer,
+    StageReport,
+    evaluate_streaming,
+)
+from chainfed.agent.training.data import load_dataset
+from chainfed.agent.training.memory_meter import process_baseline, release_large_frees_to_os
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.tokenize import (
+    encode_split,
+    label_token_ids,
+)
+from chainfed.proto.adapter_file import AdapterFile, load_adapter_file, save_adapter_file
+from chainfed.proto.units import format_bytes, parse_bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``chainfed train``."""
+    add_data_arguments(parser)
+
+    c = parser.add_argument_group("chain")
+    c.add_argument("--mode", choices=MODES, default="chain", help="default: chain")
+    c.add_argument("--topk", type=int, default=2, help="layers trained by --mode topk")
+    c.add_argument("--window", type=int, default=2, help="DLCT window Q (default: 2)")
+    c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
+    c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
+    c.add_argument("--start-layer", help="auto (FOAT, default) or a layer index")
+    c.add_argument("--foat-threshold", type=float, default=0.8, help="FOAT CKA threshold")
+    c.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    c.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
+    c.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    c.add_argument("--targets", choices=("attention", "all"), default="all")
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--micro-batch", type=int, default=16)
+    c.add_argument("--grad-accum", type=int, default=1)
+    c.add_argument("--steps-per-round", type=int, default=25)
+    c.add_argument("--min-rounds", type=int, default=1, help="minimum rounds per stage")
+    c.add_argument("--max-rounds", type=int, default=3, help="round cap per stage")
+    c.add_argument(
+        "--baseline-rounds", type=int, help="rounds of e2e/topk/head (default: max-rounds × L)"
+    )
+    c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+
+    o = parser.add_argument_group("output")
+    o.add_argument("--workdir", type=Path, help="prefix caches (default: runs/train-<time>)")
+    o.add_argument("--adapters", type=Path, help="adapter file to write (or read: --eval-only)")
+    o.add_argument("--report", type=Path, help="JSON report path (default: WORKDIR/report.json)")
+    o.add_argument("--eval-only", action="store_true", help="evaluate --adapters, no training")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _objective(
+    model: StreamingModel, task: str, labels: list[str], token_ids: list[int] | None, seed: int
+) -> ClassifyObjective | LMObjective:
+    if task == "classify":
+        pooling = "mean" if model.config.family == "bert" else "last"
+        return ClassifyObjective(model.config.hidden_size, len(labels), pooling, seed=seed)
+    return LMObjective(model.streamed_lm_head(), token_ids)
+
+
+def stage_table(stages: list[dict[str, Any]]) -> str:
+    """Markdown table of stage reports."""
+    lines = [
+        "| layer | window | rounds | steps | train loss | val loss | val metric | peak mem "
+        "| above baseline | seconds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in stages:
+        window = f"{s['window'][0]}-{s['window'][-1]}" if s["window"] else "-"
+        lines.append(
+            f"| {s['layer']} | {window} | {s['rounds']} | {s['steps']} | {s['train_loss']:.4f} "
+            f"| {s['val_loss']:.4f} | {s['val_metric']:.4f} | {format_bytes(s['peak_mem_bytes'])} "
+            f"| {format_bytes(max(0, s['peak_mem_bytes'] - s['baseline_mem_bytes']))} "
+            f"| {s['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or evaluate) and report; returns the exit status."""
+    release_large_frees_to_os()
+    process_baseline()
+    torch.manual_seed(args.seed)
+    model_dir = resolve_model(args.model, progress=not args.quiet)
+    model = StreamingModel(model_dir)
+    data_config = data_config_from_args(args)
+    data = load_dataset(data_config)
+    print(data.summary())
+    train = encode_split(model, data.train, args.task, args.max_len)
+    val = encode_split(model, data.val, args.task, args.max_len)
+    token_ids = (
+        label_token_ids(model, data.train, data.labels, data_config) if args.task == "lm" else None
+    )
+    model_digest = model.fingerprint
+    if args.eval_only:
+        return _eval_only(args, model, val, data.labels, token_ids, model_digest)
+
+    config = chain_config_from_args(args)
+    if args.memory_budget:
+        try:
+            budget = parse_bytes(args.memory_budget)
+        except ValueError as exc:
+            raise ChainFedError(f"--memory-budget: {exc}") from exc
+        config = plan_for_budget(
+            model.config,
+            config,
+            budget,
+            seq_len=train.input_ids.shape[1],
+            task=args.task,
+        )
+        print(
+            f"memory budget {args.memory_budget}: micro-batch {config.micro_batch} × "
+            f"accumulation {config.grad_accum}, window {config.window}, gpo {config.gpo}"
+        )
+    workdir = args.workdir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    objective = _objective(model, args.task, data.labels, token_ids, args.seed)
+    trainer = ChainTrainer(model, objective, train, val, config, workdir, progress=not args.quiet)
+    started = time.perf_counter()
+    if config.start_layer is not None and not 0 <= config.start_layer < model.num_layers:
+        raise ChainFedError(
+            f"--start-layer {config.start_layer} is not a layer of {model_dir} "
+            f"(0..{model.num_layers - 1})"
+        )
+    stages = trainer.train(
+        on_stage=lambda r: print(
+            f"stage layer {r.layer} window {r.window}: {r.rounds} rounds, "
+            f"val loss {r.val_loss:.4f}, val metric {r.val_metric:.4f}, "
+            f"peak {format_bytes(r.peak_mem_bytes)}"
+        )
+    )
+    eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
+    final = evaluate_streaming(
+        model, objective, trainer.final_adapters, config.lora, val, batch_size=eval_batch
+    )
+    info = {
+        "task": args.task,
+        "labels": data.labels,
+        "label_token_ids": token_ids,
+        "lora": config.lora.to_dict(),
+        "mode": config.mode,
+        "model_digest": model_digest,
+        "pooling": getattr(objective, "pooling", None),
+        "max_len": args.max_len,
+        "eval_batch": eval_batch,
+        "prompt_template": data.config.prompt_template,
+        "response_template": data.config.response_template,
+    }
+    tensors = dict(trainer.final_adapters)
+    if args.task == "classify":
+        tensors.update({f"head.{k}": v for k, v in objective.head.state_dict().items()})
+    adapters_path = save_adapter_file(
+        args.adapters or workdir / "adapters.safetensors", AdapterFile(tensors, info)
+    )
+    report = {
+        "mode": config.mode,
+        "model": str(model_dir),
+        "task": args.task,
+        "start_layer": trainer.start_layer,
+        "foat_scores": trainer.foat_scores,
+        "config": config.to_dict(),
+        "data": data.summary(),
+        "stages": [_stage_dict(s) for s in stages],
+        "final": {"val_metric": final.metric, "val_loss": final.loss},
+        "seconds": time.perf_counter() - started,
+        "adapters": str(adapters_path),
+    }
+    report_path = args.report or workdir / "report.json"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
+    print(stage_table(report["stages"]))
+    print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
+    print(f"adapters: {adapters_path}\nreport: {report_path}")
+    return 0
+
+
+def _stage_dict(stage: StageReport) -> dict[str, Any]:
+    return {
+        "layer": stage.layer,
+        "window": stage.window,
+        "rounds": stage.rounds,
+        "steps": stage.steps,
+        "train_loss": stage.train_loss,
+        "val_loss": stage.val_loss,
+        "val_metric": stage.val_metric,
+        "peak_mem_bytes": stage.peak_mem_bytes,
+        "baseline_mem_bytes": stage.baseline_mem_bytes,
+        "seconds": stage.seconds,
+    }
+
+
+def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
+    if args.adapters is None:
+        raise ChainFedError("--eval-only needs --adapters FILE")
+    saved = load_adapter_file(args.adapters)
+    info = saved.info
+    if info.get("model_digest") != model_digest:
+        raise ChainFedError(f"{args.adapters}: trained on a different model than {model.model_dir}")
+    if info.get("task") != args.task or info.get("labels") != labels:
+        raise ChainFedError(
+            f"{args.adapters}: trained for task {info.get('task')} with labels "
+            f"{info.get('labels')}, not {args.task} with {labels}"
+        )
+    if info.get("max_len", args.max_len) != args.max_len:
+        raise ChainFedError(
+            f"{args.adapters}: trained with --max-len {info['max_len']}; evaluate with the same"
+        )
+    objective = _objective(model, args.task, labels, token_ids, args.seed)
+    if args.task == "classify":
+        objective.head.load_state_dict(saved.head())
+    lora = LoRAConfig(**info["lora"])
+    final = evaluate_streaming(
+        model, objective, saved.adapters(), lora, val, batch_size=info.get("eval_batch", 64)
+    )
+    print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(
+            json.dumps({"final": {"val_metric": final.metric, "val_loss": final.loss}}, indent=2)
+        )
+    return 0 if math.isfinite(final.loss) else 1
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (e.g. the train loss of a stage that trained nothing) as JSON null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

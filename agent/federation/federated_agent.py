@@ -1,0 +1,568 @@
+"""The agent's side of the federation: pull tasks, run chain rounds, upload updates.
+
+::
+
+    Register ──> loop: GetTask (long-poll)
+                   WAIT        -> poll again
+                   PROBE       -> FOAT scores on local data -> ReportProbe
+                   TRAIN_ROUND -> FetchTensors (final adapters + window aggregate)
+                                  -> enter the stage (prefix cache advances if the chain moved)
+                                  -> local steps -> SubmitUpdate (window state + metrics)
+                   DONE        -> fetch the final adapters, write them, exit 0
+
+The agent only ever dials the coordinator (edge devices sit behind NAT). When the
+coordinator is unreachable it retries with exponential backoff and jitter. After its own
+restart it re-registers and, because its prefix caches live in ``workdir`` keyed by
+fingerprints, continues without recomputing any prefix it already holds. Raw data never
+leaves the device: only adapter/head tensors and scalar metrics are sent.
+
+Under FFA (``TrainingParams.lora_train_a`` False) every A stays at its seeded init for
+the whole run, so none travels: the agent uploads B (with the head and GPO proxies) only,
+and rebuilds the A of whatever it fetches from the shared seed (``with_seeded_lora_a``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from chainfed.agent.errors import ChainFedError
+from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.budget import largest_window
+from chainfed.agent.training.chain import (
+    ChainConfig,
+    ChainTrainer,
+    EncodedSplit,
+    evaluate_streaming,
+)
+from chainfed.agent.training.memory_meter import PeakMemoryMeter
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.proto import chainfed_pb2 as pb
+from chainfed.proto import chainfed_pb2_grpc as pb_grpc
+from chainfed.proto import serde
+from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
+from chainfed.proto.dp_mechanism import local_dp_update
+from chainfed.proto.messages import (
+    AgentCapabilities,
+    ProbeReport,
+    Registration,
+    Task,
+    TaskKind,
+    TrainingParams,
+    UpdateHeader,
+    UpdateMetrics,
+)
+from chainfed.proto.seeded_init import linear_in_features, with_seeded_lora_a
+from chainfed.proto.tensor_chunks import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChunkAssembler,
+    chunk_data_budget,
+    manifest_of,
+    tensors_to_chunks,
+)
+from chainfed.proto.tensor_names import strip_prefix, without_lora_a
+
+log = logging.getLogger("chainfed.agent")
+
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,  # how an overloaded or stopping server drops a call
+)
+
+
+class CoordinatorUnreachable(ChainFedError):
+    """The coordinator stayed unreachable longer than the agent's patience."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the agent connects and what it declares."""
+
+    address: str
+    """Coordinator ``host:port``."""
+    token: str
+    """Auth token (shared or this agent's own)."""
+    workdir: Path
+    """Prefix caches and the final adapters live here (keep it across restarts)."""
+    agent_id: str = ""
+    """Requested id; empty lets the coordinator (or a per-agent token) decide."""
+    tls_ca: bytes | None = None
+    """PEM of the CA that signed the coordinator's certificate; None = plaintext."""
+    memory_budget_bytes: int = 0
+    """Declared training memory (0 = not declared); sizes ``--window auto``."""
+    device: str = "cpu"
+    """Compute device declared to the coordinator."""
+    poll_ms: int = 10_000
+    """Long-poll window of GetTask."""
+    give_up_after_s: float = 600.0
+    """Exit with an error after the coordinator is unreachable this long."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Per-message limit until the coordinator states its own."""
+
+
+@dataclass(frozen=True)
+class RoundTraffic:
+    """What one training round cost this agent: tensor payload each way (bytes of the
+    tensors' values; the wire adds chunk framing) and the round's memory peak."""
+
+    round_id: str
+    stage_layer: int
+    received_bytes: int
+    """Final adapters + window aggregate fetched for the round."""
+    sent_bytes: int
+    """The window state uploaded."""
+    peak_memory_bytes: int
+    """Process peak during the round (RSS on CPU)."""
+    baseline_memory_bytes: int
+    """The process's idle baseline, for the figure above it."""
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors' values."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class LocalData:
+    """This device's private data, encoded, plus what the objective needs."""
+
+    train: EncodedSplit
+    val: EncodedSplit
+    task: str
+    labels: list[str]
+    label_token_ids: list[int] | None = None
+
+
+class FederatedAgent:
+    """One agent process: connects, then ``run()`` until the chain is done."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        model: StreamingModel,
+        data: LocalData,
+        model_fingerprint: str,
+        *,
+        progress: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.data = data
+        self.model_fingerprint = model_fingerprint
+        self.progress = progress
+        self.sleep = sleep
+        self.agent_id = config.agent_id
+        self.max_message_bytes = config.max_message_bytes
+        self.trainer: ChainTrainer | None = None
+        self.rounds_done = 0
+        self.traffic: list[RoundTraffic] = []
+        """One entry per training round this agent ran."""
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.ChainFedStub | None = None
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+        if self.config.tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca)
+            self._channel = grpc.secure_channel(self.config.address, credentials, options)
+        else:
+            self._channel = grpc.insecure_channel(self.config.address, options)
+        self._stub = pb_grpc.ChainFedStub(self._channel)
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return serde.auth_metadata(self.config.token)
+
+    def _call(self, what: str, fn: Callable[[], object]) -> object:
+        """Run one RPC, retrying with exponential backoff + jitter while unreachable.
+
+        Patience (``give_up_after_s``) counts from the first failure, so one slow attempt
+        (a long fetch that timed out) is retried rather than taken as the whole wait."""
+        delay, first_failure = 0.5, None
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise ChainFedError(
+                        f"coordinator refused {what}: {exc.code().name}: {exc.details()}"
+                    ) from exc
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if now - first_failure > self.config.give_up_after_s:
+                    raise CoordinatorUnreachable(
+                        f"coordinator {self.config.address} unreachable for "
+                        f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
+                    ) from exc
+                wait = delay * random.uniform(0.5, 1.5)
+                log.info("%s: coordinator unavailable, retrying in %.1f s", what, wait)
+                self.sleep(wait)
+                delay = min(delay * 2, 30.0)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Work until the chain is done; returns the path of the final adapter file."""
+        self._connect()
+        self._register()
+        while True:
+            task = self._call(
+                "GetTask",
+                lambda: serde.task_from_proto(
+                    self._stub.GetTask(
+                        pb.GetTaskRequest(agent_id=self.agent_id, wait_ms=self.config.poll_ms),
+                        metadata=self._metadata,
+                        timeout=self.config.poll_ms / 1000 + 30,
+                    )
+                ),
+            )
+            if task.kind is TaskKind.WAIT:
+                self.sleep(min(task.retry_after_ms, 1000) / 1000)
+            elif task.kind is TaskKind.PROBE:
+                self._probe(task)
+            elif task.kind is TaskKind.TRAIN_ROUND:
+                self._train_round(task)
+            elif task.kind is TaskKind.EVALUATE:
+                self._evaluate(task)
+            elif task.kind is TaskKind.DONE:
+                return self._finish(task)
+
+    def max_window(self, params: TrainingParams) -> int:
+        """The largest DLCT window whose stage fits this agent's declared memory budget at
+        the width of its training rows (what it trains at; at most ``--max-len``) under
+        ``params``; 0 when it declared no budget."""
+        if not self.config.memory_budget_bytes:
+            return 0
+        return largest_window(
+            self.model.config,
+            chain_config_from_params(params, 1),
+            self.config.memory_budget_bytes,
+            seq_len=self.data.train.input_ids.shape[1],
+            task=self.data.task,
+        )
+
+    def _coordinator_params(self) -> TrainingParams | None:
+        """The training settings the coordinator gives every task (Status), or None from
+        a coordinator that does not say."""
+        reply = self._call(
+            "Status",
+            lambda: self._stub.Status(
+                pb.StatusRequest(history_limit=1), metadata=self._metadata, timeout=30
+            ),
+        )
+        return serde.status_snapshot_from_proto(reply).params
+
+    def _register(self) -> None:
+        max_window = 0
+        if self.config.memory_budget_bytes:
+            params = self._coordinator_params()
+            max_window = 0 if params is None else self.max_window(params)
+        capabilities = AgentCapabilities(
+            device=self.config.device,
+            memory_budget_bytes=self.config.memory_budget_bytes,
+            num_samples=len(self.data.train),
+            software_version="0.1.0",
+            model_fingerprint=self.model_fingerprint,
+            max_window=max_window,
+        )
+        request = serde.registration_to_proto(
+            Registration(self.agent_id, self.config.token, capabilities)
+        )
+        ack = self._call(
+            "Register",
+            lambda: serde.register_ack_from_proto(
+                self._stub.Register(request, metadata=self._metadata, timeout=30)
+            ),
+        )
+        self.agent_id = ack.agent_id
+        if ack.max_message_bytes != self.max_message_bytes:
+            self.max_message_bytes = ack.max_message_bytes
+            self._connect()
+        log.info("registered as %s", self.agent_id)
+
+    def needs_final(self, task: Task) -> bool:
+        """Whether a TRAIN_ROUND must fetch the final adapters: only on entering a stage
+        (they are adopted then and never change within it)."""
+        trainer = self.trainer
+        return (
+            trainer is None
+            or trainer.layer != task.stage_layer
+            or trainer.window != list(task.window_layers)
+        )
+
+    def _fetch(self, round_id: str, task: Task) -> dict[str, torch.Tensor]:
+        omit_final = task.kind is TaskKind.TRAIN_ROUND and not self.needs_final(task)
+        specs = [s for s in task.tensors if not (omit_final and s.name.startswith("final."))]
+
+        def fetch() -> dict[str, torch.Tensor]:
+            assembler = ChunkAssembler(specs)
+            for message in self._stub.FetchTensors(
+                pb.FetchTensorsRequest(
+                    agent_id=self.agent_id, round_id=round_id, omit_final=omit_final
+                ),
+                metadata=self._metadata,
+                timeout=600,
+            ):
+                assembler.add(serde.tensor_chunk_from_proto(message))
+            return assembler.finish()
+
+        return self._call("FetchTensors", fetch)
+
+    def _fetch_or_none(self, task: Task) -> dict[str, torch.Tensor] | None:
+        """The task's tensors, or None when its round closed meanwhile (deadline passed,
+        coordinator restarted): the agent then simply asks for its next task."""
+        try:
+            return self._fetch(task.round_id, task)
+        except ChainFedError as exc:
+            if "FAILED_PRECONDITION" not in str(exc):
+                raise
+            log.warning("round %s closed before its tensors were fetched: %s", task.round_id, exc)
+            return None
+
+    def _ensure_trainer(self, params: TrainingParams, window: int) -> ChainTrainer:
+        if self.trainer is None:
+            self.trainer = ChainTrainer(
+                self.model,
+                self._objective(params),
+                self.data.train,
+                self.data.val,
+                chain_config_from_params(params, window),
+                self.config.workdir,
+                progress=self.progress,
+            )
+        return self.trainer
+
+    def _objective(self, params: TrainingParams) -> ClassifyObjective | LMObjective:
+        if self.data.task == "classify":
+            pooling = "mean" if self.model.config.family == "bert" else "last"
+            return ClassifyObjective(
+                self.model.config.hidden_size, len(self.data.labels), pooling, seed=params.seed
+            )
+        return LMObjective(self.model.streamed_lm_head(), self.data.label_token_ids)
+
+    def probe_report(self, task: Task) -> ProbeReport:
+        """FOAT scores of this device's data for a PROBE task (no transport)."""
+        trainer = self._ensure_trainer(task.params, 1)
+        scores = trainer.probe()
+        return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
+
+    def _probe(self, task: Task) -> None:
+        report = self.probe_report(task)
+        self._call(
+            "ReportProbe",
+            lambda: self._stub.ReportProbe(
+                serde.probe_report_to_proto(report), metadata=self._metadata, timeout=60
+            ),
+        )
+
+    def _train_round(self, task: Task) -> None:
+        tensors = self._fetch_or_none(task)
+        if tensors is None:
+            return
+        metrics, update = self.train_update(task, tensors)
+        self._submit(task.round_id, metrics, update)
+
+    def train_update(
+        self, task: Task, tensors: dict[str, torch.Tensor]
+    ) -> tuple[UpdateMetrics, dict[str, torch.Tensor]]:
+        """One TRAIN_ROUND on local data from the round's fetched ``tensors`` (final
+        adapters + window aggregate): the metrics and window state to submit. The work of
+        a round without its transport, so an in-process simulation runs the same code.
+
+        The validation figures are those of the fetched aggregate on this agent's
+        validation rows, measured before the local steps; the training loss is that of
+        the local steps."""
+        window = list(task.window_layers)
+        trainer = self._ensure_trainer(task.params, len(window))
+        final = self.with_frozen_a(strip_prefix(tensors, "final."), trainer.config.lora)
+        started = time.perf_counter()
+        with PeakMemoryMeter(self.model.device) as meter:
+            if trainer.start_layer is None:
+                trainer.set_start_layer(window[0])
+            if self.needs_final(task):
+                trainer.adopt_final_adapters(final)
+                trainer.enter_stage(task.stage_layer, window)
+            trainer.load_trainable_state(strip_prefix(tensors, "window."))
+            # Validate the fetched aggregate, not this agent's locally trained window: on
+            # a label-skewed shard the local window scores far above the model the
+            # federation holds, and the coordinator's stage convergence reads these
+            # figures (one round late: see UpdateMetrics.val_loss).
+            evaluation = trainer.evaluate_window()
+            params = task.params
+            start = trainer.trainable_state() if params.local_dp_clip > 0 else None
+            result = trainer.train_round(params.local_steps)
+            update = trainer.trainable_state()
+            if not params.lora_train_a:  # A frozen at its seeded init: nothing to send
+                update = without_lora_a(update)
+            if start is not None:  # local DP: clip the change, noise it, before it leaves
+                update = local_dp_update(
+                    update,
+                    start,
+                    params.local_dp_clip,
+                    params.local_dp_noise_multiplier,
+                    train_a=params.lora_train_a,
+                )
+        metrics = UpdateMetrics(
+            # FedAvg weight: the samples this agent holds (not the steps it ran)
+            train_samples=len(self.data.train),
+            val_samples=len(self.data.val),
+            steps=result.steps,
+            train_loss=result.train_loss,
+            val_loss=evaluation.loss,
+            val_metric=evaluation.metric,
+            peak_memory_bytes=meter.reading.peak_bytes,
+            seconds=time.perf_counter() - started,
+        )
+        self.rounds_done += 1
+        self.traffic.append(
+            RoundTraffic(
+                task.round_id,
+                task.stage_layer,
+                payload_bytes(tensors),
+                payload_bytes(update),
+                meter.reading.peak_bytes,
+                meter.reading.baseline_bytes,
+            )
+        )
+        log.info(
+            "round %s layer %d: train loss %.4f, val loss %.4f, val metric %.4f",
+            task.round_id,
+            task.stage_layer,
+            result.train_loss,
+            evaluation.loss,
+            evaluation.metric,
+        )
+        return metrics, update
+
+    def _evaluate(self, task: Task) -> None:
+        final = self._fetch_or_none(task)
+        if final is None:
+            return
+        self._submit(task.round_id, self.evaluation_metrics(task, final), {})
+
+    def evaluation_metrics(self, task: Task, final: dict[str, torch.Tensor]) -> UpdateMetrics:
+        """The final model (``final``: adapters + head) on local validation data, by the
+        same streamed evaluation as ``chainfed train``; only these metrics go back."""
+        started = time.perf_counter()
+        objective = self._objective(task.params)
+        head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}
+        if head:
+            objective.head.load_state_dict(head)
+        lora = chain_config_from_params(task.params, 1).lora
+        final = self.with_frozen_a(final, lora)
+        adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
+        evaluation = evaluate_streaming(
+            self.model, objective, adapters, lora, self.data.val, batch_size=task.params.micro_batch
+        )
+        return UpdateMetrics(
+            train_samples=len(self.data.train),
+            val_samples=len(self.data.val),
+            steps=0,
+            train_loss=0.0,
+            val_loss=evaluation.loss,
+            val_metric=evaluation.metric,
+            peak_memory_bytes=0,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
+        header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
+        budget = chunk_data_budget(self.max_message_bytes)
+
+        def parts() -> Iterator[pb.UpdatePart]:
+            yield serde.update_part_to_proto(header)
+            for chunk in tensors_to_chunks(tensors, budget):
+                yield serde.update_part_to_proto(chunk)
+
+        try:
+            self._call(
+                "SubmitUpdate",
+                lambda: self._stub.SubmitUpdate(parts(), metadata=self._metadata, timeout=600),
+            )
+        except ChainFedError as exc:
+            if "FAILED_PRECONDITION" in str(exc):
+                log.warning("update for round %s not taken: %s", round_id, exc)
+                return
+            raise
+
+    def _finish(self, task: Task) -> Path:
+        path = self.write_final_adapters(self._fetch("done", task), task.params)
+        if self._channel is not None:
+            self._channel.close()
+        return path
+
+    def with_frozen_a(
+        self, tensors: dict[str, torch.Tensor], lora: LoRAConfig
+    ) -> dict[str, torch.Tensor]:
+        """``tensors`` with the seeded A of every adapter that came as B alone, when
+        ``lora`` freezes A (FFA); unchanged otherwise."""
+        if lora.train_a:
+            return tensors
+
+        def in_features(layer: int, module: str) -> int:
+            return linear_in_features(self.model.block_tensor_spec(layer))[module]
+
+        return with_seeded_lora_a(tensors, lora.seed, in_features)
+
+    def write_final_adapters(self, final: dict[str, torch.Tensor], params: TrainingParams) -> Path:
+        """``WORKDIR/final_adapters.safetensors``: the federation's result with this
+        device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``.
+        Under FFA the frozen A, which never travels, is rebuilt from the seed of ``params``
+        (the DONE task's)."""
+        info = {
+            "task": self.data.task,
+            "labels": self.data.labels,
+            "label_token_ids": self.data.label_token_ids,
+            "model_digest": self.model_fingerprint,
+            "mode": "chain",
+        }
+        if self.trainer is not None:
+            info["lora"] = self.trainer.config.lora.to_dict()
+            info["pooling"] = getattr(self.trainer.objective, "pooling", None)
+        tensors = self.with_frozen_a(dict(final), chain_config_from_params(params, 1).lora)
+        path = save_adapter_file(
+            self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info)
+        )
+        log.info("chain done; final adapters in %s", path)
+        return path
+
+
+def chain_config_from_params(params: TrainingParams, window: int) -> ChainConfig:
+    """The local trainer settings a coordinator's task implies."""
+    return ChainConfig(
+        mode="chain",
+        window=max(window, 1),
+        gpo=params.gpo,
+        gpo_lambda=params.gpo_lambda,
+        proxy_rank=params.proxy_rank,
+        foat_samples=params.foat_samples,
+        lora=LoRAConfig(
+            rank=params.lora_rank,
+            alpha=params.lora_alpha,
+            dropout=params.lora_dropout,
+            targets=params.lora_targets,
+            train_a=params.lora_train_a,
+            seed=params.lora_seed,
+        ),
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        micro_batch=params.micro_batch,
+        grad_accum=params.grad_accum,
+        steps_per_round=params.local_steps,
+        seed=params.seed,
+    )

@@ -1,0 +1,40 @@
+"""Greedy decoding with our own blocks, for quick checks of a decoder and its adapters.
+
+Every block stays resident while decoding (a few hundred MiB for SmolLM2) and the whole
+sequence is recomputed each step: no KV cache, which keeps this path a plain reuse of the
+training blocks. It is a correctness tool, not a serving engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chainfed.agent.runtime.model import StreamingModel
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: StreamingModel,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int = 16,
+    stop_ids: set[int] | None = None,
+) -> list[int]:
+    """The ids greedy decoding appends to ``prompt_ids`` (stops after a stop id)."""
+    embeddings = model.load_embeddings()
+    blocks = [model.load_block(i) for i in range(model.num_layers)]
+    head = model.load_lm_head()
+    ids = torch.tensor([prompt_ids])
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        mask = torch.ones_like(ids)
+        ctx = model.attention_context(mask)
+        h = embeddings(ids, mask)  # (1, T, d)
+        for block in blocks:
+            h = block(h, ctx)
+        next_id = int(head(h[:, -1:]).argmax(-1))  # logits only at the last position
+        generated.append(next_id)
+        if stop_ids and next_id in stop_ids:
+            break
+        ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+    return generated

@@ -1,0 +1,199 @@
+"""``StreamingModel``: a model folder whose parts are built on demand and released after.
+
+Only the part in use is in memory. ``hidden_states`` shows the pattern every consumer
+(prefix cache, FOAT probe, foresight) follows::
+
+    embeddings ──> h0 ──> block 0 ──> h1 ──> ... ──> block L-1 ──> hL ──> head
+       load/drop        load/drop                     load/drop       load/drop
+
+Modules are created on the ``meta`` device and receive the checkpoint's tensors by
+assignment, so building a block allocates its weights once, never twice.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.runtime import bert, llama
+from chainfed.agent.runtime.attention import AttentionContext
+from chainfed.agent.runtime.checkpoint import Checkpoint, TensorSpec
+from chainfed.agent.runtime.fingerprint import digest_files
+from chainfed.agent.runtime.lm_head import StreamedLMHead
+from chainfed.agent.runtime.model_config import ModelConfig
+from chainfed.proto.model_spec import ModelSpec
+from chainfed.proto.seeded_init import linear_in_features
+
+_FAMILIES: dict[str, ModuleType] = {"bert": bert, "llama": llama}
+
+
+class StreamingModel:
+    """A model folder (HF layout) opened for layer-by-layer use.
+
+    Opening reads ``config.json`` and the safetensors headers only; it checks that the
+    checkpoint holds the embeddings of the declared family so a wrong folder fails here,
+    not halfway through a run.
+    """
+
+    def __init__(
+        self, model_dir: Path | str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelLoadError(f"{self.model_dir}: model folder not found or not a directory")
+        self.config = ModelConfig.load(self.model_dir)
+        self.checkpoint = Checkpoint(self.model_dir)
+        self.dtype = dtype
+        self.device = device
+        self._family = _FAMILIES[self.config.family]
+        self._prefix = self._find_prefix()
+
+    def _find_prefix(self) -> str:
+        for prefix in self._family.CHECKPOINT_PREFIXES:
+            if self._family.embedding_key(prefix) in self.checkpoint:
+                return prefix
+        expected = self._family.embedding_key(self._family.CHECKPOINT_PREFIXES[0])
+        raise ModelLoadError(
+            f"{self.model_dir}: tensor {expected!r} not found in "
+            f"{[str(f) for f in self.checkpoint.files]}; the checkpoint does not match "
+            f"its {self.config.model_type} config"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Digest of ``config.json`` and every weight file (names and bytes): what agents
+        and coordinator compare, and what prefix caches and adapter files are keyed by."""
+        return digest_files([self.model_dir / "config.json", *self.checkpoint.files])
+
+    def spec(self) -> ModelSpec:
+        """What the coordinator needs to know of this model (reads no weights beyond the
+        fingerprint's hashing)."""
+        return ModelSpec(
+            num_layers=self.num_layers,
+            family=self.config.family,
+            fingerprint=self.fingerprint,
+            lora_in_features=linear_in_features(self.block_tensor_spec(0)),
+        )
+
+    def tokenizer(self) -> Tokenizer:
+        """The folder's ``tokenizer.json``, with any padding/truncation it declares switched off.
+
+        Some files (MiniLM's) pad every encoding to 128; batching and truncation are the
+        data layer's job, so encodings here are exactly the text's tokens.
+        """
+        path = self.model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: tokenizer.json not found")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelLoadError(f"{path}: cannot read tokenizer: {exc}") from exc
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
+
+    def _materialise(self, module: nn.Module, spec: TensorSpec) -> nn.Module:
+        tensors = self.checkpoint.load(
+            {name: shape for name, shape in spec.values()}, dtype=self.dtype, device=self.device
+        )
+        state = {ours: tensors[theirs] for ours, (theirs, _) in spec.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+        return module.eval()
+
+    def load_embeddings(self) -> nn.Module:
+        """Embedding module: ``(input_ids, attention_mask) -> (B, T, d)``."""
+        with torch.device("meta"):
+            module = self._family.build_embeddings(self.config)
+        return self._materialise(module, self._family.embedding_tensors(self.config, self._prefix))
+
+    def block_tensor_spec(self, index: int) -> TensorSpec:
+        """Checkpoint names and shapes behind block ``index``."""
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"layer {index} out of range 0..{self.num_layers - 1}")
+        return self._family.block_tensors(self.config, self._prefix, index)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Frozen block ``index``: ``(h, AttentionContext) -> h``."""
+        spec = self.block_tensor_spec(index)
+        with torch.device("meta"):
+            module = self._family.build_block(self.config)
+        return self._materialise(module, spec)
+
+    def _require_decoder(self) -> None:
+        if self.config.family != "llama":
+            raise ModelLoadError(
+                f"{self.model_dir}: {self.config.model_type} is an encoder and has no LM head"
+            )
+
+    def load_lm_head(self) -> nn.Module:
+        """Final norm + LM head of a decoder, held whole: ``(B, T, d) -> (B, T, V)``.
+
+        For generation; losses use ``streamed_lm_head``."""
+        self._require_decoder()
+        with torch.device("meta"):
+            module = self._family.build_head(self.config)
+        return self._materialise(module, self._family.head_tensors(self.config, self._prefix))
+
+    def streamed_lm_head(self) -> StreamedLMHead:
+        """Final norm + LM head for losses: the head is read in vocabulary slices when
+        used, never held whole (see ``chainfed.agent.runtime.lm_head``)."""
+        self._require_decoder()
+        spec = self._family.head_tensors(self.config, self._prefix)
+        weight_name, shape = spec["lm_head.weight"]
+        if self.checkpoint.shape(weight_name) != shape:
+            raise ModelLoadError(
+                f"{self.model_dir}: tensor {weight_name!r} has shape "
+                f"{list(self.checkpoint.shape(weight_name))} but the config implies {list(shape)}"
+            )
+        with torch.device("meta"):
+            norm = self._family.build_head(self.config).norm
+        norm = self._materialise(norm, {"weight": spec["norm.weight"]})
+        return StreamedLMHead(
+            norm, self.checkpoint, weight_name, dtype=self.dtype, device=self.device
+        )
+
+    def attention_context(self, attention_mask: torch.Tensor) -> AttentionContext:
+        """Mask (and RoPE tables) shared by every block for this batch."""
+        return self._family.attention_context(
+            self.config, attention_mask.to(self.device), self.dtype
+        )
+
+
+@torch.no_grad()
+def hidden_states(
+    model_dir: Path | str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """The L+1 hidden states of a batch, computed by streaming one block at a time.
+
+    Same convention as transformers' ``output_hidden_states``: element 0 is the
+    embedding output, element i the output of block i-1. ``input_ids`` and
+    ``attention_mask`` are (B, T), right padded. Only the embeddings or one block are
+    resident at any moment besides the returned states.
+    """
+    model = StreamingModel(model_dir, dtype=dtype)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ctx = model.attention_context(attention_mask)
+    embeddings = model.load_embeddings()
+    states = [embeddings(input_ids, attention_mask)]
+    del embeddings
+    for index in range(model.num_layers):
+        block = model.load_block(index)
+        states.append(block(states[-1], ctx))
+        del block
+    return states

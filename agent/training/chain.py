@@ -1,0 +1,711 @@
+"""The chain trainer on one device: train, converge, freeze, next layer (DESIGN.md §3).
+
+Layers 0..L-1; the chain runs from a start layer s (FOAT, or given) to L-1. Stage l makes
+layer l the active layer; the DLCT window holds the Q most recent layers::
+
+    frozen, final adapters    window (trained together)    foresight (GPO)
+    [ 0 ... lo-1 ] --cache--> [ lo ... l ] --local head--> loss_local
+                                     └──> proxies / exact blocks l+1..L-1 ──> head ──> loss_global
+
+    loss = loss_local + lambda * loss_global   (last stage: the end-to-end loss alone)
+
+When the window moves from l to l+1 it keeps Q-1 adapters; the one that leaves becomes
+final and the prefix caches (train and validation) advance through it by exactly one
+block forward. Baseline modes run through the same code: ``e2e`` (every layer resident
+with LoRA, no cache, full backprop), ``topk`` (window = the last k layers, one stage),
+``head`` (frozen backbone, head only).
+
+Notation: N samples, B micro-batch, T sequence, d hidden, L layers, Q window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from chainfed.agent.runtime.fingerprint import digest_json, digest_tensors
+from chainfed.agent.runtime.lora import (
+    LoRAConfig,
+    adapter_state,
+    add_lora,
+    load_adapter_state,
+    trainable_adapter_params,
+)
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.foat import probe_cka
+from chainfed.agent.training.gpo import ExactForesight, ProxyBranch
+from chainfed.agent.training.memory_meter import PeakMemoryMeter
+from chainfed.agent.training.objectives import Batch, ClassifyObjective, LMObjective
+from chainfed.agent.training.prefix_cache import PrefixCache
+from chainfed.proto.adapter_file import (
+    AdapterFile,
+    AdapterFileError,
+    load_adapter_file,
+    save_adapter_file,
+)
+from chainfed.proto.chain_rules import (
+    DEFAULT_GPO_LAMBDA,
+    StageConvergence,
+    choose_start_layer,
+    parse_gpo,
+    window_layers,
+)
+from chainfed.proto.tensor_names import strip_prefix
+
+MODES = ("chain", "e2e", "topk", "head")
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """How one device trains: mode, window, foresight, start layer, rounds, optimiser."""
+
+    mode: str = "chain"
+    """``chain`` (the method), or the baselines ``e2e``, ``topk``, ``head``."""
+    topk: int = 2
+    """Layers trained by ``topk`` mode (the last k)."""
+    window: int = 2
+    """DLCT window Q: adapters trained together; 1 disables co-tuning."""
+    gpo: str = "proxy"
+    """``proxy``, ``exact:K``, ``exact:all`` or ``none``."""
+    gpo_lambda: float | None = None
+    """Weight of the global loss; None = 0.1 for bert, 0.2 for llama."""
+    proxy_rank: int = 8
+    """Rank of each GPO residual proxy."""
+    start_layer: int | None = None
+    """First trained layer; None lets FOAT choose."""
+    foat_threshold: float = 0.8
+    """FOAT starts the chain at the first layer with CKA below this."""
+    foat_samples: int = 64
+    """Training samples in the FOAT probe mini-batch."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Adapter rank, alpha, targets."""
+    lr: float = 1e-3
+    """AdamW learning rate for adapters, head and proxies."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    micro_batch: int = 16
+    """Samples per forward/backward, and per evaluation batch: evaluation must fit the
+    memory the budget planner chose for training. (Evaluating at 4× the micro-batch, with
+    the head's 16 MiB slices, a SmolLM2 stage peaked at 239 MiB above baseline, against
+    210 MiB now; the two changes were measured together.)"""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (effective batch = micro_batch × grad_accum)."""
+    steps_per_round: int = 25
+    """Optimiser steps between validations (one round)."""
+    min_rounds: int = 1
+    """Rounds every stage runs at least."""
+    max_rounds: int = 3
+    """Round cap per stage (1 = the move-every-round DLCT variant)."""
+    patience: int = 1
+    """Rounds without relative improvement > tolerance before a stage converges."""
+    tolerance: float = 0.01
+    """Relative validation-loss improvement that counts as progress."""
+    baseline_rounds: int | None = None
+    """Rounds of the single stage of e2e/topk/head; None = max_rounds × L."""
+    seed: int = 0
+    """Seeds data order, head and adapter initialisation."""
+    cache_dtype: str = "float32"
+    """Storage of the prefix cache: float32, float16 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name in (
+            "topk",
+            "window",
+            "micro_batch",
+            "grad_accum",
+            "steps_per_round",
+            "max_rounds",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_rounds > self.max_rounds:
+            raise ValueError("min_rounds must not exceed max_rounds")
+        parse_gpo(self.gpo, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EncodedSplit:
+    """Token tensors of one split, all (N, T) or (N,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, index: np.ndarray | slice) -> Batch:
+        lm = None if self.loss_mask is None else self.loss_mask[index]
+        return Batch(self.input_ids[index], self.attention_mask[index], self.labels[index], lm)
+
+    def digest(self) -> str:
+        tensors = {"ids": self.input_ids, "mask": self.attention_mask, "labels": self.labels}
+        if self.loss_mask is not None:
+            tensors["loss_mask"] = self.loss_mask
+        return digest_tensors(tensors)
+
+
+@dataclass
+class StageReport:
+    """What one stage did; the unit of the ``chainfed train`` report."""
+
+    layer: int
+    window: list[int]
+    steps: int
+    rounds: int
+    train_loss: float
+    val_loss: float
+    val_metric: float
+    seconds: float
+    peak_mem_bytes: int = 0
+    baseline_mem_bytes: int = 0
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    metric: float
+
+
+@dataclass
+class RoundResult:
+    """One round of local steps on the current window."""
+
+    steps: int
+    samples: int
+    train_loss: float
+
+
+StageHook = Callable[[StageReport], None]
+
+
+class ChainTrainer:
+    """Layer-by-layer training on one device.
+
+    ``train()`` runs a whole chain (or baseline) locally. The same steps are public for a
+    federated agent, whose coordinator decides instead of the local loop::
+
+        trainer.set_start_layer(s)              # or choose_start() (FOAT)
+        window = trainer.enter_stage(layer)     # finalise leaving adapters, advance caches
+        trainer.load_trainable_state(aggregate) # the round's starting point
+        trainer.train_round()                   # steps_per_round local steps
+        trainer.evaluate_window(), trainer.trainable_state()
+    """
+
+    def __init__(
+        self,
+        model: StreamingModel,
+        objective: ClassifyObjective | LMObjective,
+        train: EncodedSplit,
+        val: EncodedSplit,
+        config: ChainConfig,
+        workdir: Path,
+        *,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.objective, self.config = model, objective, config
+        self.train_data, self.val_data = train, val
+        self.workdir = Path(workdir)
+        self.progress = progress
+        self.L = model.num_layers
+        self.gpo_kind, self.gpo_depth = parse_gpo(config.gpo, self.L)
+        self.gpo_lambda = (
+            config.gpo_lambda
+            if config.gpo_lambda is not None
+            else DEFAULT_GPO_LAMBDA[model.config.family]
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self.final_adapters: dict[str, torch.Tensor] = {}
+        """Adapters of layers that left the window, by saved name; never changed after."""
+        self.window_blocks: dict[int, nn.Module] = {}
+        """Blocks of the current window, with trainable adapters."""
+        self.window: list[int] = []
+        self.layer: int | None = None
+        self.foat_scores: list[float] | None = None
+        self.stages: list[StageReport] = []
+        self.start_layer: int | None = None
+        self.resumed_from: int | None = None
+        """Layer a restarted chain continued at (None: it started fresh)."""
+        self.foresight: nn.Module | None = None
+        self._caches: tuple[PrefixCache, PrefixCache] | None = None
+        self._embeddings: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # -- set-up ---------------------------------------------------------------------
+
+    def probe(self) -> list[float]:
+        """FOAT scores (per-layer CKA vs the embeddings) on the first training samples."""
+        n = min(self.config.foat_samples, len(self.train_data))
+        batch = self.train_data.batch(slice(0, n))
+        self.foat_scores = probe_cka(self.model, batch.input_ids, batch.attention_mask)
+        return self.foat_scores
+
+    def choose_start(self) -> int:
+        """The configured start layer, else FOAT's choice."""
+        if self.config.start_layer is not None:
+            return self.config.start_layer
+        return choose_start_layer(self.probe(), self.config.foat_threshold)
+
+    def set_start_layer(self, layer: int) -> None:
+        """Fix where the chain starts; creates the GPO foresight for the layers above."""
+        if not 0 <= layer < self.L:
+            raise ValueError(f"start layer {layer} not in 0..{self.L - 1}")
+        self.start_layer = layer
+        self.foresight = self._make_foresight(layer)
+
+    def _fingerprint(self, split: EncodedSplit) -> str:
+        return digest_json(
+            [self.model.fingerprint, split.digest(), str(self.model.dtype), self.config.seed]
+        )
+
+    def _open_cache(self, name: str, split: EncodedSplit) -> PrefixCache:
+        return PrefixCache.open(
+            self.workdir / "cache" / name,
+            fingerprint=self._fingerprint(split),
+            num_samples=len(split),
+            seq_len=split.input_ids.shape[1],
+            hidden_size=self.model.config.hidden_size,
+            dtype=getattr(torch, self.config.cache_dtype),
+        )
+
+    @property
+    def caches(self) -> tuple[PrefixCache, PrefixCache]:
+        """(train, validation) prefix caches, opened on first use."""
+        if self._caches is None:
+            self._caches = (
+                self._open_cache("train", self.train_data),
+                self._open_cache("val", self.val_data),
+            )
+        return self._caches
+
+    def _bring_cache_to(self, cache: PrefixCache, split: EncodedSplit, layer: int) -> None:
+        """Reuse what is on disk when valid, then advance block by block to ``layer``."""
+        digests = [
+            digest_tensors(self._final_of(i)) if self._final_of(i) else "none" for i in range(layer)
+        ]
+        if not cache.usable_for(layer, digests):
+            embeddings = self.model.load_embeddings()
+            cache.write_initial(
+                lambda sl: embeddings(split.input_ids[sl], split.attention_mask[sl]),
+                layer=0,
+                batch_size=self.config.micro_batch,
+            )
+            del embeddings
+        while cache.layer < layer:
+            index = cache.layer
+            block = self._frozen_block(index)
+            cache.advance(
+                lambda h, mask, block=block: block(
+                    h.to(self.model.device, self.model.dtype), self.model.attention_context(mask)
+                ),
+                split.attention_mask,
+                adapter_digest=digests[index],
+                batch_size=self.config.micro_batch,
+            )
+
+    def _final_of(self, layer: int) -> dict[str, torch.Tensor]:
+        prefix = f"layers.{layer}."
+        return {k: v for k, v in self.final_adapters.items() if k.startswith(prefix)}
+
+    def _frozen_block(self, layer: int) -> nn.Module:
+        """Block ``layer`` with its final adapter (if any), for inference."""
+        block = self.model.load_block(layer)
+        final = self._final_of(layer)
+        if final:
+            add_lora(block, layer, self.config.lora)
+            load_adapter_state(block, layer, final)
+        return block.eval()
+
+    def _make_foresight(self, start: int) -> nn.Module | None:
+        if self.config.mode != "chain" or self.gpo_kind == "none" or self.gpo_lambda == 0:
+            return None
+        if self.gpo_kind == "proxy":
+            return ProxyBranch(
+                self.model.config.hidden_size,
+                self.config.proxy_rank,
+                range(start + 1, self.L),
+                seed=self.config.seed,
+            )
+        return _DepthLimited(ExactForesight(self.model, range(start + 1, self.L)), self.gpo_depth)
+
+    # -- stages ---------------------------------------------------------------------
+
+    def stage_window(self, layer: int) -> list[int]:
+        """Layers trained in the stage whose newest layer is ``layer``."""
+        if self.config.mode != "chain":
+            return list(range(self._baseline_first, self.L))
+        return window_layers(self.start_layer, layer, self.config.window)
+
+    @property
+    def _baseline_first(self) -> int:
+        L = self.L
+        return {"e2e": 0, "topk": L - min(self.config.topk, L), "head": L}[self.config.mode]
+
+    def enter_stage(self, layer: int, window: list[int] | None = None) -> list[int]:
+        """Make ``layer`` the active layer: adapters leaving the window become final, the
+        prefix caches advance to the window's bottom, new window blocks are loaded.
+        ``window`` (a federated task's) overrides the locally computed one."""
+        window = self.stage_window(layer) if window is None else list(window)
+        for old in [j for j in self.window_blocks if j not in window]:
+            self._finalise(old)
+        if self.config.mode == "e2e":
+            if self._embeddings is None:
+                self._embeddings = self.model.load_embeddings()
+        else:
+            bottom = window[0] if window else self.L
+            train_cache, val_cache = self.caches
+            if window or any(p.requires_grad for p in self.objective.parameters()):
+                # (an LM head-mode run trains nothing: only validation states are needed)
+                self._bring_cache_to(train_cache, self.train_data, bottom)
+            self._bring_cache_to(val_cache, self.val_data, bottom)
+        for j in window:
+            if j not in self.window_blocks:
+                self._load_window_block(j)
+        if self.foresight is not None:
+            self.foresight.retire_below(layer)
+        self.window, self.layer = window, layer
+        params = [p for j in window for p in trainable_adapter_params(self.window_blocks[j])]
+        params += [p for p in self.objective.parameters() if p.requires_grad]
+        if self._stage_foresight is not None:
+            params += [p for p in self._stage_foresight.parameters() if p.requires_grad]
+        self._optimizer = (
+            torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+            if params
+            else None
+        )
+        return window
+
+    @property
+    def _stage_foresight(self) -> nn.Module | None:
+        # The last stage's window output is the network's output: the end-to-end loss.
+        return self.foresight if self.layer is not None and self.layer < self.L - 1 else None
+
+    def _load_window_block(self, layer: int) -> None:
+        block = self.model.load_block(layer)
+        add_lora(block, layer, self.config.lora)
+        self.window_blocks[layer] = block
+
+    def _finalise(self, layer: int) -> None:
+        block = self.window_blocks.pop(layer)
+        self.final_adapters.update(adapter_state(block, layer))
+
+    def finish(self) -> None:
+        """End of the chain: every adapter still in the window becomes final."""
+        for old in sorted(self.window_blocks):
+            self._finalise(old)
+
+    # -- the federated unit: the window's trainable state --------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Window adapters, task head and GPO proxies: what a round changes and uploads."""
+        state = {}
+        for layer in self.window:
+            state.update(adapter_state(self.window_blocks[layer], layer))
+        for name, param in self.objective.named_parameters():
+            if param.requires_grad:
+                state[f"objective.{name}"] = param.detach().clone()
+        if self._stage_foresight is not None:
+            for name, tensor in self._stage_foresight.state_dict().items():
+                state[f"foresight.{name}"] = tensor.detach().clone()
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the window's trainable tensors with those present in ``state`` (e.g.
+        the round's aggregate). Absent ones keep their value: at the start of a stage the
+        new layer's adapter is not in the aggregate yet and starts from the shared seed."""
+        current = self.trainable_state()
+        with torch.no_grad():
+            for layer in self.window:
+                for name, module in self.window_blocks[layer].named_children():
+                    if not hasattr(module, "adapter_params"):
+                        continue
+                    for param_name, param in module.adapter_params().items():
+                        key = f"layers.{layer}.{name}.{param_name}"
+                        if key in state:
+                            param.copy_(state[key])
+            for name, param in self.objective.named_parameters():
+                if param.requires_grad and f"objective.{name}" in state:
+                    param.copy_(state[f"objective.{name}"])
+            if self._stage_foresight is not None:
+                for name, tensor in self._stage_foresight.state_dict().items():
+                    if f"foresight.{name}" in state:
+                        tensor.copy_(state[f"foresight.{name}"])
+        # proxies of layers the chain has reached are retired here; ignore their values
+        unknown = {k for k in set(state) - set(current) if not k.startswith("foresight.")}
+        if unknown:
+            raise ValueError(f"tensors not part of the current window: {sorted(unknown)[:5]}")
+
+    def adopt_final_adapters(self, final: dict[str, torch.Tensor]) -> None:
+        """Take the federation's final adapters; window blocks of those layers are dropped
+        (the coordinator's frozen values win over this agent's last local ones)."""
+        self.final_adapters = dict(final)
+        for layer in [j for j in self.window_blocks if self._final_of(j)]:
+            del self.window_blocks[layer]
+
+    # -- compute ----------------------------------------------------------------------
+
+    def _entry_states(self, split: EncodedSplit, idx, train: bool) -> torch.Tensor:
+        if self.config.mode == "e2e":
+            return self._embeddings(split.input_ids[idx], split.attention_mask[idx])
+        cache = self.caches[0 if train else 1]
+        return cache.read(idx).to(self.model.device, self.model.dtype)
+
+    def _window_forward(self, h: torch.Tensor, batch: Batch):
+        ctx = self.model.attention_context(batch.attention_mask)
+        for layer in self.window:
+            h = self.window_blocks[layer](h, ctx)
+        return h, ctx
+
+    def train_round(self, steps: int | None = None) -> RoundResult:
+        """``steps`` optimiser steps (default: steps_per_round) on random micro-batches."""
+        steps = self.config.steps_per_round if steps is None else steps
+        if self._optimizer is None:
+            return RoundResult(0, 0, math.nan)
+        for block in self.window_blocks.values():
+            block.train()
+        foresight = self._stage_foresight
+        n = len(self.train_data)
+        losses = []
+        bar = tqdm(
+            total=steps,
+            desc=f"layer {self.layer} window {self.window[0]}-{self.window[-1]}"
+            if self.window
+            else "head",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+        )
+        for _ in range(steps):
+            self._optimizer.zero_grad(set_to_none=True)
+            for _ in range(self.config.grad_accum):
+                size = min(self.config.micro_batch, n)
+                idx = np.sort(self.rng.choice(n, size=size, replace=False))
+                batch = self.train_data.batch(idx)
+                h, ctx = self._window_forward(self._entry_states(self.train_data, idx, True), batch)
+                loss = self.objective.loss(h, batch)
+                if foresight is not None:
+                    global_loss = self.objective.loss(foresight(h, ctx), batch)
+                    loss = loss + self.gpo_lambda * global_loss
+                (loss / self.config.grad_accum).backward()
+                losses.append(loss.item())
+            self._optimizer.step()
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+        samples = steps * self.config.grad_accum * min(self.config.micro_batch, n)
+        return RoundResult(steps, samples, float(np.mean(losses)))
+
+    @torch.no_grad()
+    def evaluate_window(self) -> Evaluation:
+        """Validation loss and metric with the head right after the current window."""
+        for block in self.window_blocks.values():
+            block.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        n, size = len(self.val_data), self.config.micro_batch
+        for start in range(0, n, size):
+            idx = np.arange(start, min(n, start + size))
+            batch = self.val_data.batch(idx)
+            h, _ = self._window_forward(self._entry_states(self.val_data, idx, False), batch)
+            s_loss, s_correct, s_count = self.objective.score(h, batch)
+            loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
+        return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))
+
+    # -- the local loop ---------------------------------------------------------------
+
+    def train(self, on_stage: StageHook | None = None) -> list[StageReport]:
+        """Run the configured mode to the end; final adapters land in ``final_adapters``.
+
+        A chain interrupted after a stage resumes there when run again with the same
+        workdir, config and data (state saved atomically after every stage).
+        """
+        chain = self.config.mode == "chain"
+        first = self._resume() if chain else None
+        if first is None and chain:
+            self.set_start_layer(self.choose_start())
+            first = self.start_layer
+        elif first is None:
+            self.start_layer, first = self._baseline_first, self.L - 1
+        rounds_cap = (
+            self.config.max_rounds
+            if chain
+            else self.config.baseline_rounds or self.config.max_rounds * self.L
+        )
+        for layer in range(first, self.L):
+            started = time.perf_counter()
+            with PeakMemoryMeter(self.model.device) as meter:
+                window = self.enter_stage(layer)
+                rule = StageConvergence(
+                    self.config.min_rounds, rounds_cap, self.config.patience, self.config.tolerance
+                )
+                steps, losses = 0, []
+                while True:
+                    result = self.train_round()
+                    evaluation = self.evaluate_window()
+                    steps += result.steps
+                    losses.append(result.train_loss)
+                    if result.steps == 0 or rule.update(evaluation.loss):
+                        break
+            report = StageReport(
+                layer=layer,
+                window=window,
+                steps=steps,
+                rounds=rule.rounds,
+                train_loss=losses[-1],
+                val_loss=evaluation.loss,
+                val_metric=evaluation.metric,
+                seconds=time.perf_counter() - started,
+                peak_mem_bytes=meter.reading.peak_bytes,
+                baseline_mem_bytes=meter.reading.baseline_bytes,
+            )
+            self.stages.append(report)
+            if on_stage is not None:
+                on_stage(report)
+            if chain:
+                self._save_chain_state(layer + 1)
+        self.finish()
+        return self.stages
+
+    # -- resuming an interrupted chain ---------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.workdir / "chain_state.safetensors"
+
+    def _state_key(self) -> str:
+        return digest_json(
+            [self.config.to_dict(), self._fingerprint(self.train_data), self.val_data.digest()]
+        )
+
+    def _save_chain_state(self, next_layer: int) -> None:
+        """After every stage: everything needed to continue at ``next_layer`` (atomic)."""
+        tensors = {f"final.{k}": v for k, v in self.final_adapters.items()}
+        for layer, block in self.window_blocks.items():
+            tensors.update({f"window.{k}": v for k, v in adapter_state(block, layer).items()})
+        for name, param in self.objective.named_parameters():
+            if param.requires_grad:
+                tensors[f"objective.{name}"] = param.detach().clone()
+        if self.foresight is not None:
+            for name, tensor in self.foresight.state_dict().items():
+                tensors[f"foresight.{name}"] = tensor.detach().clone()
+        info = {
+            "key": self._state_key(),
+            "next_layer": next_layer,
+            "start_layer": self.start_layer,
+            "window_layers": sorted(self.window_blocks),
+            "foat_scores": self.foat_scores,
+            "rng": self.rng.bit_generator.state,
+            "stages": [asdict(r) for r in self.stages],
+        }
+        save_adapter_file(self._state_path, AdapterFile(tensors, info))
+
+    def _resume(self) -> int | None:
+        """Restore a matching earlier run from ``workdir``; the layer to continue at, or None."""
+        if not self._state_path.is_file():
+            return None
+        try:
+            saved = load_adapter_file(self._state_path)
+        except AdapterFileError:
+            return None
+        info, tensors = saved.info, saved.tensors
+        if info.get("key") != self._state_key() or info["next_layer"] >= self.L:
+            return None
+        self.set_start_layer(info["start_layer"])
+        self.foat_scores = info["foat_scores"]
+        self.rng.bit_generator.state = info["rng"]
+        self.stages = [StageReport(**r) for r in info["stages"]]
+        self.final_adapters = strip_prefix(tensors, "final.")
+        window_state = strip_prefix(tensors, "window.")
+        for layer in info["window_layers"]:
+            self._load_window_block(layer)
+            load_adapter_state(self.window_blocks[layer], layer, window_state)
+        with torch.no_grad():
+            for name, param in self.objective.named_parameters():
+                if param.requires_grad:
+                    param.copy_(tensors[f"objective.{name}"])
+        if self.foresight is not None:
+            self.foresight.retire_below(info["next_layer"] - 1)
+            self.foresight.load_state_dict(strip_prefix(tensors, "foresight."))
+        self.resumed_from = info["next_layer"]
+        return self.resumed_from
+
+
+class _DepthLimited(nn.Module):
+    """``exact:k``: only the next k blocks above the window, then the head."""
+
+    def __init__(self, foresight: ExactForesight, depth: int) -> None:
+        super().__init__()
+        self.inner, self.depth = foresight, depth
+
+    def retire_below(self, layer: int) -> None:
+        self.inner.retire_below(layer)
+
+    def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        layers = self.inner.layers
+        limited = range(layers.start, min(layers.stop, layers.start + self.depth))
+        return ExactForesight(self.inner.model, limited)(h, ctx)
+
+
+@torch.no_grad()
+def evaluate_streaming(
+    model: StreamingModel,
+    objective: ClassifyObjective | LMObjective,
+    adapters: dict[str, torch.Tensor],
+    lora: LoRAConfig,
+    data: EncodedSplit,
+    *,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Loss and metric of the whole network with ``adapters``, streamed layer-major.
+
+    The same arithmetic for ``chainfed train``'s final figure and ``--eval-only``, so the
+    two agree bit for bit. Hidden states of all samples are held (N × T × d) — validation
+    sets are small; training data never passes through here.
+    """
+    objective.eval()
+    h = torch.cat(
+        [
+            model.load_embeddings()(
+                data.input_ids[i : i + batch_size], data.attention_mask[i : i + batch_size]
+            )
+            for i in range(0, len(data), batch_size)
+        ]
+    )
+    for layer in range(model.num_layers):
+        block = model.load_block(layer)
+        prefix = f"layers.{layer}."
+        own = {k: v for k, v in adapters.items() if k.startswith(prefix)}
+        if own:
+            add_lora(block, layer, lora)
+            load_adapter_state(block, layer, own)
+        block.eval()
+        h = torch.cat(
+            [
+                block(
+                    h[i : i + batch_size],
+                    model.attention_context(data.attention_mask[i : i + batch_size]),
+                )
+                for i in range(0, len(data), batch_size)
+            ]
+        )
+        del block
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(data), batch_size):
+        s_loss, s_correct, s_count = objective.score(
+            h[i : i + batch_size], data.batch(slice(i, i + batch_size))
+        )
+        loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
+    return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))

@@ -1,0 +1,147 @@
+"""Globally Perceptive Optimization: foresight of the layers above the window (DESIGN.md §3).
+
+Two ways to give the window a view of the rest of the network for the global loss:
+
+* ``ProxyBranch`` (``proxy``): one low-rank residual per later layer j,
+  h <- h + B_j · gelu(A_j · rmsnorm(h)), B_j zero-initialised so the branch starts as the
+  identity. Trained and aggregated with the window; no later base weights are loaded.
+  A layer's proxy retires when the chain reaches that layer.
+* ``ExactForesight`` (``exact:k``): the next k frozen base blocks, each loaded from disk
+  in forward, run without keeping activations, and loaded again in backward to recompute
+  them. ``exact:all`` gives the true end-to-end gradient for the window at about one
+  block's weights plus one block's activations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chainfed.agent.runtime.attention import AttentionContext
+from chainfed.agent.runtime.model import StreamingModel
+from chainfed.proto.seeded_init import initial_proxies
+
+
+class ResidualProxy(nn.Module):
+    """h + B · gelu(A · rmsnorm(h)); A is ``down`` (r, d), B is ``up`` (d, r)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        super().__init__()
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(up)
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        """gelu(A · rmsnorm(h)), (B, T, r)."""
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return nn.functional.gelu(normed @ self.down.T)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.gate(h) @ self.up.T  # (B, T, d)
+
+
+class ProxyBranch(nn.Module):
+    """Proxies for layers ``first..last``; ``retire`` drops the lowest as the chain climbs."""
+
+    def __init__(self, hidden_size: int, rank: int, layers: range, seed: int = 0) -> None:
+        super().__init__()
+        start = initial_proxies(hidden_size, rank, layers, seed)
+        self.proxies = nn.ModuleDict({str(j): ResidualProxy(*start[j]) for j in layers})
+
+    def retire_below(self, layer: int) -> None:
+        """Drop the proxies of layers ≤ ``layer`` (they are now real, trained layers)."""
+        for key in [k for k in self.proxies if int(k) <= layer]:
+            del self.proxies[key]
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Run every proxy. With autograd on, the branch is reversible: it keeps its output
+        and each proxy's (B, T, r) ``gelu`` output, not one (B, T, d) input per proxy, and
+        backward rebuilds each proxy's input from the one above it (``_ReversibleProxies``).
+        Early stages hold a proxy for nearly every layer, so a plain run (two (B, T, d)
+        tensors per proxy) made them the chain's peak."""
+        proxies = tuple(self.proxies[key] for key in sorted(self.proxies, key=int))
+        if not torch.is_grad_enabled() or not proxies:
+            for proxy in proxies:
+                h = proxy(h)
+            return h
+        params = [t for proxy in proxies for t in (proxy.down, proxy.up)]
+        return _ReversibleProxies.apply(h, proxies, *params)
+
+
+class _ReversibleProxies(torch.autograd.Function):
+    """The proxies in order, saving O(r) per proxy instead of O(d).
+
+    A proxy is h' = h + g · Uᵀ with g = gelu(A · rmsnorm(h)) of rank r, so its input is
+    h = h' − g · Uᵀ: backward walks down the branch from the saved output, recovering each
+    input and recomputing that proxy's gradients, one proxy's activations at a time.
+    The recovered inputs differ from the forward's by fp32 rounding of the subtraction,
+    so gradients agree with a plain run to rounding (tested), not bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, proxies: tuple[ResidualProxy, ...], *params: torch.Tensor):
+        gates = []
+        for proxy in proxies:
+            gate = proxy.gate(h)
+            h = h + gate @ proxy.up.T
+            gates.append(gate)
+        ctx.proxies = proxies
+        ctx.save_for_backward(h, *gates)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, *gates = ctx.saved_tensors
+        param_grads: list[torch.Tensor] = []
+        for proxy, gate in zip(reversed(ctx.proxies), reversed(gates), strict=True):
+            h = h - gate @ proxy.up.T
+            with torch.enable_grad():
+                x = h.detach().requires_grad_()
+                grad_x, grad_down, grad_up = torch.autograd.grad(
+                    proxy(x), (x, proxy.down, proxy.up), grad
+                )
+            grad = grad_x
+            param_grads[:0] = [grad_down, grad_up]
+        return (grad, None, *param_grads)
+
+
+class _StreamedBlock(torch.autograd.Function):
+    """One frozen block whose weights and activations live only inside forward/backward.
+
+    Forward: load, run under no_grad, drop; save only the input h.
+    Backward: load again, recompute with grad, return dL/dh_in = J_block(h_in)ᵀ · dL/dh_out.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, model: StreamingModel, layer: int, attn: AttentionContext):
+        ctx.model, ctx.layer, ctx.attn = model, layer, attn
+        ctx.save_for_backward(h)
+        block = model.load_block(layer)
+        with torch.no_grad():
+            return block(h, attn)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        block = ctx.model.load_block(ctx.layer)
+        with torch.enable_grad():
+            h_in = h.detach().requires_grad_(True)
+            out = block(h_in, ctx.attn)
+            (grad_in,) = torch.autograd.grad(out, h_in, grad_out)
+        return grad_in, None, None, None
+
+
+class ExactForesight(nn.Module):
+    """The real frozen blocks ``layers``, streamed and recomputed (no parameters)."""
+
+    def __init__(self, model: StreamingModel, layers: range) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def retire_below(self, layer: int) -> None:
+        self.layers = range(max(self.layers.start, layer + 1), self.layers.stop)
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        for layer in self.layers:
+            h = _StreamedBlock.apply(h, self.model, layer, ctx)
+        return h
