@@ -52,9 +52,10 @@ from typing import Any
 
 import torch
 
+from chainfed.agent.app.json_report import write_json
 from chainfed.agent.app.options import SimulationConfig
 from chainfed.agent.app.simulation import SimulationResult, run_simulation
-from chainfed.agent.app.simulation_report import pyplot, stage_boundaries, write_json
+from chainfed.agent.app.simulation_report import pyplot, stage_boundaries
 from chainfed.coordinator.chain_state import AGGREGATIONS
 from chainfed.proto.units import format_bytes
 

@@ -105,7 +105,7 @@ from chainfed.agent.training.memory_meter import (
     release_large_frees_to_os,
     vmhwm_supported,
 )
-from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.objectives import build_objective
 from chainfed.proto.chain_rules import parse_gpo
 from chainfed.proto.units import format_bytes
 
@@ -305,15 +305,6 @@ def synthetic_split(cfg: ModelConfig, task: str, n: int, seq: int, seed: int) ->
     return EncodedSplit(ids, mask, labels, loss_mask)
 
 
-def build_objective(model: StreamingModel, task: str, seed: int) -> ClassifyObjective | LMObjective:
-    """What ``chainfed train --task`` builds: a pooled linear head, or the frozen LM head."""
-    if task == "classify":
-        pooling = "mean" if model.config.family == "bert" else "last"
-        head = ClassifyObjective(model.config.hidden_size, NUM_CLASSES, pooling, seed=seed)
-        return head.to(model.device)
-    return LMObjective(model.streamed_lm_head(), LABEL_TOKENS)
-
-
 def _on_device(split: EncodedSplit, device: str) -> EncodedSplit:
     loss_mask = None if split.loss_mask is None else split.loss_mask.to(device)
     tensors = (split.input_ids, split.attention_mask, split.labels)
@@ -334,7 +325,9 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     val = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed + 1)
     if cuda:  # token tensors where the model is; the trainer indexes them per micro-batch
         train, val = _on_device(train, spec.device), _on_device(val, spec.device)
-    objective = build_objective(model, spec.task, spec.seed)
+    objective = build_objective(
+        model, spec.task, num_labels=NUM_CLASSES, label_token_ids=LABEL_TOKENS, seed=spec.seed
+    )
     trainer = ChainTrainer(
         model, objective, train, val, spec.chain_config(), Path(spec.workdir), progress=False
     )

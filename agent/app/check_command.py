@@ -34,7 +34,7 @@ from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.convert.export import TrainedResult, load_result
 from chainfed.agent.errors import ChainFedError, ModelLoadError
 from chainfed.agent.runtime.generate import greedy_generate
-from chainfed.agent.runtime.lora import add_lora, load_adapter_state
+from chainfed.agent.runtime.lora import load_adapted_block
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.data import ClassifyExample
 from chainfed.agent.training.objectives import pool
@@ -64,16 +64,10 @@ class AdaptedModel(StreamingModel):
         )
 
     def load_block(self, index: int) -> torch.nn.Module:
-        block = super().load_block(index)
         if self.result is None:
-            return block
-        prefix = f"layers.{index}."
-        own = {k: v for k, v in self.result.adapters.items() if k.startswith(prefix)}
-        if own:
-            add_lora(block, index, self.result.lora)
-            load_adapter_state(block, index, own)
-            block.eval()  # add_lora builds its wrappers in training mode
-        return block
+            return super().load_block(index)
+        base = super()  # the plain streaming model's load_block, wrapped with the adapters
+        return load_adapted_block(base, index, self.result.adapters, self.result.lora)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from chainfed.agent.app.json_report import write_json
 from chainfed.agent.app.options import SimulationConfig
 from chainfed.agent.app.simulation import SimulationResult, run_simulation
 from chainfed.agent.app.simulation_report import (
@@ -45,7 +46,6 @@ from chainfed.agent.app.simulation_report import (
     round_table,
     stage_table,
     summary_lines,
-    write_json,
 )
 from chainfed.agent.errors import ChainFedError
 from chainfed.proto.units import format_bytes

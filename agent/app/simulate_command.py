@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from chainfed.agent.app.json_report import write_json
 from chainfed.agent.app.options import add_simulation_arguments, simulation_config_from_args
 from chainfed.agent.app.simulation import run_simulation
 from chainfed.agent.app.simulation_report import (
@@ -19,7 +20,6 @@ from chainfed.agent.app.simulation_report import (
     round_table,
     stage_table,
     summary_lines,
-    write_json,
 )
 
 

@@ -61,7 +61,7 @@ from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.chain import EncodedSplit, evaluate_streaming
 from chainfed.agent.training.data import SplitData, load_dataset
 from chainfed.agent.training.memory_meter import process_baseline
-from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
 from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
@@ -730,15 +730,15 @@ def _evaluate_file(
     """The final adapter file on the held-out test rows, by the streamed evaluation."""
     saved = load_adapter_file(adapters)
     model = corpus.model
+    objective = build_objective(
+        model,
+        config.task,
+        num_labels=len(corpus.data.labels),
+        label_token_ids=saved.info.get("label_token_ids"),
+        seed=config.seed,
+    )
     if config.task == "classify":
-        pooling = "mean" if model.config.family == "bert" else "last"
-        objective = ClassifyObjective(
-            model.config.hidden_size, len(corpus.data.labels), pooling, seed=config.seed
-        )
         objective.head.load_state_dict(saved.head())
-    else:
-        token_ids = saved.info.get("label_token_ids")
-        objective = LMObjective(model.streamed_lm_head(), token_ids)
     lora = LoRAConfig(**saved.info["lora"])
     evaluation = evaluate_streaming(model, objective, saved.adapters(), lora, corpus.test)
     return evaluation.loss, evaluation.metric

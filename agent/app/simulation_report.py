@@ -6,31 +6,11 @@ matplotlib's non-interactive Agg backend (no display needed).
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 from chainfed.agent.app.simulation import SimulationResult
 from chainfed.proto.units import format_bytes
-
-
-def finite(value: Any) -> Any:
-    """NaN/inf as JSON null, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
-
-
-def write_json(path: Path, value: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite(value), indent=2, default=str, allow_nan=False))
-    return path
-
 
 MEASURED_AGGREGATE_NOTE = (
     "Validation figures of a round are those of the aggregate it started from (agents "

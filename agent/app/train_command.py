@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from chainfed.agent.app.json_report import write_json
 from chainfed.agent.app.options import (
     add_data_arguments,
     chain_config_from_args,
@@ -35,7 +36,7 @@ from chainfed.agent.training.chain import (
 )
 from chainfed.agent.training.data import load_dataset
 from chainfed.agent.training.memory_meter import process_baseline, release_large_frees_to_os
-from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import (
     encode_split,
     label_token_ids,
@@ -79,15 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--report", type=Path, help="JSON report path (default: WORKDIR/report.json)")
     o.add_argument("--eval-only", action="store_true", help="evaluate --adapters, no training")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _objective(
-    model: StreamingModel, task: str, labels: list[str], token_ids: list[int] | None, seed: int
-) -> ClassifyObjective | LMObjective:
-    if task == "classify":
-        pooling = "mean" if model.config.family == "bert" else "last"
-        return ClassifyObjective(model.config.hidden_size, len(labels), pooling, seed=seed)
-    return LMObjective(model.streamed_lm_head(), token_ids)
 
 
 def stage_table(stages: list[dict[str, Any]]) -> str:
@@ -145,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
             f"accumulation {config.grad_accum}, window {config.window}, gpo {config.gpo}"
         )
     workdir = args.workdir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    objective = _objective(model, args.task, data.labels, token_ids, args.seed)
+    objective = build_objective(
+        model, args.task, num_labels=len(data.labels), label_token_ids=token_ids, seed=args.seed
+    )
     trainer = ChainTrainer(model, objective, train, val, config, workdir, progress=not args.quiet)
     started = time.perf_counter()
     if config.start_layer is not None and not 0 <= config.start_layer < model.num_layers:
@@ -197,8 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "adapters": str(adapters_path),
     }
     report_path = args.report or workdir / "report.json"
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
+    write_json(report_path, report)
     print(stage_table(report["stages"]))
     print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
     print(f"adapters: {adapters_path}\nreport: {report_path}")
@@ -236,7 +229,9 @@ def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
         raise ChainFedError(
             f"{args.adapters}: trained with --max-len {info['max_len']}; evaluate with the same"
         )
-    objective = _objective(model, args.task, labels, token_ids, args.seed)
+    objective = build_objective(
+        model, args.task, num_labels=len(labels), label_token_ids=token_ids, seed=args.seed
+    )
     if args.task == "classify":
         objective.head.load_state_dict(saved.head())
     lora = LoRAConfig(**info["lora"])
@@ -250,14 +245,3 @@ def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
             json.dumps({"final": {"val_metric": final.metric, "val_loss": final.loss}}, indent=2)
         )
     return 0 if math.isfinite(final.loss) else 1
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf (e.g. the train loss of a stage that trained nothing) as JSON null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

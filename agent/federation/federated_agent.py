@@ -44,7 +44,7 @@ from chainfed.agent.training.chain import (
     evaluate_streaming,
 )
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
-from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
@@ -348,12 +348,13 @@ class FederatedAgent:
         return self.trainer
 
     def _objective(self, params: TrainingParams) -> ClassifyObjective | LMObjective:
-        if self.data.task == "classify":
-            pooling = "mean" if self.model.config.family == "bert" else "last"
-            return ClassifyObjective(
-                self.model.config.hidden_size, len(self.data.labels), pooling, seed=params.seed
-            )
-        return LMObjective(self.model.streamed_lm_head(), self.data.label_token_ids)
+        return build_objective(
+            self.model,
+            self.data.task,
+            num_labels=len(self.data.labels),
+            label_token_ids=self.data.label_token_ids,
+            seed=params.seed,
+        )
 
     def probe_report(self, task: Task) -> ProbeReport:
         """FOAT scores of this device's data for a PROBE task (no transport)."""

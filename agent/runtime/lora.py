@@ -9,13 +9,16 @@ Saved names are ``layers.{i}.{module}.lora_a|lora_b`` (``chainfed.proto.tensor_n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.kernels import LoRALinear
 from chainfed.proto.seeded_init import initial_lora_a
+from chainfed.proto.tensor_names import tensor_owner
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -96,3 +99,16 @@ def load_adapter_state(block: nn.Module, layer: int, state: dict[str, torch.Tens
 def trainable_adapter_params(block: nn.Module) -> list[nn.Parameter]:
     """The adapter parameters that receive gradients (B, and A unless frozen)."""
     return [p for p in block.parameters() if p.requires_grad]
+
+
+def load_adapted_block(
+    model: StreamingModel, layer: int, adapters: Mapping[str, torch.Tensor], config: LoRAConfig
+) -> nn.Module:
+    """Frozen block ``layer`` of ``model`` for inference, with its adapter from
+    ``adapters`` (``layers.{layer}.*``; none: the base block), in eval mode."""
+    block = model.load_block(layer)
+    own = {k: v for k, v in adapters.items() if tensor_owner(k) == ("layers", layer)}
+    if own:
+        add_lora(block, layer, config)
+        load_adapter_state(block, layer, own)
+    return block.eval()

@@ -36,6 +36,7 @@ from chainfed.agent.runtime.lora import (
     LoRAConfig,
     adapter_state,
     add_lora,
+    load_adapted_block,
     load_adapter_state,
     trainable_adapter_params,
 )
@@ -323,12 +324,7 @@ class ChainTrainer:
 
     def _frozen_block(self, layer: int) -> nn.Module:
         """Block ``layer`` with its final adapter (if any), for inference."""
-        block = self.model.load_block(layer)
-        final = self._final_of(layer)
-        if final:
-            add_lora(block, layer, self.config.lora)
-            load_adapter_state(block, layer, final)
-        return block.eval()
+        return load_adapted_block(self.model, layer, self.final_adapters, self.config.lora)
 
     def _make_foresight(self, start: int) -> nn.Module | None:
         if self.config.mode != "chain" or self.gpo_kind == "none" or self.gpo_lambda == 0:
@@ -685,13 +681,7 @@ def evaluate_streaming(
         ]
     )
     for layer in range(model.num_layers):
-        block = model.load_block(layer)
-        prefix = f"layers.{layer}."
-        own = {k: v for k, v in adapters.items() if k.startswith(prefix)}
-        if own:
-            add_lora(block, layer, lora)
-            load_adapter_state(block, layer, own)
-        block.eval()
+        block = load_adapted_block(model, layer, adapters, lora)
         h = torch.cat(
             [
                 block(

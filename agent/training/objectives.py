@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chainfed.agent.runtime.lm_head import StreamedLMHead
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.proto.seeded_init import initial_head
 
 
@@ -112,3 +113,22 @@ class LMObjective(nn.Module):
         counts = torch.zeros(h.shape[0]).index_add_(0, owners, torch.ones_like(losses.float()))
         loss = float((per_sample / counts.clamp_min(1.0)).sum())
         return loss, correct, h.shape[0]
+
+
+def build_objective(
+    model: StreamingModel,
+    task: str,
+    *,
+    num_labels: int,
+    label_token_ids: list[int] | None = None,
+    seed: int = 0,
+) -> ClassifyObjective | LMObjective:
+    """The objective a run of ``task`` trains on ``model``: a linear head over the mean of
+    the real tokens (encoders) or the last real token (decoders), drawn from ``seed``, on
+    the model's device; or, for ``lm``, the model's own frozen, streamed LM head scoring
+    ``label_token_ids``."""
+    if task == "classify":
+        pooling = "mean" if model.config.family == "bert" else "last"
+        head = ClassifyObjective(model.config.hidden_size, num_labels, pooling, seed=seed)
+        return head.to(model.device)
+    return LMObjective(model.streamed_lm_head(), label_token_ids)
