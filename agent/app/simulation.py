@@ -369,6 +369,15 @@ def _run_in_process(
     update_hook: UpdateHook | None,
     say: Progress,
 ) -> _Outcome:
+    federation = _InProcessFederation(_in_process_coordinator(config, corpus), say, update_hook)
+    for k in range(config.agents):
+        federation.join(f"agent-{k}", corpus, _local_data(corpus, config, k), root)
+    return federation.run_to_done(config.agents)
+
+
+def _in_process_coordinator(config: SimulationConfig, corpus: _Corpus) -> ChainCoordinator:
+    """The coordinator ``chainfed coordinator`` would run with this federation's options
+    (and ``coordinator_options`` set on its config)."""
     model = corpus.model
     args = argparse.Namespace(**(option_defaults() | coordinator_options(config, model.num_layers)))
     try:
@@ -380,16 +389,29 @@ def _run_in_process(
             coord_config = replace(coord_config, **config.coordinator_options)
         except (TypeError, ValueError) as exc:
             raise SimulationError(f"coordinator_options: {exc}") from exc
-    coordinator = ChainCoordinator(coord_config)
-    clock = _VirtualClock()
-    agents: dict[str, FederatedAgent] = {}
-    traffic: dict[tuple[str, str], dict[str, Any]] = {}
-    samples: dict[str, int] = {}
-    for k in range(config.agents):
-        agent_id = f"agent-{k}"
-        local = _local_data(corpus, config, k)
+    return ChainCoordinator(coord_config)
+
+
+class _InProcessFederation:
+    """A ``ChainCoordinator`` and ``FederatedAgent``s in this process on a virtual clock:
+    agents take their tasks in a fixed order, so a run is deterministic for its seeds."""
+
+    def __init__(
+        self, coordinator: ChainCoordinator, say: Progress, update_hook: UpdateHook | None
+    ) -> None:
+        self.coordinator, self.say, self.update_hook = coordinator, say, update_hook
+        self.clock = _VirtualClock()
+        self.agents: dict[str, FederatedAgent] = {}
+        self.traffic: dict[tuple[str, str], dict[str, Any]] = {}
+        self.samples: dict[str, int] = {}
+        self.rejected: set[tuple[str, str]] = set()
+        """(agent, round) whose update was refused: the agent sits the round out (over
+        gRPC such an agent gets INVALID_ARGUMENT and stops)."""
+
+    def join(self, agent_id: str, corpus: _Corpus, local: LocalData, root: Path) -> None:
+        """Register an agent holding ``local``, working under ``root / agent_id``."""
         agent_config = AgentConfig(address="in-process", token="", workdir=root / agent_id)
-        agent = FederatedAgent(agent_config, model, local, corpus.fingerprint)
+        agent = FederatedAgent(agent_config, corpus.model, local, corpus.fingerprint)
         capabilities = AgentCapabilities(
             device="cpu",
             memory_budget_bytes=0,
@@ -397,57 +419,62 @@ def _run_in_process(
             software_version="0.1.0",
             model_fingerprint=corpus.fingerprint,
         )
-        agent.agent_id = coordinator.register(agent_id, capabilities, clock.now())
-        agents[agent.agent_id] = agent
-        samples[agent.agent_id] = len(local.train)
-    reporter = _ProgressReporter(say, config.agents)
-    rejected: set[tuple[str, str]] = set()
-    """(agent, round) whose update was refused: the agent sits the round out (over gRPC
-    such an agent gets INVALID_ARGUMENT and stops)."""
-    while coordinator.phase is not ChainPhase.DONE:
-        coordinator.tick(clock.now())
-        worked = False
-        for agent_id, agent in agents.items():
-            task = coordinator.next_task(agent_id, clock.now())
-            if task.kind is TaskKind.PROBE:
-                coordinator.report_probe(agent.probe_report(task))
-                coordinator.tick(clock.now())
-            elif task.kind is TaskKind.TRAIN_ROUND:
-                if (agent_id, task.round_id) in rejected:
-                    continue
-                tensors = coordinator.tensors_for(
-                    task.round_id, omit_final=not agent.needs_final(task)
+        agent.agent_id = self.coordinator.register(agent_id, capabilities, self.clock.now())
+        self.agents[agent.agent_id] = agent
+        self.samples[agent.agent_id] = len(local.train)
+
+    def run_to_done(self, expected_agents: int) -> _Outcome:
+        """Hand out tasks until the chain is done; every agent writes its final adapters."""
+        coordinator = self.coordinator
+        reporter = _ProgressReporter(self.say, expected_agents)
+        while coordinator.phase is not ChainPhase.DONE:
+            coordinator.tick(self.clock.now())
+            worked = False
+            for agent_id, agent in self.agents.items():
+                if self._work(agent_id, agent):
+                    worked = True
+                    reporter.show(coordinator.snapshot())
+            if not worked and coordinator.open_round is not None:
+                self.clock.jump_to(coordinator.open_round.deadline_ms)
+            if coordinator.round_seq - len(coordinator.history) > MAX_RERUNS:
+                raise SimulationError(
+                    f"more than {MAX_RERUNS} rounds fell short of the quorum (rejected or "
+                    "silent agents); lower min_agents in coordinator_options to go on without them"
                 )
-                metrics, update = agent.train_update(task, tensors)
-                if update_hook is not None:
-                    update = update_hook(agent_id, update)
-                if not _submit(coordinator, agent_id, task.round_id, metrics, update, clock, say):
-                    rejected.add((agent_id, task.round_id))
-                cost = asdict(agent.traffic[-1])
-                cost["sent_bytes"] = payload_bytes(update)
-                traffic[(agent_id, task.round_id)] = cost
-            elif task.kind is TaskKind.EVALUATE:
-                final = coordinator.tensors_for(task.round_id)
-                metrics = agent.evaluation_metrics(task, final)
-                _submit(coordinator, agent_id, task.round_id, metrics, {}, clock, say)
-            else:
-                continue
-            worked = True
-            reporter.show(coordinator.snapshot())
-        if not worked and coordinator.open_round is not None:
-            clock.jump_to(coordinator.open_round.deadline_ms)
-        if coordinator.round_seq - len(coordinator.history) > MAX_RERUNS:
-            raise SimulationError(
-                f"more than {MAX_RERUNS} rounds fell short of the quorum (rejected or silent "
-                "agents); lower min_agents in coordinator_options to go on without them"
-            )
-    snapshot = coordinator.snapshot()
-    reporter.show(snapshot)
-    paths = [
-        agent.write_final_adapters(dict(coordinator.final), coordinator.params)
-        for agent in agents.values()
-    ]
-    return _Outcome(snapshot, paths[0], traffic, samples, coordinator.foat_scores)
+        snapshot = coordinator.snapshot()
+        reporter.show(snapshot)
+        paths = [
+            agent.write_final_adapters(dict(coordinator.final), coordinator.params)
+            for agent in self.agents.values()
+        ]
+        return _Outcome(snapshot, paths[0], self.traffic, self.samples, coordinator.foat_scores)
+
+    def _work(self, agent_id: str, agent: FederatedAgent) -> bool:
+        """Do the agent's current task, as its client loop would; False when it has none."""
+        coordinator, clock, say = self.coordinator, self.clock, self.say
+        task = coordinator.next_task(agent_id, clock.now())
+        if task.kind is TaskKind.PROBE:
+            coordinator.report_probe(agent.probe_report(task))
+            coordinator.tick(clock.now())
+        elif task.kind is TaskKind.TRAIN_ROUND:
+            if (agent_id, task.round_id) in self.rejected:
+                return False
+            tensors = coordinator.tensors_for(task.round_id, omit_final=not agent.needs_final(task))
+            metrics, update = agent.train_update(task, tensors)
+            if self.update_hook is not None:
+                update = self.update_hook(agent_id, update)
+            if not _submit(coordinator, agent_id, task.round_id, metrics, update, clock, say):
+                self.rejected.add((agent_id, task.round_id))
+            cost = asdict(agent.traffic[-1])
+            cost["sent_bytes"] = payload_bytes(update)
+            self.traffic[(agent_id, task.round_id)] = cost
+        elif task.kind is TaskKind.EVALUATE:
+            final = coordinator.tensors_for(task.round_id)
+            metrics = agent.evaluation_metrics(task, final)
+            _submit(coordinator, agent_id, task.round_id, metrics, {}, clock, say)
+        else:
+            return False
+        return True
 
 
 def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> bool:
@@ -512,79 +539,30 @@ class _ProgressReporter:
 # -- one process per agent over gRPC ---------------------------------------------------------------
 
 
+CLI = [sys.executable, "-m", "chainfed.agent.cli"]
+
+
 def _run_processes(
     config: SimulationConfig, corpus: _Corpus, root: Path, say: Progress
 ) -> _Outcome:
     token = secrets.token_urlsafe(16)
-    cli = [sys.executable, "-m", "chainfed.agent.cli"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    agent_env = {
-        **env,
-        "OMP_NUM_THREADS": str(config.threads_per_agent),
-        "MKL_NUM_THREADS": str(config.threads_per_agent),
-    }
+    token_file = write_token_file(root / "token", token)
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    token_file = write_token_file(root / "token", token)
-    state_dir = root / "state"
-    options = []
-    for name, value in config.coordinator_options.items():
-        options += [f"--{name.replace('_', '-')}", str(value)]
-    coordinator_cmd = [
-        *cli,
-        "coordinator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--state-dir",
-        str(state_dir),
-        "--token-file",
-        str(token_file),
-        "--exit-after-done",
-        "2",
-        "--model",
-        config.model,
-        *coordinator_argv(config, corpus.model.num_layers),
-        *options,
-    ]
     processes: list[tuple[str, subprocess.Popen]] = []
     try:
-        log_path = logs / "coordinator.log"
         coordinator = subprocess.Popen(
-            coordinator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+            _coordinator_command(config, corpus, root / "state", token_file),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            text=True,
         )
         processes.append(("coordinator", coordinator))
-        address = _listening_address(coordinator, log_path)
+        address = _listening_address(coordinator, logs / "coordinator.log")
         for k in range(config.agents):
             agent_id = f"agent-{k}"
-            cmd = [
-                *cli,
-                "agent",
-                "--coordinator",
-                address,
-                "--token-file",
-                str(token_file),
-                "--agent-id",
-                agent_id,
-                "--workdir",
-                str(root / agent_id),
-                "--shard",
-                f"{k}/{config.agents}",
-                "--partition",
-                config.split,
-                "--quiet",
-                *data_argv(config),
-            ]
-            with open(logs / f"{agent_id}.log", "w") as log_file:
-                processes.append(
-                    (
-                        agent_id,
-                        subprocess.Popen(
-                            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=agent_env
-                        ),
-                    )
-                )
+            processes.append((agent_id, _start_agent(config, k, address, token_file, root)))
         snapshot = _follow(address, token, processes, say, config.agents, logs)
         for name, process in processes:
             if process.wait(timeout=120) != 0:
@@ -604,6 +582,43 @@ def _run_processes(
             traffic[(agent_id, entry["round_id"])] = entry
     samples = {a.agent_id: a.capabilities.num_samples for a in snapshot.agents}
     return _Outcome(snapshot, root / "agent-0" / "final_adapters.safetensors", traffic, samples)
+
+
+def _coordinator_command(
+    config: SimulationConfig, corpus: _Corpus, state_dir: Path, token_file: Path
+) -> list[str]:
+    """``chainfed coordinator`` on a free local port for this federation."""
+    options = []
+    for name, value in config.coordinator_options.items():
+        options += [f"--{name.replace('_', '-')}", str(value)]
+    return [
+        *CLI,
+        "coordinator",
+        *("--host", "127.0.0.1", "--port", "0", "--state-dir", str(state_dir)),
+        *("--token-file", str(token_file), "--exit-after-done", "2", "--model", config.model),
+        *coordinator_argv(config, corpus.model.num_layers),
+        *options,
+    ]
+
+
+def _start_agent(
+    config: SimulationConfig, k: int, address: str, token_file: Path, root: Path
+) -> subprocess.Popen:
+    """``chainfed agent`` ``agent-K`` on shard K of the corpus, logging to
+    ``root/logs/agent-K.log``, with ``threads_per_agent`` BLAS/OpenMP threads."""
+    agent_id = f"agent-{k}"
+    threads = str(config.threads_per_agent)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
+    env["MKL_NUM_THREADS"] = threads
+    command = [
+        *CLI,
+        "agent",
+        *("--coordinator", address, "--token-file", str(token_file), "--agent-id", agent_id),
+        *("--workdir", str(root / agent_id), "--shard", f"{k}/{config.agents}"),
+        *("--partition", config.split, "--quiet", *data_argv(config)),
+    ]
+    with open(root / "logs" / f"{agent_id}.log", "w") as log_file:
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
 
 def _listening_address(process: subprocess.Popen, log_path: Path) -> str:

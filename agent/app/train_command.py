@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.budget import plan_for_budget
 from chainfed.agent.training.chain import (
     MODES,
+    ChainConfig,
     ChainTrainer,
+    EncodedSplit,
     StageReport,
     evaluate_streaming,
 )
-from chainfed.agent.training.data import load_dataset
+from chainfed.agent.training.data import SplitData, load_dataset
 from chainfed.agent.training.memory_meter import process_baseline, release_large_frees_to_os
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import (
@@ -100,91 +103,96 @@ def stage_table(stages: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _Inputs:
+    """The model and encoded data a run trains and evaluates on."""
+
+    model: StreamingModel
+    data: SplitData
+    train: EncodedSplit
+    val: EncodedSplit
+    token_ids: list[int] | None
+    """First token of each label's response (lm), what LM accuracy ranks."""
+
+
+def _inputs(args: argparse.Namespace) -> _Inputs:
+    model = StreamingModel(resolve_model(args.model, progress=not args.quiet))
+    data_config = data_config_from_args(args)
+    data = load_dataset(data_config)
+    print(data.summary())
+    token_ids = (
+        label_token_ids(model, data.train, data.labels, data_config) if args.task == "lm" else None
+    )
+    return _Inputs(
+        model,
+        data,
+        encode_split(model, data.train, args.task, args.max_len),
+        encode_split(model, data.val, args.task, args.max_len),
+        token_ids,
+    )
+
+
+def _chain_config(args: argparse.Namespace, inputs: _Inputs) -> ChainConfig:
+    """The options' chain config, fitted to ``--memory-budget`` when one is given."""
+    config = chain_config_from_args(args)
+    if config.start_layer is not None and not 0 <= config.start_layer < inputs.model.num_layers:
+        raise ChainFedError(
+            f"--start-layer {config.start_layer} is not a layer of {inputs.model.model_dir} "
+            f"(0..{inputs.model.num_layers - 1})"
+        )
+    if not args.memory_budget:
+        return config
+    try:
+        budget = parse_bytes(args.memory_budget)
+    except ValueError as exc:
+        raise ChainFedError(f"--memory-budget: {exc}") from exc
+    config = plan_for_budget(
+        inputs.model.config,
+        config,
+        budget,
+        seq_len=inputs.train.input_ids.shape[1],
+        task=args.task,
+    )
+    print(
+        f"memory budget {args.memory_budget}: micro-batch {config.micro_batch} × "
+        f"accumulation {config.grad_accum}, window {config.window}, gpo {config.gpo}"
+    )
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
     """Train (or evaluate) and report; returns the exit status."""
     release_large_frees_to_os()
     process_baseline()
     torch.manual_seed(args.seed)
-    model_dir = resolve_model(args.model, progress=not args.quiet)
-    model = StreamingModel(model_dir)
-    data_config = data_config_from_args(args)
-    data = load_dataset(data_config)
-    print(data.summary())
-    train = encode_split(model, data.train, args.task, args.max_len)
-    val = encode_split(model, data.val, args.task, args.max_len)
-    token_ids = (
-        label_token_ids(model, data.train, data.labels, data_config) if args.task == "lm" else None
-    )
-    model_digest = model.fingerprint
+    inputs = _inputs(args)
     if args.eval_only:
-        return _eval_only(args, model, val, data.labels, token_ids, model_digest)
-
-    config = chain_config_from_args(args)
-    if args.memory_budget:
-        try:
-            budget = parse_bytes(args.memory_budget)
-        except ValueError as exc:
-            raise ChainFedError(f"--memory-budget: {exc}") from exc
-        config = plan_for_budget(
-            model.config,
-            config,
-            budget,
-            seq_len=train.input_ids.shape[1],
-            task=args.task,
-        )
-        print(
-            f"memory budget {args.memory_budget}: micro-batch {config.micro_batch} × "
-            f"accumulation {config.grad_accum}, window {config.window}, gpo {config.gpo}"
-        )
+        return _eval_only(args, inputs)
+    config = _chain_config(args, inputs)
+    model = inputs.model
     workdir = args.workdir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     objective = build_objective(
-        model, args.task, num_labels=len(data.labels), label_token_ids=token_ids, seed=args.seed
+        model, args.task, num_labels=len(inputs.data.labels), label_token_ids=inputs.token_ids,
+        seed=args.seed,
+    )  # fmt: skip
+    trainer = ChainTrainer(
+        model, objective, inputs.train, inputs.val, config, workdir, progress=not args.quiet
     )
-    trainer = ChainTrainer(model, objective, train, val, config, workdir, progress=not args.quiet)
     started = time.perf_counter()
-    if config.start_layer is not None and not 0 <= config.start_layer < model.num_layers:
-        raise ChainFedError(
-            f"--start-layer {config.start_layer} is not a layer of {model_dir} "
-            f"(0..{model.num_layers - 1})"
-        )
-    stages = trainer.train(
-        on_stage=lambda r: print(
-            f"stage layer {r.layer} window {r.window}: {r.rounds} rounds, "
-            f"val loss {r.val_loss:.4f}, val metric {r.val_metric:.4f}, "
-            f"peak {format_bytes(r.peak_mem_bytes)}"
-        )
-    )
+    stages = trainer.train(on_stage=_print_stage)
     eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
     final = evaluate_streaming(
-        model, objective, trainer.final_adapters, config.lora, val, batch_size=eval_batch
+        model, objective, trainer.final_adapters, config.lora, inputs.val, batch_size=eval_batch
     )
-    info = {
-        "task": args.task,
-        "labels": data.labels,
-        "label_token_ids": token_ids,
-        "lora": config.lora.to_dict(),
-        "mode": config.mode,
-        "model_digest": model_digest,
-        "pooling": getattr(objective, "pooling", None),
-        "max_len": args.max_len,
-        "eval_batch": eval_batch,
-        "prompt_template": data.config.prompt_template,
-        "response_template": data.config.response_template,
-    }
-    tensors = dict(trainer.final_adapters)
-    if args.task == "classify":
-        tensors.update({f"head.{k}": v for k, v in objective.head.state_dict().items()})
-    adapters_path = save_adapter_file(
-        args.adapters or workdir / "adapters.safetensors", AdapterFile(tensors, info)
-    )
+    adapters_path = _save_result(args, inputs, trainer, eval_batch, workdir)
     report = {
         "mode": config.mode,
-        "model": str(model_dir),
+        "model": str(model.model_dir),
         "task": args.task,
         "start_layer": trainer.start_layer,
         "foat_scores": trainer.foat_scores,
         "config": config.to_dict(),
-        "data": data.summary(),
+        "data": inputs.data.summary(),
         "stages": [_stage_dict(s) for s in stages],
         "final": {"val_metric": final.metric, "val_loss": final.loss},
         "seconds": time.perf_counter() - started,
@@ -196,6 +204,40 @@ def run(args: argparse.Namespace) -> int:
     print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
     print(f"adapters: {adapters_path}\nreport: {report_path}")
     return 0
+
+
+def _print_stage(r: StageReport) -> None:
+    print(
+        f"stage layer {r.layer} window {r.window}: {r.rounds} rounds, "
+        f"val loss {r.val_loss:.4f}, val metric {r.val_metric:.4f}, "
+        f"peak {format_bytes(r.peak_mem_bytes)}"
+    )
+
+
+def _save_result(
+    args: argparse.Namespace, inputs: _Inputs, trainer: ChainTrainer, eval_batch: int, workdir: Path
+) -> Path:
+    """The adapter file: final adapters, the head (classify) and how to use them again."""
+    config, objective, data = trainer.config, trainer.objective, inputs.data
+    info = {
+        "task": args.task,
+        "labels": data.labels,
+        "label_token_ids": inputs.token_ids,
+        "lora": config.lora.to_dict(),
+        "mode": config.mode,
+        "model_digest": inputs.model.fingerprint,
+        "pooling": getattr(objective, "pooling", None),
+        "max_len": args.max_len,
+        "eval_batch": eval_batch,
+        "prompt_template": data.config.prompt_template,
+        "response_template": data.config.response_template,
+    }
+    tensors = dict(trainer.final_adapters)
+    if args.task == "classify":
+        tensors.update({f"head.{k}": v for k, v in objective.head.state_dict().items()})
+    return save_adapter_file(
+        args.adapters or workdir / "adapters.safetensors", AdapterFile(tensors, info)
+    )
 
 
 def _stage_dict(stage: StageReport) -> dict[str, Any]:
@@ -213,7 +255,9 @@ def _stage_dict(stage: StageReport) -> dict[str, Any]:
     }
 
 
-def _eval_only(args, model, val, labels, token_ids, model_digest) -> int:
+def _eval_only(args: argparse.Namespace, inputs: _Inputs) -> int:
+    model, val, labels, token_ids = inputs.model, inputs.val, inputs.data.labels, inputs.token_ids
+    model_digest = model.fingerprint
     if args.adapters is None:
         raise ChainFedError("--eval-only needs --adapters FILE")
     saved = load_adapter_file(args.adapters)
