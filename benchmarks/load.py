@@ -152,41 +152,75 @@ def adapter_layout(model_dir: Path, *, rank: int = 8, num_labels: int = 2) -> Ad
 def run(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model, progress=False)
     model = StreamingModel(model_dir)
-    fingerprint = model.fingerprint
     layout = adapter_layout(model_dir, rank=args.rank)
     start_layer, per_layer = chain_plan(model.num_layers, args.rounds)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="chainfed-load-"))
     root.mkdir(parents=True, exist_ok=True)
-    state_dir = root / "state"
     (root / "layout.json").write_text(json.dumps(layout.to_dict()))
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
     token_file = write_token_file(root / "token", secrets.token_urlsafe(16))
+    started = time.monotonic()
+    coordinator, port = start_coordinator(args, model_dir, start_layer, per_layer, root, token_file)
+    workers = start_swarms(args, port, token_file, model.fingerprint, root)
+    peak, cpu = watch_until_done(coordinator, workers, deadline=started + args.timeout + 60)
+    wall = time.monotonic() - started
+    figures = swarm_figures(workers, json.loads((root / "state" / "state.json").read_text()))
+    return {
+        "agents": args.agents,
+        **figures,
+        "coordinator_peak_rss_bytes": peak,
+        "coordinator_cpu_s": cpu,
+        "wall_s": wall,
+        "setup": {
+            "model": str(model_dir.name),
+            "start_layer": start_layer,
+            "rounds_per_layer": per_layer,
+            "window": args.window,
+            "rank": args.rank,
+            "update_bytes": args.window * layout.bytes_per_layer(),
+            "processes": args.processes,
+            "poll_ms": args.poll_ms,
+            "cpu_count": os.cpu_count(),
+            "workdir": str(root),
+        },
+    }
 
-    coordinator_argv = [
+
+def start_coordinator(
+    args: argparse.Namespace,
+    model_dir: Path,
+    start_layer: int,
+    per_layer: int,
+    root: Path,
+    token_file: Path,
+) -> tuple[subprocess.Popen, int]:
+    """``chainfed coordinator`` of the load test's chain on a free local port; (process,
+    port) once it listens."""
+    argv = [
         *(sys.executable, "-m", "chainfed.agent.cli", "coordinator"),
-        *("--model", str(model_dir), "--state-dir", str(state_dir)),
+        *("--model", str(model_dir), "--state-dir", str(root / "state")),
         *("--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)),
         *("--start-layer", str(start_layer), "--window", str(args.window), "--gpo", "none"),
         *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
         *("--min-agents", str(args.agents), "--round-deadline", str(args.round_deadline)),
         *("--rank", str(args.rank), "--exit-after-done", "600", "--verbose"),
     ]
-    started = time.monotonic()
+    logs = root / "logs"
     with open(logs / "coordinator.log", "wb") as out:
-        coordinator = subprocess.Popen(
-            coordinator_argv, env=ENV, stdout=subprocess.PIPE, stderr=out
-        )
-    port = None
+        coordinator = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=out)
     for line in coordinator.stdout:
         text = line.decode(errors="replace")
         (logs / "coordinator.out").open("a").write(text)
         if "listening on" in text:
-            port = int(text.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-            break
-    if port is None:
-        raise SystemExit(f"coordinator did not start; see {logs}")
+            return coordinator, int(text.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+    raise SystemExit(f"coordinator did not start; see {logs}")
 
+
+def start_swarms(
+    args: argparse.Namespace, port: int, token_file: Path, fingerprint: str, root: Path
+) -> list[tuple[subprocess.Popen, Path]]:
+    """``args.processes`` synthetic-agent processes sharing ``args.agents`` agents; each
+    with the path of the JSON report it writes."""
     ids = [f"a{k:05d}" for k in range(args.agents)]
     workers = []
     for w in range(args.processes):
@@ -202,11 +236,17 @@ def run(args: argparse.Namespace) -> dict:
             *("--start-spread", str(args.start_spread), "--timeout", str(args.timeout)),
             *("--give-up-after", "120", "--json", str(report)),
         ]
-        with open(logs / f"swarm-{w}.log", "wb") as out:
+        with open(root / "logs" / f"swarm-{w}.log", "wb") as out:
             workers.append((subprocess.Popen(argv, env=ENV, stdout=out, stderr=out), report))
+    return workers
 
+
+def watch_until_done(
+    coordinator: subprocess.Popen, workers: list[tuple[subprocess.Popen, Path]], deadline: float
+) -> tuple[int, float]:
+    """The coordinator's peak RSS (bytes) and CPU seconds while the swarms run (until they
+    end or ``deadline``); then every process is stopped."""
     peak, cpu = 0, 0.0
-    deadline = started + args.timeout + 60
     while any(p.poll() is None for p, _ in workers) and time.monotonic() < deadline:
         peak = max(peak, vm_hwm_bytes(coordinator.pid))
         cpu = max(cpu, cpu_seconds(coordinator.pid))
@@ -223,8 +263,12 @@ def run(args: argparse.Namespace) -> dict:
     except subprocess.TimeoutExpired:
         coordinator.send_signal(signal.SIGKILL)
         coordinator.wait()
-    wall = time.monotonic() - started
+    return peak, cpu
 
+
+def swarm_figures(workers: list[tuple[subprocess.Popen, Path]], state: dict) -> dict:
+    """Rounds, update accounting (accepted / aggregated / lost / double counted), request
+    latencies and agent errors, from the swarms' reports and the coordinator's state."""
     swarms = [SwarmReport.from_dict(json.loads(r.read_text())) for _, r in workers if r.exists()]
     submissions = [s.__dict__ for sw in swarms for s in sw.submissions]
     latencies: dict[str, list[float]] = {}
@@ -233,26 +277,21 @@ def run(args: argparse.Namespace) -> dict:
             latencies.setdefault(method, []).extend(values)
     errors = [e for sw in swarms for e in sw.errors]
     errors += [f"swarm {w}: no report" for w, (_, r) in enumerate(workers) if not r.exists()]
-    state = json.loads((state_dir / "state.json").read_text())
     history = state["history"]
     counts = check_updates(history, submissions)
     finished = [r["finished_unix_ms"] for r in history if not r["round_id"].startswith("eval")]
     span_s = (finished[-1] - finished[0]) / 1000 if len(finished) > 1 else float("nan")
     request = [v for m in REQUEST_METHODS for v in latencies.get(m, [])]
     return {
-        "agents": args.agents,
         "rounds": counts.pop("training_rounds"),
         **{k: counts[k] for k in ("accepted", "aggregated", "lost", "double_counted")},
         "rounds_per_s": (len(finished) - 1) / span_s if len(finished) > 1 else float("nan"),
         "p50_ms": percentile_ms(request, 50),
         "p99_ms": percentile_ms(request, 99),
-        "coordinator_peak_rss_bytes": peak,
-        "coordinator_cpu_s": cpu,
         "unexpected": counts["unexpected"],
         "ambiguous_aggregated": counts["ambiguous_aggregated"],
         "rejected": counts["rejected"],
         "phase": state["phase"],
-        "wall_s": wall,
         "agent_errors": errors[:20],
         "agent_error_count": len(errors),
         "retries": sum(sw.retries for sw in swarms),
@@ -263,18 +302,6 @@ def run(args: argparse.Namespace) -> dict:
                 "p99_ms": percentile_ms(values, 99),
             }
             for method, values in sorted(latencies.items())
-        },
-        "setup": {
-            "model": str(model_dir.name),
-            "start_layer": start_layer,
-            "rounds_per_layer": per_layer,
-            "window": args.window,
-            "rank": args.rank,
-            "update_bytes": args.window * layout.bytes_per_layer(),
-            "processes": args.processes,
-            "poll_ms": args.poll_ms,
-            "cpu_count": os.cpu_count(),
-            "workdir": str(root),
         },
     }
 
