@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,14 @@ from chainfed.agent.errors import ChainFedError, ModelLoadError
 from chainfed.agent.runtime import bert, llama
 from chainfed.agent.runtime.lora import ATTENTION_TARGETS, LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.safetensors_io import (
+    DTYPE_CODES,
+    DTYPES,
+    StoredTensor,
+    header_bytes,
+    nbytes,
+    read_header,
+)
 from chainfed.proto.adapter_file import AdapterFileError, load_adapter_file
 
 FORMATS = ("peft", "merged")
@@ -92,19 +99,6 @@ _HF_MODULE_PREFIX = {("bert", "classify"): "", ("llama", "classify"): "", ("llam
 """Prefix of the block modules inside the transformers class the task loads (table above)."""
 _DEFAULT_POOLING = {"bert": "mean", "llama": "last"}
 _ADAPTER_NAME = re.compile(r"layers\.(\d+)\.(\w+)\.(lora_a|lora_b)")
-_TORCH_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_DTYPE_CODES = {dtype: code for code, dtype in _TORCH_DTYPES.items()}
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -350,39 +344,15 @@ def export_peft(
 # --------------------------------------------------------------------------- merged
 
 
-@dataclass(frozen=True)
-class _Stored:
-    """Where one tensor lies in a safetensors file (read from the header, no data)."""
-
-    path: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    nbytes: int
-
-
-def _stored_tensors(files: list[Path]) -> dict[str, _Stored]:
+def _stored_tensors(files: list[Path]) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint files, in file order then offset order."""
-    out: dict[str, _Stored] = {}
-    for path in files:
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-        header.pop("__metadata__", None)
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if entry["dtype"] not in _TORCH_DTYPES:
-                raise ModelLoadError(f"{path}: tensor {name!r} has unsupported {entry['dtype']}")
-            begin, end = entry["data_offsets"]
-            out[name] = _Stored(
-                path, entry["dtype"], tuple(entry["shape"]), 8 + size + begin, end - begin
-            )
-    return out
+    return {name: t for path in files for name, t in read_header(path).items()}
 
 
-def _read_rows(stored: _Stored, max_bytes: int) -> Iterator[tuple[slice, torch.Tensor]]:
+def _read_rows(stored: StoredTensor, max_bytes: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """The tensor in slices of whole rows (dim 0) of at most ``max_bytes`` (at least one
     row), read with plain file I/O: no memory map, so no file pages stay resident."""
-    dtype = _TORCH_DTYPES[stored.dtype]
+    dtype = DTYPES[stored.dtype]
     rows = stored.shape[0] if stored.shape else 1
     if stored.nbytes == 0 or rows == 0:
         yield slice(0, rows), torch.empty(stored.shape, dtype=dtype)
@@ -405,22 +375,10 @@ class _StreamingWriter:
     and shapes up front, then each tensor's bytes are appended as it arrives."""
 
     def __init__(self, path: Path, planned: list[tuple[str, str, tuple[int, ...]]]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, code, shape in planned:
-            size = _nbytes(code, shape)
-            header[name] = {
-                "dtype": code,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
         self.path = path
         self._planned = iter(planned)
         self._handle = path.open("wb")
-        self._handle.write(struct.pack("<Q", len(blob)) + blob)
+        self._handle.write(header_bytes(planned))
 
     def write(self, name: str, parts: Iterable[torch.Tensor]) -> None:
         """Append tensor ``name`` (the next one planned) from consecutive row slices."""
@@ -429,12 +387,12 @@ class _StreamingWriter:
             raise RuntimeError(f"{self.path}: wrote {name}, planned {expected}")
         written = 0
         for part in parts:
-            if _DTYPE_CODES[part.dtype] != expected[1]:
+            if DTYPE_CODES[part.dtype] != expected[1]:
                 raise RuntimeError(f"{self.path}: {name} is {part.dtype}, planned {expected[1]}")
             if part.numel():
                 self._handle.write(part.contiguous().reshape(-1).view(torch.uint8).numpy())
             written += part.numel() * part.element_size()
-        if written != _nbytes(expected[1], expected[2]):
+        if written != nbytes(expected[1], expected[2]):
             raise RuntimeError(f"{self.path}: {name} has {written} bytes, planned another size")
 
     def __enter__(self) -> _StreamingWriter:
@@ -452,21 +410,14 @@ class _StreamingWriter:
             raise RuntimeError(f"{self.path}: closed before {left[0]} was written")
 
 
-def _nbytes(code: str, shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count * torch.empty((), dtype=_TORCH_DTYPES[code]).element_size()
-
-
-def _out_code(stored: _Stored, dtype: torch.dtype | None) -> str:
+def _out_code(stored: StoredTensor, dtype: torch.dtype | None) -> str:
     """Output dtype: the source's, or ``dtype`` for floating tensors when one is asked."""
-    if dtype is None or not _TORCH_DTYPES[stored.dtype].is_floating_point:
+    if dtype is None or not DTYPES[stored.dtype].is_floating_point:
         return stored.dtype
-    return _DTYPE_CODES[dtype]
+    return DTYPE_CODES[dtype]
 
 
-def merged_units(model: StreamingModel, stored: dict[str, _Stored]) -> list[list[str]]:
+def merged_units(model: StreamingModel, stored: dict[str, StoredTensor]) -> list[list[str]]:
     """Tensor names grouped so a shard never splits a block: everything outside the
     blocks (embeddings, final norm, heads, buffers) first, then block 0 … L-1."""
     blocks = []
@@ -517,7 +468,7 @@ def export_merged(
         theirs, _ = model.block_tensor_spec(layer)[f"{module}.weight"]
         merges[theirs] = (a, b)
     codes = {name: _out_code(s, dtype) for name, s in stored.items()}
-    sizes = {name: _nbytes(codes[name], s.shape) for name, s in stored.items()}
+    sizes = {name: nbytes(codes[name], s.shape) for name, s in stored.items()}
     units = merged_units(model, stored)
     shards = _plan_shards(units, sizes, shard_bytes)
     names = (
@@ -532,7 +483,7 @@ def export_merged(
             with _StreamingWriter(staging / file_name, planned) as writer:
                 for name in shard:
                     parts = _merged_rows(stored[name], merges.get(name), result.scale)
-                    writer.write(name, (p.to(_TORCH_DTYPES[codes[name]]) for p in parts))
+                    writer.write(name, (p.to(DTYPES[codes[name]]) for p in parts))
                     bar.update()
         if len(shards) > 1:
             weight_map = {n: f for f, shard in zip(names, shards, strict=True) for n in shard}
@@ -558,7 +509,7 @@ def export_merged(
 
 
 def _merged_rows(
-    stored: _Stored, adapter: tuple[torch.Tensor, torch.Tensor] | None, scale: float
+    stored: StoredTensor, adapter: tuple[torch.Tensor, torch.Tensor] | None, scale: float
 ) -> Iterator[torch.Tensor]:
     """Row slices of a checkpoint tensor, with ``scale·B·A`` added when it is adapted:
     rows i..j of ``W + s·B·A`` are ``W[i:j] + s·B[i:j]·A``, so no slice needs the rest."""
@@ -590,7 +541,7 @@ def _write_head(folder: Path, result: TrainedResult) -> None:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    planned = [(n, _DTYPE_CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    planned = [(n, DTYPE_CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
     with _StreamingWriter(path, planned) as writer:
         for name, tensor in tensors.items():
             writer.write(name, [tensor.detach().cpu()])

@@ -17,7 +17,6 @@ earlier layers resident: the process holds what the caller keeps, nothing more.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.runtime.safetensors_io import StoredTensor, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,12 +38,11 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
-        self._file_of: dict[str, Path] = {}
-        self._shape_of: dict[str, tuple[int, ...]] = {}
+        self._stored: dict[str, StoredTensor] = {}
         for path in self._shard_files():
-            for name, shape in _read_header(path).items():
-                self._file_of[name] = path
-                self._shape_of[name] = shape
+            self._stored.update(read_header(path))
+        self._file_of = {name: stored.path for name, stored in self._stored.items()}
+        self._shape_of = {name: stored.shape for name, stored in self._stored.items()}
 
     def _shard_files(self) -> list[Path]:
         if not self.model_dir.is_dir():
@@ -86,13 +85,7 @@ class Checkpoint:
 
     def nbytes(self, names: Iterable[str]) -> int:
         """Bytes the named tensors take on disk."""
-        total = 0
-        for name in names:
-            path = self._file_of[name]
-            with safe_open(str(path), framework="pt") as handle:
-                sl = handle.get_slice(name)
-                total += _dtype_bytes(sl.get_dtype()) * math.prod(self._shape_of[name])
-        return total
+        return sum(self._stored[name].nbytes for name in names)
 
     def _require(self, names: Iterable[str]) -> None:
         missing = [n for n in names if n not in self._file_of]
@@ -159,18 +152,3 @@ class Checkpoint:
             raise ModelLoadError(
                 f"{path}: cannot read rows {start}:{stop} of {name}: {exc}"
             ) from exc
-
-
-def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return _DTYPE_BYTES.get(dtype, 1)
