@@ -34,40 +34,14 @@ Robust strategies (coordinate-wise, every tensor alike, unweighted)::
     median         per coordinate: the middle value (mean of the two middle values
                    for even K)
 
-They ignore the sample counts: an attacker chooses its own count, and a weight it can
-inflate would undo the robustness. What they aggregate is the update's *delta* from the
-round's starting tensors — and they may be applied to the uploaded tensors directly,
-because every agent of a round starts from the same tensors S and both statistics are
-translation-equivariant per coordinate: median(S + δ_k) = S + median(δ_k), likewise
-for the trimmed mean. The coordinator therefore needs no starting state for them. An
-adapter pair is treated factor by factor, A and B separately, like ``fedavg`` (the same
-caveat on cross terms holds; with A frozen (FFA) all A_k are equal and the result is
-the robust statistic of the B_k, exact in the product B A).
+They ignore the sample counts (an attacker chooses its own) and need no round start:
+both statistics are translation-equivariant per coordinate (see ``_coordinatewise``).
 
 Norm clipping (``chainfed.proto.dp_mechanism.clip_update``) is not translation-
 equivariant: it scales the delta x_k − S to L2 norm ≤ C over all of the update's tensors
 together, so it needs S (see ``chainfed.coordinator.round_start`` for how the
 coordinator knows S, including adapters that enter the window from the shared seeded
 initialisation).
-
-``svd`` in more detail. The mean of K rank-r products has rank ≤ K·r, so the rank-r
-re-factorisation reproduces ΔW exactly only when rank(ΔW) ≤ r (K = 1, all A_k equal, all
-B_k equal, or a requested ``rank`` ≥ K·r); otherwise it is the best rank-r approximation
-(Eckart–Young: spectral-norm error σ_{r+1}, Frobenius error (Σ_{i>r} σ_i²)^½). The
-singular values are split evenly, ``S^½`` to each side, so neither factor dominates the
-next round's gradients. ΔW (out × in) is never formed: with ``B_cat = [w_1 B_1 … w_K B_K]``
-(out × Kr) and ``A_cat = [A_1; …; A_K]`` (Kr × in), ΔW = B_cat A_cat, and two thin QRs
-reduce the SVD to one of a Kr × Kr matrix::
-
-    B_cat = Q_b R_b,  A_catᵀ = Q_a R_a
-    ΔW = Q_b (R_b R_aᵀ) Q_aᵀ,  R_b R_aᵀ = U' S V'ᵀ  ⇒  U = Q_b U',  Vᵀ = V'ᵀ Q_aᵀ
-
-A direction whose singular value is numerically zero (ΔW of rank below r, ΔW = 0, or a
-``rank`` above min(out, in)) gets a zero column of B — the product stays exact — and the
-row of the weighted mean A in that slot (row ``i mod r`` of Σ w_k A_k) instead of a zero
-row: with both factors zero a direction receives no gradient and would be dead for the
-rest of the chain. Note that after ``svd`` A is no longer the seeded initialisation, so
-``ffa`` cannot follow ``svd`` within one adapter's life.
 
 Precision: sums run in float64 and results come back in the updates' dtype on the
 device of the first update. Validation (``validate_updates``) runs before any
@@ -292,6 +266,25 @@ def aggregate_ffa(
 
 
 def _svd_pair(updates, weights, prefix, rank):
+    """The mean of K rank-r products has rank ≤ K·r, so the rank-r
+    re-factorisation reproduces ΔW exactly only when rank(ΔW) ≤ r (K = 1, all A_k equal, all
+    B_k equal, or a requested ``rank`` ≥ K·r); otherwise it is the best rank-r approximation
+    (Eckart–Young: spectral-norm error σ_{r+1}, Frobenius error (Σ_{i>r} σ_i²)^½). The
+    singular values are split evenly, ``S^½`` to each side, so neither factor dominates the
+    next round's gradients. ΔW (out × in) is never formed: with ``B_cat = [w_1 B_1 … w_K B_K]``
+    (out × Kr) and ``A_cat = [A_1; …; A_K]`` (Kr × in), ΔW = B_cat A_cat, and two thin QRs
+    reduce the SVD to one of a Kr × Kr matrix::
+
+        B_cat = Q_b R_b,  A_catᵀ = Q_a R_a
+        ΔW = Q_b (R_b R_aᵀ) Q_aᵀ,  R_b R_aᵀ = U' S V'ᵀ  ⇒  U = Q_b U',  Vᵀ = V'ᵀ Q_aᵀ
+
+    A direction whose singular value is numerically zero (ΔW of rank below r, ΔW = 0, or a
+    ``rank`` above min(out, in)) gets a zero column of B — the product stays exact — and the
+    row of the weighted mean A in that slot (row ``i mod r`` of Σ w_k A_k) instead of a zero
+    row: with both factors zero a direction receives no gradient and would be dead for the
+    rest of the chain. Note that after ``svd`` A is no longer the seeded initialisation, so
+    ``ffa`` cannot follow ``svd`` within one adapter's life.
+    """
     a_name, b_name = prefix + LORA_A_SUFFIX, prefix + LORA_B_SUFFIX
     ref_a = updates[0].tensors[a_name]
     dtype, device = ref_a.dtype, ref_a.device
@@ -358,7 +351,18 @@ def _stacked(updates: Sequence[WeightedUpdate], name: str) -> torch.Tensor:
 def _coordinatewise(
     updates: Sequence[WeightedUpdate], statistic: Callable[[torch.Tensor], torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Validate, then ``statistic`` of each tensor's sorted (K, *shape) stack."""
+    """Validate, then ``statistic`` of each tensor's sorted (K, *shape) stack.
+
+    The robust statistics ignore sample counts: an attacker chooses its own, and a weight it can
+    inflate would undo the robustness. What they aggregate is the update's *delta* from the
+    round's starting tensors — and they may be applied to the uploaded tensors directly,
+    because every agent of a round starts from the same tensors S and both statistics are
+    translation-equivariant per coordinate: median(S + δ_k) = S + median(δ_k), likewise
+    for the trimmed mean. The coordinator therefore needs no starting state for them. An
+    adapter pair is treated factor by factor, A and B separately, like ``fedavg`` (the same
+    caveat on cross terms holds; with A frozen (FFA) all A_k are equal and the result is
+    the robust statistic of the B_k, exact in the product B A).
+    """
     updates = list(updates)
     validate_updates(updates)
     return {

@@ -80,7 +80,7 @@ DEFAULT_WINDOW = 2
 """DLCT window of ``--window auto`` when no agent declared a memory budget."""
 
 
-class UpdateRejected(Exception):
+class UpdateRejectedError(Exception):
     """An update or report that must not touch the round; ``code`` picks the gRPC status."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -331,7 +331,7 @@ class ChainCoordinator:
     def register(self, agent_id: str, capabilities: AgentCapabilities, now_ms: int) -> str:
         """Add or refresh an agent; a model fingerprint mismatch is refused."""
         if capabilities.model_fingerprint != self.config.model_fingerprint:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "failed_precondition",
                 f"agent {agent_id or '(new)'} loaded a different model (fingerprint "
                 f"{capabilities.model_fingerprint[:12]}…, coordinator "
@@ -359,7 +359,7 @@ class ChainCoordinator:
 
     def touch(self, agent_id: str, now_ms: int) -> None:
         if agent_id not in self.agents:
-            raise UpdateRejected("not_found", f"agent {agent_id!r} is not registered")
+            raise UpdateRejectedError("not_found", f"agent {agent_id!r} is not registered")
         self.agents[agent_id].last_seen_ms = now_ms
 
     # -- progress ---------------------------------------------------------------------
@@ -675,7 +675,7 @@ class ChainCoordinator:
         if self.phase is ChainPhase.DONE and round_id == "done":
             return self._sendable(self.final)
         if self.open_round is None or round_id != self.open_round.round_id:
-            raise UpdateRejected("failed_precondition", f"round {round_id!r} is not open")
+            raise UpdateRejectedError("failed_precondition", f"round {round_id!r} is not open")
         if self.open_round.evaluation:
             return self._sendable(self.final)
         tensors = self.round_tensors()
@@ -685,16 +685,16 @@ class ChainCoordinator:
 
     def report_probe(self, report: ProbeReport) -> None:
         if self.phase is not ChainPhase.PROBING or report.round_id != self.probe_id:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "failed_precondition", f"probe {report.round_id!r} is not open (stale report)"
             )
         if len(report.cka_scores) != self.config.num_layers:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "invalid_argument",
                 f"{len(report.cka_scores)} CKA scores for a {self.config.num_layers}-layer model",
             )
         if not all(math.isfinite(s) for s in report.cka_scores):
-            raise UpdateRejected("invalid_argument", "CKA scores must be finite")
+            raise UpdateRejectedError("invalid_argument", "CKA scores must be finite")
         self.probe_reports[report.agent_id] = report
         self.changed = True
 
@@ -738,14 +738,14 @@ class ChainCoordinator:
         self.touch(agent_id, now_ms)
         r = self.open_round
         if r is None or round_id != r.round_id:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "failed_precondition",
                 f"round {round_id!r} is not open (stale or unknown"
                 + (f"; current round is {r.round_id}" if r else "")
                 + ")",
             )
         if agent_id not in r.participants:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "failed_precondition", f"agent {agent_id} was not selected for round {round_id}"
             )
         if agent_id in r.updates:
@@ -762,23 +762,23 @@ class ChainCoordinator:
     ) -> None:
         if r.evaluation:
             if tensors or metrics.val_samples <= 0 or not math.isfinite(metrics.val_loss):
-                raise UpdateRejected(
+                raise UpdateRejectedError(
                     "invalid_argument",
                     "an evaluation answer carries no tensors, val_samples > 0 and a finite "
                     "val_loss",
                 )
             return
         if metrics.train_samples <= 0:
-            raise UpdateRejected("invalid_argument", "an update must report train_samples > 0")
+            raise UpdateRejectedError("invalid_argument", "an update must report train_samples > 0")
         if not (math.isfinite(metrics.val_loss) and math.isfinite(metrics.train_loss)):
-            raise UpdateRejected("invalid_argument", "train_loss and val_loss must be finite")
+            raise UpdateRejectedError("invalid_argument", "train_loss and val_loss must be finite")
         expected = r.expected or {
             k: (tuple(v.shape), str(v.dtype))
             for k, v in next(iter(r.updates.values()), (None, {}))[1].items()
         }
         for name in tensors:
             if self.a_frozen and name.endswith(LORA_A_SUFFIX):
-                raise UpdateRejected(
+                raise UpdateRejectedError(
                     "invalid_argument",
                     f"unexpected tensor {name!r}: round {r.round_id} keeps every A frozen at "
                     "its seeded init (ffa); an update carries B, not A",
@@ -789,7 +789,7 @@ class ChainCoordinator:
                 and index not in r.window
                 or kind not in ("layers", "objective", "foresight")
             ):
-                raise UpdateRejected(
+                raise UpdateRejectedError(
                     "invalid_argument",
                     f"unexpected tensor {name!r}: round {r.round_id} trains layers {r.window}",
                 )
@@ -799,7 +799,7 @@ class ChainCoordinator:
                 sorted(set(tensors) - set(expected)),
             )
             if missing or extra:
-                raise UpdateRejected(
+                raise UpdateRejectedError(
                     "invalid_argument",
                     f"update tensors do not match round {r.round_id}: missing {missing[:5]}, "
                     f"unexpected {extra[:5]}",
@@ -807,14 +807,16 @@ class ChainCoordinator:
             for name, tensor in tensors.items():
                 shape, dtype = expected[name]
                 if tuple(tensor.shape) != shape or str(tensor.dtype) != dtype:
-                    raise UpdateRejected(
+                    raise UpdateRejectedError(
                         "invalid_argument",
                         f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                         f"expected {dtype} {list(shape)}",
                     )
         for name, tensor in tensors.items():
             if not torch.isfinite(tensor).all():
-                raise UpdateRejected("invalid_argument", f"tensor {name!r} has NaN or Inf values")
+                raise UpdateRejectedError(
+                    "invalid_argument", f"tensor {name!r} has NaN or Inf values"
+                )
         c = self.config
         if c.norm_bound is None:
             return
@@ -823,7 +825,7 @@ class ChainCoordinator:
         )
         norm = update_norm(tensors, start)
         if norm > c.norm_bound:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "invalid_argument",
                 f"update norm {norm:.4g} (its change from the round's start) exceeds the "
                 f"bound {c.norm_bound}",

@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 
 from chainfed.coordinator import fault_injection, state_store
-from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
+from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejectedError
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
@@ -184,7 +184,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             )
 
     def _reject(self, context: grpc.ServicerContext, exc: Exception) -> None:
-        if isinstance(exc, UpdateRejected):
+        if isinstance(exc, UpdateRejectedError):
             code = _CODES[exc.code]
         else:
             code = grpc.StatusCode.INVALID_ARGUMENT
@@ -225,7 +225,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 agent_id = self.coordinator.register(
                     requested, registration.capabilities, _now_ms()
                 )
-            except UpdateRejected as exc:
+            except UpdateRejectedError as exc:
                 self._reject(context, exc)
             self.coordinator.tick(_now_ms())
             if not self._persist_if_changed():
@@ -241,7 +241,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 self._check_fatal(context)
                 try:
                     task = self.coordinator.next_task(request.agent_id, _now_ms())
-                except UpdateRejected as exc:
+                except UpdateRejectedError as exc:
                     self._reject(context, exc)
                 if not self._persist_if_changed():
                     self._check_fatal(context)
@@ -270,7 +270,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 tensors = self.coordinator.tensors_for(
                     request.round_id, omit_final=request.omit_final
                 )
-            except UpdateRejected as exc:
+            except UpdateRejectedError as exc:
                 self._reject(context, exc)
             messages = self._fetch_messages(tensors)
         self._take_transfer_turn(context)
@@ -349,7 +349,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 self.coordinator.submit(
                     first.agent_id, first.round_id, first.metrics, tensors, _now_ms()
                 )
-            except UpdateRejected as exc:
+            except UpdateRejectedError as exc:
                 self._reject(context, exc)
             if not self._persist_if_changed():
                 self._check_fatal(context)
@@ -372,7 +372,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 self.coordinator.touch(report.agent_id, _now_ms())
                 self.coordinator.report_probe(report)
                 self.coordinator.tick(_now_ms())
-            except UpdateRejected as exc:
+            except UpdateRejectedError as exc:
                 self._reject(context, exc)
             if not self._persist_if_changed():
                 self._check_fatal(context)

@@ -64,7 +64,7 @@ from chainfed.agent.training.memory_meter import process_baseline
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
-from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejected
+from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejectedError
 from chainfed.coordinator.command import coordinator_config, option_defaults
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
@@ -481,7 +481,7 @@ def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> bo
     """Submit as the servicer would; False (and a progress line) when it is rejected."""
     try:
         coordinator.submit(agent_id, round_id, metrics, tensors, clock.now())
-    except UpdateRejected as exc:
+    except UpdateRejectedError as exc:
         say(f"update of {agent_id} for round {round_id} rejected: {exc}")
         return False
     return True

@@ -79,7 +79,7 @@ RETRYABLE = (
 )
 
 
-class CoordinatorUnreachable(ChainFedError):
+class CoordinatorUnreachableError(ChainFedError):
     """The coordinator stayed unreachable longer than the agent's patience."""
 
 
@@ -205,7 +205,7 @@ class FederatedAgent:
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
                 if now - first_failure > self.config.give_up_after_s:
-                    raise CoordinatorUnreachable(
+                    raise CoordinatorUnreachableError(
                         f"coordinator {self.config.address} unreachable for "
                         f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
                     ) from exc

@@ -94,9 +94,7 @@ class ChainConfig:
     """AdamW weight decay."""
     micro_batch: int = 16
     """Samples per forward/backward, and per evaluation batch: evaluation must fit the
-    memory the budget planner chose for training. (Evaluating at 4× the micro-batch, with
-    the head's 16 MiB slices, a SmolLM2 stage peaked at 239 MiB above baseline, against
-    210 MiB now; the two changes were measured together.)"""
+    memory the budget planner chose for training."""
     grad_accum: int = 1
     """Micro-batches per optimiser step (effective batch = micro_batch × grad_accum)."""
     steps_per_round: int = 25

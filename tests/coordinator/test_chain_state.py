@@ -11,7 +11,7 @@ import torch
 
 from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
-from chainfed.coordinator.chain_state import DEFAULT_WINDOW, UpdateRejected
+from chainfed.coordinator.chain_state import DEFAULT_WINDOW, UpdateRejectedError
 from chainfed.coordinator.round_start import round_start_state
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.messages import (
@@ -40,8 +40,8 @@ def fedavg(sent: dict, agents: list[str]) -> dict:
     )
 
 
-def rejected(code: str, fn, *args) -> UpdateRejected:
-    with pytest.raises(UpdateRejected) as info:
+def rejected(code: str, fn, *args) -> UpdateRejectedError:
+    with pytest.raises(UpdateRejectedError) as info:
         fn(*args)
     assert info.value.code == code, info.value
     return info.value

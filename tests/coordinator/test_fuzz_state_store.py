@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.coordinator import state_store
-from chainfed.coordinator.chain_state import UpdateRejected
+from chainfed.coordinator.chain_state import UpdateRejectedError
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
 from chainfed.proto import serde
 
@@ -76,7 +76,7 @@ class Saved:
             coordinator.tick(4000)
             try:
                 coordinator.next_task("a", 4000)
-            except UpdateRejected as exc:  # an edit may have removed agent a
+            except UpdateRejectedError as exc:  # an edit may have removed agent a
                 assert exc.code == "not_found", exc
             serde.status_snapshot_to_proto(coordinator.snapshot())
             state_store.save(coordinator, self.scratch)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from chainfed.coordinator import state_store
-from chainfed.coordinator.chain_state import UpdateRejected
+from chainfed.coordinator.chain_state import UpdateRejectedError
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.messages import ChainPhase, ProbeReport
@@ -292,7 +292,7 @@ def test_round_ids_only_grow_across_restarts(kit, tmp_path):
     seq = lambda rid: int(rid.lstrip("abcdefghijklmnopqrstuvwxyz"))  # noqa: E731
     assert seq(fresh.round_id) > seq(lost.round_id) and fresh.updates == {}
     late = kit.update(lost.window, lost.stage_layer, 3)
-    with pytest.raises(UpdateRejected, match="not open") as info:
+    with pytest.raises(UpdateRejectedError, match="not open") as info:
         resumed.submit("b", lost.round_id, kit.metrics(), late, 70_001)
     assert info.value.code == "failed_precondition"
     advance_one_round(kit, resumed, 70_002)

@@ -22,7 +22,7 @@ import torch
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federation.federated_agent import (
     AgentConfig,
-    CoordinatorUnreachable,
+    CoordinatorUnreachableError,
     FederatedAgent,
     LocalData,
     chain_config_from_params,
@@ -189,7 +189,7 @@ def test_call_gives_up_after_its_patience_and_refusals_are_not_retried(monkeypat
         "chainfed.agent.federation.federated_agent.time.monotonic", lambda: clock[0]
     )
     down = _failing([grpc.StatusCode.UNAVAILABLE] * 100, clock, attempt_s=[1.0])
-    with pytest.raises(CoordinatorUnreachable, match="unreachable for 60 s"):
+    with pytest.raises(CoordinatorUnreachableError, match="unreachable for 60 s"):
         FederatedAgent._call(_caller(60, clock), "GetTask", down)
     refused = _failing([grpc.StatusCode.PERMISSION_DENIED], clock, attempt_s=[0.0])
     with pytest.raises(ChainFedError, match="refused Submit: PERMISSION_DENIED"):
