@@ -14,6 +14,15 @@ PACKAGES = [
     for sub in ("", *find_packages(folder))
 ]
 
+AGENT = ["tokenizers>=0.19", "psutil>=5.9", "tqdm>=4.60", "jinja2>=3.1"]
+"""The agent: tokenisation, memory metering, progress bars, chat templates."""
+GGUF = ["gguf>=0.10"]
+"""GGUF import (``chainfed convert-gguf``, the ``smollm2`` alias)."""
+PLOTS = ["matplotlib>=3.7"]
+"""The plots of ``chainfed demo``/``simulate`` and the benchmarks."""
+DP = ["dp-accounting>=0.4"]
+"""Privacy accounting of ``--dp-noise-multiplier`` (the coordinator's)."""
+
 setup(
     name="chainfed",
     version="0.1.0",
@@ -22,27 +31,33 @@ setup(
     packages=PACKAGES,
     package_dir={f"chainfed.{name}": name for name in FOLDERS},
     package_data={"chainfed.proto": ["*.proto", "*.pyi"]},
+    # What a coordinator-only box needs (``python -m chainfed.coordinator --model-spec``):
+    # the aggregation arithmetic, safetensors state files and gRPC. The agent's stack and
+    # the optional parts come as extras; ``dev`` installs everything the demo and the tests
+    # use (the README's set-up line).
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",
-        "tokenizers>=0.19",
-        "psutil>=5.9",
+        "numpy>=1.24",
         "grpcio>=1.85.1",
         "protobuf>=7.35.1",
-        "numpy>=1.24",
-        "gguf>=0.10",
-        "tqdm>=4.60",
-        "jinja2>=3.1",
-        "dp-accounting>=0.4",
-        "matplotlib>=3.7",
     ],
     extras_require={
+        "agent": AGENT,
+        "gguf": GGUF,
+        "plots": PLOTS,
+        "dp": DP,
         "gpu": ["triton>=3.0"],
+        "all": AGENT + GGUF + PLOTS + DP,
         # Exact versions known to pass: the tests compare against these (parity with
         # transformers/peft, the generated protobuf modules, ruff's format, the fuzzers'
         # derandomised examples, the Triton interpreter), so a new upstream release must
         # not turn CI red. Raise a pin in its own commit, after the suite passes with it.
-        "dev": [
+        "dev": AGENT
+        + GGUF
+        + PLOTS
+        + DP
+        + [
             "pytest>=8,<10",
             "ruff==0.17.6",
             "transformers==5.24.0",
