@@ -27,9 +27,12 @@ import json
 import os
 import time
 import weakref
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, fields, is_dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from safetensors import SafetensorError
 
@@ -210,137 +213,231 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
         raise StateDirError(f"{path}: incomplete or corrupt coordinator state ({exc!r})") from exc
 
 
+_Check = Callable[[Any, str], None]
+"""Validates one JSON value found at the given path of ``state.json`` (e.g.
+``history[0].metrics.steps``); raises ``ValueError`` naming that path when ``_from_json``
+could not use the value as is."""
+
+
+def _malformed(where: str, value: Any) -> ValueError:
+    return ValueError(f"field {where} is malformed: {value!r:.200}")
+
+
+def _missing(where: str) -> ValueError:
+    return ValueError(f"field {where} is missing")
+
+
+def _leaf(ok: Callable[[Any], bool]) -> _Check:
+    """The check of a single value that ``ok`` accepts."""
+
+    def check(value: Any, where: str) -> None:
+        if not ok(value):
+            raise _malformed(where, value)
+
+    return check
+
+
+def _count(top: int = 2**63) -> _Check:
+    """An int (not a bool) in ``0 <= v < top``; the default bound is what an int64 holds."""
+    return _leaf(lambda v: type(v) is int and 0 <= v < top)
+
+
+_text = _leaf(lambda v: type(v) is str)
+_number = _leaf(lambda v: type(v) in (int, float))  # NaN and infinities included
+
+
+def _optional(check: _Check) -> _Check:
+    def optional(value: Any, where: str) -> None:
+        if value is not None:
+            check(value, where)
+
+    return optional
+
+
+def _list_of(check: _Check) -> _Check:
+    def list_of(value: Any, where: str) -> None:
+        if type(value) is not list:
+            raise _malformed(where, value)
+        for i, item in enumerate(value):
+            check(item, f"{where}[{i}]")
+
+    return list_of
+
+
+def _dict_of(check: _Check) -> _Check:
+    """An object whose every value passes ``check`` (JSON keys are always strings)."""
+
+    def dict_of(value: Any, where: str) -> None:
+        if type(value) is not dict:
+            raise _malformed(where, value)
+        for key, item in value.items():
+            check(item, f"{where}[{key!r}]")
+
+    return dict_of
+
+
+def _record(checks: dict[str, _Check]) -> _Check:
+    """An object with every key of ``checks`` (other keys are ignored)."""
+
+    def record(value: Any, where: str) -> None:
+        if type(value) is not dict:
+            raise _malformed(where, value)
+        for key, check in checks.items():
+            if key not in value:
+                raise _missing(f"{where}.{key}")
+            check(value[key], f"{where}.{key}")
+
+    return record
+
+
+_Rules = dict[type, dict[str, _Check]]
+"""Per dataclass, the checks of the fields whose type alone says too little."""
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)  # messages.py annotations are strings (PEP 563)
+
+
+def _dataclass_record(cls: type, rules: _Rules) -> _Check:
+    """An object that ``cls(**value)`` accepts: keys among ``cls``'s field names, every
+    field without a default present, each value as ``rules`` or else ``_type_check`` of
+    the field's type requires (None only where that type admits it).
+
+    A field with a default may be missing, so that states saved before it existed load."""
+    types = _field_types(cls)
+    own = rules.get(cls, {})
+    checks = {
+        f.name: own[f.name] if f.name in own else _type_check(types[f.name], rules)
+        for f in fields(cls)
+    }
+    defaulted = {
+        f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING
+    }
+
+    def record(value: Any, where: str) -> None:
+        if type(value) is not dict:
+            raise _malformed(where, value)
+        unknown = value.keys() - checks.keys()
+        if unknown:
+            raise ValueError(f"field {where} has unknown keys {sorted(unknown)!r:.200}")
+        for key, check in checks.items():
+            if key in value:
+                check(value[key], f"{where}.{key}")
+            elif key not in defaulted:
+                raise _missing(f"{where}.{key}")
+
+    return record
+
+
+def _type_check(tp: Any, rules: _Rules) -> _Check:
+    """The check of a dataclass field of type ``tp`` as ``asdict`` wrote it to JSON."""
+    args = get_args(tp)
+    if tp is int:
+        return _count()
+    if tp is float:
+        return _number
+    if tp is str:
+        return _text
+    if get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _list_of(_type_check(args[0], rules))
+    if get_origin(tp) in (Union, UnionType) and len(args) == 2 and type(None) in args:
+        return _optional(_type_check(next(a for a in args if a is not type(None)), rules))
+    if is_dataclass(tp):
+        return _dataclass_record(tp, rules)
+    raise TypeError(f"no state.json check for fields of type {tp!r}")
+
+
+def _message_rules(num_layers: int) -> _Rules:
+    """The bounds the message dataclasses' field types do not carry."""
+    layer = _count(num_layers)
+    return {
+        AgentCapabilities: {"max_window": _count(2**32)},
+        UpdateMetrics: {"steps": _count(2**32)},
+        RoundRecord: {"stage_layer": layer, "window_layers": _list_of(layer)},
+    }
+
+
+_CONVERGENCE_KEYS = frozenset(
+    {"min_rounds", "max_rounds", "patience", "tolerance", "rounds", "best", "since_best"}
+)
+
+
+def _convergence(value: Any, where: str) -> None:
+    if type(value) is not dict or not set(value) <= _CONVERGENCE_KEYS:
+        raise _malformed(where, value)
+    for key, item in value.items():
+        _number(item, f"{where}.{key}")
+
+
+def _tensors_file(value: Any, where: str) -> None:
+    """A plain file name of the state dir: no directory part, not a hidden temp file."""
+    if type(value) is not str or value != Path(value).name or value.startswith("."):
+        raise _malformed(where, value)
+
+
+def _state_fields(num_layers: int) -> dict[str, _Check]:
+    """The checks of the top-level fields every ``state.json`` has."""
+    rules = _message_rules(num_layers)
+    layer = _count(num_layers)
+    agent = _record(
+        {
+            "capabilities": _dataclass_record(AgentCapabilities, rules),
+            "last_seen_ms": _count(),
+            "rounds_completed": _count(2**32),
+        }
+    )
+    return {
+        "tensors_file": _tensors_file,
+        "phase": _text,
+        "start_layer": _optional(layer),
+        "window": _optional(_leaf(lambda v: type(v) is int and 1 <= v <= num_layers)),
+        "stage_layer": _optional(layer),
+        "round_seq": _count(),
+        "probe_id": _text,
+        "foat_scores": _optional(_list_of(_number)),
+        "convergence": _convergence,
+        "agents": _dict_of(agent),
+        "history": _list_of(_dataclass_record(RoundRecord, rules)),
+    }
+
+
+_OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
+    "dp_ledger": _list_of(
+        _leaf(lambda r: type(r) is list and len(r) == 3 and all(type(x) in (int, float) for x in r))
+    ),
+    "stop_reason": _text,
+}
+"""Top-level fields a state may lack: ``_from_json`` has a default for each."""
+
+
+def _check_chain_position(state: dict[str, Any]) -> None:
+    """A stage layer is only meaningful with the start and window it sits in, and a
+    training chain always has one."""
+    training = state["phase"] == ChainPhase.TRAINING.value
+    unset = [k for k in ("start_layer", "window", "stage_layer") if state[k] is None]
+    if unset and (training or state["stage_layer"] is not None):
+        raise ValueError(f"phase {state['phase']!r} at a chain position, but {unset} not set")
+
+
 def _check_fields(state: dict[str, Any], num_layers: int) -> None:
     """Raise ``ValueError`` naming the first field ``_from_json`` could not use as is.
 
     Any JSON parses; a damaged or hand-edited state.json must be refused here rather
     than load into a coordinator that fails later (a round_seq of "7", layer 10**9 of a
     4-layer model, a tensors file outside the state dir, a history record whose window
-    cannot go on the wire).
+    cannot go on the wire). The records of message dataclasses are checked against the
+    dataclasses' own fields (``_dataclass_record``), with the bounds of
+    ``_message_rules``.
     """
-
-    def count(v: Any, top: int = 2**63) -> bool:
-        return type(v) is int and 0 <= v < top
-
-    def layer(v: Any) -> bool:
-        return count(v, num_layers)
-
-    def number(v: Any) -> bool:
-        return type(v) in (int, float)
-
-    def text(v: Any) -> bool:
-        return type(v) is str
-
-    def optional(check):
-        return lambda v: v is None or check(v)
-
-    def list_of(check):
-        return lambda v: type(v) is list and all(check(x) for x in v)
-
-    def record_of(checks: dict[str, Any], required: bool = True):
-        return lambda v: (
-            type(v) is dict
-            and all(
-                (key in v or not required) and check(v.get(key)) for key, check in checks.items()
-            )
-        )
-
-    capabilities_fields = record_of(
-        {
-            "device": text,
-            "memory_budget_bytes": count,
-            "num_samples": count,
-            "software_version": text,
-            "model_fingerprint": text,
-        }
-    )
-    capabilities_extras = record_of(  # states written before agents declared it lack it
-        {"max_window": optional(lambda v: count(v, 2**32))}, required=False
-    )
-
-    def capabilities(v: Any) -> bool:
-        return capabilities_fields(v) and capabilities_extras(v)
-
-    metrics = record_of(
-        {
-            "train_samples": count,
-            "val_samples": count,
-            "steps": lambda v: count(v, 2**32),
-            "train_loss": number,
-            "val_loss": number,
-            "val_metric": number,
-            "peak_memory_bytes": count,
-            "seconds": number,
-        }
-    )
-    round_fields = record_of(
-        {
-            "round_id": text,
-            "stage_layer": layer,
-            "window_layers": list_of(layer),
-            "participants": list_of(text),
-            "dropped": list_of(text),
-            "metrics": metrics,
-            "finished_unix_ms": count,
-        }
-    )
-    round_extras = record_of(
-        {
-            "update_digests": optional(list_of(text)),
-            "dp_epsilon": optional(number),
-            "dp_round_epsilon": optional(number),
-        },
-        required=False,
-    )
-
-    def history_record(v: Any) -> bool:
-        return round_fields(v) and round_extras(v)
-
-    fields = {
-        "tensors_file": lambda v: text(v) and v == Path(v).name and not v.startswith("."),
-        "phase": text,
-        "start_layer": optional(layer),
-        "window": optional(lambda v: count(v, num_layers + 1) and v >= 1),
-        "stage_layer": optional(layer),
-        "round_seq": count,
-        "probe_id": text,
-        "foat_scores": optional(list_of(number)),
-        "convergence": lambda v: (
-            type(v) is dict
-            and set(v)
-            <= {"min_rounds", "max_rounds", "patience", "tolerance", "rounds", "best", "since_best"}
-            and all(number(x) for x in v.values())
-        ),
-        "agents": lambda v: (
-            type(v) is dict
-            and all(
-                record_of(
-                    {
-                        "capabilities": capabilities,
-                        "last_seen_ms": count,
-                        "rounds_completed": lambda n: count(n, 2**32),
-                    }
-                )(e)
-                for e in v.values()
-            )
-        ),
-        "history": list_of(history_record),
-    }
-    for key, check in fields.items():
-        if key not in state or not check(state[key]):
-            raise ValueError(f"field {key!r} is missing or malformed: {state.get(key)!r:.200}")
-    # a chain position (stage layer) is only meaningful with the start and window it sits in
-    training = state["phase"] == ChainPhase.TRAINING.value
-    unset = [k for k in ("start_layer", "window", "stage_layer") if state[k] is None]
-    if unset and (training or state["stage_layer"] is not None):
-        raise ValueError(f"phase {state['phase']!r} at a chain position, but {unset} not set")
-    optional_fields = {
-        "dp_ledger": list_of(lambda r: type(r) is list and len(r) == 3 and all(map(number, r))),
-        "stop_reason": text,
-    }
-    for key, check in optional_fields.items():
-        if key in state and not check(state[key]):
-            raise ValueError(f"field {key!r} is malformed: {state[key]!r:.200}")
+    for key, check in _state_fields(num_layers).items():
+        if key not in state:
+            raise _missing(key)
+        check(state[key], key)
+    _check_chain_position(state)
+    for key, check in _OPTIONAL_STATE_FIELDS.items():
+        if key in state:
+            check(state[key], key)
 
 
 def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) -> ChainCoordinator:
