@@ -26,15 +26,11 @@ parity tests compare against:
 * **Floats.** GGUF stores rms_norm_eps, rope_theta and scaling factors as float32. We write the
   shortest decimal that round-trips to the same float32 (``1e-05``, not ``9.999999747378752e-06``
   as transformers does); both are the same float32, so the arithmetic is identical.
-* **Tokenizer.** Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM2, Llama 3, ...)
-  is supported; sentencepiece GGUFs (LLaMA 2, Mistral 7B) raise :class:`ModelLoadError`. Tokens
-  the file marks CONTROL become special added tokens, USER_DEFINED ones plain added tokens. The
-  pre-tokenizer is chosen from ``tokenizer.ggml.pre`` with the table transformers uses; names not
-  in it get the GPT-2 split. Known deviation, kept on purpose for parity: for ``smollm``,
-  llama.cpp (and SmolLM2's original ``tokenizer.json``) split every digit off *before* the GPT-2
-  regex, transformers does not, so a whitespace run before a digit tokenises differently
-  (``"\\n\\n1."``: transformers ``[198, 198, 33, 30]``, llama.cpp ``[1116, 33, 30]``).
-  Changing that is a one-line entry in ``_PRE_TOKENIZER_SPLITS`` plus the parity test.
+* **Tokenizer.** Rebuilt by :mod:`chainfed.agent.convert.gguf_tokenizer` (see there): only
+  byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM2, Llama 3, ...) is supported;
+  sentencepiece GGUFs (LLaMA 2, Mistral 7B) raise :class:`ModelLoadError`. That module also
+  documents the one known deviation from llama.cpp (how ``smollm`` splits a whitespace run
+  before a digit), kept on purpose for parity with transformers.
 
 Safety: the folder is written into a hidden temporary folder next to ``out_dir`` and renamed into
 place at the end, so a failed or interrupted conversion never leaves ``out_dir`` looking valid.
@@ -56,10 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import BPE
 from tqdm.auto import tqdm
 
+from chainfed.agent.convert.gguf_tokenizer import build_tokenizer
 from chainfed.agent.convert.staged_folder import staged_folder
 from chainfed.agent.errors import ModelLoadError
 
@@ -68,17 +63,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("llama",)
 """Values of the GGUF key ``general.architecture`` this importer converts."""
 
-SUPPORTED_TOKENIZERS = ("gpt2",)
-"""Values of ``tokenizer.ggml.model`` this importer rebuilds (``gpt2`` = byte-level BPE)."""
-
 MARKER_FILE = "gguf_import.json"
 """Written into every converted folder; its presence lets a later conversion replace the folder."""
 
 _GGUF_MAGIC = b"GGUF"
-
-# llama.cpp token types (tokenizer.ggml.token_type).
-_CONTROL = 3
-_USER_DEFINED = 4
 
 # GGUF name -> HF name, outside the blocks and inside block i (``blk.{i}.<key>``).
 _GLOBAL_TENSORS = {
@@ -98,39 +86,6 @@ _BLOCK_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
-
-# Pre-tokenizer split regexes by ``tokenizer.ggml.pre``, the subset of transformers'
-# ``GGUF_PRE_TOKENIZER_SPLITS`` a llama-architecture file can name (a test checks they agree).
-# A name not listed gets ByteLevel's own GPT-2 regex, as in transformers.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZER_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT,
-    "pixtral": _LLAMA3_SPLIT,
-    "midm-2.0": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-    "gpt-4o": _GPT4O_SPLIT,
-    "llama4": _GPT4O_SPLIT,
-}
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Path:
@@ -152,7 +107,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
     source = _GgufFile.open(gguf_path)
     config = _llama_config(source)
     tensors = _plan_tensors(source, config)
-    tokenizer, tokenizer_config = _build_tokenizer(source)
+    tokenizer, tokenizer_config = build_tokenizer(source)
     with staged_folder(
         out_dir, marker=MARKER_FILE, what="a previous GGUF conversion", error=ModelLoadError
     ) as staging:
@@ -188,7 +143,8 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 @dataclass
 class _GgufFile:
-    """An opened GGUF file with metadata accessors whose errors name the file."""
+    """An opened GGUF file with metadata accessors whose errors name the file (it is the
+    ``GgufMetadata`` that ``gguf_tokenizer.build_tokenizer`` reads)."""
 
     path: Path
     reader: Any  # gguf.GGUFReader
@@ -527,150 +483,6 @@ def _write_safetensors(
             handle.write(memoryview(weight).cast("B"))
         handle.flush()
         os.fsync(handle.fileno())
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used to spell byte-level BPE tokens."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _build_tokenizer(source: _GgufFile) -> tuple[Tokenizer, dict[str, Any]]:
-    """The byte-level BPE ``tokenizers.Tokenizer`` the GGUF describes, and tokenizer_config.json."""
-    path = source.path
-    kind = source.get("tokenizer.ggml.model")
-    if kind not in SUPPORTED_TOKENIZERS:
-        raise ModelLoadError(
-            f"{path}: unsupported tokenizer.ggml.model {kind!r} "
-            f"(supported: {', '.join(SUPPORTED_TOKENIZERS)} = byte-level BPE)"
-        )
-    tokens: list[str] = source.get_list("tokenizer.ggml.tokens", str, required=True)
-    token_types: list[int] = source.get_list("tokenizer.ggml.token_type", int) or []
-    if token_types and len(token_types) != len(tokens):
-        raise ModelLoadError(
-            f"{path}: {len(token_types)} token types for {len(tokens)} tokens in the vocabulary"
-        )
-    merge_lines: list[str] = source.get_list("tokenizer.ggml.merges", str, required=True)
-    merges = [tuple(line.split(" ")) for line in merge_lines]
-    if any(len(merge) != 2 for merge in merges):
-        raise ModelLoadError(
-            f"{path}: tokenizer.ggml.merges holds an entry that is not 'left right'"
-        )
-
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    # A token outside the byte alphabet (rare) is respelled from its UTF-8 bytes, like transformers.
-    vocab = {
-        token
-        if set(token) <= alphabet
-        else "".join(spelling[b] for b in token.encode("utf-8")): index
-        for index, token in enumerate(tokens)
-    }
-    try:
-        model = BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
-    except Exception as error:  # tokenizers reports a merge of unknown tokens as a bare Exception
-        raise ModelLoadError(
-            f"{path}: the GGUF vocabulary and merges do not form a BPE tokenizer ({error})"
-        ) from error
-    tokenizer = Tokenizer(model)
-    split = _PRE_TOKENIZER_SPLITS.get(source.get_str("tokenizer.ggml.pre"))
-    if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    tokenizer.decoder = decoders.ByteLevel()
-
-    specials: dict[str, str | None] = {}
-    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        token_id = source.get_int(f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None and token_id >= len(tokens):
-            raise ModelLoadError(
-                f"{path}: {name} token id {token_id} outside the {len(tokens)}-token vocabulary"
-            )
-        specials[name] = None if token_id is None else tokens[token_id]
-
-    # CONTROL tokens are special (kept whole, skipped when decoding); a "control" token spelled
-    # outside the byte alphabet is a llama.cpp mislabel and is left alone, as transformers does.
-    control = [
-        token
-        for token, kind in zip(tokens, token_types, strict=False)
-        if kind == _CONTROL and set(token) <= alphabet
-    ]
-    named = [token for token in specials.values() if token is not None and token not in control]
-    tokenizer.add_special_tokens(
-        [AddedToken(token, normalized=False, special=True) for token in [*control, *named]]
-    )
-    user_defined = [
-        AddedToken(token, normalized=False, special=False)
-        for token, kind in zip(tokens, token_types, strict=False)
-        if kind == _USER_DEFINED and token in vocab
-    ]
-    tokenizer.add_tokens(user_defined)
-
-    add_bos = (
-        bool(source.get("tokenizer.ggml.add_bos_token", False)) and specials["bos"] is not None
-    )
-    add_eos = (
-        bool(source.get("tokenizer.ggml.add_eos_token", False)) and specials["eos"] is not None
-    )
-    tokenizer.post_processor = _template(tokenizer, specials, add_bos=add_bos, add_eos=add_eos)
-
-    tokenizer_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": specials["bos"],
-        "eos_token": specials["eos"],
-        "unk_token": specials["unk"],
-        "pad_token": specials["pad"],
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": source.get(f"{source.get('general.architecture')}.context_length"),
-    }
-    chat_template = source.get_str("tokenizer.chat_template")
-    if chat_template is not None:
-        tokenizer_config["chat_template"] = chat_template
-    return tokenizer, tokenizer_config
-
-
-def _template(
-    tokenizer: Tokenizer, specials: dict[str, str | None], *, add_bos: bool, add_eos: bool
-) -> processors.TemplateProcessing:
-    """BOS/EOS around each sequence as the GGUF flags say (transformers' update_post_processor)."""
-    bos, eos = specials["bos"], specials["eos"]
-    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-    pair = (
-        f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1"
-        f"{(' ' + eos + ':1') if add_eos else ''}"
-    )
-    special_tokens = []
-    if add_bos:
-        special_tokens.append((bos, tokenizer.token_to_id(bos)))
-    if add_eos:
-        special_tokens.append((eos, tokenizer.token_to_id(eos)))
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_tokens)
 
 
 # --------------------------------------------------------------------------- the folder

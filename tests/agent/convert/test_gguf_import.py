@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from chainfed.agent.convert import gguf_import
+from chainfed.agent.convert import gguf_tokenizer
 from chainfed.agent.convert.assets import smollm2_gguf
 from chainfed.agent.convert.gguf_import import MARKER_FILE, convert_gguf
 from chainfed.agent.errors import ModelLoadError
@@ -185,7 +185,7 @@ def test_converted_folder_loads_in_transformers(smollm2_dir: Path, hf_tokenizer,
 def test_pre_tokenizer_table_agrees_with_transformers(transformers_mod):
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    for name, regex in gguf_import._PRE_TOKENIZER_SPLITS.items():
+    for name, regex in gguf_tokenizer._PRE_TOKENIZER_SPLITS.items():
         assert GGUF_PRE_TOKENIZER_SPLITS.get(name) == regex, name
 
 
