@@ -14,6 +14,8 @@ Layers of this file, bottom up:
    serves the forward (``a = x``) and the grad-x backward (``a = g``), so ``x Aᵀ`` is
    computed in the same pass over ``x`` as ``x Wᵀ``. ``_thin_matmul_kernel`` computes
    ``uᵀ v`` for a ``v`` with r columns (the grad-A / grad-B reductions over tokens).
+   The steps of the first (tile placement, the K loop, the low-rank term and bias, the
+   stores) are ``@triton.jit`` helpers, which Triton inlines into the kernel.
 2. Host wrappers: check operands, allocate, launch.
 3. ``LoRALinearFunction``: the autograd function, one saving policy for both paths.
 4. ``lora_linear_reference``: the unfused formula in plain torch, the specification.
@@ -79,6 +81,163 @@ if triton is not None:
             for c in compiled
         ]
 
+    @triton.jit
+    def _grouped_tile(
+        pid,
+        M,
+        N,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """``(pid_m, pid_n)``, the (row block, column block) program ``pid`` computes.
+
+        Grouped ordering: consecutive programs walk GROUP_M row blocks down one column block
+        before moving right, so GROUP_M row blocks share their p columns while in L2. Every
+        tile of the grid is covered exactly once.
+        """
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _accumulate_over_k(
+        # pointers
+        a_ptr,  # (M, K)
+        p_ptr,  # (K, N)
+        q_ptr,  # (K, R)
+        # tile: int64 row indices, column and rank offsets, their masks
+        rows,
+        offs_n,
+        offs_r,
+        mask_m,
+        mask_n,
+        mask_r,
+        # sizes
+        K,
+        # strides
+        stride_am,
+        stride_ak,
+        stride_pk,
+        stride_pn,
+        stride_qk,
+        stride_qr,
+        # meta
+        R_PAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``(a·p, a·q)`` for the tile, fp32 (BLOCK_M, BLOCK_N) and (BLOCK_M, R_PAD).
+
+        Each ``a`` tile is loaded once per K step and feeds both products. Out-of-range rows,
+        columns, ranks and K entries load as 0, so they add nothing.
+        """
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        low = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )  # (BLOCK_M, BLOCK_K)
+            p = tl.load(
+                p_ptr + offs_k[:, None] * stride_pk + offs_n[None, :] * stride_pn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )  # (BLOCK_K, BLOCK_N)
+            q = tl.load(
+                q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )  # (BLOCK_K, R_PAD)
+            acc = tl.dot(a, p, acc, input_precision=DOT_PRECISION)
+            low = tl.dot(a, q, low, input_precision=DOT_PRECISION)
+        return acc, low
+
+    @triton.jit
+    def _add_lora_and_bias(
+        # pointers
+        s_ptr,  # (R, N)
+        bias_ptr,  # (N,), read only if HAS_BIAS
+        # tile: the fp32 products, column and rank offsets, their masks
+        acc,
+        low,
+        offs_n,
+        offs_r,
+        mask_n,
+        mask_r,
+        # strides
+        stride_sr,
+        stride_sn,
+        # scalars
+        scale,
+        # meta
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """``(acc + scale·(a·q)·s + bias, a·q)`` with ``a·q`` rounded to the input dtype.
+
+        ``low`` (fp32 ``a·q``) is rounded to ``s``'s dtype before the second product, as eager
+        torch does; that rounded tile is also what the caller stores. Accumulation stays fp32.
+        """
+        low_in = low.to(s_ptr.dtype.element_ty)  # (BLOCK_M, R_PAD)
+        s = tl.load(
+            s_ptr + offs_r[:, None] * stride_sr + offs_n[None, :] * stride_sn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )  # (R_PAD, BLOCK_N)
+        acc += scale * tl.dot(low_in, s, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        return acc, low_in
+
+    @triton.jit
+    def _store_tiles(
+        # pointers
+        out_ptr,  # (M, N)
+        low_ptr,  # (M, R), written only if STORE_LOW
+        # tile: the results, int64 row indices, column and rank offsets, their masks
+        acc,
+        low_in,
+        rows,
+        offs_n,
+        offs_r,
+        mask_m,
+        mask_n,
+        mask_r,
+        pid_n,
+        # strides
+        stride_om,
+        stride_on,
+        stride_lm,
+        stride_lr,
+        # meta
+        STORE_LOW: tl.constexpr,
+    ):
+        """Store ``acc`` to ``out`` in its dtype; with STORE_LOW, the first column block
+        (``pid_n == 0``) alone stores ``low_in`` to ``low``, so each row is written once."""
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+        if STORE_LOW:
+            if pid_n == 0:
+                tl.store(
+                    low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                    low_in,
+                    mask=mask_m[:, None] & mask_r[None, :],
+                )
+
     # Tuned once per (N, K, rank, dtypes): the token count M changes from step to step and
     # re-tuning on each new M would stall training.
     @triton.autotune(
@@ -142,16 +301,7 @@ if triton is not None:
         only the first N-tile writes it to ``low``. fp32 accumulation throughout; ``a·q`` is
         rounded to the input dtype before the second product, as eager torch does.
         """
-        # Grouped ordering: GROUP_M row blocks share their p columns while in L2.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // num_pid_in_group) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, R_PAD)
@@ -160,51 +310,26 @@ if triton is not None:
         mask_n = offs_n < N
         mask_r = offs_r < R
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        low = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            a = tl.load(
-                a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )  # (BLOCK_M, BLOCK_K)
-            p = tl.load(
-                p_ptr + offs_k[:, None] * stride_pk + offs_n[None, :] * stride_pn,
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )  # (BLOCK_K, BLOCK_N)
-            q = tl.load(
-                q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
-                mask=mask_k[:, None] & mask_r[None, :],
-                other=0.0,
-            )  # (BLOCK_K, R_PAD)
-            acc = tl.dot(a, p, acc, input_precision=DOT_PRECISION)
-            low = tl.dot(a, q, low, input_precision=DOT_PRECISION)
-
-        low_in = low.to(s_ptr.dtype.element_ty)  # (BLOCK_M, R_PAD)
-        s = tl.load(
-            s_ptr + offs_r[:, None] * stride_sr + offs_n[None, :] * stride_sn,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )  # (R_PAD, BLOCK_N)
-        acc += scale * tl.dot(low_in, s, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
-        tl.store(
-            out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-            acc.to(out_ptr.dtype.element_ty),
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
-        if STORE_LOW:
-            if pid_n == 0:
-                tl.store(
-                    low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                    low_in,
-                    mask=mask_m[:, None] & mask_r[None, :],
-                )
+        acc, low = _accumulate_over_k(
+            a_ptr, p_ptr, q_ptr,
+            rows, offs_n, offs_r, mask_m, mask_n, mask_r,
+            K,
+            stride_am, stride_ak, stride_pk, stride_pn, stride_qk, stride_qr,
+            R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc, low_in = _add_lora_and_bias(
+            s_ptr, bias_ptr,
+            acc, low, offs_n, offs_r, mask_n, mask_r,
+            stride_sr, stride_sn,
+            scale,
+            HAS_BIAS, DOT_PRECISION,
+        )  # fmt: skip
+        _store_tiles(
+            out_ptr, low_ptr,
+            acc, low_in, rows, offs_n, offs_r, mask_m, mask_n, mask_r, pid_n,
+            stride_om, stride_on, stride_lm, stride_lr,
+            STORE_LOW,
+        )  # fmt: skip
 
     # Tuned once per (P, rank, dtypes); P is d_in or d_out, fixed per layer.
     @triton.autotune(
