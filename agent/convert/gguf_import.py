@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 from chainfed.agent.convert.gguf_tokenizer import build_tokenizer
 from chainfed.agent.convert.staged_folder import staged_folder
 from chainfed.agent.errors import ModelLoadError
+from chainfed.agent.runtime.safetensors_io import header_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -452,23 +452,9 @@ def _write_safetensors(
     """
     import gguf
 
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for plan in plans:
-        size = math.prod(plan.shape) * 4
-        header[plan.name] = {
-            "dtype": "F32",
-            "shape": list(plan.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-
     bar = tqdm(plans, desc=f"convert-gguf {source.path.name}", unit="tensor", disable=not progress)
     with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)))
-        handle.write(blob)
+        handle.write(header_bytes([(plan.name, "F32", plan.shape) for plan in plans]))
         for plan in bar:
             tensor = source.reader.tensors[plan.index]
             weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
