@@ -16,17 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import AGGREGATIONS, ChainCoordinator, CoordinatorConfig
 from chainfed.coordinator.dp import DP_MODES
 from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
-from chainfed.proto import serde
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
+from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import ChainPhase, TrainingParams
 from chainfed.proto.model_spec import ModelSpec
@@ -308,22 +304,15 @@ def run_status(args: argparse.Namespace) -> int:
     token = resolve_token(args.token, args.token_file)
     if token is None:
         raise ChainFedError(f"a token is required: --token-file, --token or ${TOKEN_ENV}")
-    if args.tls_ca:
-        channel = grpc.secure_channel(
-            args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
-        )
-    else:
-        channel = grpc.insecure_channel(args.address)
-    stub = pb_grpc.ChainFedStub(channel)
+    client = CoordinatorClient(
+        args.address, token, tls_ca=args.tls_ca.read_bytes() if args.tls_ca else None
+    )
     try:
-        reply = stub.Status(
-            pb.StatusRequest(history_limit=args.history),
-            metadata=serde.auth_metadata(token),
-            timeout=10,
-        )
-    except grpc.RpcError as exc:
-        raise ChainFedError(f"{args.address}: {exc.code().name}: {exc.details()}") from exc
-    s = serde.status_snapshot_from_proto(reply)
+        s = client.status(history_limit=args.history)
+    except CoordinatorError as exc:
+        raise ChainFedError(f"{args.address}: {exc.code.name}: {exc.details}") from exc
+    finally:
+        client.close()
     print(
         f"phase {s.phase.value}; {s.num_layers} layers; start layer {s.start_layer}; "
         f"stage layer {s.stage_layer}; window {list(s.window_layers)}; "

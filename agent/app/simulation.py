@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 
 from chainfed.agent.app.options import (
@@ -66,11 +65,9 @@ from chainfed.agent.training.partition import shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
 from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejectedError
 from chainfed.coordinator.command import coordinator_config, option_defaults
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
-from chainfed.proto import serde
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.auth_token import write_token_file
+from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.messages import (
     AgentCapabilities,
     ChainPhase,
@@ -657,8 +654,7 @@ def _follow(
     logs: Path,
 ) -> StatusSnapshot:
     """Poll the coordinator's Status RPC until the chain is done; report progress."""
-    channel = grpc.insecure_channel(address)
-    stub = pb_grpc.ChainFedStub(channel)
+    client = CoordinatorClient(address, token)
     reporter = _ProgressReporter(say, agents)
     try:
         while True:
@@ -669,19 +665,16 @@ def _follow(
                         f"{logs / (name + '.log')}"
                     )
             try:
-                reply = stub.Status(
-                    pb.StatusRequest(), metadata=serde.auth_metadata(token), timeout=10
-                )
-            except grpc.RpcError:
+                snapshot = client.status()
+            except CoordinatorError:
                 time.sleep(0.5)
                 continue
-            snapshot = serde.status_snapshot_from_proto(reply)
             reporter.show(snapshot)
             if snapshot.phase is ChainPhase.DONE:
                 return snapshot
             time.sleep(1.0)
     finally:
-        channel.close()
+        client.close()
 
 
 # -- the result ------------------------------------------------------------------------------------

@@ -24,16 +24,14 @@ and rebuilds the A of whatever it fetches from the shared seed (``with_seeded_lo
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 
-from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.budget import largest_window
@@ -45,10 +43,8 @@ from chainfed.agent.training.chain import (
 )
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
-from chainfed.proto import serde
 from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
+from chainfed.proto.client import CoordinatorClient, CoordinatorError, RetryPolicy
 from chainfed.proto.dp_mechanism import local_dp_update
 from chainfed.proto.messages import (
     AgentCapabilities,
@@ -57,30 +53,15 @@ from chainfed.proto.messages import (
     Task,
     TaskKind,
     TrainingParams,
-    UpdateHeader,
     UpdateMetrics,
 )
 from chainfed.proto.seeded_init import linear_in_features, with_seeded_lora_a
 from chainfed.proto.tensor_chunks import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    ChunkAssembler,
-    chunk_data_budget,
-    manifest_of,
-    tensors_to_chunks,
 )
 from chainfed.proto.tensor_names import strip_prefix, without_lora_a
 
 log = logging.getLogger("chainfed.agent")
-
-RETRYABLE = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,  # how an overloaded or stopping server drops a call
-)
-
-
-class CoordinatorUnreachableError(ChainFedError):
-    """The coordinator stayed unreachable longer than the agent's patience."""
 
 
 @dataclass(frozen=True)
@@ -162,75 +143,27 @@ class FederatedAgent:
         self.progress = progress
         self.sleep = sleep
         self.agent_id = config.agent_id
-        self.max_message_bytes = config.max_message_bytes
         self.trainer: ChainTrainer | None = None
         self.rounds_done = 0
         self.traffic: list[RoundTraffic] = []
         """One entry per training round this agent ran."""
-        self._channel: grpc.Channel | None = None
-        self._stub: pb_grpc.ChainFedStub | None = None
-
-    # -- transport ----------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-        ]
-        if self.config.tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=self.config.tls_ca)
-            self._channel = grpc.secure_channel(self.config.address, credentials, options)
-        else:
-            self._channel = grpc.insecure_channel(self.config.address, options)
-        self._stub = pb_grpc.ChainFedStub(self._channel)
-
-    @property
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return serde.auth_metadata(self.config.token)
-
-    def _call(self, what: str, fn: Callable[[], object]) -> object:
-        """Run one RPC, retrying with exponential backoff + jitter while unreachable.
-
-        Patience (``give_up_after_s``) counts from the first failure, so one slow attempt
-        (a long fetch that timed out) is retried rather than taken as the whole wait."""
-        delay, first_failure = 0.5, None
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise ChainFedError(
-                        f"coordinator refused {what}: {exc.code().name}: {exc.details()}"
-                    ) from exc
-                now = time.monotonic()
-                first_failure = now if first_failure is None else first_failure
-                if now - first_failure > self.config.give_up_after_s:
-                    raise CoordinatorUnreachableError(
-                        f"coordinator {self.config.address} unreachable for "
-                        f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
-                    ) from exc
-                wait = delay * random.uniform(0.5, 1.5)
-                log.info("%s: coordinator unavailable, retrying in %.1f s", what, wait)
-                self.sleep(wait)
-                delay = min(delay * 2, 30.0)
+        self.client = CoordinatorClient(
+            config.address,
+            config.token,
+            tls_ca=config.tls_ca,
+            retry=RetryPolicy(give_up_after_s=config.give_up_after_s),
+            max_message_bytes=config.max_message_bytes,
+            wait=sleep,
+        )
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> Path:
         """Work until the chain is done; returns the path of the final adapter file."""
-        self._connect()
+        self.client.connect()
         self._register()
         while True:
-            task = self._call(
-                "GetTask",
-                lambda: serde.task_from_proto(
-                    self._stub.GetTask(
-                        pb.GetTaskRequest(agent_id=self.agent_id, wait_ms=self.config.poll_ms),
-                        metadata=self._metadata,
-                        timeout=self.config.poll_ms / 1000 + 30,
-                    )
-                ),
-            )
+            task = self.client.get_task(self.agent_id, self.config.poll_ms)
             if task.kind is TaskKind.WAIT:
                 self.sleep(min(task.retry_after_ms, 1000) / 1000)
             elif task.kind is TaskKind.PROBE:
@@ -259,13 +192,7 @@ class FederatedAgent:
     def _coordinator_params(self) -> TrainingParams | None:
         """The training settings the coordinator gives every task (Status), or None from
         a coordinator that does not say."""
-        reply = self._call(
-            "Status",
-            lambda: self._stub.Status(
-                pb.StatusRequest(history_limit=1), metadata=self._metadata, timeout=30
-            ),
-        )
-        return serde.status_snapshot_from_proto(reply).params
+        return self.client.status(history_limit=1, timeout=30).params
 
     def _register(self) -> None:
         max_window = 0
@@ -280,19 +207,8 @@ class FederatedAgent:
             model_fingerprint=self.model_fingerprint,
             max_window=max_window,
         )
-        request = serde.registration_to_proto(
-            Registration(self.agent_id, self.config.token, capabilities)
-        )
-        ack = self._call(
-            "Register",
-            lambda: serde.register_ack_from_proto(
-                self._stub.Register(request, metadata=self._metadata, timeout=30)
-            ),
-        )
+        ack = self.client.register(Registration(self.agent_id, self.config.token, capabilities))
         self.agent_id = ack.agent_id
-        if ack.max_message_bytes != self.max_message_bytes:
-            self.max_message_bytes = ack.max_message_bytes
-            self._connect()
         log.info("registered as %s", self.agent_id)
 
     def needs_final(self, task: Task) -> bool:
@@ -308,28 +224,15 @@ class FederatedAgent:
     def _fetch(self, round_id: str, task: Task) -> dict[str, torch.Tensor]:
         omit_final = task.kind is TaskKind.TRAIN_ROUND and not self.needs_final(task)
         specs = [s for s in task.tensors if not (omit_final and s.name.startswith("final."))]
-
-        def fetch() -> dict[str, torch.Tensor]:
-            assembler = ChunkAssembler(specs)
-            for message in self._stub.FetchTensors(
-                pb.FetchTensorsRequest(
-                    agent_id=self.agent_id, round_id=round_id, omit_final=omit_final
-                ),
-                metadata=self._metadata,
-                timeout=600,
-            ):
-                assembler.add(serde.tensor_chunk_from_proto(message))
-            return assembler.finish()
-
-        return self._call("FetchTensors", fetch)
+        return self.client.fetch(self.agent_id, round_id, specs, omit_final=omit_final)
 
     def _fetch_or_none(self, task: Task) -> dict[str, torch.Tensor] | None:
         """The task's tensors, or None when its round closed meanwhile (deadline passed,
         coordinator restarted): the agent then simply asks for its next task."""
         try:
             return self._fetch(task.round_id, task)
-        except ChainFedError as exc:
-            if "FAILED_PRECONDITION" not in str(exc):
+        except CoordinatorError as exc:
+            if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             log.warning("round %s closed before its tensors were fetched: %s", task.round_id, exc)
             return None
@@ -363,13 +266,7 @@ class FederatedAgent:
         return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
 
     def _probe(self, task: Task) -> None:
-        report = self.probe_report(task)
-        self._call(
-            "ReportProbe",
-            lambda: self._stub.ReportProbe(
-                serde.probe_report_to_proto(report), metadata=self._metadata, timeout=60
-            ),
-        )
+        self.client.report_probe(self.probe_report(task))
 
     def _train_round(self, task: Task) -> None:
         tensors = self._fetch_or_none(task)
@@ -482,29 +379,16 @@ class FederatedAgent:
         )
 
     def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
-        header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
-        budget = chunk_data_budget(self.max_message_bytes)
-
-        def parts() -> Iterator[pb.UpdatePart]:
-            yield serde.update_part_to_proto(header)
-            for chunk in tensors_to_chunks(tensors, budget):
-                yield serde.update_part_to_proto(chunk)
-
         try:
-            self._call(
-                "SubmitUpdate",
-                lambda: self._stub.SubmitUpdate(parts(), metadata=self._metadata, timeout=600),
-            )
-        except ChainFedError as exc:
-            if "FAILED_PRECONDITION" in str(exc):
-                log.warning("update for round %s not taken: %s", round_id, exc)
-                return
-            raise
+            self.client.submit(self.agent_id, round_id, metrics, tensors)
+        except CoordinatorError as exc:
+            if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.warning("update for round %s not taken: %s", round_id, exc)
 
     def _finish(self, task: Task) -> Path:
         path = self.write_final_adapters(self._fetch("done", task), task.params)
-        if self._channel is not None:
-            self._channel.close()
+        self.client.close()
         return path
 
     def with_frozen_a(

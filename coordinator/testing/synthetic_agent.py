@@ -26,36 +26,29 @@ import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
 
-from chainfed.proto import chainfed_pb2 as pb
-from chainfed.proto import chainfed_pb2_grpc as pb_grpc
-from chainfed.proto import serde
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
+from chainfed.proto.client import (
+    CoordinatorClient,
+    CoordinatorError,
+    CoordinatorUnreachableError,
+    RetryPolicy,
+)
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import (
     AgentCapabilities,
     Registration,
     Task,
     TaskKind,
-    UpdateHeader,
     UpdateMetrics,
-)
-from chainfed.proto.tensor_chunks import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ChunkAssembler,
-    chunk_data_budget,
-    manifest_of,
-    tensors_to_chunks,
 )
 from chainfed.proto.tensor_names import without_lora_a
 from chainfed.proto.update_digest import update_digest
@@ -189,67 +182,39 @@ class SyntheticAgent:
         self.agent_id = config.agent_id
         self.log = AgentLog()
         self.stop = stop or threading.Event()
-        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
-        self._metadata = serde.auth_metadata(config.token)
-        self._channel: grpc.Channel | None = None
-        self._stub: pb_grpc.ChainFedStub | None = None
+        self.client = CoordinatorClient(
+            config.address,
+            config.token,
+            retry=RetryPolicy(
+                give_up_after_s=config.give_up_after_s,
+                first_backoff_s=config.first_backoff_s,
+                max_backoff_s=config.max_backoff_s,
+            ),
+            own_connection=True,  # one TCP connection per agent, as separate devices would have
+            wait=self.stop.wait,
+            on_call=lambda method, seconds: self.log.latencies.setdefault(method, []).append(
+                seconds
+            ),
+            on_retry=self._count_retry,
+        )
         self._round = 0
 
-    # -- transport ----------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            # one TCP connection per agent, as separate devices would have
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
-        self._channel = grpc.insecure_channel(self.config.address, options)
-        self._stub = pb_grpc.ChainFedStub(self._channel)
-
-    def _call(self, method: str, fn: Callable[[], object]) -> object:
-        """Run one call, retrying with exponential backoff + jitter while unreachable;
-        ``give_up_after_s`` counts from the first failure, not from the first attempt."""
-        delay, failing_since = self.config.first_backoff_s, None
-        while True:
-            t0 = time.perf_counter()
-            try:
-                result = fn()
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    log.warning("%s %s: %s", self.agent_id, method, exc.code().name)
-                    raise
-                code, details = exc.code().name, exc.details()
-                log.warning("%s %s: %s (%s), retrying", self.agent_id, method, code, details)
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > self.config.give_up_after_s:
-                    raise SyntheticAgentError(
-                        f"{self.agent_id}: coordinator {self.config.address} unreachable for "
-                        f"{self.config.give_up_after_s:.0f} s ({exc.code().name})"
-                    ) from exc
-                if self.stop.is_set():
-                    raise SyntheticAgentError(f"{self.agent_id}: stopped") from exc
-                self.log.retries += 1
-                self.stop.wait(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, self.config.max_backoff_s)
-                continue
-            self.log.latencies.setdefault(method, []).append(time.perf_counter() - t0)
-            return result
+    def _count_retry(self, method: str) -> None:
+        log.warning("%s %s: coordinator away, retrying", self.agent_id, method)
+        self.log.retries += 1
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> AgentLog:
         """Register and answer tasks until DONE; errors are recorded in ``log.error``."""
         try:
-            self._connect()
+            self.client.connect()
             self._register()
             while not self.stop.is_set():
                 try:
-                    task = self._get_task()
-                except grpc.RpcError as exc:
-                    if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    task = self.client.get_task(self.agent_id, self.config.poll_ms)
+                except CoordinatorError as exc:
+                    if exc.code is not grpc.StatusCode.NOT_FOUND:
                         raise
                     self._register()  # the coordinator lost track of us: join again
                     continue
@@ -265,15 +230,16 @@ class SyntheticAgent:
                     self._fetch(task)
                     self.log.done = True
                     break
-        except (grpc.RpcError, ChainFedError, ValueError) as exc:
-            if isinstance(exc, grpc.RpcError):
-                self.log.error = f"{self.agent_id}: {exc.code().name}: {exc.details()}"
+        except (ChainFedError, ValueError) as exc:
+            if isinstance(exc, CoordinatorError) and not isinstance(
+                exc, CoordinatorUnreachableError
+            ):
+                self.log.error = f"{self.agent_id}: {exc.code.name}: {exc.details}"
             else:
                 self.log.error = f"{self.agent_id}: {exc}"
             log.error("agent failed: %s", self.log.error)
         finally:
-            if self._channel is not None:
-                self._channel.close()
+            self.client.close()
         return self.log
 
     def _register(self) -> None:
@@ -284,50 +250,21 @@ class SyntheticAgent:
             software_version="0.1.0",
             model_fingerprint=self.config.model_fingerprint,
         )
-        request = serde.registration_to_proto(
-            Registration(self.agent_id, self.config.token, capabilities)
-        )
-        ack = serde.register_ack_from_proto(
-            self._call(
-                "Register",
-                lambda: self._stub.Register(
-                    request, metadata=self._metadata, timeout=self.config.rpc_timeout_s
-                ),
-            )
-        )
+        registration = Registration(self.agent_id, self.config.token, capabilities)
+        ack = self.client.register(registration, timeout=self.config.rpc_timeout_s)
         self.log.registrations += 1
         if ack.agent_id != self.agent_id:
             raise SyntheticAgentError(f"asked for id {self.agent_id}, got {ack.agent_id}")
-        if ack.max_message_bytes != self.max_message_bytes:
-            self.max_message_bytes = ack.max_message_bytes
-            self._connect()
-
-    def _get_task(self) -> Task:
-        request = pb.GetTaskRequest(agent_id=self.agent_id, wait_ms=self.config.poll_ms)
-        reply = self._call(
-            "GetTask",
-            lambda: self._stub.GetTask(
-                request, metadata=self._metadata, timeout=self.config.poll_ms / 1000 + 30
-            ),
-        )
-        return serde.task_from_proto(reply)
 
     def _fetch(self, task: Task) -> dict[str, torch.Tensor] | None:
         """The task's tensors, or None when its round closed before the fetch."""
 
-        def fetch() -> dict[str, torch.Tensor]:
-            assembler = ChunkAssembler(task.tensors)
-            request = pb.FetchTensorsRequest(agent_id=self.agent_id, round_id=task.round_id)
-            for message in self._stub.FetchTensors(
-                request, metadata=self._metadata, timeout=self.config.rpc_timeout_s
-            ):
-                assembler.add(serde.tensor_chunk_from_proto(message))
-            return assembler.finish()
-
         try:
-            return self._call("FetchTensors", fetch)
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            return self.client.fetch(
+                self.agent_id, task.round_id, task.tensors, timeout=self.config.rpc_timeout_s
+            )
+        except CoordinatorError as exc:
+            if exc.code is grpc.StatusCode.FAILED_PRECONDITION:
                 return None
             raise
 
@@ -378,40 +315,36 @@ class SyntheticAgent:
         self._submit(task.round_id, metrics, {})
 
     def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
-        header = UpdateHeader(self.agent_id, round_id, metrics, tuple(manifest_of(tensors)))
-        budget = chunk_data_budget(self.max_message_bytes)
-
-        chunks = list(tensors_to_chunks(tensors, budget))
-
-        def parts() -> Iterator[pb.UpdatePart]:
-            yield serde.update_part_to_proto(header)
-            for k, chunk in enumerate(chunks):
-                if self.config.die_mid_upload and k == len(chunks) // 2 and chunks[k:]:
-                    time.sleep(0.5)  # let what was yielded reach the coordinator
-                    os.kill(os.getpid(), signal.SIGKILL)
-                yield serde.update_part_to_proto(chunk)
-
         digest = update_digest(tensors)
         attempts = 0
 
-        def submit() -> object:
+        def before_chunk(k: int, n: int) -> None:
             nonlocal attempts
-            attempts += 1
-            return self._stub.SubmitUpdate(
-                parts(), metadata=self._metadata, timeout=self.config.rpc_timeout_s
-            )
+            attempts += k == 0
+            if self.config.die_mid_upload and k == n // 2:
+                time.sleep(0.5)  # let what was yielded reach the coordinator
+                os.kill(os.getpid(), signal.SIGKILL)
 
         try:
-            self._call("SubmitUpdate", submit)
-        except grpc.RpcError as exc:
-            if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+            self.client.submit(
+                self.agent_id,
+                round_id,
+                metrics,
+                tensors,
+                timeout=self.config.rpc_timeout_s,
+                before_chunk=before_chunk,
+            )
+        except CoordinatorError as exc:
+            if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
                 raise
-            detail = f"{exc.code().name}: {exc.details()}"
+            detail = f"{exc.code.name}: {exc.details}"
             self.log.submissions.append(
-                Submission(self.agent_id, round_id, digest, False, detail, attempts)
+                Submission(self.agent_id, round_id, digest, False, detail, max(attempts, 1))
             )
             return
-        self.log.submissions.append(Submission(self.agent_id, round_id, digest, True, "", attempts))
+        self.log.submissions.append(
+            Submission(self.agent_id, round_id, digest, True, "", max(attempts, 1))
+        )
 
 
 # -- many agents in one process -------------------------------------------------------

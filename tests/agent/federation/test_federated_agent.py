@@ -13,16 +13,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
-import grpc
 import pytest
 import torch
 
-from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federation.federated_agent import (
     AgentConfig,
-    CoordinatorUnreachableError,
     FederatedAgent,
     LocalData,
     chain_config_from_params,
@@ -135,62 +131,3 @@ def test_an_ffa_agent_sends_b_only_and_rebuilds_a_from_the_seed(
     assert set(written) == set(final) | set(seeded)
     for name, a in seeded.items():
         assert torch.equal(written[name], a), name
-
-
-# -- RPC retries ------------------------------------------------------------------------
-
-
-class _Rpc(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return f"test {self._code.name}"
-
-
-def _caller(give_up_s: float, clock: list[float]) -> SimpleNamespace:
-    """What ``FederatedAgent._call`` uses of its agent: patience, address, sleep."""
-    config = SimpleNamespace(give_up_after_s=give_up_s, address="localhost:1")
-    return SimpleNamespace(config=config, sleep=lambda s: clock.__setitem__(0, clock[0] + s))
-
-
-def _failing(codes: list[grpc.StatusCode], clock: list[float], attempt_s: list[float]):
-    """An RPC whose n-th attempt takes ``attempt_s[n]`` (the last repeats) and fails with
-    ``codes[n]`` until they run out, then answers."""
-    durations = list(attempt_s)
-
-    def call() -> str:
-        clock[0] += durations.pop(0) if len(durations) > 1 else durations[0]
-        if codes:
-            raise _Rpc(codes.pop(0))
-        return "answer"
-
-    return call
-
-
-def test_call_retries_dropped_calls_and_counts_patience_from_the_first_failure(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(
-        "chainfed.agent.federation.federated_agent.time.monotonic", lambda: clock[0]
-    )
-    codes = [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE]
-    # a first attempt of 100 s (a long fetch timing out) is not the whole 60 s of patience
-    call = _failing(codes, clock, attempt_s=[100.0, 1.0])
-    assert FederatedAgent._call(_caller(60, clock), "FetchTensors", call) == "answer"
-    assert codes == []
-
-
-def test_call_gives_up_after_its_patience_and_refusals_are_not_retried(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(
-        "chainfed.agent.federation.federated_agent.time.monotonic", lambda: clock[0]
-    )
-    down = _failing([grpc.StatusCode.UNAVAILABLE] * 100, clock, attempt_s=[1.0])
-    with pytest.raises(CoordinatorUnreachableError, match="unreachable for 60 s"):
-        FederatedAgent._call(_caller(60, clock), "GetTask", down)
-    refused = _failing([grpc.StatusCode.PERMISSION_DENIED], clock, attempt_s=[0.0])
-    with pytest.raises(ChainFedError, match="refused Submit: PERMISSION_DENIED"):
-        FederatedAgent._call(_caller(60, clock), "Submit", refused)
