@@ -33,7 +33,7 @@ from chainfed.agent.app.options import add_model_arguments
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.convert.export import TrainedResult, load_result
 from chainfed.agent.errors import ChainFedError, ModelLoadError
-from chainfed.agent.runtime.generate import greedy_generate
+from chainfed.agent.runtime.generate import generate
 from chainfed.agent.runtime.lora import load_adapted_block
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.data import ClassifyExample
@@ -47,7 +47,7 @@ class AdaptedModel(StreamingModel):
 
     Only ``load_block`` differs: a block of an adapted layer gets ``LoRALinear`` wrappers
     holding the saved A and B, exactly as ``evaluate_streaming`` builds it. Everything that
-    takes a ``StreamingModel`` (``greedy_generate``) runs the adapted network unchanged.
+    takes a ``StreamingModel`` (``generate``) runs the adapted network unchanged.
     """
 
     def __init__(
@@ -141,41 +141,6 @@ def stop_ids(model_dir: Path) -> set[int]:
             if eos is not None:
                 return set(eos) if isinstance(eos, list) else {int(eos)}
     return set()
-
-
-@torch.no_grad()
-def generate_ids(
-    model: StreamingModel,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    stop: set[int],
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> list[int]:
-    """Greedy continuation (``greedy_generate``) or, with ``temperature > 0``, sampled
-    from ``softmax(logits / temperature)`` with a seeded generator."""
-    if temperature <= 0:
-        return greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop)
-    generator = torch.Generator().manual_seed(seed)
-    embeddings = model.load_embeddings()
-    blocks = [model.load_block(i) for i in range(model.num_layers)]
-    head = model.load_lm_head()
-    ids = torch.tensor([prompt_ids])
-    generated: list[int] = []
-    for _ in range(max_new_tokens):
-        mask = torch.ones_like(ids)
-        ctx = model.attention_context(mask)
-        h = embeddings(ids, mask)  # (1, T, d)
-        for block in blocks:
-            h = block(h, ctx)
-        probs = (head(h[:, -1]).float() / temperature).softmax(-1)  # (1, V)
-        next_id = int(torch.multinomial(probs, 1, generator=generator))
-        generated.append(next_id)
-        if next_id in stop:
-            break
-        ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
-    return generated
 
 
 def chat_template(model_dir: Path) -> str | None:
@@ -291,11 +256,11 @@ def run_generate(args: argparse.Namespace) -> int:
             f"{model_dir}: {model.config.model_type} is an encoder; it cannot generate"
         )
     ids = prompt_ids(model, args.prompt, use_chat_template=not args.no_chat_template)
-    new = generate_ids(
+    new = generate(
         model,
         ids,
         max_new_tokens=args.max_new_tokens,
-        stop=stop_ids(model_dir),
+        stop_ids=stop_ids(model_dir),
         temperature=args.temperature,
         seed=args.seed,
     )

@@ -1,4 +1,5 @@
-"""Greedy decoding with our own blocks, for quick checks of a decoder and its adapters.
+"""Decoding (greedy or sampled) with our own blocks, for quick checks of a decoder and its
+adapters.
 
 Every block stays resident while decoding (a few hundred MiB for SmolLM2) and the whole
 sequence is recomputed each step: no KV cache, which keeps this path a plain reuse of the
@@ -13,14 +14,19 @@ from chainfed.agent.runtime.model import StreamingModel
 
 
 @torch.no_grad()
-def greedy_generate(
+def generate(
     model: StreamingModel,
     prompt_ids: list[int],
     *,
     max_new_tokens: int = 16,
     stop_ids: set[int] | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[int]:
-    """The ids greedy decoding appends to ``prompt_ids`` (stops after a stop id)."""
+    """The ids decoding appends to ``prompt_ids`` (stops after a stop id): greedy, or
+    with ``temperature > 0`` sampled from ``softmax(logits / temperature)`` with a
+    generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     embeddings = model.load_embeddings()
     blocks = [model.load_block(i) for i in range(model.num_layers)]
     head = model.load_lm_head()
@@ -32,7 +38,12 @@ def greedy_generate(
         h = embeddings(ids, mask)  # (1, T, d)
         for block in blocks:
             h = block(h, ctx)
-        next_id = int(head(h[:, -1:]).argmax(-1))  # logits only at the last position
+        logits = head(h[:, -1])  # (1, V): logits only at the last position
+        if generator is None:
+            next_id = int(logits.argmax(-1))
+        else:
+            probs = (logits.float() / temperature).softmax(-1)
+            next_id = int(torch.multinomial(probs, 1, generator=generator))
         generated.append(next_id)
         if stop_ids and next_id in stop_ids:
             break

@@ -15,7 +15,6 @@ from chainfed.agent.app.check_command import (
     AdaptedModel,
     chat_template,
     classify_logits,
-    generate_ids,
     prompt_ids,
     render_chat,
     stop_ids,
@@ -23,6 +22,7 @@ from chainfed.agent.app.check_command import (
 from chainfed.agent.cli import main
 from chainfed.agent.convert.export import export_peft
 from chainfed.agent.errors import ChainFedError
+from chainfed.agent.runtime.generate import generate
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
@@ -172,7 +172,7 @@ def test_generate_with_adapters_matches_transformers_peft_greedy(smollm2_dir, tm
     model = AdaptedModel(smollm2_dir, adapters)
     assert stop_ids(smollm2_dir) == {2}
     sampled = [
-        generate_ids(model, ids, max_new_tokens=3, stop={2}, temperature=0.8, seed=5)
+        generate(model, ids, max_new_tokens=3, stop_ids={2}, temperature=0.8, seed=5)
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1], "a seed fixes the sample"

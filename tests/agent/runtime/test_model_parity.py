@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chainfed.agent.convert.assets import smollm2_gguf
-from chainfed.agent.runtime.generate import greedy_generate
+from chainfed.agent.runtime.generate import generate
 from chainfed.agent.runtime.model import StreamingModel, hidden_states
 
 TEXTS = [
@@ -137,9 +137,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2_dir, hf_smollm2)
 
     eos = reference.generation_config.eos_token_id
     stop_ids = set(eos) if isinstance(eos, list) else {eos}
-    ours = greedy_generate(
-        StreamingModel(smollm2_dir), prompt_ids, max_new_tokens=16, stop_ids=stop_ids
-    )
+    ours = generate(StreamingModel(smollm2_dir), prompt_ids, max_new_tokens=16, stop_ids=stop_ids)
     with torch.no_grad():
         out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False)
     theirs = out[0, len(prompt_ids) :].tolist()
