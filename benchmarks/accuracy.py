@@ -56,7 +56,7 @@ from chainfed.agent.app.json_report import write_json
 from chainfed.agent.app.options import SimulationConfig
 from chainfed.agent.app.simulation import SimulationResult, run_simulation
 from chainfed.agent.app.simulation_report import pyplot, stage_boundaries
-from chainfed.coordinator.chain_state import AGGREGATIONS
+from chainfed.coordinator.config import AGGREGATIONS
 from chainfed.proto.units import format_bytes
 
 

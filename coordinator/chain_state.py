@@ -45,17 +45,27 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from chainfed.coordinator.aggregation import STRATEGIES, WeightedUpdate, aggregate, validate_updates
-from chainfed.coordinator.dp import DPConfig, PrivacyLedger, central_dp_mean
+from chainfed.coordinator.aggregation import WeightedUpdate, aggregate, validate_updates
+from chainfed.coordinator.config import DEFAULT_WINDOW, CoordinatorConfig
+from chainfed.coordinator.dp import PrivacyLedger, central_dp_mean
 from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.round_start import round_start_state
+from chainfed.coordinator.update_checks import (
+    UpdateRejectedError,
+    check_evaluation_answer,
+    check_finite,
+    check_names,
+    check_norm,
+    check_shapes,
+    check_training_metrics,
+    expected_tensors,
+)
 from chainfed.proto.chain_rules import StageConvergence, choose_start_layer, window_layers
-from chainfed.proto.dp_mechanism import clip_update, noise_generator, update_norm
+from chainfed.proto.dp_mechanism import clip_update, noise_generator
 from chainfed.proto.messages import (
     AgentCapabilities,
     AgentStatus,
@@ -65,154 +75,14 @@ from chainfed.proto.messages import (
     StatusSnapshot,
     Task,
     TaskKind,
-    TrainingParams,
     UpdateMetrics,
 )
 from chainfed.proto.seeded_init import with_seeded_lora_a
 from chainfed.proto.tensor_chunks import manifest_of
-from chainfed.proto.tensor_names import LORA_A_SUFFIX, layers_of, tensor_owner, without_lora_a
+from chainfed.proto.tensor_names import layers_of, without_lora_a
 from chainfed.proto.update_digest import update_digest
 
 log = logging.getLogger("chainfed.coordinator")
-
-AGGREGATIONS = tuple(STRATEGIES)
-DEFAULT_WINDOW = 2
-"""DLCT window of ``--window auto`` when no agent declared a memory budget."""
-
-
-class UpdateRejectedError(Exception):
-    """An update or report that must not touch the round; ``code`` picks the gRPC status."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        """``invalid_argument``, ``failed_precondition`` or ``not_found``."""
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    """Chain knobs of one federation (the ``chainfed coordinator`` flags)."""
-
-    num_layers: int
-    """Layers L of the model."""
-    model_fingerprint: str
-    """Digest of the model files; agents must match it."""
-    task: str
-    """``classify`` or ``lm``; a state dir of another task is refused."""
-    params: TrainingParams
-    """Hyper-parameters sent with every task."""
-    start_layer: int | None = None
-    """First chain layer; None = FOAT (probe the agents)."""
-    window: int | None = 2
-    """DLCT window Q; None = auto: chosen when training starts, the smallest
-    ``AgentCapabilities.max_window`` the registered agents declared (each sized it for its
-    own budget and sequence length); ``DEFAULT_WINDOW`` when none declared one."""
-    foat_threshold: float = 0.8
-    """FOAT CKA threshold."""
-    min_rounds: int = 1
-    """Rounds every stage runs at least."""
-    max_rounds: int = 3
-    """Round cap per stage."""
-    patience: int = 1
-    """Rounds without relative improvement before a stage converges."""
-    tolerance: float = 0.01
-    """Relative improvement of the federated validation loss that counts."""
-    min_agents: int = 1
-    """Quorum: registered agents before starting, updates before aggregating."""
-    agents_per_round: int = 0
-    """Agents sampled per round; 0 = every registered agent."""
-    round_deadline_s: float = 600.0
-    """Seconds a round waits for its agents before dropping stragglers."""
-    aggregation: str = "fedavg"
-    """``fedavg``, ``ffa``, ``svd``, ``trimmed-mean`` or ``median``."""
-    trim_fraction: float = 0.2
-    """``trimmed-mean``: fraction of the updates dropped at each end of every coordinate."""
-    norm_bound: float | None = None
-    """Reject updates whose change from the round's start (all tensors together, L2)
-    exceeds this. The change, not the tensors: adapters and head legitimately grow over
-    a chain, and a seeded A is large from the start, so only the delta says how far one
-    agent tries to move the aggregate."""
-    clip_norm: float | None = None
-    """Scale each update's delta from the round's start down to this L2 norm (all its
-    tensors together) before aggregating; None = no clipping."""
-    dp_noise_multiplier: float | None = None
-    """Client-level DP (``chainfed.coordinator.dp``): noise multiplier z; None = DP off."""
-    dp_clip: float | None = None
-    """DP: L2 bound C of each update's delta (required with ``dp_noise_multiplier``)."""
-    dp_delta: float = 1e-5
-    """DP: δ that ε is reported at."""
-    dp_mode: str = "central"
-    """DP: ``central`` (the coordinator noises the sum) or ``local`` (each agent its own)."""
-    dp_epsilon_budget: float | None = None
-    """DP: stop the chain before a round would take ε above this; None = no limit."""
-    seed: int = 0
-    """Seeds the per-round agent sampling."""
-    first_stage_layer: int | None = None
-    """Stage the chain opens at; None = the start layer. A plain FedLoRA baseline is one
-    stage at L-1 whose window reaches down to the start layer (``e2e``: start 0, window
-    L; ``topk:K``: start L-K, window K), through the same rounds and aggregation."""
-    lora_in_features: dict[str, int] = field(default_factory=dict)
-    """In features of each linear of a block by module name (every block of a model
-    alike): the width of a frozen A, which the coordinator rebuilds from the seed for the
-    final adapters since agents never send it (``params.lora_train_a`` False)."""
-
-    def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"
-            )
-        if self.start_layer is not None and not 0 <= self.start_layer < self.num_layers:
-            raise ValueError(f"start layer {self.start_layer} not in 0..{self.num_layers - 1}")
-        if self.first_stage_layer is not None and not 0 <= self.first_stage_layer < self.num_layers:
-            raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
-        if (self.window is not None and self.window < 1) or self.min_agents < 1:
-            raise ValueError("window and min_agents must be >= 1")
-        if self.max_rounds < 1:
-            raise ValueError("max_rounds must be >= 1")
-        if self.min_rounds > self.max_rounds:
-            raise ValueError("min_rounds must not exceed max_rounds")
-        if not 0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if self.clip_norm is not None and not (
-            math.isfinite(self.clip_norm) and self.clip_norm > 0
-        ):
-            raise ValueError(f"clip norm must be > 0, got {self.clip_norm}")
-        if (self.dp_noise_multiplier is None) != (self.dp_clip is None):
-            raise ValueError("differential privacy needs both a noise multiplier and a clip")
-        if self.dp_epsilon_budget is not None and self.dp_noise_multiplier is None:
-            raise ValueError("an epsilon budget needs differential privacy (a noise multiplier)")
-        if not self.params.lora_train_a and self.aggregation != "ffa":
-            raise ValueError(
-                f"A frozen (lora_train_a False) is ffa's: agents then send B alone, which "
-                f"{self.aggregation!r} cannot aggregate"
-            )
-        if not self.params.lora_train_a and not self.lora_in_features:
-            raise ValueError("A frozen (ffa) needs lora_in_features to rebuild it from the seed")
-        if (
-            self.dp is not None
-            and self.dp.mode == "central"
-            and self.aggregation not in ("fedavg", "ffa")
-        ):
-            raise ValueError(
-                f"central DP needs an aggregation linear in the updates (fedavg or ffa), "
-                f"not {self.aggregation!r}"
-            )
-
-    @property
-    def dp(self) -> DPConfig | None:
-        """The DP settings (validated), None when DP is off."""
-        if self.dp_noise_multiplier is None:
-            return None
-        return DPConfig(
-            self.dp_noise_multiplier,
-            self.dp_clip,
-            self.dp_delta,
-            self.dp_mode,
-            self.dp_epsilon_budget,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -699,32 +569,9 @@ class ChainCoordinator:
         self.changed = True
 
     def _expected_tensors(self, layer: int, window: list[int]) -> dict[str, tuple]:
-        """(shape, dtype) of every tensor a round at ``layer`` must upload, from the
-        current aggregate; the new layer's adapter is shaped like the layer below's.
-        Empty before the chain's first aggregate: the first update then sets it."""
-        window_state = self._sendable(self.window_state)
-        known = {**self._sendable(self.final), **window_state}
-        if not known:
-            return {}
-        expected = {}
-        for name, tensor in window_state.items():
-            kind, index = tensor_owner(name)
-            if (
-                (kind == "layers" and index in window)
-                or kind == "objective"
-                or (kind == "foresight" and index > layer)
-            ):
-                expected[name] = (tuple(tensor.shape), str(tensor.dtype))
-        if layer not in {i for k, i in map(tensor_owner, expected) if k == "layers"}:
-            layers = [i for k, i in map(tensor_owner, known) if k == "layers"]
-            if not layers:
-                return expected
-            below = max(layers)
-            for name, tensor in known.items():
-                if name.startswith(f"layers.{below}."):
-                    new = f"layers.{layer}." + name.removeprefix(f"layers.{below}.")
-                    expected[new] = (tuple(tensor.shape), str(tensor.dtype))
-        return expected
+        return expected_tensors(
+            self._sendable(self.window_state), self._sendable(self.final), layer, window
+        )
 
     def submit(
         self,
@@ -761,75 +608,22 @@ class ChainCoordinator:
         self, r: OpenRound, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]
     ) -> None:
         if r.evaluation:
-            if tensors or metrics.val_samples <= 0 or not math.isfinite(metrics.val_loss):
-                raise UpdateRejectedError(
-                    "invalid_argument",
-                    "an evaluation answer carries no tensors, val_samples > 0 and a finite "
-                    "val_loss",
-                )
+            check_evaluation_answer(metrics, tensors)
             return
-        if metrics.train_samples <= 0:
-            raise UpdateRejectedError("invalid_argument", "an update must report train_samples > 0")
-        if not (math.isfinite(metrics.val_loss) and math.isfinite(metrics.train_loss)):
-            raise UpdateRejectedError("invalid_argument", "train_loss and val_loss must be finite")
+        check_training_metrics(metrics)
         expected = r.expected or {
             k: (tuple(v.shape), str(v.dtype))
             for k, v in next(iter(r.updates.values()), (None, {}))[1].items()
         }
-        for name in tensors:
-            if self.a_frozen and name.endswith(LORA_A_SUFFIX):
-                raise UpdateRejectedError(
-                    "invalid_argument",
-                    f"unexpected tensor {name!r}: round {r.round_id} keeps every A frozen at "
-                    "its seeded init (ffa); an update carries B, not A",
-                )
-            kind, index = tensor_owner(name)
-            if (
-                kind == "layers"
-                and index not in r.window
-                or kind not in ("layers", "objective", "foresight")
-            ):
-                raise UpdateRejectedError(
-                    "invalid_argument",
-                    f"unexpected tensor {name!r}: round {r.round_id} trains layers {r.window}",
-                )
-        if expected:
-            missing, extra = (
-                sorted(set(expected) - set(tensors)),
-                sorted(set(tensors) - set(expected)),
-            )
-            if missing or extra:
-                raise UpdateRejectedError(
-                    "invalid_argument",
-                    f"update tensors do not match round {r.round_id}: missing {missing[:5]}, "
-                    f"unexpected {extra[:5]}",
-                )
-            for name, tensor in tensors.items():
-                shape, dtype = expected[name]
-                if tuple(tensor.shape) != shape or str(tensor.dtype) != dtype:
-                    raise UpdateRejectedError(
-                        "invalid_argument",
-                        f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
-                        f"expected {dtype} {list(shape)}",
-                    )
-        for name, tensor in tensors.items():
-            if not torch.isfinite(tensor).all():
-                raise UpdateRejectedError(
-                    "invalid_argument", f"tensor {name!r} has NaN or Inf values"
-                )
+        check_names(tensors, r.round_id, r.window, a_frozen=self.a_frozen)
+        check_shapes(tensors, expected, r.round_id)
+        check_finite(tensors)
         c = self.config
-        if c.norm_bound is None:
-            return
-        start = round_start_state(
-            tensors, self.window_state, c.params, self.start_layer, c.num_layers
-        )
-        norm = update_norm(tensors, start)
-        if norm > c.norm_bound:
-            raise UpdateRejectedError(
-                "invalid_argument",
-                f"update norm {norm:.4g} (its change from the round's start) exceeds the "
-                f"bound {c.norm_bound}",
+        if c.norm_bound is not None:
+            start = round_start_state(
+                tensors, self.window_state, c.params, self.start_layer, c.num_layers
             )
+            check_norm(tensors, start, c.norm_bound)
 
     # -- status -----------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from chainfed.coordinator import state_store
-from chainfed.coordinator.chain_state import AGGREGATIONS, ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.config import AGGREGATIONS, CoordinatorConfig
 from chainfed.coordinator.dp import DP_MODES
 from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token

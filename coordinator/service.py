@@ -38,7 +38,8 @@ from pathlib import Path
 import grpc
 
 from chainfed.coordinator import fault_injection, state_store
-from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejectedError
+from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde

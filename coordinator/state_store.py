@@ -36,7 +36,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from safetensors import SafetensorError
 
-from chainfed.coordinator.chain_state import AgentEntry, ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.chain_state import AgentEntry, ChainCoordinator
+from chainfed.coordinator.config import CoordinatorConfig
 from chainfed.coordinator.dp import PrivacyLedger
 from chainfed.coordinator.fault_injection import crash_point
 from chainfed.proto.adapter_file import (

@@ -63,8 +63,9 @@ from chainfed.agent.training.memory_meter import process_baseline
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
-from chainfed.coordinator.chain_state import ChainCoordinator, UpdateRejectedError
+from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.command import coordinator_config, option_defaults
+from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.auth_token import write_token_file
 from chainfed.proto.client import CoordinatorClient, CoordinatorError

@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chainfed.coordinator.chain_state import ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.config import CoordinatorConfig
 from chainfed.proto.messages import (
     AgentCapabilities,
     ChainPhase,

@@ -11,8 +11,9 @@ import torch
 
 from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
-from chainfed.coordinator.chain_state import DEFAULT_WINDOW, UpdateRejectedError
+from chainfed.coordinator.config import DEFAULT_WINDOW
 from chainfed.coordinator.round_start import round_start_state
+from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.messages import (
     ChainPhase,

@@ -27,7 +27,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chainfed.coordinator.chain_state import ChainCoordinator, CoordinatorConfig
+from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.config import CoordinatorConfig
 from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
 from chainfed.coordinator.state_store import STATE_FILE
 from chainfed.proto import chainfed_pb2 as pb

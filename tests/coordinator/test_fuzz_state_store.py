@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chainfed.coordinator import state_store
-from chainfed.coordinator.chain_state import UpdateRejectedError
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
+from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto import serde
 
 FUZZ = settings(  # the "fuzz" profile of tests/conftest.py

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from chainfed.coordinator import state_store
-from chainfed.coordinator.chain_state import UpdateRejectedError
 from chainfed.coordinator.state_store import STATE_FILE, StateDirError
+from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.messages import ChainPhase, ProbeReport
 

@@ -1,0 +1,148 @@
+"""``CoordinatorConfig``: everything a federation is run with, validated once.
+
+Built from the command line's options and a ``ModelSpec`` (``coordinator.command``), or
+directly by the in-process simulation; saved with the state so a resumed coordinator can
+refuse a state dir of another model or task.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chainfed.coordinator.aggregation import STRATEGIES
+from chainfed.coordinator.dp import DPConfig
+from chainfed.proto.messages import TrainingParams
+
+AGGREGATIONS = tuple(STRATEGIES)
+
+
+DEFAULT_WINDOW = 2
+"""DLCT window of ``--window auto`` when no agent declared a memory budget."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Chain knobs of one federation (the ``chainfed coordinator`` flags)."""
+
+    num_layers: int
+    """Layers L of the model."""
+    model_fingerprint: str
+    """Digest of the model files; agents must match it."""
+    task: str
+    """``classify`` or ``lm``; a state dir of another task is refused."""
+    params: TrainingParams
+    """Hyper-parameters sent with every task."""
+    start_layer: int | None = None
+    """First chain layer; None = FOAT (probe the agents)."""
+    window: int | None = 2
+    """DLCT window Q; None = auto: chosen when training starts, the smallest
+    ``AgentCapabilities.max_window`` the registered agents declared (each sized it for its
+    own budget and sequence length); ``DEFAULT_WINDOW`` when none declared one."""
+    foat_threshold: float = 0.8
+    """FOAT CKA threshold."""
+    min_rounds: int = 1
+    """Rounds every stage runs at least."""
+    max_rounds: int = 3
+    """Round cap per stage."""
+    patience: int = 1
+    """Rounds without relative improvement before a stage converges."""
+    tolerance: float = 0.01
+    """Relative improvement of the federated validation loss that counts."""
+    min_agents: int = 1
+    """Quorum: registered agents before starting, updates before aggregating."""
+    agents_per_round: int = 0
+    """Agents sampled per round; 0 = every registered agent."""
+    round_deadline_s: float = 600.0
+    """Seconds a round waits for its agents before dropping stragglers."""
+    aggregation: str = "fedavg"
+    """``fedavg``, ``ffa``, ``svd``, ``trimmed-mean`` or ``median``."""
+    trim_fraction: float = 0.2
+    """``trimmed-mean``: fraction of the updates dropped at each end of every coordinate."""
+    norm_bound: float | None = None
+    """Reject updates whose change from the round's start (all tensors together, L2)
+    exceeds this. The change, not the tensors: adapters and head legitimately grow over
+    a chain, and a seeded A is large from the start, so only the delta says how far one
+    agent tries to move the aggregate."""
+    clip_norm: float | None = None
+    """Scale each update's delta from the round's start down to this L2 norm (all its
+    tensors together) before aggregating; None = no clipping."""
+    dp_noise_multiplier: float | None = None
+    """Client-level DP (``chainfed.coordinator.dp``): noise multiplier z; None = DP off."""
+    dp_clip: float | None = None
+    """DP: L2 bound C of each update's delta (required with ``dp_noise_multiplier``)."""
+    dp_delta: float = 1e-5
+    """DP: δ that ε is reported at."""
+    dp_mode: str = "central"
+    """DP: ``central`` (the coordinator noises the sum) or ``local`` (each agent its own)."""
+    dp_epsilon_budget: float | None = None
+    """DP: stop the chain before a round would take ε above this; None = no limit."""
+    seed: int = 0
+    """Seeds the per-round agent sampling."""
+    first_stage_layer: int | None = None
+    """Stage the chain opens at; None = the start layer. A plain FedLoRA baseline is one
+    stage at L-1 whose window reaches down to the start layer (``e2e``: start 0, window
+    L; ``topk:K``: start L-K, window K), through the same rounds and aggregation."""
+    lora_in_features: dict[str, int] = field(default_factory=dict)
+    """In features of each linear of a block by module name (every block of a model
+    alike): the width of a frozen A, which the coordinator rebuilds from the seed for the
+    final adapters since agents never send it (``params.lora_train_a`` False)."""
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}"
+            )
+        if self.start_layer is not None and not 0 <= self.start_layer < self.num_layers:
+            raise ValueError(f"start layer {self.start_layer} not in 0..{self.num_layers - 1}")
+        if self.first_stage_layer is not None and not 0 <= self.first_stage_layer < self.num_layers:
+            raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
+        if (self.window is not None and self.window < 1) or self.min_agents < 1:
+            raise ValueError("window and min_agents must be >= 1")
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+        if self.min_rounds > self.max_rounds:
+            raise ValueError("min_rounds must not exceed max_rounds")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.clip_norm is not None and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise ValueError(f"clip norm must be > 0, got {self.clip_norm}")
+        if (self.dp_noise_multiplier is None) != (self.dp_clip is None):
+            raise ValueError("differential privacy needs both a noise multiplier and a clip")
+        if self.dp_epsilon_budget is not None and self.dp_noise_multiplier is None:
+            raise ValueError("an epsilon budget needs differential privacy (a noise multiplier)")
+        if not self.params.lora_train_a and self.aggregation != "ffa":
+            raise ValueError(
+                f"A frozen (lora_train_a False) is ffa's: agents then send B alone, which "
+                f"{self.aggregation!r} cannot aggregate"
+            )
+        if not self.params.lora_train_a and not self.lora_in_features:
+            raise ValueError("A frozen (ffa) needs lora_in_features to rebuild it from the seed")
+        if (
+            self.dp is not None
+            and self.dp.mode == "central"
+            and self.aggregation not in ("fedavg", "ffa")
+        ):
+            raise ValueError(
+                f"central DP needs an aggregation linear in the updates (fedavg or ffa), "
+                f"not {self.aggregation!r}"
+            )
+
+    @property
+    def dp(self) -> DPConfig | None:
+        """The DP settings (validated), None when DP is off."""
+        if self.dp_noise_multiplier is None:
+            return None
+        return DPConfig(
+            self.dp_noise_multiplier,
+            self.dp_clip,
+            self.dp_delta,
+            self.dp_mode,
+            self.dp_epsilon_budget,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
