@@ -99,7 +99,6 @@ from chainfed.agent.training.memory_meter import (
     CUDA,
     SAMPLING,
     VMHWM,
-    PeakMemoryMeter,
     malloc_trim,
     process_baseline,
     release_large_frees_to_os,
@@ -365,32 +364,11 @@ def measure(spec: RunSpec) -> dict[str, Any]:
 
 
 def first_stages(trainer: ChainTrainer, count: int) -> list[StageReport]:
-    """The chain's first ``count`` stages, each exactly as ``ChainTrainer.train`` runs a
-    one-round stage (``enter_stage``, ``train_round``, ``evaluate_window`` inside one
-    ``PeakMemoryMeter``), through the trainer's public per-stage API."""
+    """The chain's first ``count`` stages, one round each, as ``ChainTrainer.train`` runs
+    a stage (``ChainTrainer.run_stage``)."""
     trainer.set_start_layer(trainer.choose_start())
-    reports = []
-    for layer in range(trainer.start_layer, trainer.start_layer + count):
-        started = time.perf_counter()
-        with PeakMemoryMeter(trainer.model.device) as meter:
-            window = trainer.enter_stage(layer)
-            result = trainer.train_round()
-            evaluation = trainer.evaluate_window()
-        reports.append(
-            StageReport(
-                layer=layer,
-                window=window,
-                steps=result.steps,
-                rounds=1,
-                train_loss=result.train_loss,
-                val_loss=evaluation.loss,
-                val_metric=evaluation.metric,
-                seconds=time.perf_counter() - started,
-                peak_mem_bytes=meter.reading.peak_bytes,
-                baseline_mem_bytes=meter.reading.baseline_bytes,
-            )
-        )
-    return reports
+    first = trainer.start_layer
+    return [trainer.run_stage(layer, rounds_cap=1) for layer in range(first, first + count)]
 
 
 def library_rss() -> int | None:

@@ -520,6 +520,36 @@ class ChainTrainer:
 
     # -- the local loop ---------------------------------------------------------------
 
+    def run_stage(self, layer: int, rounds_cap: int) -> StageReport:
+        """One stage, under one memory meter: enter it, then rounds of local steps and
+        validation until the stage converges or ``rounds_cap`` rounds have run."""
+        started = time.perf_counter()
+        with PeakMemoryMeter(self.model.device) as meter:
+            window = self.enter_stage(layer)
+            rule = StageConvergence(
+                self.config.min_rounds, rounds_cap, self.config.patience, self.config.tolerance
+            )
+            steps, losses = 0, []
+            while True:
+                result = self.train_round()
+                evaluation = self.evaluate_window()
+                steps += result.steps
+                losses.append(result.train_loss)
+                if result.steps == 0 or rule.update(evaluation.loss):
+                    break
+        return StageReport(
+            layer=layer,
+            window=window,
+            steps=steps,
+            rounds=rule.rounds,
+            train_loss=losses[-1],
+            val_loss=evaluation.loss,
+            val_metric=evaluation.metric,
+            seconds=time.perf_counter() - started,
+            peak_mem_bytes=meter.reading.peak_bytes,
+            baseline_mem_bytes=meter.reading.baseline_bytes,
+        )
+
     def train(self, on_stage: StageHook | None = None) -> list[StageReport]:
         """Run the configured mode to the end; final adapters land in ``final_adapters``.
 
@@ -539,32 +569,7 @@ class ChainTrainer:
             else self.config.baseline_rounds or self.config.max_rounds * self.L
         )
         for layer in range(first, self.L):
-            started = time.perf_counter()
-            with PeakMemoryMeter(self.model.device) as meter:
-                window = self.enter_stage(layer)
-                rule = StageConvergence(
-                    self.config.min_rounds, rounds_cap, self.config.patience, self.config.tolerance
-                )
-                steps, losses = 0, []
-                while True:
-                    result = self.train_round()
-                    evaluation = self.evaluate_window()
-                    steps += result.steps
-                    losses.append(result.train_loss)
-                    if result.steps == 0 or rule.update(evaluation.loss):
-                        break
-            report = StageReport(
-                layer=layer,
-                window=window,
-                steps=steps,
-                rounds=rule.rounds,
-                train_loss=losses[-1],
-                val_loss=evaluation.loss,
-                val_metric=evaluation.metric,
-                seconds=time.perf_counter() - started,
-                peak_mem_bytes=meter.reading.peak_bytes,
-                baseline_mem_bytes=meter.reading.baseline_bytes,
-            )
+            report = self.run_stage(layer, rounds_cap)
             self.stages.append(report)
             if on_stage is not None:
                 on_stage(report)
