@@ -43,6 +43,7 @@ from chainfed.coordinator.fault_injection import crash_point
 from chainfed.proto.adapter_file import (
     AdapterFile,
     AdapterFileError,
+    AdapterInfo,
     load_adapter_file,
     save_adapter_file,
 )
@@ -119,7 +120,10 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         if coordinator.phase is ChainPhase.DONE:
             save_adapter_file(
                 state_dir / FINAL_FILE,
-                AdapterFile(coordinator.final_adapters(), _final_info(coordinator)),
+                AdapterFile(
+                    coordinator.final_adapters(),
+                    _final_info(coordinator).to_dict(AdapterInfo.FEDERATION),
+                ),
             )
         crash_point("save.done")
     except (OSError, SafetensorError) as exc:
@@ -129,12 +133,12 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         ) from exc
 
 
-def _final_info(coordinator: ChainCoordinator) -> dict[str, Any]:
+def _final_info(coordinator: ChainCoordinator) -> AdapterInfo:
     p = coordinator.config.params
-    return {
-        "task": coordinator.config.task,
-        "model_digest": coordinator.config.model_fingerprint,
-        "lora": {
+    return AdapterInfo(
+        task=coordinator.config.task,
+        model_digest=coordinator.config.model_fingerprint,
+        lora={
             "rank": p.lora_rank,
             "alpha": p.lora_alpha,
             "dropout": p.lora_dropout,
@@ -142,13 +146,12 @@ def _final_info(coordinator: ChainCoordinator) -> dict[str, Any]:
             "train_a": p.lora_train_a,
             "seed": p.lora_seed,
         },
-        "mode": "chain",
-        "start_layer": coordinator.start_layer,
-        "rounds": len(coordinator.history),
-        "stop_reason": coordinator.stop_reason,
-        "dp_epsilon": coordinator.dp_ledger.epsilon() if coordinator.dp_ledger else None,
-        "dp_delta": coordinator.config.dp_delta if coordinator.dp_ledger else None,
-    }
+        start_layer=coordinator.start_layer,
+        rounds=len(coordinator.history),
+        stop_reason=coordinator.stop_reason,
+        dp_epsilon=coordinator.dp_ledger.epsilon() if coordinator.dp_ledger else None,
+        dp_delta=coordinator.config.dp_delta if coordinator.dp_ledger else None,
+    )
 
 
 def _to_json(c: ChainCoordinator, tensors_file: str) -> dict[str, Any]:

@@ -66,7 +66,7 @@ from chainfed.agent.training.tokenize import encode_split, label_token_ids
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.command import coordinator_config, option_defaults
 from chainfed.coordinator.update_checks import UpdateRejectedError
-from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.adapter_file import AdapterInfo, load_adapter_file
 from chainfed.proto.auth_token import write_token_file
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.messages import (
@@ -738,16 +738,17 @@ def _evaluate_file(
 ) -> tuple[float, float]:
     """The final adapter file on the held-out test rows, by the streamed evaluation."""
     saved = load_adapter_file(adapters)
+    info = AdapterInfo.from_dict(saved.info, adapters)
     model = corpus.model
     objective = build_objective(
         model,
         config.task,
         num_labels=len(corpus.data.labels),
-        label_token_ids=saved.info.get("label_token_ids"),
+        label_token_ids=info.label_token_ids,
         seed=config.seed,
     )
     if config.task == "classify":
         objective.head.load_state_dict(saved.head())
-    lora = LoRAConfig(**saved.info["lora"])
+    lora = LoRAConfig(**info.lora_settings(adapters))
     evaluation = evaluate_streaming(model, objective, saved.adapters(), lora, corpus.test)
     return evaluation.loss, evaluation.metric

@@ -44,7 +44,12 @@ from chainfed.agent.training.tokenize import (
     encode_split,
     label_token_ids,
 )
-from chainfed.proto.adapter_file import AdapterFile, load_adapter_file, save_adapter_file
+from chainfed.proto.adapter_file import (
+    AdapterFile,
+    AdapterInfo,
+    load_adapter_file,
+    save_adapter_file,
+)
 from chainfed.proto.units import format_bytes, parse_bytes
 
 
@@ -219,24 +224,25 @@ def _save_result(
 ) -> Path:
     """The adapter file: final adapters, the head (classify) and how to use them again."""
     config, objective, data = trainer.config, trainer.objective, inputs.data
-    info = {
-        "task": args.task,
-        "labels": data.labels,
-        "label_token_ids": inputs.token_ids,
-        "lora": config.lora.to_dict(),
-        "mode": config.mode,
-        "model_digest": inputs.model.fingerprint,
-        "pooling": getattr(objective, "pooling", None),
-        "max_len": args.max_len,
-        "eval_batch": eval_batch,
-        "prompt_template": data.config.prompt_template,
-        "response_template": data.config.response_template,
-    }
+    info = AdapterInfo(
+        task=args.task,
+        model_digest=inputs.model.fingerprint,
+        mode=config.mode,
+        lora=config.lora.to_dict(),
+        labels=data.labels,
+        label_token_ids=inputs.token_ids,
+        pooling=getattr(objective, "pooling", None),
+        max_len=args.max_len,
+        eval_batch=eval_batch,
+        prompt_template=data.config.prompt_template,
+        response_template=data.config.response_template,
+    )
     tensors = dict(trainer.final_adapters)
     if args.task == "classify":
         tensors.update({f"head.{k}": v for k, v in objective.head.state_dict().items()})
     return save_adapter_file(
-        args.adapters or workdir / "adapters.safetensors", AdapterFile(tensors, info)
+        args.adapters or workdir / "adapters.safetensors",
+        AdapterFile(tensors, info.to_dict(AdapterInfo.TRAINING_RUN)),
     )
 
 
@@ -261,26 +267,26 @@ def _eval_only(args: argparse.Namespace, inputs: _Inputs) -> int:
     if args.adapters is None:
         raise ChainFedError("--eval-only needs --adapters FILE")
     saved = load_adapter_file(args.adapters)
-    info = saved.info
-    if info.get("model_digest") != model_digest:
+    info = AdapterInfo.from_dict(saved.info, args.adapters)
+    if info.model_digest != model_digest:
         raise ChainFedError(f"{args.adapters}: trained on a different model than {model.model_dir}")
-    if info.get("task") != args.task or info.get("labels") != labels:
+    if info.task != args.task or info.labels != labels:
         raise ChainFedError(
-            f"{args.adapters}: trained for task {info.get('task')} with labels "
-            f"{info.get('labels')}, not {args.task} with {labels}"
+            f"{args.adapters}: trained for task {info.task} with labels "
+            f"{info.labels}, not {args.task} with {labels}"
         )
-    if info.get("max_len", args.max_len) != args.max_len:
+    if info.max_len not in (None, args.max_len):
         raise ChainFedError(
-            f"{args.adapters}: trained with --max-len {info['max_len']}; evaluate with the same"
+            f"{args.adapters}: trained with --max-len {info.max_len}; evaluate with the same"
         )
     objective = build_objective(
         model, args.task, num_labels=len(labels), label_token_ids=token_ids, seed=args.seed
     )
     if args.task == "classify":
         objective.head.load_state_dict(saved.head())
-    lora = LoRAConfig(**info["lora"])
+    lora = LoRAConfig(**info.lora_settings(args.adapters))
     final = evaluate_streaming(
-        model, objective, saved.adapters(), lora, val, batch_size=info.get("eval_batch", 64)
+        model, objective, saved.adapters(), lora, val, batch_size=info.eval_batch or 64
     )
     print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
     if args.report:

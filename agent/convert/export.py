@@ -64,7 +64,7 @@ from chainfed.agent.runtime.safetensors_io import (
     nbytes,
     read_header,
 )
-from chainfed.proto.adapter_file import AdapterFileError, load_adapter_file
+from chainfed.proto.adapter_file import AdapterFileError, AdapterInfo, load_adapter_file
 
 FORMATS = ("peft", "merged")
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -167,28 +167,24 @@ def load_result(
     """
     path = Path(path)
     saved = load_adapter_file(path)
-    info = saved.info
+    info = AdapterInfo.from_dict(saved.info, path)
     cfg = model.config
-    task = info.get("task")
-    if task not in ("classify", "lm"):
-        raise AdapterFileError(f"{path}: unknown task {task!r} in its metadata")
+    task = info.task
     if task == "lm" and cfg.family != "llama":
         raise AdapterFileError(f"{path}: an lm result needs a decoder; {model.model_dir} is not")
-    if check_model and info.get("model_digest") != model.fingerprint:
+    if check_model and info.model_digest != model.fingerprint:
         raise AdapterFileError(
             f"{path}: trained on a different model than {model.model_dir} (model digest "
-            f"{info.get('model_digest')!r} differs); pass the training model folder"
+            f"{info.model_digest!r} differs); pass the training model folder"
         )
     try:
-        lora = LoRAConfig(**info["lora"])
+        lora = LoRAConfig(**info.lora_settings(path))
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterFileError(f"{path}: missing or invalid 'lora' metadata ({exc})") from exc
     adapters = saved.adapters()
     _check_adapters(path, model, adapters, lora)
     head = saved.head()
-    labels = info.get("labels") or []
-    if not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
-        raise AdapterFileError(f"{path}: 'labels' metadata must be a list of names, not {labels!r}")
+    labels = info.labels or []
     if task == "classify":
         if set(head) != {"weight", "bias"}:
             raise AdapterFileError(f"{path}: a classify result needs head.weight and head.bias")
@@ -203,12 +199,9 @@ def load_result(
         labels = labels or [f"label_{i}" for i in range(classes)]
         if len(labels) != classes:
             raise AdapterFileError(f"{path}: {len(labels)} labels for a {classes}-class head")
-    pooling = (info.get("pooling") or _DEFAULT_POOLING[cfg.family]) if task == "classify" else None
+    pooling = (info.pooling or _DEFAULT_POOLING[cfg.family]) if task == "classify" else None
     if pooling not in (None, *_DEFAULT_POOLING.values()):
         raise AdapterFileError(f"{path}: unknown pooling {pooling!r} in its metadata")
-    max_len = info.get("max_len")
-    if max_len is not None and (type(max_len) is not int or max_len < 1):
-        raise AdapterFileError(f"{path}: 'max_len' metadata must be a positive integer")
     return TrainedResult(
         path=path,
         task=task,
@@ -217,8 +210,8 @@ def load_result(
         head=head,
         labels=labels,
         pooling=pooling,
-        max_len=max_len,
-        info=info,
+        max_len=info.max_len,
+        info=saved.info,
     )
 
 

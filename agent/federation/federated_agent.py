@@ -43,7 +43,7 @@ from chainfed.agent.training.chain import (
 )
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
-from chainfed.proto.adapter_file import AdapterFile, save_adapter_file
+from chainfed.proto.adapter_file import AdapterFile, AdapterInfo, save_adapter_file
 from chainfed.proto.client import CoordinatorClient, CoordinatorError, RetryPolicy
 from chainfed.proto.dp_mechanism import local_dp_update
 from chainfed.proto.messages import (
@@ -409,19 +409,18 @@ class FederatedAgent:
         device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``.
         Under FFA the frozen A, which never travels, is rebuilt from the seed of ``params``
         (the DONE task's)."""
-        info = {
-            "task": self.data.task,
-            "labels": self.data.labels,
-            "label_token_ids": self.data.label_token_ids,
-            "model_digest": self.model_fingerprint,
-            "mode": "chain",
-        }
-        if self.trainer is not None:
-            info["lora"] = self.trainer.config.lora.to_dict()
-            info["pooling"] = getattr(self.trainer.objective, "pooling", None)
+        trainer = self.trainer
+        info = AdapterInfo(
+            task=self.data.task,
+            model_digest=self.model_fingerprint,
+            lora=None if trainer is None else trainer.config.lora.to_dict(),
+            labels=self.data.labels,
+            label_token_ids=self.data.label_token_ids,
+            pooling=None if trainer is None else getattr(trainer.objective, "pooling", None),
+        )
         tensors = self.with_frozen_a(dict(final), chain_config_from_params(params, 1).lora)
         path = save_adapter_file(
-            self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info)
+            self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info.to_dict())
         )
         log.info("chain done; final adapters in %s", path)
         return path
