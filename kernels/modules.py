@@ -21,8 +21,9 @@ class LoRALinear(nn.Module):
     Both take the base weight's dtype and device (``lora_linear`` wants one dtype). The
     base weight and bias are set to ``requires_grad=False`` in place.
 
-    ``train_a=False`` is the FFA mode: ``lora_a`` is frozen (reproducible from a shared
-    seed via ``reset_parameters(generator)``) and backward keeps only the rank-r ``x Aᵀ``.
+    ``train_a=False`` is the FFA mode: ``lora_a`` is frozen and backward keeps only the
+    rank-r ``x Aᵀ``. A federation's shared seeded A is drawn in one place,
+    ``chainfed.proto.seeded_init.initial_lora_a``, and copied in (``add_lora``).
 
     Dropout (``dropout > 0``, training mode) applies to the adapter branch's input only, as
     in PEFT. The branches then read different inputs, which the fused kernel cannot share,
@@ -67,8 +68,8 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """PEFT's init: kaiming-uniform ``lora_a`` (drawn from ``generator`` if given, so
-        every agent can build the same frozen A from a shared seed), zero ``lora_b``."""
+        """PEFT's default init: kaiming-uniform ``lora_a`` (from ``generator`` if given),
+        zero ``lora_b``."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
             self.lora_b.zero_()
