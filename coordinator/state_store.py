@@ -24,6 +24,7 @@ thousand agents a registration costs one small JSON write, not the whole model s
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import weakref
@@ -406,10 +407,19 @@ def _state_fields(num_layers: int) -> dict[str, _Check]:
     }
 
 
+def _ledger_entry(entry: Any) -> bool:
+    """``[z, q, rounds]`` of ``PrivacyLedger``: a finite noise multiplier and sampling
+    rate, and a whole number of rounds (a fraction or infinity is corruption, not a
+    count to round)."""
+    if type(entry) is not list or len(entry) != 3:
+        return False
+    z, q, rounds = entry
+    numbers = all(type(x) in (int, float) and math.isfinite(x) for x in (z, q))
+    return numbers and type(rounds) is int and rounds >= 0
+
+
 _OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
-    "dp_ledger": _list_of(
-        _leaf(lambda r: type(r) is list and len(r) == 3 and all(type(x) in (int, float) for x in r))
-    ),
+    "dp_ledger": _list_of(_leaf(lambda r: _ledger_entry(r))),
     "stop_reason": _text,
 }
 """Top-level fields a state may lack: ``_from_json`` has a default for each."""

@@ -15,6 +15,7 @@ The accountant checks derive ε independently of ``dp-accounting``:
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -305,6 +306,13 @@ def test_budget_stops_the_chain_cleanly_and_survives_a_restart(kit, tmp_path):
     assert final_file.info["dp_epsilon"] == pytest.approx(c.snapshot().dp_epsilon)
     with pytest.raises(StateDirError, match="differential privacy"):
         state_store.load(tmp_path, kit.config(min_agents=2, window=1, max_rounds=3))
+    state_file = tmp_path / state_store.STATE_FILE
+    state = json.loads(state_file.read_text())
+    for rounds in (float("inf"), 2.5):  # inf escaped as an OverflowError; 2.5 was cut to 2
+        state["dp_ledger"] = [[1.2, 1.0, rounds]]
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(StateDirError, match="dp_ledger"):
+            state_store.load(tmp_path, c.config)
 
 
 def test_local_mode_tells_agents_and_charges_every_released_round(kit):
