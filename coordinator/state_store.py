@@ -419,7 +419,7 @@ def _ledger_entry(entry: Any) -> bool:
 
 
 _OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
-    "dp_ledger": _list_of(_leaf(lambda r: _ledger_entry(r))),
+    "dp_ledger": _list_of(_leaf(_ledger_entry)),
     "stop_reason": _text,
 }
 """Top-level fields a state may lack: ``_from_json`` has a default for each."""

@@ -252,11 +252,11 @@ def coordinator_argv(config: SimulationConfig, num_layers: int) -> list[str]:
     return argv
 
 
-def data_argv(config: SimulationConfig, val_rows: int | None = None) -> list[str]:
+def data_argv(config: SimulationConfig) -> list[str]:
     """The ``chainfed agent`` data options (model, corpus, rows, length, seed)."""
     argv = ["--model", config.model, "--task", config.task, "--max-len", str(config.max_len)]
     argv += ["--train-rows", str(config.train_rows)]
-    argv += ["--val-rows", str(config.val_rows if val_rows is None else val_rows)]
+    argv += ["--val-rows", str(config.val_rows)]
     argv += ["--seed", str(config.seed)]
     if config.data is not None:
         argv += ["--data", str(config.data)]

@@ -41,8 +41,6 @@ class Checkpoint:
         self._stored: dict[str, StoredTensor] = {}
         for path in self._shard_files():
             self._stored.update(read_header(path))
-        self._file_of = {name: stored.path for name, stored in self._stored.items()}
-        self._shape_of = {name: stored.shape for name, stored in self._stored.items()}
 
     def _shard_files(self) -> list[Path]:
         if not self.model_dir.is_dir():
@@ -69,26 +67,26 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         """The safetensors files of this checkpoint, in name order."""
-        return sorted(set(self._file_of.values()))
+        return sorted({stored.path for stored in self._stored.values()})
 
     def names(self) -> list[str]:
         """All tensor names across shards."""
-        return list(self._file_of)
+        return list(self._stored)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._stored
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape recorded in the header, without reading data."""
         self._require([name])
-        return self._shape_of[name]
+        return self._stored[name].shape
 
     def nbytes(self, names: Iterable[str]) -> int:
         """Bytes the named tensors take on disk."""
         return sum(self._stored[name].nbytes for name in names)
 
     def _require(self, names: Iterable[str]) -> None:
-        missing = [n for n in names if n not in self._file_of]
+        missing = [n for n in names if n not in self._stored]
         if missing:
             raise ModelLoadError(
                 f"{self.model_dir}: tensor(s) {missing} not found in {[str(f) for f in self.files]}"
@@ -108,14 +106,14 @@ class Checkpoint:
         """
         self._require(shapes)
         for name, expected in shapes.items():
-            if tuple(expected) != self._shape_of[name]:
+            if tuple(expected) != self._stored[name].shape:
                 raise ModelLoadError(
-                    f"{self._file_of[name]}: tensor {name!r} has shape "
-                    f"{list(self._shape_of[name])} but the config implies {list(expected)}"
+                    f"{self._stored[name].path}: tensor {name!r} has shape "
+                    f"{list(self._stored[name].shape)} but the config implies {list(expected)}"
                 )
         by_file: dict[Path, list[str]] = {}
         for name in shapes:
-            by_file.setdefault(self._file_of[name], []).append(name)
+            by_file.setdefault(self._stored[name].path, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, names in by_file.items():
             try:
@@ -141,10 +139,10 @@ class Checkpoint:
         vocabulary slice at a time; the file is unmapped again before returning.
         """
         self._require([name])
-        rows = self._shape_of[name][0]
+        rows = self._stored[name].shape[0]
         if not 0 <= start < stop <= rows:
             raise ValueError(f"rows {start}:{stop} out of range for {name!r} with {rows} rows")
-        path = self._file_of[name]
+        path = self._stored[name].path
         try:
             with safe_open(str(path), framework="pt") as handle:
                 return handle.get_slice(name)[start:stop].to(device=device, dtype=dtype)
