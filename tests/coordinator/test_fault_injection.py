@@ -394,10 +394,16 @@ def test_partial_upload_of_a_killed_agent_is_discarded(cluster):
 
 def test_agents_back_off_and_reconnect_when_the_port_closes(cluster):
     ids = [f"n{k}" for k in range(NUM_AGENTS)]
+    # 12 rounds of 0.25 s: the chain is still running when the port closes (with instant
+    # rounds an idle machine finished it before the first poll saw a round, and no agent
+    # ever met the closed port)
+    cluster.rounds_per_layer = 4
+    cluster.train_seconds = 0.25
     coordinator = cluster.start_coordinator()
     cluster.wait_for(lambda: listening(cluster, coordinator), 60, "the port")
     swarm = cluster.start_swarm(ids)  # after the port opened: every retry is the drop's
     cluster.wait_for(lambda: (cluster.state() or {}).get("history"), 90, "a first round")
+    assert cluster.state()["phase"] == "training", "the chain must be running at the drop"
     closed = time.monotonic()
     coordinator.send_signal(signal.SIGTERM)  # the port closes
     assert coordinator.wait(timeout=30) == 0
