@@ -188,6 +188,18 @@ class ChainCoordinator:
         (``initial_lora_a``), exactly the A every agent trained with."""
         return self._with_frozen_a(self.final)
 
+    def global_model(self) -> dict[str, torch.Tensor]:
+        """The federation's model as it stands after the last aggregated round: final
+        adapters and the window's aggregate, A included, and the task head as ``head.*``
+        (GPO proxies are training aids, not part of the model)."""
+        model = dict(self.final)
+        for name, tensor in self.window_state.items():
+            if name.startswith("layers."):
+                model[name] = tensor
+            elif name.startswith("objective."):
+                model[name.removeprefix("objective.")] = tensor
+        return self._with_frozen_a(model)
+
     def window_for(self, layer: int) -> list[int]:
         """DLCT window of the stage whose newest layer is ``layer``."""
         return window_layers(self.start_layer, layer, self.window)

@@ -82,6 +82,9 @@ class SimulationConfig:
     """LoRA rank."""
     agents_per_round: int = 0
     """Agents sampled per round; 0 = all."""
+    test_each_round: bool = False
+    """Score the global model on the held-out test rows after every training round (in
+    process only: one streamed pass over the test rows per round)."""
     in_process: bool = True
     """True: one process, ``ChainCoordinator`` called directly; False: a coordinator
     process and one process per agent over gRPC on localhost."""
@@ -109,6 +112,8 @@ class SimulationConfig:
             raise SimulationError(f"mode must be chain, e2e or topk:K; got {self.mode!r}")
         if self.rounds is not None and self.rounds < 1:
             raise SimulationError(f"rounds must be >= 1, got {self.rounds}")
+        if self.test_each_round and not (self.in_process and self.test_rows):
+            raise SimulationError("test_each_round needs test_rows and an in-process run")
         if min(self.train_rows, self.val_rows) < self.agents:
             raise SimulationError(
                 f"{self.agents} agents need at least {self.agents} training and validation rows"
@@ -308,6 +313,11 @@ def add_simulation_arguments(
     g.add_argument(
         "--test-rows", type=int, default=d.test_rows, help="held-out test rows (0 = none)"
     )
+    g.add_argument(
+        "--test-each-round",
+        action="store_true",
+        help="score the global model on the test rows after every round (in process only)",
+    )
     g.add_argument("--max-len", type=int, default=d.max_len, help="tokens per sample")
     g.add_argument("--seed", type=int, default=d.seed, help="data, shards, initialisation")
     c = parser.add_argument_group("chain")
@@ -355,6 +365,7 @@ def simulation_config_from_args(
         train_rows=args.train_rows,
         val_rows=args.val_rows,
         test_rows=args.test_rows,
+        test_each_round=args.test_each_round,
         max_len=args.max_len,
         seed=args.seed,
         start_layer=None if args.start_layer in (None, "auto") else int(args.start_layer),

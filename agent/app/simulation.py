@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,12 @@ from chainfed.agent.federation.federated_agent import (
     AgentConfig,
     FederatedAgent,
     LocalData,
+    chain_config_from_params,
     payload_bytes,
 )
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
-from chainfed.agent.training.chain import EncodedSplit, evaluate_streaming
+from chainfed.agent.training.chain import EncodedSplit, Evaluation, evaluate_streaming
 from chainfed.agent.training.data import SplitData, load_dataset
 from chainfed.agent.training.memory_meter import process_baseline
 from chainfed.agent.training.objectives import build_objective
@@ -76,6 +77,7 @@ from chainfed.proto.messages import (
     StatusSnapshot,
     TaskKind,
 )
+from chainfed.proto.tensor_names import strip_prefix
 
 UpdateHook = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(agent id, update tensors) -> the tensors actually submitted (e.g. a malicious agent)."""
@@ -110,6 +112,9 @@ class RoundEntry:
     agents share one process, so this includes the others' resident state)."""
     baseline_memory_bytes: dict[str, int]
     """Each participant's idle process baseline."""
+    test_loss: float | None = None
+    test_metric: float | None = None
+    """The global model after this round on the held-out test rows (``test_each_round``)."""
 
 
 @dataclass
@@ -358,6 +363,8 @@ class _Outcome:
     traffic: dict[tuple[str, str], dict[str, Any]]
     samples: dict[str, int]
     foat_scores: list[float] | None = None
+    round_tests: dict[str, Evaluation] = field(default_factory=dict)
+    """Test-set evaluation of the global model after each training round, by round id."""
 
 
 def _run_in_process(
@@ -367,7 +374,10 @@ def _run_in_process(
     update_hook: UpdateHook | None,
     say: Progress,
 ) -> _Outcome:
-    federation = _InProcessFederation(_in_process_coordinator(config, corpus), say, update_hook)
+    round_test = _round_test(config, corpus) if config.test_each_round else None
+    federation = _InProcessFederation(
+        _in_process_coordinator(config, corpus), say, update_hook, round_test
+    )
     for k in range(config.agents):
         federation.join(f"agent-{k}", corpus, _local_data(corpus, config, k), root)
     return federation.run_to_done(config.agents)
@@ -395,9 +405,15 @@ class _InProcessFederation:
     agents take their tasks in a fixed order, so a run is deterministic for its seeds."""
 
     def __init__(
-        self, coordinator: ChainCoordinator, say: Progress, update_hook: UpdateHook | None
+        self,
+        coordinator: ChainCoordinator,
+        say: Progress,
+        update_hook: UpdateHook | None,
+        round_test: Callable[[ChainCoordinator], Evaluation] | None = None,
     ) -> None:
         self.coordinator, self.say, self.update_hook = coordinator, say, update_hook
+        self.round_test = round_test
+        self.round_tests: dict[str, Evaluation] = {}
         self.clock = _VirtualClock()
         self.agents: dict[str, FederatedAgent] = {}
         self.traffic: dict[tuple[str, str], dict[str, Any]] = {}
@@ -432,6 +448,7 @@ class _InProcessFederation:
                 if self._work(agent_id, agent):
                     worked = True
                     reporter.show(coordinator.snapshot())
+                self._test_last_round()
             if not worked and coordinator.open_round is not None:
                 self.clock.jump_to(coordinator.open_round.deadline_ms)
             if coordinator.round_seq - len(coordinator.history) > MAX_RERUNS:
@@ -445,7 +462,23 @@ class _InProcessFederation:
             agent.write_final_adapters(dict(coordinator.final), coordinator.params)
             for agent in self.agents.values()
         ]
-        return _Outcome(snapshot, paths[0], self.traffic, self.samples, coordinator.foat_scores)
+        return _Outcome(
+            snapshot,
+            paths[0],
+            self.traffic,
+            self.samples,
+            coordinator.foat_scores,
+            self.round_tests,
+        )
+
+    def _test_last_round(self) -> None:
+        """With ``round_test``: score the global model once after each training round."""
+        history = self.coordinator.history
+        if self.round_test is None or not history:
+            return
+        round_id = history[-1].round_id
+        if not round_id.startswith("eval") and round_id not in self.round_tests:
+            self.round_tests[round_id] = self.round_test(self.coordinator)
 
     def _work(self, agent_id: str, agent: FederatedAgent) -> bool:
         """Do the agent's current task, as its client loop would; False when it has none."""
@@ -689,7 +722,9 @@ def _result(
 ) -> SimulationResult:
     snapshot = outcome.snapshot
     history = [
-        _entry(r, outcome.traffic) for r in snapshot.history if not r.round_id.startswith("eval")
+        _entry(r, outcome.traffic, outcome.round_tests.get(r.round_id))
+        for r in snapshot.history
+        if not r.round_id.startswith("eval")
     ]
     evaluation = [r for r in snapshot.history if r.round_id.startswith("eval")]
     if not evaluation:
@@ -714,7 +749,11 @@ def _result(
     )
 
 
-def _entry(record: RoundRecord, traffic: dict[tuple[str, str], dict[str, Any]]) -> RoundEntry:
+def _entry(
+    record: RoundRecord,
+    traffic: dict[tuple[str, str], dict[str, Any]],
+    test: Evaluation | None,
+) -> RoundEntry:
     costs = {a: traffic[(a, record.round_id)] for a in record.participants}
     m = record.metrics
     return RoundEntry(
@@ -730,7 +769,38 @@ def _entry(record: RoundRecord, traffic: dict[tuple[str, str], dict[str, Any]]) 
         sent_bytes={a: c["sent_bytes"] for a, c in costs.items()},
         peak_memory_bytes={a: c["peak_memory_bytes"] for a, c in costs.items()},
         baseline_memory_bytes={a: c["baseline_memory_bytes"] for a, c in costs.items()},
+        test_loss=None if test is None else test.loss,
+        test_metric=None if test is None else test.metric,
     )
+
+
+def _round_test(
+    config: SimulationConfig, corpus: _Corpus
+) -> Callable[[ChainCoordinator], Evaluation]:
+    """Scores a coordinator's current global model on the held-out test rows, by the same
+    streamed evaluation as the final adapter file."""
+    model = corpus.model
+    objective = build_objective(
+        model,
+        config.task,
+        num_labels=len(corpus.data.labels),
+        label_token_ids=(
+            label_token_ids(model, corpus.data.train, corpus.data.labels)
+            if config.task == "lm"
+            else None
+        ),
+        seed=config.seed,
+    )
+
+    def score(coordinator: ChainCoordinator) -> Evaluation:
+        state = coordinator.global_model()
+        if config.task == "classify":
+            objective.head.load_state_dict(strip_prefix(state, "head."))
+        lora = chain_config_from_params(coordinator.params, 1).lora
+        adapters = {k: v for k, v in state.items() if k.startswith("layers.")}
+        return evaluate_streaming(model, objective, adapters, lora, corpus.test)
+
+    return score
 
 
 def _evaluate_file(

@@ -183,6 +183,28 @@ def test_e2e_is_one_stage_of_every_layer_for_the_given_rounds(tmp_path):
     assert result.history[1].sent_bytes["agent-0"] > 2 * topk.history[1].sent_bytes["agent-0"]
 
 
+@pytest.mark.parametrize("mode", ["chain", "e2e"])
+def test_each_round_scores_the_global_model_and_the_last_is_the_final_file(tmp_path, mode):
+    # ffa: the global model must rebuild every frozen A from the seed; the model after the
+    # last training round is the one in the final file, so their test figures are equal
+    config = SimulationConfig(
+        **TINY,
+        mode=mode,
+        rounds=2,
+        start_layer=4,
+        aggregation="ffa",
+        test_each_round=True,
+        workdir=tmp_path,
+    )
+
+    result = run_simulation(config)
+
+    scores = [(e.test_loss, e.test_metric) for e in result.history]
+    assert len(scores) >= 2 and all(loss is not None and 0 <= m <= 1 for loss, m in scores)
+    assert scores[-1] == (result.test_loss, result.test_metric)
+    assert scores[0][0] != scores[-1][0]  # rounds changed the model
+
+
 def test_rejected_update_drops_the_agent_and_options_reach_the_coordinator(tmp_path):
     # agent-1 always uploads a NaN: the coordinator must reject it; with the quorum lowered
     # to 2 through coordinator_options, every round closes at its deadline without agent-1
@@ -231,6 +253,8 @@ def test_bad_settings_are_refused_with_a_message(tmp_path):
         run_simulation(
             SimulationConfig(**TINY, start_layer=5, coordinator_options={"no_such": 1}),
         )
+    with pytest.raises(SimulationError, match="test_each_round"):
+        SimulationConfig(**TINY, test_each_round=True, in_process=False)
     with pytest.raises(SimulationError, match="in_process"):
         run_simulation(SimulationConfig(**TINY, in_process=False), update_hook=lambda a, u: u)
 
