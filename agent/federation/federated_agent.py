@@ -296,6 +296,7 @@ class FederatedAgent:
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)
             trainer.load_trainable_state(strip_prefix(tensors, "window."))
+            trainer.restart_optimizer()
             # Validate the fetched aggregate, not this agent's locally trained window: on
             # a label-skewed shard the local window scores far above the model the
             # federation holds, and the coordinator's stage convergence reads these

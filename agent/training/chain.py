@@ -372,7 +372,17 @@ class ChainTrainer:
         if self.foresight is not None:
             self.foresight.retire_below(layer)
         self.window, self.layer = window, layer
-        params = [p for j in window for p in trainable_adapter_params(self.window_blocks[j])]
+        self.restart_optimizer()
+        return window
+
+    def restart_optimizer(self) -> None:
+        """A fresh AdamW (zero moments) over the stage's trainable tensors.
+
+        Called at stage entry, and by a federated agent each time a round's aggregate
+        replaces its weights: moments accumulated along the agent's own trajectory do not
+        describe the aggregate, and carried over they push every agent further along its
+        own skew. One device keeps them for the whole stage."""
+        params = [p for j in self.window for p in trainable_adapter_params(self.window_blocks[j])]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         if self._stage_foresight is not None:
             params += [p for p in self._stage_foresight.parameters() if p.requires_grad]
@@ -381,7 +391,6 @@ class ChainTrainer:
             if params
             else None
         )
-        return window
 
     @property
     def _stage_foresight(self) -> nn.Module | None:

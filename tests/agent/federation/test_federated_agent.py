@@ -85,6 +85,38 @@ def test_a_round_reports_the_fetched_aggregate_not_the_locally_trained_window(
     assert metrics.val_samples == len(data.val) and metrics.steps == PARAMS.local_steps
 
 
+def test_every_round_starts_from_the_aggregate_with_fresh_optimizer_moments(
+    model: StreamingModel, tiny_models, tmp_path: Path
+):
+    # Prepare: a micro-batch as large as the shard, so every step sees all rows whatever
+    # the sampler's state; then an agent that trained round 1 and a fresh one given the
+    # same aggregate for round 2 differ only by what the first one remembers
+    data = LocalData(
+        train=tiny_models.classify_split(8, 1, CLASSES),
+        val=tiny_models.classify_split(8, 2, CLASSES),
+        task="classify",
+        labels=["a", "b", "c"],
+    )
+    params = replace(PARAMS, micro_batch=8)
+    task = [
+        Task(TaskKind.TRAIN_ROUND, f"r{i}", LAYERS - 1, (LAYERS - 2, LAYERS - 1), params=params)
+        for i in (1, 2)
+    ]
+    veteran = FederatedAgent(AgentConfig("in-process", "", tmp_path / "v"), model, data, "fp")
+    newcomer = FederatedAgent(AgentConfig("in-process", "", tmp_path / "n"), model, data, "fp")
+
+    # Execute
+    _, first = veteran.train_update(task[0], {})
+    aggregate = {f"window.{k}": 0.5 * v for k, v in first.items()}
+    _, veteran_update = veteran.train_update(task[1], aggregate)
+    _, newcomer_update = newcomer.train_update(task[1], aggregate)
+
+    # Assert: AdamW moments of round 1 would have moved the veteran elsewhere
+    assert veteran_update.keys() == newcomer_update.keys()
+    for name, tensor in veteran_update.items():
+        assert torch.equal(tensor, newcomer_update[name]), name
+
+
 def test_an_ffa_agent_sends_b_only_and_rebuilds_a_from_the_seed(
     model: StreamingModel, tiny_models, tmp_path: Path
 ):
