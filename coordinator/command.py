@@ -148,6 +148,13 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--micro-batch", type=int, default=16)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--local-steps", type=int, default=25, help="optimiser steps per round")
+    t.add_argument(
+        "--local-epochs",
+        type=float,
+        default=0.0,
+        help="when > 0: each round is this many passes over an agent's own rows "
+        "(steps follow its shard size, as FedAvg's E); --local-steps is then unused",
+    )
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--targets", choices=("attention", "all"), default="all")
@@ -186,6 +193,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         micro_batch=args.micro_batch,
         grad_accum=args.grad_accum,
         local_steps=args.local_steps,
+        local_epochs=args.local_epochs,
         gpo=args.gpo,
         gpo_lambda=family_lambda if args.gpo_lambda is None else args.gpo_lambda,
         lora_rank=args.rank,

@@ -12,6 +12,7 @@ Times are unix epoch milliseconds (``*_unix_ms``); sizes are bytes.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from chainfed.proto.chain_rules import parse_gpo
@@ -116,7 +117,10 @@ class TrainingParams:
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
     local_steps: int = 25
-    """Optimiser steps in the round."""
+    """Optimiser steps in the round (when ``local_epochs`` is 0)."""
+    local_epochs: float = 0.0
+    """When > 0: the round is this many passes over the agent's own training rows, so an
+    agent's steps follow its shard size as in FedAvg; ``local_steps`` is then unused."""
     gpo: str = "proxy"
     """``proxy``, ``none``, ``exact:K`` or ``exact:all`` (as ``ChainConfig.gpo``)."""
     gpo_lambda: float = 0.1
@@ -149,7 +153,11 @@ class TrainingParams:
         for field_name in ("micro_batch", "grad_accum", "local_steps", "lora_rank"):
             value = getattr(self, field_name)
             _require(value >= 1, f"{name}.{field_name} must be >= 1, got {value}")
-        _non_negative(self, "lr", "weight_decay", "gpo_lambda", "proxy_rank")
+        _non_negative(self, "lr", "weight_decay", "gpo_lambda", "proxy_rank", "local_epochs")
+        _require(
+            math.isfinite(self.local_epochs),
+            f"{name}.local_epochs must be finite, got {self.local_epochs}",
+        )
         _non_negative(self, "lora_seed", "seed", "foat_samples")
         _non_negative(self, "local_dp_clip", "local_dp_noise_multiplier")
         _require(

@@ -87,6 +87,12 @@ class TinyModels:
         return write_random_checkpoint(self.config(family, **overrides), folder)
 
 
+settings.register_profile("untimed", deadline=None)
+settings.load_profile("untimed")
+"""Every property test without its own settings: Hypothesis's default 200 ms deadline per
+example times the machine, not the code (an example of test_serde took 563 ms on a loaded
+2-core box and failed); tests check correctness, so no deadline."""
+
 settings.register_profile(
     "fuzz",
     max_examples=500,

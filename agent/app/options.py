@@ -73,7 +73,9 @@ class SimulationConfig:
     max_rounds_per_layer: int = 3
     """Round cap of a chain stage."""
     local_steps: int = 25
-    """Optimiser steps per agent per round."""
+    """Optimiser steps per agent per round (when ``local_epochs`` is 0)."""
+    local_epochs: float = 0.0
+    """When > 0: each round is this many passes over an agent's own rows."""
     micro_batch: int = 16
     """Samples per step."""
     lr: float = 1e-3
@@ -330,6 +332,12 @@ def add_simulation_arguments(
     c.add_argument("--min-rounds-per-layer", type=int, default=d.min_rounds_per_layer)
     c.add_argument("--max-rounds-per-layer", type=int, default=d.max_rounds_per_layer)
     c.add_argument("--local-steps", type=int, default=d.local_steps, help="steps per round")
+    c.add_argument(
+        "--local-epochs",
+        type=float,
+        default=d.local_epochs,
+        help="when > 0: passes over each agent's rows per round (instead of --local-steps)",
+    )
     c.add_argument("--micro-batch", type=int, default=d.micro_batch)
     c.add_argument("--lr", type=float, default=d.lr)
     c.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
@@ -375,6 +383,7 @@ def simulation_config_from_args(
         min_rounds_per_layer=args.min_rounds_per_layer,
         max_rounds_per_layer=args.max_rounds_per_layer,
         local_steps=args.local_steps,
+        local_epochs=args.local_epochs,
         micro_batch=args.micro_batch,
         lr=args.lr,
         rank=args.rank,

@@ -24,6 +24,7 @@ and rebuilds the A of whatever it fetches from the shared seed (``with_seeded_lo
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -304,7 +305,7 @@ class FederatedAgent:
             evaluation = trainer.evaluate_window()
             params = task.params
             start = trainer.trainable_state() if params.local_dp_clip > 0 else None
-            result = trainer.train_round(params.local_steps)
+            result = trainer.train_round(round_steps(params, len(self.data.train)))
             update = trainer.trainable_state()
             if not params.lora_train_a:  # A frozen at its seeded init: nothing to send
                 update = without_lora_a(update)
@@ -425,6 +426,16 @@ class FederatedAgent:
         )
         log.info("chain done; final adapters in %s", path)
         return path
+
+
+def round_steps(params: TrainingParams, samples: int) -> int:
+    """Optimiser steps of one round on ``samples`` training rows: ``local_steps``, or with
+    ``local_epochs`` > 0 that many passes over the rows (FedAvg's E: an agent with more
+    rows takes more steps; the last micro-batch of a pass holds what is left)."""
+    if params.local_epochs <= 0:
+        return params.local_steps
+    batches = math.ceil(params.local_epochs * math.ceil(samples / params.micro_batch))
+    return max(1, math.ceil(batches / params.grad_accum))
 
 
 def chain_config_from_params(params: TrainingParams, window: int) -> ChainConfig:

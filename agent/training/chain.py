@@ -243,6 +243,9 @@ class ChainTrainer:
         self._caches: tuple[PrefixCache, PrefixCache] | None = None
         self._embeddings: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._pass_order = np.empty(0, dtype=np.int64)
+        """Training rows of the current pass, in its random order; ``_pass_at`` is the next."""
+        self._pass_at = 0
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -373,6 +376,7 @@ class ChainTrainer:
             self.foresight.retire_below(layer)
         self.window, self.layer = window, layer
         self.restart_optimizer()
+        self._pass_order, self._pass_at = np.empty(0, dtype=np.int64), 0
         return window
 
     def restart_optimizer(self) -> None:
@@ -474,15 +478,15 @@ class ChainTrainer:
         return h, ctx
 
     def train_round(self, steps: int | None = None) -> RoundResult:
-        """``steps`` optimiser steps (default: steps_per_round) on random micro-batches."""
+        """``steps`` optimiser steps (default: steps_per_round), each on the next
+        micro-batch(es) of the current pass over the training rows."""
         steps = self.config.steps_per_round if steps is None else steps
         if self._optimizer is None:
             return RoundResult(0, 0, math.nan)
         for block in self.window_blocks.values():
             block.train()
         foresight = self._stage_foresight
-        n = len(self.train_data)
-        losses = []
+        losses, samples = [], 0
         bar = tqdm(
             total=steps,
             desc=f"layer {self.layer} window {self.window[0]}-{self.window[-1]}"
@@ -495,8 +499,7 @@ class ChainTrainer:
         for _ in range(steps):
             self._optimizer.zero_grad(set_to_none=True)
             for _ in range(self.config.grad_accum):
-                size = min(self.config.micro_batch, n)
-                idx = np.sort(self.rng.choice(n, size=size, replace=False))
+                idx = self._next_rows()
                 batch = self.train_data.batch(idx)
                 h, ctx = self._window_forward(self._entry_states(self.train_data, idx, True), batch)
                 loss = self.objective.loss(h, batch)
@@ -505,12 +508,23 @@ class ChainTrainer:
                     loss = loss + self.gpo_lambda * global_loss
                 (loss / self.config.grad_accum).backward()
                 losses.append(loss.item())
+                samples += len(idx)
             self._optimizer.step()
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
-        samples = steps * self.config.grad_accum * min(self.config.micro_batch, n)
         return RoundResult(steps, samples, float(np.mean(losses)))
+
+    def _next_rows(self) -> np.ndarray:
+        """The next micro-batch's training rows, sorted: passes over the data in a fresh
+        random order each (drawn from the trainer's seeded generator), the last batch of a
+        pass holding what is left, so ``ceil(N / B)`` micro-batches see every row once. A
+        stage starts a new pass."""
+        if self._pass_at >= len(self._pass_order):
+            self._pass_order, self._pass_at = self.rng.permutation(len(self.train_data)), 0
+        rows = self._pass_order[self._pass_at : self._pass_at + self.config.micro_batch]
+        self._pass_at += len(rows)
+        return np.sort(rows)
 
     @torch.no_grad()
     def evaluate_window(self) -> Evaluation:

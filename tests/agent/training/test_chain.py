@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chainfed.agent.federation.federated_agent import round_steps
 from chainfed.agent.runtime.lora import LoRAConfig, adapter_state
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.chain import (
@@ -26,6 +27,7 @@ from chainfed.agent.training.chain import (
 )
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
 from chainfed.agent.training.prefix_cache import PrefixCache
+from chainfed.proto.messages import TrainingParams
 
 D, VOCAB, LAYERS, CLASSES = 32, 100, 4, 3
 N_TRAIN, N_VAL, T = 24, 12, 8
@@ -506,3 +508,32 @@ def test_start_layer_out_of_range_is_refused(bert_dir, tmp_path):
     trainer = make_trainer(bert_dir, tmp_path, fast_config(start_layer=4))
     with pytest.raises(ValueError, match="start layer 4"):
         trainer.train()
+
+
+def test_a_pass_of_micro_batches_sees_every_training_row_once(bert_dir, tmp_path):
+    # 24 rows, micro-batch 5: batches of 5, 5, 5, 5, 4 make one pass; then a new order
+    trainer = make_trainer(bert_dir, tmp_path, fast_config(micro_batch=5))
+    trainer.set_start_layer(0)
+    trainer.enter_stage(0)
+
+    first = [trainer._next_rows() for _ in range(5)]
+    second = [trainer._next_rows() for _ in range(5)]
+
+    assert [len(rows) for rows in first] == [5, 5, 5, 5, 4]
+    for one_pass in (first, second):
+        assert sorted(int(i) for rows in one_pass for i in rows) == list(range(N_TRAIN))
+    assert [r.tolist() for r in first] != [r.tolist() for r in second]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "samples", "micro_batch", "grad_accum", "steps"),
+    [(0.0, 100, 8, 1, 7), (1.0, 100, 8, 1, 13), (2.0, 100, 8, 1, 26), (1.0, 100, 8, 2, 7),
+     (0.5, 3, 8, 1, 1)],
+)  # fmt: skip
+def test_round_steps_follow_the_shard_with_local_epochs(
+    epochs, samples, micro_batch, grad_accum, steps
+):
+    params = TrainingParams(
+        local_steps=7, local_epochs=epochs, micro_batch=micro_batch, grad_accum=grad_accum
+    )
+    assert round_steps(params, samples) == steps
