@@ -41,6 +41,7 @@ from chainfed.agent.runtime.lora import (
     trainable_adapter_params,
 )
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.precision import LossScaler, host_copy
 from chainfed.agent.training.foat import probe_cka
 from chainfed.agent.training.gpo import ExactForesight, ProxyBranch
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
@@ -111,8 +112,9 @@ class ChainConfig:
     """Rounds of the single stage of e2e/topk/head; None = max_rounds × L."""
     seed: int = 0
     """Seeds data order, head and adapter initialisation."""
-    cache_dtype: str = "float32"
-    """Storage of the prefix cache: float32, float16 or bfloat16."""
+    cache_dtype: str | None = None
+    """Storage of the prefix cache: float32, float16 or bfloat16; None = the model's
+    compute dtype."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -243,6 +245,7 @@ class ChainTrainer:
         self._caches: tuple[PrefixCache, PrefixCache] | None = None
         self._embeddings: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._scaler = LossScaler(model.dtype, model.device)
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -272,13 +275,14 @@ class ChainTrainer:
         )
 
     def _open_cache(self, name: str, split: EncodedSplit) -> PrefixCache:
+        dtype = self.config.cache_dtype
         return PrefixCache.open(
             self.workdir / "cache" / name,
             fingerprint=self._fingerprint(split),
             num_samples=len(split),
             seq_len=split.input_ids.shape[1],
             hidden_size=self.model.config.hidden_size,
-            dtype=getattr(torch, self.config.cache_dtype),
+            dtype=self.model.dtype if dtype is None else getattr(torch, dtype),
         )
 
     @property
@@ -333,6 +337,7 @@ class ChainTrainer:
                 self.config.proxy_rank,
                 range(start + 1, self.L),
                 seed=self.config.seed,
+                device=self.model.device,
             )
         return _DepthLimited(ExactForesight(self.model, range(start + 1, self.L)), self.gpo_depth)
 
@@ -420,10 +425,10 @@ class ChainTrainer:
             state.update(adapter_state(self.window_blocks[layer], layer))
         for name, param in self.objective.named_parameters():
             if param.requires_grad:
-                state[f"objective.{name}"] = param.detach().clone()
+                state[f"objective.{name}"] = host_copy(param)
         if self._stage_foresight is not None:
             for name, tensor in self._stage_foresight.state_dict().items():
-                state[f"foresight.{name}"] = tensor.detach().clone()
+                state[f"foresight.{name}"] = host_copy(tensor)
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -497,15 +502,15 @@ class ChainTrainer:
             for _ in range(self.config.grad_accum):
                 size = min(self.config.micro_batch, n)
                 idx = np.sort(self.rng.choice(n, size=size, replace=False))
-                batch = self.train_data.batch(idx)
+                batch = self.train_data.batch(idx).to(self.model.device)
                 h, ctx = self._window_forward(self._entry_states(self.train_data, idx, True), batch)
                 loss = self.objective.loss(h, batch)
                 if foresight is not None:
                     global_loss = self.objective.loss(foresight(h, ctx), batch)
                     loss = loss + self.gpo_lambda * global_loss
-                (loss / self.config.grad_accum).backward()
+                self._scaler.backward(loss / self.config.grad_accum)
                 losses.append(loss.item())
-            self._optimizer.step()
+            self._scaler.step(self._optimizer)
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
@@ -521,7 +526,7 @@ class ChainTrainer:
         n, size = len(self.val_data), self.config.micro_batch
         for start in range(0, n, size):
             idx = np.arange(start, min(n, start + size))
-            batch = self.val_data.batch(idx)
+            batch = self.val_data.batch(idx).to(self.model.device)
             h, _ = self._window_forward(self._entry_states(self.val_data, idx, False), batch)
             s_loss, s_correct, s_count = self.objective.score(h, batch)
             loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
@@ -605,10 +610,10 @@ class ChainTrainer:
             tensors.update({f"window.{k}": v for k, v in adapter_state(block, layer).items()})
         for name, param in self.objective.named_parameters():
             if param.requires_grad:
-                tensors[f"objective.{name}"] = param.detach().clone()
+                tensors[f"objective.{name}"] = host_copy(param)
         if self.foresight is not None:
             for name, tensor in self.foresight.state_dict().items():
-                tensors[f"foresight.{name}"] = tensor.detach().clone()
+                tensors[f"foresight.{name}"] = host_copy(tensor)
         info = {
             "key": self._state_key(),
             "next_layer": next_layer,
@@ -706,8 +711,7 @@ def evaluate_streaming(
         del block
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(data), batch_size):
-        s_loss, s_correct, s_count = objective.score(
-            h[i : i + batch_size], data.batch(slice(i, i + batch_size))
-        )
+        batch = data.batch(slice(i, i + batch_size)).to(model.device)
+        s_loss, s_correct, s_count = objective.score(h[i : i + batch_size], batch)
         loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
     return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))
