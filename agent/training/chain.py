@@ -174,6 +174,10 @@ class StageReport:
     seconds: float
     peak_mem_bytes: int = 0
     baseline_mem_bytes: int = 0
+    reserved_mem_bytes: int = 0
+    """CUDA: the allocator's peak reserve (0 on CPU)."""
+    host_peak_mem_bytes: int = 0
+    """CUDA: the process RSS peak beside the device's (0 on CPU, where peak_mem_bytes is it)."""
 
 
 @dataclass
@@ -562,6 +566,8 @@ class ChainTrainer:
             seconds=time.perf_counter() - started,
             peak_mem_bytes=meter.reading.peak_bytes,
             baseline_mem_bytes=meter.reading.baseline_bytes,
+            reserved_mem_bytes=meter.reading.reserved_bytes,
+            host_peak_mem_bytes=meter.reading.host_peak_bytes,
         )
 
     def train(self, on_stage: StageHook | None = None) -> list[StageReport]:
