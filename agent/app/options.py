@@ -280,17 +280,12 @@ def device_setup_from_args(args: argparse.Namespace) -> Precision:
     """The ``Precision`` of ``add_device_arguments``' options, with ``--unified-memory``
     declared for this process's memory meters; ``ChainFedError`` for a device or dtype
     this machine cannot run."""
-    declare_unified_memory_from_args(args)
+    if args.unified_memory:  # else the meters ask the device
+        declare_unified_memory(True)
     try:
         return Precision.resolve(args.device, args.dtype)
     except PrecisionError as exc:
         raise ChainFedError(f"invalid option: {exc}") from exc
-
-
-def declare_unified_memory_from_args(args: argparse.Namespace) -> None:
-    """``--unified-memory``: tell this process's memory meters (else they ask the device)."""
-    if args.unified_memory:
-        declare_unified_memory(True)
 
 
 def device_argv(device: str | None, dtype: str | None, unified_memory: bool = False) -> list[str]:
