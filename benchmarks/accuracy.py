@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from chainfed.agent.app.json_report import write_json
-from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.options import SimulationConfig, add_device_arguments
 from chainfed.agent.app.simulation import SimulationResult, run_simulation
 from chainfed.agent.app.simulation_report import pyplot, stage_boundaries
 from chainfed.coordinator.config import AGGREGATIONS
@@ -83,6 +83,9 @@ def run_split(split: str, args: argparse.Namespace, out: Path) -> dict[str, Simu
         rank=args.rank,
         aggregation=args.aggregation,
         in_process=True,
+        device=args.device,
+        dtype=args.dtype,
+        unified_memory=args.unified_memory,
     )
     results: dict[str, SimulationResult] = {}
     label = split.replace(":", "")
@@ -251,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the coordinator's aggregation, every mode (default: %(default)s)",
     )
     parser.add_argument("--rank", type=int, default=8)
+    add_device_arguments(parser, per_agent=True)
     parser.add_argument(
         "--out", type=Path, help="output folder (default: benchmarks/results/accuracy-<time>)"
     )

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.options import SimulationConfig, add_device_arguments
 from chainfed.agent.app.simulation import run_simulation
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.runtime.model import StreamingModel
@@ -78,6 +78,9 @@ def federation(args: argparse.Namespace, workdir: Path) -> SimulationConfig:
         micro_batch=args.micro_batch,
         lr=args.lr,
         rank=args.rank,
+        device=args.device,
+        dtype=args.dtype,
+        unified_memory=args.unified_memory,
         in_process=True,
         workdir=workdir,
     )
@@ -199,6 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=1)
+    add_device_arguments(parser, per_agent=True)
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/dp-<time>")
     args = parser.parse_args(argv)
     args.num_layers = StreamingModel(resolve_model(args.model, progress=False)).num_layers

@@ -39,8 +39,9 @@ touched (``process_baseline()``). The figure holds everything the stage needs: w
 activations, gradients, optimiser state, the LM head, the prefix-cache pass, memory the
 allocator kept, and torch library code paged in on first use (reported separately).
 CUDA: ``max_memory_allocated`` per stage (tensors only, baseline 0). A mode's figure is
-the maximum over its stages; the headline is ``e2e / chain``. float32 throughout (the
-trainer's default dtype).
+the maximum over its stages; the headline is ``e2e / chain``. Compute dtype ``--dtype``
+(the shared device option: float32 on CPU, bfloat16 on a CUDA device that has it);
+trainable tensors float32 in every case (``chainfed.agent.runtime.precision``).
 
 Samples. Each split has ``--samples`` sequences (default one micro-batch): every step
 sees one micro-batch, and the prefix-cache and validation passes (which the trainer runs
@@ -90,10 +91,13 @@ from typing import Any
 
 import torch
 
+from chainfed.agent.app.options import add_device_arguments, device_setup_from_args
 from chainfed.agent.convert.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.model_config import ModelConfig
+from chainfed.agent.runtime.precision import DTYPES, dtype_name
 from chainfed.agent.training.chain import ChainConfig, ChainTrainer, EncodedSplit, StageReport
 from chainfed.agent.training.memory_meter import (
     CUDA,
@@ -217,6 +221,8 @@ class Options:
     samples: int | None = None
     """Sequences per split; None = one micro-batch."""
     device: str = "cpu"
+    dtype: str = "float32"
+    """Compute dtype of the frozen weights and activations."""
     seed: int = 0
     tmp_dir: str | None = None
     """Where random checkpoints and prefix caches go (None: the system temp folder)."""
@@ -243,6 +249,7 @@ class RunSpec:
     device: str
     workdir: str
     seed: int = 0
+    dtype: str = "float32"
     stages: int | None = None
     """Run only the chain's first ``stages`` stages (None: ``ChainTrainer.train()``)."""
 
@@ -319,7 +326,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     baseline = process_baseline()
     libraries_start = library_rss()
     cuda = torch.device(spec.device).type == "cuda"
-    model = StreamingModel(spec.model_dir, device=spec.device)
+    model = StreamingModel(spec.model_dir, device=spec.device, dtype=DTYPES[spec.dtype])
     train = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed)
     val = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed + 1)
     if cuda:  # token tensors where the model is; the trainer indexes them per micro-batch
@@ -578,6 +585,7 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
             device=options.device,
             workdir=str(tmp / f"{shape.name}-L{p.layers}-{p.mode}"),
             seed=options.seed,
+            dtype=options.dtype,
             stages=p.stages,
         )
         started = time.perf_counter()
@@ -635,6 +643,7 @@ def machine_info(options: Options) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": options.device,
+        "dtype": options.dtype,
         "worker_env": worker_env_summary(options),
     }
     if torch.device(options.device).type == "cuda":
@@ -701,7 +710,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report.get('command') or 'python benchmarks/memory.py'}` — {report.get('date', '')}",
         "",
-        f"{machine['device']} ({machine['cpu_count']} CPUs, torch {machine['torch']}), float32, "
+        f"{machine['device']} ({machine['cpu_count']} CPUs, torch {machine['torch']}), "
+        f"{machine.get('dtype', 'float32')}, "
         f"method `{method}`; each run in its own fresh process; peak = max over the run's "
         "stages, above the process baseline (the idle worker after imports, before the model "
         f"is touched). chain: window {options['window']}, GPO {options['gpo']}, from layer 0; "
@@ -950,9 +960,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--samples", type=int, help="sequences per split (default: one micro-batch)"
     )
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]"
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--out", type=Path, help="output folder (default: benchmarks/results/memory-<timestamp>)"
     )
@@ -980,9 +988,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"invalid option: {exc}", file=sys.stderr)
         return 2
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        precision = device_setup_from_args(args)
+    except ChainFedError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     overrides = {
         k: v for k, v in (("batch", args.batch), ("seq", args.seq), ("rank", args.rank)) if v
     }
@@ -995,7 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
         gpo=args.gpo,
         steps=args.steps,
         samples=args.samples,
-        device=device,
+        device=str(precision.device),
+        dtype=dtype_name(precision.dtype),
         seed=args.seed,
         tmp_dir=args.tmp_dir,
     )

@@ -482,10 +482,10 @@ def _fused_lora_matmul(
 
 
 def _thin_matmul(
-    u: torch.Tensor, v: torch.Tensor, scale: float, *, transpose: bool
+    u: torch.Tensor, v: torch.Tensor, scale: float, *, transpose: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """``scale · uᵀ v`` for ``u (M,P)``, ``v (M,R)`` with small R, reduced over M in fp32,
-    returned contiguous in ``u``'s dtype as ``(P, R)``, or as ``(R, P)`` (its transpose)
+    returned contiguous in ``out_dtype`` as ``(P, R)``, or as ``(R, P)`` (its transpose)
     when ``transpose``. Any input strides."""
     M, P = u.shape
     R = v.shape[1]
@@ -496,7 +496,7 @@ def _thin_matmul(
     _check_operands(u, v)
     out_shape = (R, P) if transpose else (P, R)
     if M == 0:
-        return torch.zeros(out_shape, device=u.device, dtype=u.dtype)
+        return torch.zeros(out_shape, device=u.device, dtype=out_dtype)
 
     splits = min(_MAX_SPLITS, triton.cdiv(M, _ROWS_PER_SPLIT))
     rows_per_split = triton.cdiv(M, splits)
@@ -514,7 +514,7 @@ def _thin_matmul(
         R_PAD=_rank_pad(R),
         DOT_PRECISION=_dot_precision(u.dtype),
     )  # fmt: skip
-    return (partial.sum(0) * scale).to(u.dtype)
+    return (partial.sum(0) * scale).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -553,6 +553,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     ``W + s B A`` is never formed: ``g B (M, r)`` is a rank-r intermediate.
 
+    Precision. ``A`` and ``B`` may be float32 master weights under a bf16/fp16 ``x``: both
+    paths cast them to ``x``'s dtype for the products (accumulating in fp32) and return
+    ``∂L/∂A``, ``∂L/∂B`` in the parameters' own dtype. The Triton path reduces them over
+    tokens in fp32 and rounds once, to that dtype; the torch path takes the compute-dtype
+    product (fp32 accumulation inside the matmul, the result rounded to the compute dtype)
+    and casts it.
+
     Saving policy (both paths). ∂L/∂x needs only ``g`` and the parameters; ∂L/∂B needs
     ``h``; only ∂L/∂A needs ``x``. So with ``train_a=False`` (A frozen, FFA) the only
     activation saved is ``h`` (``r/d_in`` of ``x``); with ``train_a=True`` it is ``x`` (as
@@ -577,7 +584,8 @@ class LoRALinearFunction(torch.autograd.Function):
         use_triton: bool,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, d_in)
-        y, h = _forward_2d(x2, weight, bias, lora_a, lora_b, scale, use_triton)
+        a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)  # no copy when dtypes agree
+        y, h = _forward_2d(x2, weight, bias, a_c, b_c, scale, use_triton)
         activations = (x, h) if train_a else (h,)
         ctx.save_for_backward(*activations, weight, lora_a, lora_b)
         ctx.x_shape = x.shape
@@ -600,29 +608,28 @@ class LoRALinearFunction(torch.autograd.Function):
         need_b = ctx.needs_input_grad[4]
         s = ctx.scale
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (M, d_out)
+        a_c, b_c = lora_a.to(g.dtype), lora_b.to(g.dtype)  # as in forward
 
         grad_x = grad_a = grad_b = None
         if ctx.use_triton:
             gb = None  # g B (M, r)
             if need_x:
-                grad_x, gb = _fused_lora_matmul(
-                    g, weight, lora_b, lora_a, None, s, store_low=need_a
-                )
+                grad_x, gb = _fused_lora_matmul(g, weight, b_c, a_c, None, s, store_low=need_a)
             if need_a:
                 if gb is None:
-                    gb = g @ lora_b  # (M, r): x needs no grad, no pass over W to share
+                    gb = g @ b_c  # (M, r): x needs no grad, no pass over W to share
                 x2 = x.reshape(-1, x.shape[-1])  # (M, d_in)
-                grad_a = _thin_matmul(x2, gb, s, transpose=True)  # (r, d_in)
+                grad_a = _thin_matmul(x2, gb, s, transpose=True, out_dtype=lora_a.dtype)
             if need_b:
-                grad_b = _thin_matmul(g, h, s, transpose=False)  # (d_out, r)
+                grad_b = _thin_matmul(g, h, s, transpose=False, out_dtype=lora_b.dtype)
         else:
-            gb = g @ lora_b if (need_x or need_a) else None  # (M, r)
+            gb = g @ b_c if (need_x or need_a) else None  # (M, r)
             if need_x:
-                grad_x = torch.addmm(g @ weight, gb, lora_a, alpha=s)  # (M, d_in)
+                grad_x = torch.addmm(g @ weight, gb, a_c, alpha=s)  # (M, d_in)
             if need_a:
-                grad_a = (gb.t() @ x.reshape(-1, x.shape[-1])).mul_(s)  # (r, d_in)
+                grad_a = (gb.t() @ x.reshape(-1, x.shape[-1])).mul_(s).to(lora_a.dtype)
             if need_b:
-                grad_b = (g.t() @ h).mul_(s)  # (d_out, r)
+                grad_b = (g.t() @ h).mul_(s).to(lora_b.dtype)  # (d_out, r)
 
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
@@ -643,8 +650,10 @@ def lora_linear_reference(
     scale: float,
 ) -> torch.Tensor:
     """The unfused formula in plain torch, differentiated by autograd: the specification
-    the fused paths are tested against. What it saves for backward is autograd's choice."""
-    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+    the fused paths are tested against. What it saves for backward is autograd's choice.
+    Float32 ``lora_a`` / ``lora_b`` under a lower-precision ``x`` are cast to ``x``'s dtype."""
+    adapter = F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return F.linear(x, weight, bias) + scale * adapter
 
 
 def triton_available() -> bool:
@@ -701,9 +710,16 @@ def _check_inputs(
     if bias is not None and bias.shape != (d_out,):
         raise ValueError(f"bias must be ({d_out},), got {tuple(bias.shape)}")
     tensors = [x, weight, lora_a, lora_b] + ([] if bias is None else [bias])
-    if len({(t.dtype, t.device) for t in tensors}) != 1:
+    base = [x, weight] + ([] if bias is None else [bias])
+    if (
+        len({t.device for t in tensors}) != 1
+        or len({t.dtype for t in base}) != 1
+        or lora_a.dtype != lora_b.dtype
+        or lora_a.dtype not in (x.dtype, torch.float32)
+    ):
         raise ValueError(
-            "x, weight, bias, lora_a, lora_b must share one dtype and device, got "
+            "x, weight, bias, lora_a, lora_b must share one device; x, weight and bias one "
+            "dtype; lora_a and lora_b that dtype or float32, got "
             + ", ".join(f"{t.dtype}@{t.device}" for t in tensors)
         )
     if torch.is_grad_enabled():
@@ -729,9 +745,11 @@ def lora_linear(
     Guarantees: ``weight`` and ``bias`` are frozen (a ``ValueError`` if they require grad
     while grad mode is on) and never get gradients; ``W + scale·B A`` is never formed;
     with ``train_a=False`` ``lora_a`` must be frozen too and backward keeps only the rank-r
-    ``x Aᵀ``, not ``x`` (see ``LoRALinearFunction``). All tensors share one dtype and
-    device. Path: Triton for CUDA tensors (fp16/bf16/fp32, rank <= ``MAX_TRITON_RANK``),
-    torch otherwise; ``CHAINFED_KERNELS`` overrides.
+    ``x Aᵀ``, not ``x`` (see ``LoRALinearFunction``). All tensors share one device; ``x``,
+    ``weight`` and ``bias`` one dtype; ``lora_a`` and ``lora_b`` that dtype or float32
+    (master weights: cast to ``x``'s dtype inside, their gradients returned in float32).
+    Path: Triton for CUDA tensors (fp16/bf16/fp32, rank <= ``MAX_TRITON_RANK``), torch
+    otherwise; ``CHAINFED_KERNELS`` overrides.
     """
     _check_inputs(x, weight, bias, lora_a, lora_b, train_a)
     use_triton = _use_triton(x, lora_a.shape[0])

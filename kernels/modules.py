@@ -18,8 +18,10 @@ class LoRALinear(nn.Module):
 
     Parameters: ``lora_a (rank, in_features)``, kaiming-uniform (``a = √5``) like PEFT,
     and ``lora_b (out_features, rank)``, zero, so a fresh adapter leaves ``base`` unchanged.
-    Both take the base weight's dtype and device (``lora_linear`` wants one dtype). The
-    base weight and bias are set to ``requires_grad=False`` in place.
+    Both live on the base weight's device in ``adapter_dtype`` (float32 by default: master
+    weights, as PEFT's ``autocast_adapter_dtype``, whatever the base's dtype; ``lora_linear``
+    casts them to the input's dtype inside and returns float32 gradients). The base weight
+    and bias are set to ``requires_grad=False`` in place.
 
     ``train_a=False`` is the FFA mode: ``lora_a`` is frozen and backward keeps only the
     rank-r ``x Aᵀ``. A federation's shared seeded A is drawn in one place,
@@ -40,6 +42,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         *,
         train_a: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -53,7 +56,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = dropout
         self.train_a = train_a
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype}
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, **factory))
         self.lora_a.requires_grad_(train_a)
@@ -68,10 +71,13 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """PEFT's default init: kaiming-uniform ``lora_a`` (from ``generator`` if given),
-        zero ``lora_b``."""
+        """PEFT's default init: kaiming-uniform ``lora_a`` drawn on the CPU (from
+        ``generator`` if given, a CPU generator, else torch's default one) and copied to the
+        parameter's device, so a seed gives the same A on every device; zero ``lora_b``."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
+            a = torch.empty(self.lora_a.shape, dtype=self.lora_a.dtype, device="cpu")
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_a.copy_(a)
             self.lora_b.zero_()
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
@@ -88,7 +94,8 @@ class LoRALinear(nn.Module):
         weight, bias = self.base.weight, self.base.bias
         if self.training and self.dropout > 0:
             dropped = F.dropout(x, self.dropout, training=True)
-            adapter = F.linear(F.linear(dropped, self.lora_a), self.lora_b)
+            a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)  # autograd casts back
+            adapter = F.linear(F.linear(dropped, a), b)
             return F.linear(x, weight, bias) + self.scale * adapter
         return lora_linear(
             x, weight, bias, self.lora_a, self.lora_b, self.scale, train_a=self.train_a

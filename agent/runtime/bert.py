@@ -48,12 +48,15 @@ class BertEmbeddings(nn.Module):
         self.position_offset = position_offset
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = self.word.weight.device  # ids and mask may come from the CPU
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if self.position_offset:
             # RoBERTa: real tokens count up from pad_id + 1; padding keeps pad_id.
             mask = attention_mask.long()
             positions = torch.cumsum(mask, dim=1) * mask + (self.position_offset - 1)
         else:
-            positions = torch.arange(input_ids.shape[1])[None, :]  # (1, T)
+            T = input_ids.shape[1]
+            positions = torch.arange(T, device=input_ids.device)[None, :]  # (1, T)
         h = self.word(input_ids) + self.position(positions)  # (B, T, d)
         h = h + self.token_type.weight[0]  # single-segment input: type id 0 everywhere
         return self.norm(h)

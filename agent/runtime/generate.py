@@ -24,13 +24,14 @@ def generate(
     seed: int = 0,
 ) -> list[int]:
     """The ids decoding appends to ``prompt_ids`` (stops after a stop id): greedy, or
-    with ``temperature > 0`` sampled from ``softmax(logits / temperature)`` with a
-    generator seeded by ``seed``."""
+    with ``temperature > 0`` sampled from ``softmax(logits / temperature)`` with a CPU
+    generator seeded by ``seed`` (the float32 probabilities are drawn from on the CPU, so
+    a seed samples alike on every device)."""
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     embeddings = model.load_embeddings()
     blocks = [model.load_block(i) for i in range(model.num_layers)]
     head = model.load_lm_head()
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     generated: list[int] = []
     for _ in range(max_new_tokens):
         mask = torch.ones_like(ids)
@@ -42,10 +43,10 @@ def generate(
         if generator is None:
             next_id = int(logits.argmax(-1))
         else:
-            probs = (logits.float() / temperature).softmax(-1)
+            probs = (logits.float() / temperature).softmax(-1).cpu()
             next_id = int(torch.multinomial(probs, 1, generator=generator))
         generated.append(next_id)
         if stop_ids and next_id in stop_ids:
             break
-        ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[next_id]], device=model.device)], dim=1)
     return generated

@@ -51,7 +51,7 @@ class LlamaEmbeddings(nn.Module):
         self.word = nn.Embedding(vocab_size, hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.word(input_ids)  # (B, T, d)
+        return self.word(input_ids.to(self.word.weight.device))  # (B, T, d)
 
 
 class LlamaBlock(nn.Module):
@@ -172,7 +172,7 @@ def attention_context(
     inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     return AttentionContext(
         mask=causal_padding_mask(attention_mask, dtype),
-        rope=rope_tables(attention_mask.shape[1], inv_freq, dtype),
+        rope=rope_tables(attention_mask.shape[1], inv_freq, dtype, attention_mask.device),
     )
 
 

@@ -12,6 +12,8 @@ that carry loss. So the head is never held whole:
 
 Guaranteed: the same loss and gradients as ``F.cross_entropy`` over the full head, up to
 fp32 summation order; at most one slice of the head (and its mapped file pages) resident.
+Logits are float32 whatever the compute dtype: the normed states and each slice are
+upcast for the product (a slice's fp32 copy is transient).
 
 Notation: n positions, d hidden, V vocabulary, S rows per slice.
 """
@@ -49,8 +51,7 @@ class StreamedLMHead(nn.Module):
         self.weight_name = weight_name
         self.vocab_size, hidden = checkpoint.shape(weight_name)
         self.dtype, self.device = dtype, device
-        element = torch.empty((), dtype=dtype).element_size()
-        self.rows_per_slice = max(1, slice_bytes // (hidden * element))
+        self.rows_per_slice = max(1, slice_bytes // (hidden * dtype.itemsize))
 
     def slices(self) -> Iterator[tuple[int, int]]:
         """(start, stop) row ranges covering the vocabulary in order."""
@@ -64,9 +65,9 @@ class StreamedLMHead(nn.Module):
         )
 
     def token_logits(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """(n, d) states -> (n, k) logits of the k tokens ``token_ids`` only."""
+        """(n, d) states -> (n, k) float32 logits of the k tokens ``token_ids`` only."""
         weight = torch.stack([self.rows(int(t), int(t) + 1)[0] for t in token_ids])  # (k, d)
-        return self.norm(h) @ weight.T
+        return self.norm(h).float() @ weight.float().T
 
     def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(n, d) states, (n,) target ids -> (n,) per-position cross-entropy (fp32)."""
@@ -82,8 +83,9 @@ class _StreamedCrossEntropy(torch.autograd.Function):
         running_max = x.new_full((n,), float("-inf"), dtype=torch.float32)
         running_sum = x.new_zeros((n,), dtype=torch.float32)
         target_logit = x.new_zeros((n,), dtype=torch.float32)
+        x32 = x.float()
         for start, stop in head.slices():
-            logits = (x @ head.rows(start, stop).T).float()  # (n, S)
+            logits = x32 @ head.rows(start, stop).float().T  # (n, S)
             new_max = torch.maximum(running_max, logits.max(1).values)
             running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
                 logits - new_max[:, None]
@@ -99,11 +101,12 @@ class _StreamedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         x, targets, lse = ctx.saved_tensors
+        x32 = x.float()
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for start, stop in ctx.head.slices():
-            weight = ctx.head.rows(start, stop)  # (S, d)
-            probs = torch.exp((x @ weight.T).float() - lse[:, None])  # (n, S)
+            weight = ctx.head.rows(start, stop).float()  # (S, d)
+            probs = torch.exp(x32 @ weight.T - lse[:, None])  # (n, S)
             inside = (targets >= start) & (targets < stop)
             probs[inside, targets[inside] - start] -= 1.0
-            grad_x += (probs * grad_loss[:, None]) @ weight.float()
+            grad_x += (probs * grad_loss[:, None]) @ weight
         return grad_x.to(x.dtype), None, None

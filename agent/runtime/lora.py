@@ -2,8 +2,10 @@
 
 Every adapter's A starts as ``chainfed.proto.seeded_init.initial_lora_a`` of (seed,
 layer, module name), drawn on the CPU and copied in, so every agent of a federation
-builds the same initial A for a layer — what FFA aggregation (A frozen, B averaged)
-relies on — and the coordinator rebuilds the same value from the name and shape alone.
+builds the same initial A for a layer, whatever its device and compute dtype — what FFA
+aggregation (A frozen, B averaged) relies on — and the coordinator rebuilds the same
+value from the name and shape alone. A and B are float32 master weights on the block's
+device (``precision.MASTER_DTYPE``); ``adapter_state`` hands them out as float32 CPU copies.
 Saved names are ``layers.{i}.{module}.lora_a|lora_b`` (``chainfed.proto.tensor_names``).
 """
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.precision import MASTER_DTYPE, host_copy
 from chainfed.kernels import LoRALinear
 from chainfed.proto.seeded_init import initial_lora_a
 from chainfed.proto.tensor_names import tensor_owner
@@ -68,6 +71,7 @@ def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRA
             config.alpha,
             config.dropout,
             train_a=config.train_a,
+            adapter_dtype=MASTER_DTYPE,
         )
         with torch.no_grad():
             a = module.lora_a
@@ -78,12 +82,12 @@ def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRA
 
 
 def adapter_state(block: nn.Module, layer: int) -> dict[str, torch.Tensor]:
-    """Detached copies of the block's adapter tensors under their saved names."""
+    """Float32 CPU copies of the block's adapter tensors under their saved names."""
     state = {}
     for name, module in block.named_children():
         if isinstance(module, LoRALinear):
             for param_name, param in module.adapter_params().items():
-                state[f"layers.{layer}.{name}.{param_name}"] = param.detach().clone()
+                state[f"layers.{layer}.{name}.{param_name}"] = host_copy(param)
     return state
 
 

@@ -7,7 +7,9 @@ Only the part in use is in memory. ``hidden_states`` shows the pattern every con
        load/drop        load/drop                     load/drop       load/drop
 
 Modules are created on the ``meta`` device and receive the checkpoint's tensors by
-assignment, so building a block allocates its weights once, never twice.
+assignment, so building a block allocates its weights once, never twice: in the compute
+dtype, on the compute device (``chainfed.agent.runtime.precision`` says which). Token ids
+and masks may come from the CPU; the embeddings and ``attention_context`` move them.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ class StreamingModel:
     """
 
     def __init__(
-        self, model_dir: Path | str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+        self,
+        model_dir: Path | str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -50,7 +56,9 @@ class StreamingModel:
         self.config = ModelConfig.load(self.model_dir)
         self.checkpoint = Checkpoint(self.model_dir)
         self.dtype = dtype
-        self.device = device
+        """Compute dtype of the frozen weights and activations."""
+        self.device = torch.device(device)
+        """Where every part is built and every activation lives."""
         self._family = _FAMILIES[self.config.family]
         self._prefix = self._find_prefix()
 
@@ -177,6 +185,7 @@ def hidden_states(
     attention_mask: torch.Tensor | None = None,
     *,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
     """The L+1 hidden states of a batch, computed by streaming one block at a time.
 
@@ -185,7 +194,7 @@ def hidden_states(
     ``attention_mask`` are (B, T), right padded. Only the embeddings or one block are
     resident at any moment besides the returned states.
     """
-    model = StreamingModel(model_dir, dtype=dtype)
+    model = StreamingModel(model_dir, dtype=dtype, device=device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     ctx = model.attention_context(attention_mask)

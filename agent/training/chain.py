@@ -41,6 +41,7 @@ from chainfed.agent.runtime.lora import (
     trainable_adapter_params,
 )
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.runtime.precision import LossScaler, host_copy
 from chainfed.agent.training.foat import probe_cka
 from chainfed.agent.training.gpo import ExactForesight, ProxyBranch
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
@@ -111,8 +112,9 @@ class ChainConfig:
     """Rounds of the single stage of e2e/topk/head; None = max_rounds × L."""
     seed: int = 0
     """Seeds data order, head and adapter initialisation."""
-    cache_dtype: str = "float32"
-    """Storage of the prefix cache: float32, float16 or bfloat16."""
+    cache_dtype: str | None = None
+    """Storage of the prefix cache: float32, float16 or bfloat16; None = the model's
+    compute dtype."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -172,6 +174,10 @@ class StageReport:
     seconds: float
     peak_mem_bytes: int = 0
     baseline_mem_bytes: int = 0
+    reserved_mem_bytes: int = 0
+    """CUDA: the allocator's peak reserve (0 on CPU)."""
+    host_peak_mem_bytes: int = 0
+    """CUDA: the process RSS peak beside the device's (0 on CPU, where peak_mem_bytes is it)."""
 
 
 @dataclass
@@ -246,6 +252,7 @@ class ChainTrainer:
         self._pass_order = np.empty(0, dtype=np.int64)
         """Training rows of the current pass, in its random order; ``_pass_at`` is the next."""
         self._pass_at = 0
+        self._scaler = LossScaler(model.dtype, model.device)
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -275,13 +282,14 @@ class ChainTrainer:
         )
 
     def _open_cache(self, name: str, split: EncodedSplit) -> PrefixCache:
+        dtype = self.config.cache_dtype
         return PrefixCache.open(
             self.workdir / "cache" / name,
             fingerprint=self._fingerprint(split),
             num_samples=len(split),
             seq_len=split.input_ids.shape[1],
             hidden_size=self.model.config.hidden_size,
-            dtype=getattr(torch, self.config.cache_dtype),
+            dtype=self.model.dtype if dtype is None else getattr(torch, dtype),
         )
 
     @property
@@ -336,6 +344,7 @@ class ChainTrainer:
                 self.config.proxy_rank,
                 range(start + 1, self.L),
                 seed=self.config.seed,
+                device=self.model.device,
             )
         return _DepthLimited(ExactForesight(self.model, range(start + 1, self.L)), self.gpo_depth)
 
@@ -424,10 +433,10 @@ class ChainTrainer:
             state.update(adapter_state(self.window_blocks[layer], layer))
         for name, param in self.objective.named_parameters():
             if param.requires_grad:
-                state[f"objective.{name}"] = param.detach().clone()
+                state[f"objective.{name}"] = host_copy(param)
         if self._stage_foresight is not None:
             for name, tensor in self._stage_foresight.state_dict().items():
-                state[f"foresight.{name}"] = tensor.detach().clone()
+                state[f"foresight.{name}"] = host_copy(tensor)
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -500,16 +509,16 @@ class ChainTrainer:
             self._optimizer.zero_grad(set_to_none=True)
             for _ in range(self.config.grad_accum):
                 idx = self._next_rows()
-                batch = self.train_data.batch(idx)
+                batch = self.train_data.batch(idx).to(self.model.device)
                 h, ctx = self._window_forward(self._entry_states(self.train_data, idx, True), batch)
                 loss = self.objective.loss(h, batch)
                 if foresight is not None:
                     global_loss = self.objective.loss(foresight(h, ctx), batch)
                     loss = loss + self.gpo_lambda * global_loss
-                (loss / self.config.grad_accum).backward()
+                self._scaler.backward(loss / self.config.grad_accum)
                 losses.append(loss.item())
                 samples += len(idx)
-            self._optimizer.step()
+            self._scaler.step(self._optimizer)
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
@@ -535,7 +544,7 @@ class ChainTrainer:
         n, size = len(self.val_data), self.config.micro_batch
         for start in range(0, n, size):
             idx = np.arange(start, min(n, start + size))
-            batch = self.val_data.batch(idx)
+            batch = self.val_data.batch(idx).to(self.model.device)
             h, _ = self._window_forward(self._entry_states(self.val_data, idx, False), batch)
             s_loss, s_correct, s_count = self.objective.score(h, batch)
             loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
@@ -571,6 +580,8 @@ class ChainTrainer:
             seconds=time.perf_counter() - started,
             peak_mem_bytes=meter.reading.peak_bytes,
             baseline_mem_bytes=meter.reading.baseline_bytes,
+            reserved_mem_bytes=meter.reading.reserved_bytes,
+            host_peak_mem_bytes=meter.reading.host_peak_bytes,
         )
 
     def train(self, on_stage: StageHook | None = None) -> list[StageReport]:
@@ -619,10 +630,10 @@ class ChainTrainer:
             tensors.update({f"window.{k}": v for k, v in adapter_state(block, layer).items()})
         for name, param in self.objective.named_parameters():
             if param.requires_grad:
-                tensors[f"objective.{name}"] = param.detach().clone()
+                tensors[f"objective.{name}"] = host_copy(param)
         if self.foresight is not None:
             for name, tensor in self.foresight.state_dict().items():
-                tensors[f"foresight.{name}"] = tensor.detach().clone()
+                tensors[f"foresight.{name}"] = host_copy(tensor)
         info = {
             "key": self._state_key(),
             "next_layer": next_layer,
@@ -720,8 +731,7 @@ def evaluate_streaming(
         del block
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(data), batch_size):
-        s_loss, s_correct, s_count = objective.score(
-            h[i : i + batch_size], data.batch(slice(i, i + batch_size))
-        )
+        batch = data.batch(slice(i, i + batch_size)).to(model.device)
+        s_loss, s_correct, s_count = objective.score(h[i : i + batch_size], batch)
         loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
     return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))

@@ -10,6 +10,10 @@ Two ways to give the window a view of the rest of the network for the global los
   in forward, run without keeping activations, and loaded again in backward to recompute
   them. ``exact:all`` gives the true end-to-end gradient for the window at about one
   block's weights plus one block's activations.
+
+Precision: proxies are float32 master weights on the model's device (drawn on the CPU by
+``initial_proxies``, then moved); they compute in the dtype of the hidden states they get
+(cast inside, as ``lora_linear`` does), with the RMS norm taken in float32.
 """
 
 from __future__ import annotations
@@ -31,21 +35,35 @@ class ResidualProxy(nn.Module):
         self.up = nn.Parameter(up)
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
-        """gelu(A · rmsnorm(h)), (B, T, r)."""
-        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return nn.functional.gelu(normed @ self.down.T)
+        """gelu(A · rmsnorm(h)), (B, T, r), in ``h``'s dtype."""
+        h32 = h.float()
+        normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+        return nn.functional.gelu(normed @ self.down.to(h.dtype).T)
+
+    def lift(self, gate: torch.Tensor) -> torch.Tensor:
+        """B · gate, (B, T, d), in the gate's dtype."""
+        return gate @ self.up.to(gate.dtype).T
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.gate(h) @ self.up.T  # (B, T, d)
+        return h + self.lift(self.gate(h))  # (B, T, d)
 
 
 class ProxyBranch(nn.Module):
     """Proxies for layers ``first..last``; ``retire`` drops the lowest as the chain climbs."""
 
-    def __init__(self, hidden_size: int, rank: int, layers: range, seed: int = 0) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        rank: int,
+        layers: range,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__()
         start = initial_proxies(hidden_size, rank, layers, seed)
-        self.proxies = nn.ModuleDict({str(j): ResidualProxy(*start[j]) for j in layers})
+        self.proxies = nn.ModuleDict(
+            {str(j): ResidualProxy(*(t.to(device) for t in start[j])) for j in layers}
+        )
 
     def retire_below(self, layer: int) -> None:
         """Drop the proxies of layers ≤ ``layer`` (they are now real, trained layers)."""
@@ -82,7 +100,7 @@ class _ReversibleProxies(torch.autograd.Function):
         gates = []
         for proxy in proxies:
             gate = proxy.gate(h)
-            h = h + gate @ proxy.up.T
+            h = h + proxy.lift(gate)
             gates.append(gate)
         ctx.proxies = proxies
         ctx.save_for_backward(h, *gates)
@@ -93,7 +111,7 @@ class _ReversibleProxies(torch.autograd.Function):
         h, *gates = ctx.saved_tensors
         param_grads: list[torch.Tensor] = []
         for proxy, gate in zip(reversed(ctx.proxies), reversed(gates), strict=True):
-            h = h - gate @ proxy.up.T
+            h = h - proxy.lift(gate)
             with torch.enable_grad():
                 x = h.detach().requires_grad_()
                 grad_x, grad_down, grad_up = torch.autograd.grad(

@@ -9,10 +9,15 @@ One ``PeakMemoryMeter`` measures one stage (a chain stage, a benchmark mode)::
 
 Which figure is measured, recorded in ``MemoryReading.method``:
 
-* ``"cuda_max_allocated"`` — a CUDA device was given: ``torch.cuda.max_memory_allocated``
-  after ``reset_peak_memory_stats``. Tensors only: the CUDA context and the caching
-  allocator's reserve are not in it. Its baseline is 0 (the allocator holds no tensors
-  before the model is touched).
+* ``"cuda_max_allocated"`` — a CUDA device with its own memory: the peak is
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors only; the
+  CUDA context is not in it), with baseline 0 (the allocator holds no tensors before the
+  model is touched). The caching allocator's reserve (``max_memory_reserved``) and the
+  host RSS peak of the same stage are recorded beside it.
+* ``"cuda_unified"`` — a CUDA device sharing one DRAM with the CPU (Jetson-class; detected
+  from the device's ``is_integrated``, or declared with ``declare_unified_memory``): what
+  the stage took from that DRAM is the allocator's reserve plus the process RSS, so the
+  peak is ``max_memory_reserved`` + the host RSS peak, and the baseline the idle process's RSS.
 * ``"proc_vmhwm"`` — CPU on Linux: the kernel's RSS high-water mark (``VmHWM`` in
   ``/proc/self/status``), reset at the start of the stage by writing ``5`` to
   ``/proc/self/clear_refs``. Exact (no sampling gaps). The mark is process-wide, so while
@@ -43,6 +48,7 @@ import psutil
 import torch
 
 CUDA = "cuda_max_allocated"
+CUDA_UNIFIED = "cuda_unified"
 VMHWM = "proc_vmhwm"
 SAMPLING = "psutil_sampling"
 
@@ -50,6 +56,8 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 _baseline: int | None = None
+_unified: bool | None = None
+"""``declare_unified_memory``'s answer; None: ask the device."""
 _vmhwm_in_use = threading.Lock()
 """Held by the meter that owns the process-wide VmHWM mark."""
 
@@ -59,15 +67,20 @@ class MemoryReading:
     """Peak memory of one stage."""
 
     peak_bytes: int
-    """Highest memory in use during the stage (RSS on CPU, allocated tensors on CUDA)."""
+    """Highest memory in use during the stage: RSS on CPU, allocated tensors on a CUDA
+    device with its own memory, reserved + RSS on unified memory."""
     baseline_bytes: int
     """Idle figure of the process before the model was touched (``process_baseline()``
-    on CPU, 0 on CUDA)."""
+    on CPU and on unified memory, 0 on a discrete CUDA device)."""
     method: str
-    """How ``peak_bytes`` was measured: ``cuda_max_allocated``, ``proc_vmhwm`` or
-    ``psutil_sampling`` (see the module docstring)."""
+    """How ``peak_bytes`` was measured: ``cuda_max_allocated``, ``cuda_unified``,
+    ``proc_vmhwm`` or ``psutil_sampling`` (see the module docstring)."""
     start_bytes: int = 0
-    """Memory in use when the stage began (after ``malloc_trim``)."""
+    """Memory in use when the stage began (after ``malloc_trim``), as ``peak_bytes`` counts."""
+    reserved_bytes: int = 0
+    """CUDA only: the caching allocator's peak reserve (``max_memory_reserved``)."""
+    host_peak_bytes: int = 0
+    """CUDA only: the process RSS peak of the stage (CPU: ``peak_bytes`` is that)."""
 
     @property
     def above_baseline(self) -> int:
@@ -78,6 +91,21 @@ class MemoryReading:
     def above_start(self) -> int:
         """What the stage added at its peak to what was in use when it began."""
         return self.peak_bytes - self.start_bytes
+
+
+def declare_unified_memory(unified: bool | None) -> None:
+    """Say for this process whether its CUDA device shares the CPU's DRAM (``True``: a
+    Jetson-class board; ``--unified-memory``), or let each meter ask the device (None)."""
+    global _unified
+    _unified = unified
+
+
+def unified_memory(device: torch.device) -> bool:
+    """Whether CUDA ``device`` shares one DRAM with the CPU: as declared, else the
+    device's own ``is_integrated``."""
+    if _unified is not None:
+        return _unified
+    return bool(torch.cuda.get_device_properties(device).is_integrated)
 
 
 def current_rss() -> int:
@@ -181,10 +209,10 @@ class _RssSampler(threading.Thread):
 class PeakMemoryMeter:
     """Peak memory of one stage: ``start()`` … ``stop()``, or use it as a context manager.
 
-    ``device``: a CUDA device (``"cuda"``, ``"cuda:1"``, ``torch.device``) measures
-    tensor memory on it; None or a CPU device measures the process RSS. ``method``
-    forces ``"proc_vmhwm"`` or ``"psutil_sampling"`` for CPU (None: the best available).
-    ``interval``: sampling period in seconds for ``psutil_sampling``.
+    ``device``: a CUDA device (``"cuda"``, ``"cuda:1"``, ``torch.device``) measures its
+    allocator (and the host RSS beside it); None or a CPU device measures the process RSS.
+    ``method`` forces ``"proc_vmhwm"`` or ``"psutil_sampling"`` for the RSS (None: the best
+    available). ``interval``: sampling period in seconds for ``psutil_sampling``.
     """
 
     def __init__(
@@ -203,26 +231,36 @@ class PeakMemoryMeter:
         self._requested = method
         self._interval = interval
         self._method: str | None = None
+        self._host_method: str | None = None
         self._start = 0
         self._sampler: _RssSampler | None = None
         self.reading: MemoryReading | None = None
         """The last stage's result, set by ``stop``."""
 
     def start(self) -> None:
-        """Trim the heap, reset the peak, record the starting figure."""
+        """Trim the heap, reset the peaks, record the starting figure."""
         if self._method is not None:
             raise RuntimeError("meter already started")
         malloc_trim()
+        process_baseline()  # recorded now if the process never called it at start-up
         if self._cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        host_start = self._start_host()
+        if not self._cuda:
+            self._method, self._start = self._host_method, host_start
+        elif unified_memory(self.device):
+            reserved = torch.cuda.memory_reserved(self.device)
+            self._method, self._start = CUDA_UNIFIED, reserved + host_start
+        else:
             self._method, self._start = CUDA, torch.cuda.memory_allocated(self.device)
-            return
-        process_baseline()  # recorded now if the process never called it at start-up
+
+    def _start_host(self) -> int:
+        """Reset the RSS high-water mark (or start sampling); the RSS now."""
         if self._requested != SAMPLING and _vmhwm_in_use.acquire(blocking=False):
             if _reset_vmhwm():
-                self._method, self._start = VMHWM, _read_status("VmRSS")
-                return
+                self._host_method = VMHWM
+                return _read_status("VmRSS")
             _vmhwm_in_use.release()
         if self._requested == VMHWM:
             raise RuntimeError(
@@ -230,25 +268,38 @@ class PeakMemoryMeter:
                 "meter is using the high-water mark"
             )
         self._sampler = _RssSampler(self._interval)
-        self._method, self._start = SAMPLING, self._sampler.peak
+        self._host_method = SAMPLING
         self._sampler.start()
+        return self._sampler.peak
+
+    def _stop_host(self) -> int:
+        """The RSS peak since ``_start_host``."""
+        if self._host_method == VMHWM:
+            peak = _read_status("VmHWM")
+            _vmhwm_in_use.release()
+            return peak
+        assert self._sampler is not None
+        peak, self._sampler = self._sampler.stop(), None
+        return peak
 
     def stop(self) -> MemoryReading:
         """The stage's ``MemoryReading`` (also kept as ``self.reading``)."""
         if self._method is None:
             raise RuntimeError("meter not started")
         method, self._method = self._method, None
-        if method == CUDA:
-            torch.cuda.synchronize(self.device)
-            peak, baseline = torch.cuda.max_memory_allocated(self.device), 0
-        elif method == VMHWM:
-            peak, baseline = _read_status("VmHWM"), process_baseline()
-            _vmhwm_in_use.release()
+        if method not in (CUDA, CUDA_UNIFIED):
+            peak = self._stop_host()
+            self.reading = MemoryReading(peak, process_baseline(), method, self._start)
+            return self.reading
+        torch.cuda.synchronize(self.device)
+        allocated = torch.cuda.max_memory_allocated(self.device)
+        reserved = torch.cuda.max_memory_reserved(self.device)
+        host = self._stop_host()
+        if method == CUDA_UNIFIED:
+            peak, baseline = reserved + host, process_baseline()
         else:
-            assert self._sampler is not None
-            peak, baseline = self._sampler.stop(), process_baseline()
-            self._sampler = None
-        self.reading = MemoryReading(peak, baseline, method, self._start)
+            peak, baseline = allocated, 0
+        self.reading = MemoryReading(peak, baseline, method, self._start, reserved, host)
         return self.reading
 
     def __enter__(self) -> PeakMemoryMeter:

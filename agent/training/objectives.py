@@ -9,6 +9,10 @@
   whole head is ever in memory. Accuracy: whether the label word the model
   ranks first (among the label words' first tokens) is the right one.
 
+Precision (``chainfed.agent.runtime.precision``): hidden states arrive in the compute
+dtype on the model's device, with the batch moved there (``Batch.to``); the head is a
+float32 master weight, and logits, losses and metrics are float32.
+
 Notation: B batch, T sequence, d hidden, C classes, V vocabulary, n loss positions.
 """
 
@@ -38,6 +42,12 @@ class Batch:
     loss_mask: torch.Tensor | None = None
     """(B, T) 1 on response tokens (lm only)."""
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (itself when it is there already)."""
+        loss_mask = None if self.loss_mask is None else self.loss_mask.to(device)
+        moved = (t.to(device) for t in (self.input_ids, self.attention_mask, self.labels))
+        return Batch(*moved, loss_mask)
+
 
 def pool(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, d) -> (B, d): mean over real tokens, or the last real token."""
@@ -45,7 +55,7 @@ def pool(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.T
         weights = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     last = attention_mask.sum(1) - 1  # (B,)
-    return h[torch.arange(h.shape[0]), last]
+    return h[torch.arange(h.shape[0], device=h.device), last]
 
 
 class ClassifyObjective(nn.Module):
@@ -61,7 +71,8 @@ class ClassifyObjective(nn.Module):
             self.head.bias.copy_(bias)
 
     def logits(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return self.head(pool(h, batch.attention_mask, self.pooling))  # (B, C)
+        """(B, C) float32: pooled in float32, through the float32 head."""
+        return self.head(pool(h.float(), batch.attention_mask, self.pooling))
 
     def loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(h, batch), batch.labels)
@@ -81,7 +92,8 @@ class LMObjective(nn.Module):
     def __init__(self, lm_head: StreamedLMHead, label_token_ids: list[int]) -> None:
         super().__init__()
         self.lm_head = lm_head.requires_grad_(False)
-        self.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
+        ids = torch.tensor(label_token_ids, device=lm_head.device)
+        self.register_buffer("label_token_ids", ids, persistent=False)
 
     def _positions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # position p predicts token p+1: loss where token p+1 is a response token
@@ -105,12 +117,13 @@ class LMObjective(nn.Module):
         first = (
             batch.loss_mask.float().argmax(1) - 1
         )  # (B,) position predicting the 1st response token
-        rows = torch.arange(h.shape[0])
+        rows = torch.arange(h.shape[0], device=h.device)
         logits = self.lm_head.token_logits(h[rows, first], self.label_token_ids)  # (B, labels)
         correct = int((logits.argmax(-1) == batch.labels).sum())
         losses, owners = self._position_losses(h, batch)
-        per_sample = torch.zeros(h.shape[0]).index_add_(0, owners, losses.float())
-        counts = torch.zeros(h.shape[0]).index_add_(0, owners, torch.ones_like(losses.float()))
+        zeros = torch.zeros(h.shape[0], device=h.device)
+        per_sample = zeros.index_add(0, owners, losses.float())
+        counts = zeros.index_add(0, owners, torch.ones_like(losses.float()))
         loss = float((per_sample / counts.clamp_min(1.0)).sum())
         return loss, correct, h.shape[0]
 
@@ -126,7 +139,7 @@ def build_objective(
     """The objective a run of ``task`` trains on ``model``: a linear head over the mean of
     the real tokens (encoders) or the last real token (decoders), drawn from ``seed``, on
     the model's device; or, for ``lm``, the model's own frozen, streamed LM head scoring
-    ``label_token_ids``."""
+    ``label_token_ids``. Trainable tensors are float32 master weights."""
     if task == "classify":
         pooling = "mean" if model.config.family == "bert" else "last"
         head = ClassifyObjective(model.config.hidden_size, num_labels, pooling, seed=seed)

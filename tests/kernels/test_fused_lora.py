@@ -62,20 +62,22 @@ def make_case(
     train_a: bool = True,
     x_grad: bool = True,
     strided_x: bool = False,
+    adapter_dtype: torch.dtype | None = None,
 ) -> dict:
     """Inputs scaled so outputs and all gradients are O(1): unit x, weights ~ 1/√fan_in,
-    upstream gradient ~ 1/√tokens (grad-A and grad-B sum over tokens)."""
+    upstream gradient ~ 1/√tokens (grad-A and grad-B sum over tokens). A and B in
+    ``adapter_dtype`` (float32 master weights under a bf16/fp16 x), default ``dtype``."""
     gen = torch.Generator().manual_seed(d_in * 7919 + d_out * 131 + rank)
 
-    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+    def randn(*shape: int, std: float = 1.0, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(as_dtype or dtype)
 
     return {
         "x": randn(*lead, d_in),
         "weight": randn(d_out, d_in, std=d_in**-0.5),
         "bias": randn(d_out) if bias else None,
-        "lora_a": randn(rank, d_in, std=d_in**-0.5),
-        "lora_b": randn(d_out, rank, std=rank**-0.5),
+        "lora_a": randn(rank, d_in, std=d_in**-0.5, as_dtype=adapter_dtype),
+        "lora_b": randn(d_out, rank, std=rank**-0.5, as_dtype=adapter_dtype),
         "grad": randn(*lead, d_out, std=max(1, math.prod(lead)) ** -0.5),
         "scale": 1.5,
         "train_a": train_a,
@@ -103,6 +105,12 @@ for _dtype in (torch.float16, torch.bfloat16):
         for _train_a in (True, False):
             CASES[_name(_shape, _dtype, True, _train_a)] = make_case(
                 *_shape, dtype=_dtype, train_a=_train_a
+            )
+for _dtype in (torch.float16, torch.bfloat16):  # fp32 master A and B under a half x
+    for _shape in LOW_PRECISION_SHAPES:
+        for _train_a in (True, False):
+            CASES[_name(_shape, _dtype, True, _train_a, "-fp32AB")] = make_case(
+                *_shape, dtype=_dtype, train_a=_train_a, adapter_dtype=torch.float32
             )
 for _train_a in (True, False):  # x from a frozen prefix: no grad-x kernel
     CASES[_name(SHAPES[2], torch.float32, True, _train_a, "-xnograd")] = make_case(
@@ -135,13 +143,17 @@ def reference(case: dict) -> dict:
     return {"y": y.detach(), "grad_x": x.grad, "grad_a": lora_a.grad, "grad_b": lora_b.grad}
 
 
-def assert_matches(got: dict, want: dict, dtype: torch.dtype) -> None:
+def assert_matches(got: dict, want: dict, case: dict) -> None:
+    """Values within the tolerance of x's dtype; y and grad-x in x's dtype, grad-A and
+    grad-B in the adapter's (float32 for master weights)."""
+    dtype = case["x"].dtype
     atol, rtol = TOLERANCES[dtype]
     for key in ("y", "grad_x", "grad_a", "grad_b"):
         if want[key] is None:
             assert got[key] is None, f"{key}: expected no gradient"
             continue
-        assert got[key].dtype == dtype, f"{key}: dtype {got[key].dtype}"
+        expected = case["lora_a"].dtype if key in ("grad_a", "grad_b") else dtype
+        assert got[key].dtype == expected, f"{key}: dtype {got[key].dtype}"
         torch.testing.assert_close(
             got[key].float(),
             want[key].float(),
@@ -172,7 +184,7 @@ def assert_lean_saving(result: dict, case: dict) -> None:
 def test_torch_path_matches_reference(name: str) -> None:
     case = CASES[name]
     got = runner.run_case(case, "cpu")
-    assert_matches(got, reference(case), case["x"].dtype)
+    assert_matches(got, reference(case), case)
     assert_lean_saving(got, case)
 
 
@@ -210,9 +222,8 @@ def test_triton_path_matches_torch_path_and_reference(name: str, triton_results:
     if name not in triton_results:
         pytest.skip("bf16 tl.dot is wrong under TRITON_INTERPRET (triton-lang/triton#11584)")
     got = triton_results[name]
-    dtype = case["x"].dtype
-    assert_matches(got, runner.run_case(case, "cpu"), dtype)
-    assert_matches(got, reference(case), dtype)
+    assert_matches(got, runner.run_case(case, "cpu"), case)
+    assert_matches(got, reference(case), case)
     assert_lean_saving(got, case)
 
 

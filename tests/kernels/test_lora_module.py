@@ -124,3 +124,47 @@ def test_merged_weight_reproduces_forward() -> None:
 def test_rejects_bad_hyperparameters(rank: int, dropout: float) -> None:
     with pytest.raises(ValueError):
         LoRALinear(nn.Linear(8, 8), rank, alpha=1.0, dropout=dropout)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_keeps_float32_master_adapters(dtype: torch.dtype, dropout: float) -> None:
+    """Under a bf16/fp16 base, A and B are float32 parameters; the output is in the base's
+    dtype and A and B get float32 gradients close to the float32 computation's."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(42, 17).to(dtype), rank=4, alpha=8.0, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_b.normal_(0.0, 0.5)
+    x = torch.randn(3, 5, 42)
+    g = torch.randn(3, 5, 17)
+
+    y = layer(x.to(dtype))
+    torch.manual_seed(1)  # the same dropout mask for both runs
+    (layer(x.to(dtype)).float() * g).sum().backward()
+    assert (layer.lora_a.dtype, layer.lora_b.dtype) == (torch.float32, torch.float32)
+    assert y.dtype == dtype
+    assert (layer.lora_a.grad.dtype, layer.lora_b.grad.dtype) == (torch.float32, torch.float32)
+
+    a = layer.lora_a.detach().clone().requires_grad_()
+    b = layer.lora_b.detach().clone().requires_grad_()
+    weight, bias = layer.base.weight.float(), layer.base.bias.float()
+    torch.manual_seed(1)
+    x_in = F.dropout(x, dropout) if dropout else x
+    want = F.linear(x, weight, bias) + layer.scale * F.linear(F.linear(x_in, a), b)
+    (want * g).sum().backward()
+    # A dot product of inputs rounded to ``dtype`` errs by a few units of its precision
+    # times the sum of the terms' magnitudes (not of the result, which may cancel).
+    g2, x2 = g.reshape(-1, 17).abs(), x_in.reshape(-1, 42).abs()
+    bound_a = layer.scale * (g2 @ b.detach().abs()).T @ x2  # (r, d_in)
+    bound_b = layer.scale * g2.T @ (x2 @ a.detach().abs().T)  # (d_out, r)
+    eps = torch.finfo(dtype).eps
+    assert ((layer.lora_a.grad - a.grad).abs() <= 4 * eps * bound_a).all()
+    assert ((layer.lora_b.grad - b.grad).abs() <= 4 * eps * bound_b).all()
+
+
+def test_adapters_of_another_half_dtype_are_refused() -> None:
+    """A and B are either x's dtype or float32 master weights, nothing else."""
+    base = nn.Linear(8, 4).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=2, alpha=4.0, adapter_dtype=torch.float16)
+    with pytest.raises(ValueError, match="lora_a and lora_b that dtype or float32"):
+        layer(torch.randn(2, 8, dtype=torch.bfloat16))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chainfed.agent.cli import SUBCOMMANDS, build_parser, main
 
@@ -125,3 +126,51 @@ def test_convert_gguf_missing_input_exits_2(tmp_path, capsys):
     assert status == 2
     assert_one_line_error(capsys.readouterr().err, "missing.gguf")
     assert not (tmp_path / "out").exists()
+
+
+# -- device and precision ---------------------------------------------------------------
+
+DEVICE_COMMANDS = ("train", "agent", "simulate", "demo", "generate", "classify")
+
+
+@pytest.mark.parametrize("name", DEVICE_COMMANDS)
+def test_device_and_precision_options_are_in_every_computing_command(name, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([name, "--help"])
+    help_text = squeeze(capsys.readouterr().out)
+    for fragment in (
+        "--deviceDEVICE",
+        "cpu,cudaorcuda:N(default:cudawhenavailable,elsecpu)",
+        "--dtype",
+        "float32,bfloat16,float16(default:bfloat16onaCUDAdevicethathasit,elsefloat32)",
+        "float32masterweights",
+        "--unified-memory",
+    ):
+        assert fragment in help_text, (name, fragment)
+    assert ("oneperagent" in help_text) == (name == "simulate")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--device", "cuda"], ["--device", "cuda", "no CUDA device"]),
+        (["--device", "tpu"], ["unsupported device 'tpu'"]),
+    ],
+    ids=["no-cuda", "unknown-device"],
+)
+def test_a_device_this_machine_lacks_exits_2_with_one_line(tmp_path, capsys, args, fragments):
+    if torch.cuda.is_available() and args[1] == "cuda":
+        pytest.skip("this machine has CUDA")
+    status = main(["train", *args, *DATA, "--workdir", str(tmp_path / "w")])
+    assert status == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments[1:])
+
+
+def test_an_unknown_dtype_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "--dtype", "float8"])
+    assert info.value.code == 2
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+    status = main(["simulate", "--dtype", "float32,float8", "--quiet"])
+    assert status == 2
+    assert_one_line_error(capsys.readouterr().err, "float8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.model_config import ModelConfig
@@ -137,3 +138,27 @@ def test_the_named_minimum_budget_is_enough(seq_len):
         plan_for_budget(MINILM, config, 1000, seq_len=seq_len, task="classify")
     named = info.value.args[0].split("give --memory-budget ")[1].split(" or more")[0]
     plan_for_budget(MINILM, config, parse_bytes(named), seq_len=seq_len, task="classify")
+
+
+def test_half_precision_halves_weights_and_activations_but_not_the_trainables():
+    """bf16 and fp16 count 2 bytes per frozen weight and activation; adapters, proxies
+    and their AdamW state stay float32 (the precision policy), so the estimate is more
+    than half of float32's and a budget that fits bf16 need not fit float32."""
+    config = ChainConfig(window=2, micro_batch=16)
+    sizes = {
+        dtype: estimate_stage_bytes(SMOLLM2, config, seq_len=SEQ, task="lm", dtype=dtype)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    }
+    assert sizes[torch.bfloat16] == sizes[torch.float16]
+    assert sizes[torch.float32] // 2 < sizes[torch.bfloat16] < sizes[torch.float32]
+    no_trainables = replace(config, gpo="none", lora=replace(config.lora, rank=1))
+    fp32, bf16 = (
+        estimate_stage_bytes(SMOLLM2, no_trainables, seq_len=SEQ, task="lm", dtype=dtype)
+        for dtype in (torch.float32, torch.bfloat16)
+    )
+    assert abs(fp32 - 2 * bf16) <= fp32 // 100  # only rank-1 adapters' master copies differ
+
+    budget = sizes[torch.bfloat16]
+    fitted = plan_for_budget(SMOLLM2, config, budget, seq_len=SEQ, task="lm", dtype=torch.bfloat16)
+    assert fitted == config
+    assert plan_for_budget(SMOLLM2, config, budget, seq_len=SEQ, task="lm") != config

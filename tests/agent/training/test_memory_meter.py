@@ -3,11 +3,15 @@ parse_bytes / format_bytes round-trip and reject bad sizes clearly."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from chainfed.agent.training import memory_meter
 from chainfed.agent.training.memory_meter import (
     CUDA,
+    CUDA_UNIFIED,
     SAMPLING,
     VMHWM,
     MemoryReading,
@@ -99,26 +103,61 @@ def test_cuda_stage_sees_its_tensor_and_next_stage_does_not():
     assert second.reading.above_start < 10 * MIB
 
 
-def test_cuda_path_resets_and_reads_the_allocator_peak(monkeypatch):
-    """The CUDA calls, in order, with the meter's device (runs without a GPU)."""
-    calls = []
+def _fake_cuda(monkeypatch, calls: list, *, integrated: bool) -> None:
+    """torch.cuda's memory calls, recorded, with fixed figures (runs without a GPU)."""
     fake = {
         "synchronize": lambda device: calls.append(("synchronize", device)),
         "reset_peak_memory_stats": lambda device: calls.append(("reset", device)),
         "memory_allocated": lambda device: 10 * MIB,
+        "memory_reserved": lambda device: 20 * MIB,
         "max_memory_allocated": lambda device: 250 * MIB,
+        "max_memory_reserved": lambda device: 300 * MIB,
+        "get_device_properties": lambda device: SimpleNamespace(is_integrated=integrated),
     }
     for name, function in fake.items():
         monkeypatch.setattr(torch.cuda, name, function)
 
+
+def test_cuda_path_resets_and_reads_the_allocator_peaks_and_the_host_peak(monkeypatch):
+    """A discrete GPU: the peak is the allocator's allocated peak (baseline 0), with its
+    reserve and the stage's host RSS peak recorded beside it."""
+    calls = []
+    _fake_cuda(monkeypatch, calls, integrated=False)
+
     with PeakMemoryMeter("cuda:1") as meter:
         calls.append("stage")
+        host = _touch(64 * MIB, "cpu")
+    del host
 
     device = torch.device("cuda:1")
     assert calls == [("synchronize", device), ("reset", device), "stage", ("synchronize", device)]
-    assert meter.reading == MemoryReading(250 * MIB, 0, CUDA, 10 * MIB)
+    reading = meter.reading
+    assert (reading.peak_bytes, reading.baseline_bytes, reading.method) == (250 * MIB, 0, CUDA)
+    assert (reading.start_bytes, reading.reserved_bytes) == (10 * MIB, 300 * MIB)
+    assert reading.host_peak_bytes >= process_baseline() + 60 * MIB
     with pytest.raises(ValueError, match="for CPU"):
         PeakMemoryMeter("cuda", method=SAMPLING)
+
+
+@pytest.mark.parametrize("how", ["is_integrated", "declared"])
+def test_unified_memory_peak_is_reserve_plus_host_rss_above_the_idle_process(monkeypatch, how):
+    """Jetson-class memory (the device says so, or --unified-memory declares it): the
+    stage's peak is the allocator's reserve plus the host RSS peak, over the idle RSS."""
+    calls = []
+    _fake_cuda(monkeypatch, calls, integrated=how == "is_integrated")
+    if how == "declared":
+        monkeypatch.setattr(memory_meter, "_unified", True)
+
+    with PeakMemoryMeter("cuda") as meter:
+        host = _touch(64 * MIB, "cpu")
+    del host
+
+    reading = meter.reading
+    assert reading.method == CUDA_UNIFIED
+    assert reading.peak_bytes == 300 * MIB + reading.host_peak_bytes
+    assert reading.baseline_bytes == process_baseline()
+    assert reading.above_baseline >= 300 * MIB + 60 * MIB
+    assert reading.start_bytes > 20 * MIB
 
 
 def test_reading_properties():
