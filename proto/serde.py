@@ -418,6 +418,7 @@ def agent_status_to_proto(status: AgentStatus) -> pb.AgentStatus:
         capabilities=agent_capabilities_to_proto(status.capabilities),
         last_seen_unix_ms=status.last_seen_unix_ms,
         rounds_completed=status.rounds_completed,
+        inactive=status.inactive,
     )
 
 
@@ -428,6 +429,7 @@ def agent_status_from_proto(message: pb.AgentStatus) -> AgentStatus:
         capabilities=agent_capabilities_from_proto(caps),
         last_seen_unix_ms=message.last_seen_unix_ms,
         rounds_completed=message.rounds_completed,
+        inactive=message.inactive,
     )
 
 

@@ -248,7 +248,8 @@ def test_update_for_a_closed_or_unknown_round_is_stale(kit):
 
 
 def test_round_ids_never_repeat(kit):
-    c = kit.coordinator(max_rounds=2, min_rounds=2, min_agents=1)
+    # the agents stay silent between rounds far past twice the deadline: keep them active
+    c = kit.coordinator(max_rounds=2, min_rounds=2, min_agents=1, agent_timeout_s=1e6)
     kit.register(c, "a", "b")
     ids = []
     for n in range(5):
