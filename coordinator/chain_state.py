@@ -25,7 +25,8 @@ Guarantees:
   sample it nor wait for it (a round it was in closes as soon as every active
   participant answered), and any call makes it active again. Silence counts from its
   last call or from when this process came up (``online_since_ms``), whichever is
-  later: no agent can call a coordinator that is down, so a restart prunes nobody.
+  later: no agent can call a coordinator that is down, so a restart prunes nobody. An
+  agent holding a long-poll right now (``polling``, kept by the service) is not silent.
 
 Convergence sees each aggregate one round late. Agents validate the aggregate they
 fetched, before their local steps (``UpdateMetrics.val_loss``): a locally trained window
@@ -51,6 +52,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -193,6 +195,8 @@ class ChainCoordinator:
         the earliest."""
         self._inactive: set[str] = set()
         """Agents found inactive at the last ``tick`` (to log each change once)."""
+        self.polling: Counter[str] = Counter()
+        """Long-polls (GetTask calls) each agent holds open now; the service counts them."""
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -234,7 +238,9 @@ class ChainCoordinator:
     # -- agents ---------------------------------------------------------------------
 
     def is_active(self, agent_id: str, now_ms: int) -> bool:
-        """Heard from within ``config.agent_timeout`` (module docstring)."""
+        """Heard from within ``config.agent_timeout``, or waiting in a call now."""
+        if self.polling[agent_id] > 0:
+            return True
         seen = max(self.agents[agent_id].last_seen_ms, self.online_since_ms)
         return now_ms - seen <= self.config.agent_timeout * 1000
 

@@ -298,10 +298,14 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 if self._held >= self.config.long_poll_slots:
                     return serde.task_to_proto(replace(task, retry_after_ms=1000))
                 self._held += 1
+                self.coordinator.polling[request.agent_id] += 1
                 try:
                     self.lock.wait(timeout=max(0.0, give_up - time.monotonic()))
                 finally:
                     self._held -= 1
+                    self.coordinator.polling[request.agent_id] -= 1
+                    if not self.coordinator.polling[request.agent_id]:
+                        del self.coordinator.polling[request.agent_id]
 
     def FetchTensors(self, request: pb.FetchTensorsRequest, context: grpc.ServicerContext):
         self._authenticate(context, request.agent_id)

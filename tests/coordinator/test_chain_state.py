@@ -715,3 +715,12 @@ def test_the_agent_timeout_defaults_to_twice_the_round_deadline(kit):
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="agent timeout must be > 0"):
             kit.config(agent_timeout_s=bad)
+
+
+def test_an_agent_waiting_in_a_long_poll_is_not_silent(kit):
+    c = kit.coordinator(agent_timeout_s=5.0)
+    kit.register(c, "a", "b", now=0)
+    c.polling["b"] += 1  # as the service does while b's GetTask waits
+    assert c.active_agents(60_000) == ["b"]
+    c.polling["b"] -= 1
+    assert c.active_agents(60_000) == []
