@@ -88,25 +88,37 @@ def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="log every round")
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: off)",
     )
     parser.add_argument(
         "--metrics-host",
         default=DEFAULT_HOST,
-        help="address the metrics listen on (no token: keep it where only the scraper reaches)",
+        help=f"address the metrics listen on (default {DEFAULT_HOST}; they need no token: "
+        "bind them where only the scraper reaches)",
     )
     parser.add_argument(
         "--http-port",
-        type=int,
+        type=_port,
         help="serve the live status page (and /status.json) on this port, token-protected "
         "(default: off)",
     )
     parser.add_argument(
         "--http-host",
         default=DEFAULT_HOST,
-        help="address the status page listens on (default: this machine only)",
+        help=f"address the status page listens on (default {DEFAULT_HOST}: this machine only)",
     )
+
+
+def _port(text: str) -> int:
+    """A TCP port number (0: any free port), for argparse."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {port}")
+    return port
 
 
 def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:

@@ -46,6 +46,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.coordinator.__main__ import build_parser
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.config import CoordinatorConfig
 from chainfed.coordinator.service import CoordinatorServer, ServiceConfig
@@ -670,3 +671,13 @@ def test_a_non_positive_agent_timeout_is_refused(service: Service):
     coordinator = service.coordinator("--agent-timeout", "0")
     assert coordinator.wait(timeout=60) == 2
     assert "invalid option: agent timeout must be > 0 seconds" in service.report()
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--metrics-port"])
+@pytest.mark.parametrize("value, message", [("70000", "a port is 0..65535"), ("web", "not a port")])
+def test_a_port_out_of_range_is_refused_by_the_parser(flag, value, message, capsys):
+    argv = ["--model-spec", "spec.json", "--state-dir", "state", flag, value]
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
