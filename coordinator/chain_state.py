@@ -194,7 +194,10 @@ class ChainCoordinator:
         """When this process began serving (unix ms): agent silence counts from here at
         the earliest."""
         self._inactive: set[str] = set()
-        """Agents found inactive at the last ``tick`` (to log each change once)."""
+        """Agents found inactive at the last look (to log each change once)."""
+        self._looked_ms: int | None = None
+        """When ``_note_activity`` last looked: at most once a second, since every call
+        ticks and a look visits every agent (a thousand agents, a thousand calls a second)."""
         self.polling: Counter[str] = Counter()
         """Long-polls (GetTask calls) each agent holds open now; the service counts them."""
 
@@ -303,7 +306,9 @@ class ChainCoordinator:
 
     def tick(self, now_ms: int) -> None:
         """Advance whatever time or registrations allow: start, open, close rounds."""
-        self._note_activity(now_ms)
+        if self._looked_ms is None or not 0 <= now_ms - self._looked_ms < 1000:
+            self._note_activity(now_ms)
+            self._looked_ms = now_ms
         if (
             self.phase is ChainPhase.WAITING_FOR_AGENTS
             and len(self.agents) >= self.config.min_agents
