@@ -441,7 +441,7 @@ def test_an_agent_killed_for_good_stops_delaying_rounds_after_the_agent_timeout(
     coordinator = service.coordinator(
         *("--min-agents", "3", "--round-deadline", str(deadline_s)),
         *("--agent-timeout", str(timeout_s)),
-        rounds_per_layer=3,
+        rounds_per_layer=5,  # ~13 rounds after the kill: the chain still runs for `status`
         exit_after_done=120,  # stopped below, once `chainfed status` has been read
     )
     victim = {agent_id: service.agents(agent_id, train_seconds=0.3) for agent_id in "abc"}["c"]
@@ -464,7 +464,8 @@ def test_an_agent_killed_for_good_stops_delaying_rounds_after_the_agent_timeout(
         line.split("|")[1].strip(): line for line in status.stdout.splitlines() if "s ago" in line
     }
     assert rows["c"].rstrip().endswith("| inactive |"), status.stdout
-    assert rows["a"].rstrip().endswith("| active |"), status.stdout
+    if "phase training" in status.stdout:  # once the chain is done, a and b leave too
+        assert rows["a"].rstrip().endswith("| active |"), status.stdout
     service.wait_for(lambda: (service.state() or {}).get("phase") == "done", 120, "the end")
     coordinator.send_signal(signal.SIGTERM)
     assert coordinator.wait(timeout=10) == 0, service.report()
