@@ -32,15 +32,19 @@ setup(
     package_dir={f"chainfed.{name}": name for name in FOLDERS},
     package_data={"chainfed.proto": ["*.proto", "*.pyi"]},
     # What a coordinator-only box needs (``python -m chainfed.coordinator --model-spec``):
-    # the aggregation arithmetic, safetensors state files and gRPC. The agent's stack and
-    # the optional parts come as extras; ``dev`` installs everything the demo and the tests
-    # use (the README's set-up line).
+    # the aggregation arithmetic, safetensors state files, gRPC with the standard health
+    # service (same release line as grpcio; it requires protobuf <8 itself) and the
+    # Prometheus client of ``--metrics-port``. The agent's stack and the optional parts come
+    # as extras; ``dev`` installs everything the demo and the tests use (the README's set-up
+    # line).
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",
         "numpy>=1.24",
         "grpcio>=1.85.1",
+        "grpcio-health-checking>=1.85.1",
         "protobuf>=7.35.1",
+        "prometheus-client>=0.20,<1",
     ],
     extras_require={
         "agent": AGENT,

@@ -21,6 +21,12 @@ Guarantees:
   step, so an update for a closed round is stale and rejected.
 * Stragglers are dropped at the deadline (and logged); a round short of the quorum is
   re-run with a fresh id from the same starting state, never aggregated.
+* An agent silent for ``config.agent_timeout`` seconds is inactive: rounds neither
+  sample it nor wait for it (a round it was in closes as soon as every active
+  participant answered), and any call makes it active again. Silence counts from its
+  last call or from when this process came up (``online_since_ms``), whichever is
+  later: no agent can call a coordinator that is down, so a restart prunes nobody. An
+  agent holding a long-poll right now (``polling``, kept by the service) is not silent.
 
 Convergence sees each aggregate one round late. Agents validate the aggregate they
 fetched, before their local steps (``UpdateMetrics.val_loss``): a locally trained window
@@ -45,7 +51,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
@@ -83,6 +92,27 @@ from chainfed.proto.tensor_names import layers_of, without_lora_a
 from chainfed.proto.update_digest import update_digest
 
 log = logging.getLogger("chainfed.coordinator")
+
+
+class ChainObserver(Protocol):
+    """What the state machine tells as it goes (the service's metrics listen)."""
+
+    def round_opened(self) -> None:
+        """A training or evaluation round opened."""
+
+    def round_closed(self, outcome: str, aggregation_seconds: float) -> None:
+        """A round closed: ``aggregated`` (with the seconds its aggregation took),
+        ``rerun`` (short of the quorum, opened again under a new id) or ``evaluated``."""
+
+
+class _Unobserved:
+    """The default ``ChainObserver``: nobody listens."""
+
+    def round_opened(self) -> None:
+        return None
+
+    def round_closed(self, outcome: str, aggregation_seconds: float) -> None:
+        return None
 
 
 @dataclass
@@ -158,6 +188,18 @@ class ChainCoordinator:
             )
         self.changed = True
         """Set when something worth persisting happened; the servicer clears it."""
+        self.observer: ChainObserver = _Unobserved()
+        """Told of rounds opening and closing (the service sets its metrics here)."""
+        self.online_since_ms = 0
+        """When this process began serving (unix ms): agent silence counts from here at
+        the earliest."""
+        self._inactive: set[str] = set()
+        """Agents found inactive at the last look (to log each change once)."""
+        self._looked_ms: int | None = None
+        """When ``_note_activity`` last looked: at most once a second, since every call
+        ticks and a look visits every agent (a thousand agents, a thousand calls a second)."""
+        self.polling: Counter[str] = Counter()
+        """Long-polls (GetTask calls) each agent holds open now; the service counts them."""
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -210,6 +252,31 @@ class ChainCoordinator:
 
     # -- agents ---------------------------------------------------------------------
 
+    def is_active(self, agent_id: str, now_ms: int) -> bool:
+        """Heard from within ``config.agent_timeout``, or waiting in a call now."""
+        if self.polling[agent_id] > 0:
+            return True
+        seen = max(self.agents[agent_id].last_seen_ms, self.online_since_ms)
+        return now_ms - seen <= self.config.agent_timeout * 1000
+
+    def active_agents(self, now_ms: int) -> list[str]:
+        """Ids of the active agents, sorted."""
+        return [a for a in sorted(self.agents) if self.is_active(a, now_ms)]
+
+    def _note_activity(self, now_ms: int) -> None:
+        """Log every agent that went inactive or came back since the last look."""
+        inactive = {a for a in self.agents if not self.is_active(a, now_ms)}
+        for agent in sorted(inactive - self._inactive):
+            log.warning(
+                "agent %s not seen for %g s: inactive (not sampled or waited for) until it "
+                "calls again",
+                agent,
+                self.config.agent_timeout,
+            )
+        for agent in sorted(self._inactive - inactive):
+            log.info("agent %s is back", agent)
+        self._inactive = inactive
+
     def register(self, agent_id: str, capabilities: AgentCapabilities, now_ms: int) -> str:
         """Add or refresh an agent; a model fingerprint mismatch is refused."""
         if capabilities.model_fingerprint != self.config.model_fingerprint:
@@ -218,6 +285,7 @@ class ChainCoordinator:
                 f"agent {agent_id or '(new)'} loaded a different model (fingerprint "
                 f"{capabilities.model_fingerprint[:12]}…, coordinator "
                 f"{self.config.model_fingerprint[:12]}…)",
+                reason="wrong_model",
             )
         if not agent_id:
             agent_id = f"agent-{len(self.agents) + 1}"
@@ -241,13 +309,18 @@ class ChainCoordinator:
 
     def touch(self, agent_id: str, now_ms: int) -> None:
         if agent_id not in self.agents:
-            raise UpdateRejectedError("not_found", f"agent {agent_id!r} is not registered")
+            raise UpdateRejectedError(
+                "not_found", f"agent {agent_id!r} is not registered", reason="unknown_agent"
+            )
         self.agents[agent_id].last_seen_ms = now_ms
 
     # -- progress ---------------------------------------------------------------------
 
     def tick(self, now_ms: int) -> None:
         """Advance whatever time or registrations allow: start, open, close rounds."""
+        if self._looked_ms is None or not 0 <= now_ms - self._looked_ms < 1000:
+            self._note_activity(now_ms)
+            self._looked_ms = now_ms
         if (
             self.phase is ChainPhase.WAITING_FOR_AGENTS
             and len(self.agents) >= self.config.min_agents
@@ -262,7 +335,7 @@ class ChainCoordinator:
                 self._start_training()
             self.changed = True
         if self.phase is ChainPhase.PROBING:
-            expected = set(self.agents)
+            expected = set(self.active_agents(now_ms))
             late = now_ms >= self.probe_deadline_ms
             if self.probe_reports and (expected <= set(self.probe_reports) or late):
                 if late and not expected <= set(self.probe_reports):
@@ -274,7 +347,7 @@ class ChainCoordinator:
         if self.phase in (ChainPhase.TRAINING, ChainPhase.EVALUATING):
             if self.open_round is None:
                 self._open_round(now_ms)
-            elif self._round_complete() or now_ms >= self.open_round.deadline_ms:
+            elif self._round_complete(now_ms) or now_ms >= self.open_round.deadline_ms:
                 self._close_round(now_ms)
 
     def _start_training(self) -> None:
@@ -313,7 +386,9 @@ class ChainCoordinator:
         self.changed = True
 
     def _open_round(self, now_ms: int) -> None:
-        agents = sorted(self.agents)
+        agents = self.active_agents(now_ms)
+        if not agents:
+            return  # every agent is silent: the round opens when one calls again
         k = self.config.agents_per_round or len(agents)
         rng = random.Random(self.config.seed * 1_000_003 + self.round_seq)
         participants = sorted(rng.sample(agents, min(k, len(agents))))
@@ -336,6 +411,7 @@ class ChainCoordinator:
             sampling_rate=sampling_rate,
             expected={} if evaluation else self._expected_tensors(layer, window),
         )
+        self.observer.round_opened()
         self.changed = True
 
     def _dp_round(self, sampling_rate: float) -> tuple[float, float]:
@@ -368,9 +444,11 @@ class ChainCoordinator:
         self.changed = True
         return True
 
-    def _round_complete(self) -> bool:
+    def _round_complete(self, now_ms: int) -> bool:
+        """Every participant that is still active has answered."""
         r = self.open_round
-        return set(r.participants) <= set(r.updates)
+        waiting = set(r.participants) - set(r.updates)
+        return not any(self.is_active(a, now_ms) for a in waiting if a in self.agents)
 
     def _close_round(self, now_ms: int) -> None:
         r = self.open_round
@@ -391,6 +469,7 @@ class ChainCoordinator:
                 len(r.participants),
                 self.config.min_agents,
             )
+            self.observer.round_closed("rerun", 0.0)
             self.changed = True
             return
         metrics = _federated_metrics([r.updates[a][0] for a in received])
@@ -413,10 +492,13 @@ class ChainCoordinator:
                 metrics.val_loss,
                 metrics.val_metric,
             )
+            self.observer.round_closed("evaluated", 0.0)
             self.changed = True
             return
         crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
+        started = time.perf_counter()
         self.window_state = self._aggregate(r, received)
+        self.observer.round_closed("aggregated", time.perf_counter() - started)
         dp_epsilon = dp_round_epsilon = None
         if dp is not None:
             if dp.mode == "central":
@@ -602,10 +684,13 @@ class ChainCoordinator:
                 f"round {round_id!r} is not open (stale or unknown"
                 + (f"; current round is {r.round_id}" if r else "")
                 + ")",
+                reason="stale_round",
             )
         if agent_id not in r.participants:
             raise UpdateRejectedError(
-                "failed_precondition", f"agent {agent_id} was not selected for round {round_id}"
+                "failed_precondition",
+                f"agent {agent_id} was not selected for round {round_id}",
+                reason="not_selected",
             )
         if agent_id in r.updates:
             return False
@@ -639,7 +724,11 @@ class ChainCoordinator:
 
     # -- status -----------------------------------------------------------------------
 
-    def snapshot(self) -> StatusSnapshot:
+    def snapshot(self, now_ms: int | None = None) -> StatusSnapshot:
+        """What ``chainfed status`` and the status page show, as of ``now_ms`` (default:
+        the clock; it decides which agents are inactive)."""
+        if now_ms is None:
+            now_ms = int(time.time() * 1000)
         r = self.open_round
         return StatusSnapshot(
             phase=self.phase,
@@ -654,7 +743,13 @@ class ChainCoordinator:
             stage_rounds=self.convergence.rounds,
             total_rounds=len(self.history),
             agents=tuple(
-                AgentStatus(a, e.capabilities, e.last_seen_ms, e.rounds_completed)
+                AgentStatus(
+                    a,
+                    e.capabilities,
+                    e.last_seen_ms,
+                    e.rounds_completed,
+                    inactive=not self.is_active(a, now_ms),
+                )
                 for a, e in sorted(self.agents.items())
             ),
             history=tuple(self.history),

@@ -4,6 +4,12 @@
 points call: ``python -m chainfed.coordinator --model-spec FILE`` on a box without the
 training stack, and the agent-side ``chainfed coordinator --model M``, which builds the
 spec from the model folder first.
+
+As a service: the gRPC port (with the standard health service) is bound before the
+state loads; ``--metrics-port`` adds Prometheus metrics, ``--http-port`` the status
+page. SIGTERM and SIGINT stop it cleanly (``CoordinatorServer.shutdown``: health
+NOT_SERVING, the save in progress completed, calls in flight given ``SHUTDOWN_GRACE_S``)
+and it exits 0, in well under 10 s unless an aggregation of a huge model is running.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,9 @@ from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.config import AGGREGATIONS, CoordinatorConfig
 from chainfed.coordinator.dp import DP_MODES
-from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, start_server
+from chainfed.coordinator.metrics import serve_metrics
+from chainfed.coordinator.service import ChainFedServicer, CoordinatorServer, ServiceConfig
+from chainfed.coordinator.status_page import DEFAULT_HOST, StatusPage
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
@@ -32,6 +42,9 @@ from chainfed.proto.tensor_names import layers_of
 from chainfed.proto.units import format_bytes
 
 log = logging.getLogger("chainfed.coordinator")
+
+SHUTDOWN_GRACE_S = 3.0
+"""Seconds calls in flight (an upload, a fetch) get to finish once a shutdown began."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +86,39 @@ def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop this many seconds after the chain is done (default: serve until Ctrl-C)",
     )
     parser.add_argument("--verbose", action="store_true", help="log every round")
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=DEFAULT_HOST,
+        help=f"address the metrics listen on (default {DEFAULT_HOST}; they need no token: "
+        "bind them where only the scraper reaches)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=_port,
+        help="serve the live status page (and /status.json) on this port, token-protected "
+        "(default: off)",
+    )
+    parser.add_argument(
+        "--http-host",
+        default=DEFAULT_HOST,
+        help=f"address the status page listens on (default {DEFAULT_HOST}: this machine only)",
+    )
+
+
+def _port(text: str) -> int:
+    """A TCP port number (0: any free port), for argparse."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {port}")
+    return port
 
 
 def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
@@ -98,6 +144,12 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
     c.add_argument("--agents-per-round", type=int, default=0, help="0 = all registered")
     c.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
+    c.add_argument(
+        "--agent-timeout",
+        type=float,
+        help="seconds without a call after which an agent is inactive: not sampled or waited "
+        "for until it calls again (default: twice --round-deadline)",
+    )
     c.add_argument(
         "--aggregation",
         choices=AGGREGATIONS,
@@ -218,6 +270,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         min_agents=args.min_agents,
         agents_per_round=args.agents_per_round,
         round_deadline_s=args.round_deadline,
+        agent_timeout_s=args.agent_timeout,
         aggregation=args.aggregation,
         trim_fraction=args.trim_fraction,
         norm_bound=args.norm_bound,
@@ -245,58 +298,110 @@ def serve(args: argparse.Namespace, spec: ModelSpec) -> int:
         config = coordinator_config(args, spec)
     except ValueError as exc:
         raise ChainFedError(f"invalid option: {exc}") from exc
-    coordinator = state_store.load(args.state_dir, config)
-    if coordinator is None:
-        coordinator = ChainCoordinator(config)
-    else:
-        print(
-            f"resuming from {args.state_dir}: phase {coordinator.phase.value}, "
-            f"{len(coordinator.history)} rounds done, final layers "
-            f"{sorted(layers_of(coordinator.final))}"
-        )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ChainFedError("--tls-cert and --tls-key go together")
     tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
     service = ServiceConfig(args.state_dir, tokens, max_message_bytes=args.max_message_bytes)
-    server, servicer, port = start_server(coordinator, service, f"{args.host}:{args.port}", tls=tls)
-    print(
-        f"coordinator listening on {args.host}:{port} ({'TLS' if tls else 'plaintext'}), "
-        f"state in {args.state_dir}",
-        flush=True,
-    )
-    _wait_until_done(coordinator, servicer, args)
-    servicer.stop()
-    server.stop(grace=2).wait()
+    with _stop_on_signals() as stop:
+        server = CoordinatorServer(service, f"{args.host}:{args.port}", tls=tls)
+        try:
+            coordinator = _load_chain(args, config)
+            servicer = server.attach(coordinator)
+            print(
+                f"coordinator listening on {args.host}:{server.port} "
+                f"({'TLS' if tls else 'plaintext'}), state in {args.state_dir}",
+                flush=True,
+            )
+            with ExitStack() as endpoints:
+                _start_endpoints(args, servicer, tokens, endpoints)
+                _wait_until_done(coordinator, servicer, args, stop)
+        finally:
+            server.shutdown(SHUTDOWN_GRACE_S)
     if servicer.fatal is not None:
         raise servicer.fatal  # exit 2 naming the problem; the state on disk is the last good one
+    if stop.is_set():
+        print("coordinator stopped: state saved, exiting", flush=True)
     return 0
 
 
-def _wait_until_done(
-    coordinator: ChainCoordinator, servicer: ChainFedServicer, args: argparse.Namespace
+def _load_chain(args: argparse.Namespace, config: CoordinatorConfig) -> ChainCoordinator:
+    """The chain saved in ``--state-dir``, or a new one."""
+    coordinator = state_store.load(args.state_dir, config)
+    if coordinator is None:
+        return ChainCoordinator(config)
+    print(
+        f"resuming from {args.state_dir}: phase {coordinator.phase.value}, "
+        f"{len(coordinator.history)} rounds done, final layers "
+        f"{sorted(layers_of(coordinator.final))}",
+        flush=True,
+    )
+    return coordinator
+
+
+def _start_endpoints(
+    args: argparse.Namespace, servicer: ChainFedServicer, tokens: dict[str, str], stack: ExitStack
 ) -> None:
-    """Block until a fatal error, SIGTERM, Ctrl-C, or ``--exit-after-done`` seconds after
-    the chain is done."""
+    """The metrics endpoint and the status page, when asked for; ``stack`` closes them."""
+    if args.metrics_port is not None:
+        try:
+            metrics = serve_metrics(servicer.metrics, args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            raise ChainFedError(
+                f"--metrics-port: cannot listen on {args.metrics_host}:{args.metrics_port} ({exc})"
+            ) from exc
+        stack.callback(metrics.server_close)
+        stack.callback(metrics.shutdown)
+        print(f"metrics at http://{args.metrics_host}:{metrics.server_port}/metrics", flush=True)
+    if args.http_port is not None:
+        try:
+            page = StatusPage(servicer.status_snapshot, tokens, args.http_host, args.http_port)
+        except OSError as exc:
+            raise ChainFedError(
+                f"--http-port: cannot listen on {args.http_host}:{args.http_port} ({exc})"
+            ) from exc
+        stack.callback(page.close)
+        print(f"status page at http://{args.http_host}:{page.port}/ (token required)", flush=True)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event SIGTERM and SIGINT set (instead of killing the process or raising
+    KeyboardInterrupt), so that a stop always goes through the clean shutdown; the
+    previous handlers come back on exit."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    done_since = None
+    handlers: dict[int, Callable | int | None] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handlers[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
-        while not stop.wait(0.5):
-            with servicer.lock:
-                phase = coordinator.phase
-            if servicer.fatal is not None:
-                break
-            if phase is ChainPhase.DONE and done_since is None:
-                done_since = time.monotonic()
-                print(f"chain done: {args.state_dir / state_store.FINAL_FILE}", flush=True)
-            if (
-                done_since is not None
-                and args.exit_after_done is not None
-                and time.monotonic() - done_since >= args.exit_after_done
-            ):
-                break
-    except KeyboardInterrupt:
-        pass
+        yield stop
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _wait_until_done(
+    coordinator: ChainCoordinator,
+    servicer: ChainFedServicer,
+    args: argparse.Namespace,
+    stop: threading.Event,
+) -> None:
+    """Block until a fatal error, ``stop`` (SIGTERM, Ctrl-C), or ``--exit-after-done``
+    seconds after the chain is done."""
+    done_since = None
+    while not stop.wait(0.5):
+        with servicer.lock:
+            phase = coordinator.phase
+        if servicer.fatal is not None:
+            break
+        if phase is ChainPhase.DONE and done_since is None:
+            done_since = time.monotonic()
+            print(f"chain done: {args.state_dir / state_store.FINAL_FILE}", flush=True)
+        if (
+            done_since is not None
+            and args.exit_after_done is not None
+            and time.monotonic() - done_since >= args.exit_after_done
+        ):
+            break
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,8 +440,10 @@ def run_status(args: argparse.Namespace) -> int:
         )
     if s.stop_reason:
         print(f"stopped early: {s.stop_reason}")
-    print("\n| agent | device | samples | memory budget | max window | rounds | last seen |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print(
+        "\n| agent | device | samples | memory budget | max window | rounds | last seen | state |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---|")
     now = time.time() * 1000
     for a in s.agents:
         c = a.capabilities
@@ -344,7 +451,8 @@ def run_status(args: argparse.Namespace) -> int:
             f"| {a.agent_id} | {c.device} | {c.num_samples} | "
             f"{format_bytes(c.memory_budget_bytes) if c.memory_budget_bytes else '-'} | "
             f"{c.max_window or '-'} | {a.rounds_completed} | "
-            f"{(now - a.last_seen_unix_ms) / 1000:.0f} s ago |"
+            f"{(now - a.last_seen_unix_ms) / 1000:.0f} s ago | "
+            f"{'inactive' if a.inactive else 'active'} |"
         )
     dp = s.dp_epsilon is not None
     if s.history_omitted:

@@ -56,6 +56,12 @@ class CoordinatorConfig:
     """Agents sampled per round; 0 = every registered agent."""
     round_deadline_s: float = 600.0
     """Seconds a round waits for its agents before dropping stragglers."""
+    agent_timeout_s: float | None = None
+    """An agent not seen (no call) for this many seconds is inactive: it is neither
+    sampled into rounds nor waited for, and becomes active again with its next call.
+    None = twice ``round_deadline_s``: an agent is silent while it trains, and a round
+    it trains in lasts at most the deadline, so only an agent that missed a whole round
+    and its next long-poll is pruned (``agent_timeout``)."""
     aggregation: str = "fedavg"
     """``fedavg``, ``ffa``, ``svd``, ``trimmed-mean`` or ``median``."""
     trim_fraction: float = 0.2
@@ -100,6 +106,10 @@ class CoordinatorConfig:
             raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
         if (self.window is not None and self.window < 1) or self.min_agents < 1:
             raise ValueError("window and min_agents must be >= 1")
+        if self.agent_timeout_s is not None and not (
+            math.isfinite(self.agent_timeout_s) and self.agent_timeout_s > 0
+        ):
+            raise ValueError(f"agent timeout must be > 0 seconds, got {self.agent_timeout_s}")
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")
         if self.min_rounds > self.max_rounds:
@@ -143,6 +153,13 @@ class CoordinatorConfig:
             self.dp_mode,
             self.dp_epsilon_budget,
         )
+
+    @property
+    def agent_timeout(self) -> float:
+        """Seconds of silence after which an agent is inactive (``agent_timeout_s``)."""
+        if self.agent_timeout_s is None:
+            return 2 * self.round_deadline_s
+        return self.agent_timeout_s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,6 +21,15 @@ Persistence failure (state dir read-only, disk full): the call that triggered th
 fails with UNAVAILABLE (agents back off and retry), the servicer records the error in
 ``fatal`` and stops changing anything; ``chainfed coordinator`` then exits with that
 error. The previous state on disk is intact, so a restart resumes from it.
+
+Life cycle (``CoordinatorServer``): the port is bound first, with the standard health
+service (``coordinator.health``) answering NOT_SERVING and every ChainFed call
+UNAVAILABLE while the state loads; ``attach`` starts the chain and turns health to
+SERVING. ``shutdown`` (SIGTERM, Ctrl-C) turns health to NOT_SERVING, waits for an
+aggregation or save in progress (both run under the lock) and then refuses all new work
+with UNAVAILABLE, so the state on disk is the last complete save; calls in flight get a
+bounded grace, then the port closes. A restart resumes exactly as after a crash: a round
+that was open is re-run under a new id.
 """
 
 from __future__ import annotations
@@ -39,11 +48,19 @@ import grpc
 
 from chainfed.coordinator import fault_injection, state_store
 from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.health import HealthReporter
+from chainfed.coordinator.metrics import CoordinatorMetrics
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import chainfed_pb2_grpc as pb_grpc
 from chainfed.proto import serde
-from chainfed.proto.messages import ProtocolError, RegisterAck, TaskKind, UpdateHeader
+from chainfed.proto.messages import (
+    ProtocolError,
+    RegisterAck,
+    StatusSnapshot,
+    TaskKind,
+    UpdateHeader,
+)
 from chainfed.proto.tensor_chunks import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ChunkAssembler,
@@ -105,6 +122,10 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         self.lock = threading.Condition()
         self.fatal: state_store.StateDirError | None = None
         """Set when the state could not be saved; nothing changes after that."""
+        self.draining = False
+        """Set by ``drain``: shutting down, nothing changes after that."""
+        self.metrics = CoordinatorMetrics(self.status_snapshot)
+        coordinator.observer = self.metrics
         self._held = 0
         """GetTask calls waiting in the long-poll now."""
         self._task_key = self._current_task_key()
@@ -126,10 +147,26 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         with self.lock:
             self.lock.notify_all()
 
+    def drain(self) -> None:
+        """Take no more work: returns once an aggregation or save in progress completed
+        (they hold the lock); from then on every call that could change the chain gets
+        UNAVAILABLE (agents back off and retry, reaching the restarted coordinator) and
+        the ticker changes nothing, so the state on disk stays the last complete save."""
+        with self.lock:
+            self.draining = True
+            self.lock.notify_all()
+        self.stop()
+        self._ticker.join()
+
+    def status_snapshot(self) -> StatusSnapshot:
+        """The chain's status now (``chainfed status``, the page, the metrics' gauges)."""
+        with self.lock:
+            return self.coordinator.snapshot(_now_ms())
+
     def _tick_loop(self) -> None:
         while not self._stop.wait(0.25):
             with self.lock:
-                if self.fatal is None:
+                if self.fatal is None and not self.draining:
                     self.coordinator.tick(_now_ms())
                     self._persist_if_changed()
 
@@ -143,7 +180,8 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         (and ``fatal`` set) when the state cannot be saved."""
         if self.coordinator.changed:
             try:
-                state_store.save(self.coordinator, self.config.state_dir)
+                with self.metrics.state_save_seconds.time():
+                    state_store.save(self.coordinator, self.config.state_dir)
             except state_store.StateDirError as exc:
                 log.error("stopping: %s", exc)
                 self.fatal = exc
@@ -161,6 +199,8 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"coordinator cannot save its state: {self.fatal}"
             )
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator is shutting down; retry")
 
     def _authenticate(self, context: grpc.ServicerContext, agent_id: str | None) -> None:
         token = serde.token_from_metadata(context.invocation_metadata())
@@ -176,6 +216,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     def _check_size(self, message, context: grpc.ServicerContext) -> None:
         size = message.ByteSize()
         if size > self.config.max_message_bytes:
+            self.metrics.update_rejected("too_large")
             log.warning(
                 "rejected a %d-byte message (limit %d)", size, self.config.max_message_bytes
             )
@@ -257,10 +298,14 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 if self._held >= self.config.long_poll_slots:
                     return serde.task_to_proto(replace(task, retry_after_ms=1000))
                 self._held += 1
+                self.coordinator.polling[request.agent_id] += 1
                 try:
                     self.lock.wait(timeout=max(0.0, give_up - time.monotonic()))
                 finally:
                     self._held -= 1
+                    self.coordinator.polling[request.agent_id] -= 1
+                    if not self.coordinator.polling[request.agent_id]:
+                        del self.coordinator.polling[request.agent_id]
 
     def FetchTensors(self, request: pb.FetchTensorsRequest, context: grpc.ServicerContext):
         self._authenticate(context, request.agent_id)
@@ -276,7 +321,9 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             messages = self._fetch_messages(tensors)
         self._take_transfer_turn(context)
         try:
-            yield from messages
+            for message in messages:
+                yield message
+                self.metrics.sent_bytes.inc(message.ByteSize())
         finally:
             self._transfers.release()
 
@@ -321,8 +368,10 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 raise ProtocolError("an update must start with its header")
             self._authenticate(context, first.agent_id)
             assembler = ChunkAssembler(first.tensors, max_total_bytes=self.config.max_update_bytes)
+            self.metrics.received_bytes.inc(first_message.ByteSize())
             for message in request_iterator:
                 self._check_size(message, context)
+                self.metrics.received_bytes.inc(message.ByteSize())
                 part = serde.update_part_from_proto(message)
                 if isinstance(part, UpdateHeader):
                     raise ProtocolError("an update has exactly one header")
@@ -330,8 +379,10 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 received += len(part.data)
             tensors = assembler.finish()
         except StopIteration:
+            self.metrics.update_rejected("malformed")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty update stream")
         except (ProtocolError, ChunkError, ValueError) as exc:
+            self.metrics.update_rejected("malformed")
             self._reject(context, exc)
         except grpc.RpcError:
             # the agent went away mid-stream (cancelled, connection lost): nothing is kept
@@ -347,10 +398,12 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         with self.lock:
             self._check_fatal(context)
             try:
-                self.coordinator.submit(
+                if self.coordinator.submit(
                     first.agent_id, first.round_id, first.metrics, tensors, _now_ms()
-                )
+                ):
+                    self.metrics.updates_accepted.inc()
             except UpdateRejectedError as exc:
+                self.metrics.update_rejected(exc.reason)
                 self._reject(context, exc)
             if not self._persist_if_changed():
                 self._check_fatal(context)
@@ -381,8 +434,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext):
         self._authenticate(context, None)
-        with self.lock:
-            snapshot = self.coordinator.snapshot()
+        snapshot = self.status_snapshot()
         if request.history_limit and len(snapshot.history) > request.history_limit:
             snapshot = replace(
                 snapshot,
@@ -448,6 +500,93 @@ def _remaining(context: grpc.ServicerContext) -> float:
     return 3600.0 if remaining is None else max(0.0, remaining - 0.5)
 
 
+class _ChainFedGate(grpc.GenericRpcHandler):
+    """Routes ``chainfed.v1.ChainFed`` calls to the servicer once one is attached; until
+    then (the state is loading) each gets UNAVAILABLE, which agents retry."""
+
+    def __init__(self) -> None:
+        self._handler: grpc.GenericRpcHandler | None = None
+        service = pb.DESCRIPTOR.services_by_name["ChainFed"]
+        self._prefix = f"/{service.full_name}/"
+        self._loading = {
+            f"{self._prefix}{m.name}": _METHOD_HANDLERS[m.client_streaming, m.server_streaming](
+                _answer_loading
+            )
+            for m in service.methods
+        }
+
+    def attach(self, handler: grpc.GenericRpcHandler) -> None:
+        self._handler = handler
+
+    def service(self, handler_call_details):
+        if self._handler is not None:
+            return self._handler.service(handler_call_details)
+        return self._loading.get(handler_call_details.method)
+
+
+def _answer_loading(_request, context: grpc.ServicerContext):
+    context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator is loading its state; retry")
+
+
+class CoordinatorServer:
+    """The gRPC server of one coordinator through its life: bound and NOT_SERVING at
+    construction, SERVING after ``attach``, NOT_SERVING again from ``shutdown`` (module
+    docstring)."""
+
+    def __init__(
+        self, config: ServiceConfig, address: str, *, tls: tuple[bytes, bytes] | None = None
+    ) -> None:
+        """Bind ``address`` (``host:port``, port 0 = any free one) and start answering:
+        health NOT_SERVING, ChainFed UNAVAILABLE. With ``tls=(cert_pem, key_pem)`` the port
+        accepts TLS only; a plaintext client fails its handshake. ``OSError`` when the
+        address cannot be bound."""
+        # grpc's own receive limit sits above ours: a message over it can reach the handler
+        # as a silent end of stream; between the two, the handler rejects it explicitly.
+        options = [
+            ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        fault_injection.load_plan()  # a bad CHAINFED_FAULT fails here, not at the first save
+        self.config = config
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options
+        )
+        self.health = HealthReporter(self.server)
+        self._gate = _ChainFedGate()
+        self.server.add_generic_rpc_handlers((self._gate,))
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self.server.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+        self.server.start()
+        self.servicer: ChainFedServicer | None = None
+
+    def attach(self, coordinator: ChainCoordinator) -> ChainFedServicer:
+        """Serve ``coordinator`` (its state saved first, so the state dir is whole from
+        here on) and report SERVING. Agent silence counts from now (``online_since_ms``)."""
+        coordinator.online_since_ms = _now_ms()
+        servicer = ChainFedServicer(coordinator, self.config)
+        with servicer.lock:
+            state_store.save(coordinator, self.config.state_dir)
+            coordinator.changed = False
+        self.servicer = servicer
+        self._gate.attach(_decoding_handler(servicer))
+        self.health.serving()
+        return servicer
+
+    def shutdown(self, grace_s: float) -> None:
+        """NOT_SERVING, then drain the servicer (an aggregation or save in progress
+        completes; new work is refused), then give calls in flight ``grace_s`` seconds
+        and close the port. Returns when the server has stopped."""
+        self.health.shutting_down()
+        if self.servicer is not None:
+            self.servicer.drain()
+        self.server.stop(grace=grace_s).wait()
+
+
 def start_server(
     coordinator: ChainCoordinator,
     config: ServiceConfig,
@@ -455,31 +594,8 @@ def start_server(
     *,
     tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.Server, ChainFedServicer, int]:
-    """Start serving on ``address`` (``host:port``, port 0 = any free one).
+    """``CoordinatorServer`` bound to ``address`` and attached to ``coordinator`` at once.
 
-    Returns (server, servicer, bound port). With ``tls=(cert_pem, key_pem)`` the port
-    accepts TLS only; a plaintext client fails its handshake.
-    """
-    # grpc's own receive limit sits above ours: a message over it can reach the handler
-    # as a silent end of stream; between the two, the handler rejects it explicitly.
-    options = [
-        ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ]
-    fault_injection.load_plan()  # a bad CHAINFED_FAULT fails here, not at the first save
-    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers)
-    server = grpc.server(executor, options=options)
-    servicer = ChainFedServicer(coordinator, config)
-    server.add_generic_rpc_handlers((_decoding_handler(servicer),))
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
-        port = server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot bind {address}")
-    server.start()
-    with servicer.lock:
-        state_store.save(coordinator, config.state_dir)
-        coordinator.changed = False
-    return server, servicer, port
+    Returns (server, servicer, bound port)."""
+    server = CoordinatorServer(config, address, tls=tls)
+    return server.server, server.attach(coordinator), server.port

@@ -18,12 +18,16 @@ Spec = tuple[tuple[int, ...], str]
 
 
 class UpdateRejectedError(Exception):
-    """An update or report that must not touch the round; ``code`` picks the gRPC status."""
+    """An update or report that must not touch the round; ``code`` picks the gRPC status,
+    ``reason`` names the check it failed (the label of the rejection metrics)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         """``invalid_argument``, ``failed_precondition`` or ``not_found``."""
+        self.reason = reason or code
+        """A short, fixed label: ``stale_round``, ``wrong_shape``, ``not_finite``, ...
+        (the gRPC code's name when the raiser gave none)."""
 
 
 def expected_tensors(
@@ -66,15 +70,20 @@ def check_evaluation_answer(metrics: UpdateMetrics, tensors: dict[str, torch.Ten
         raise UpdateRejectedError(
             "invalid_argument",
             "an evaluation answer carries no tensors, val_samples > 0 and a finite val_loss",
+            reason="bad_evaluation",
         )
 
 
 def check_training_metrics(metrics: UpdateMetrics) -> None:
     """A training update: trained on some samples, finite losses."""
     if metrics.train_samples <= 0:
-        raise UpdateRejectedError("invalid_argument", "an update must report train_samples > 0")
+        raise UpdateRejectedError(
+            "invalid_argument", "an update must report train_samples > 0", reason="bad_metrics"
+        )
     if not (math.isfinite(metrics.val_loss) and math.isfinite(metrics.train_loss)):
-        raise UpdateRejectedError("invalid_argument", "train_loss and val_loss must be finite")
+        raise UpdateRejectedError(
+            "invalid_argument", "train_loss and val_loss must be finite", reason="bad_metrics"
+        )
 
 
 def check_names(
@@ -87,6 +96,7 @@ def check_names(
                 "invalid_argument",
                 f"unexpected tensor {name!r}: round {round_id} keeps every A frozen at "
                 "its seeded init (ffa); an update carries B, not A",
+                reason="unexpected_tensor",
             )
         kind, index = tensor_owner(name)
         if (
@@ -97,6 +107,7 @@ def check_names(
             raise UpdateRejectedError(
                 "invalid_argument",
                 f"unexpected tensor {name!r}: round {round_id} trains layers {window}",
+                reason="unexpected_tensor",
             )
 
 
@@ -112,6 +123,7 @@ def check_shapes(
             "invalid_argument",
             f"update tensors do not match round {round_id}: missing {missing[:5]}, "
             f"unexpected {extra[:5]}",
+            reason="wrong_shape",
         )
     for name, tensor in tensors.items():
         shape, dtype = expected[name]
@@ -120,6 +132,7 @@ def check_shapes(
                 "invalid_argument",
                 f"tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                 f"expected {dtype} {list(shape)}",
+                reason="wrong_shape",
             )
 
 
@@ -127,7 +140,9 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     """No NaN or infinity anywhere."""
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
-            raise UpdateRejectedError("invalid_argument", f"tensor {name!r} has NaN or Inf values")
+            raise UpdateRejectedError(
+                "invalid_argument", f"tensor {name!r} has NaN or Inf values", reason="not_finite"
+            )
 
 
 def check_norm(
@@ -139,4 +154,5 @@ def check_norm(
         raise UpdateRejectedError(
             "invalid_argument",
             f"update norm {norm:.4g} (its change from the round's start) exceeds the bound {bound}",
+            reason="norm_bound",
         )

@@ -303,16 +303,18 @@ class StatusRequest(_message.Message):
     def __init__(self, history_limit: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "capabilities", "last_seen_unix_ms", "rounds_completed")
+    __slots__ = ("agent_id", "capabilities", "last_seen_unix_ms", "rounds_completed", "inactive")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    INACTIVE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     capabilities: AgentCapabilities
     last_seen_unix_ms: int
     rounds_completed: int
-    def __init__(self, agent_id: _Optional[str] = ..., capabilities: _Optional[_Union[AgentCapabilities, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_completed: _Optional[int] = ...) -> None: ...
+    inactive: bool
+    def __init__(self, agent_id: _Optional[str] = ..., capabilities: _Optional[_Union[AgentCapabilities, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., inactive: _Optional[bool] = ...) -> None: ...
 
 class RoundRecord(_message.Message):
     __slots__ = ("round_id", "stage_layer", "window_layers", "participants", "dropped", "metrics", "finished_unix_ms", "update_digests", "dp_epsilon", "dp_round_epsilon")

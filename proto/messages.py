@@ -293,6 +293,9 @@ class AgentStatus:
     """Its last call."""
     rounds_completed: int
     """Rounds whose aggregate included its update."""
+    inactive: bool = False
+    """Not seen for the coordinator's agent timeout: neither sampled nor waited for until
+    it calls again."""
 
 
 @dataclass(frozen=True)

@@ -420,6 +420,7 @@ def agent_status_to_proto(status: AgentStatus) -> pb.AgentStatus:
         capabilities=agent_capabilities_to_proto(status.capabilities),
         last_seen_unix_ms=status.last_seen_unix_ms,
         rounds_completed=status.rounds_completed,
+        inactive=status.inactive,
     )
 
 
@@ -430,6 +431,7 @@ def agent_status_from_proto(message: pb.AgentStatus) -> AgentStatus:
         capabilities=agent_capabilities_from_proto(caps),
         last_seen_unix_ms=message.last_seen_unix_ms,
         rounds_completed=message.rounds_completed,
+        inactive=message.inactive,
     )
 
 

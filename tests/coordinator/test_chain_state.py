@@ -248,7 +248,8 @@ def test_update_for_a_closed_or_unknown_round_is_stale(kit):
 
 
 def test_round_ids_never_repeat(kit):
-    c = kit.coordinator(max_rounds=2, min_rounds=2, min_agents=1)
+    # the agents stay silent between rounds far past twice the deadline: keep them active
+    c = kit.coordinator(max_rounds=2, min_rounds=2, min_agents=1, agent_timeout_s=1e6)
     kit.register(c, "a", "b")
     ids = []
     for n in range(5):
@@ -662,3 +663,64 @@ def test_a_first_stage_layer_outside_the_model_is_refused(kit):
             kit.config(first_stage_layer=layer)
     last = kit.num_layers - 1
     assert kit.config(first_stage_layer=last).first_stage_layer == last
+
+
+# -- silent agents (--agent-timeout) ---------------------------------------------------------
+
+
+def test_a_silent_agent_is_neither_waited_for_nor_sampled_and_comes_back_when_it_calls(kit):
+    c = kit.coordinator(agent_timeout_s=5.0, max_rounds=3, min_rounds=3)
+    kit.register(c, "a", "b", now=0)
+    first = c.open_round
+    assert first.participants == ["a", "b"]
+    task = c.next_task("a", 1_000)
+    assert c.submit("a", task.round_id, kit.metrics(), kit.update(task.window_layers, 0, 1), 1_000)
+    c.tick(5_000)  # b silent for exactly the timeout: still active, still waited for
+    assert c.open_round is first and c.is_active("b", 5_000)
+    c.tick(5_001)  # b silent past the timeout: the round closes without it, long before 60 s
+    assert c.history[-1].round_id == first.round_id
+    assert c.history[-1].participants == ("a",) and c.history[-1].dropped == ("b",)
+    c.tick(5_002)
+    assert c.open_round.participants == ["a"]  # not sampled
+    status = {s.agent_id: s.inactive for s in c.snapshot(5_001).agents}
+    assert status == {"a": False, "b": True}
+
+    assert c.next_task("b", 6_000).kind is TaskKind.WAIT  # back, but this round is a's
+    assert not c.snapshot(6_000).agents[1].inactive
+    kit.train_round(c, 6_000)
+    c.tick(6_001)
+    assert c.open_round.participants == ["a", "b"]  # sampled again
+
+
+def test_silence_counts_from_when_the_process_came_up(kit):
+    """After a restart every saved last-seen time is old; nobody is pruned for that."""
+    c = kit.coordinator(agent_timeout_s=5.0)
+    kit.register(c, "a", "b", now=0)
+    c.online_since_ms = 100_000
+    assert c.active_agents(104_000) == ["a", "b"]
+    assert c.active_agents(105_001) == []
+
+
+def test_no_round_opens_while_every_agent_is_silent(kit):
+    c = kit.coordinator(agent_timeout_s=5.0)
+    kit.register(c, "a", now=0)
+    c.tick(5_001)  # a's round closes short of any update: re-run, but nobody is active
+    assert c.open_round is None and c.history == []
+    assert c.next_task("a", 9_000).kind is TaskKind.TRAIN_ROUND  # a calls: a round for it
+
+
+def test_the_agent_timeout_defaults_to_twice_the_round_deadline(kit):
+    assert kit.config(round_deadline_s=30.0).agent_timeout == 60.0
+    assert kit.config(agent_timeout_s=7.5).agent_timeout == 7.5
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="agent timeout must be > 0"):
+            kit.config(agent_timeout_s=bad)
+
+
+def test_an_agent_waiting_in_a_long_poll_is_not_silent(kit):
+    c = kit.coordinator(agent_timeout_s=5.0)
+    kit.register(c, "a", "b", now=0)
+    c.polling["b"] += 1  # as the service does while b's GetTask waits
+    assert c.active_agents(60_000) == ["b"]
+    c.polling["b"] -= 1
+    assert c.active_agents(60_000) == []
