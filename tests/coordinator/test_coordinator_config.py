@@ -44,3 +44,19 @@ def test_ffa_tells_the_agents_to_keep_a_frozen(tmp_path: Path, aggregation: str,
 
     assert config.aggregation == aggregation
     assert config.params.lora_train_a is train_a
+
+
+def test_local_epochs_reach_the_agents_and_bad_values_are_named(tmp_path: Path):
+    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def params(*argv: str):
+        args = parser.parse_args(["--state-dir", "-", "--token", "-", *argv])
+        return coordinator_config(args, model.spec()).params
+
+    assert params().local_epochs == 0.0
+    assert params("--local-epochs", "1.5").local_epochs == 1.5
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ValueError, match="local_epochs"):
+            params("--local-epochs", bad)

@@ -311,16 +311,17 @@ def test_simulate_refuses_a_malformed_coordinator_option(capsys):
 
 
 @pytest.mark.parametrize(("gpo_lambda", "expected"), [(None, 0.1), (0.75, 0.75)])
-def test_gpo_lambda_reaches_the_round_params(minilm_path, gpo_lambda, expected):
+def test_gpo_lambda_and_local_epochs_reach_the_round_params(minilm_path, gpo_lambda, expected):
     # unset, the bert family's default applies; set, it reaches every agent's TrainingParams
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    config = SimulationConfig(gpo_lambda=gpo_lambda)
+    config = SimulationConfig(gpo_lambda=gpo_lambda, local_epochs=2.0)
     args = parser.parse_args(["--state-dir", "-", "--token", "-", *coordinator_argv(config, 6)])
 
     params = coordinator_config(args, StreamingModel(minilm_path).spec()).params
 
     assert params.gpo_lambda == expected
+    assert params.local_epochs == 2.0
 
 
 def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys, launches):
