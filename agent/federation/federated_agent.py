@@ -298,8 +298,8 @@ class FederatedAgent:
             if self.needs_final(task):
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)
-            trainer.load_trainable_state(strip_prefix(tensors, "window."))
-            trainer.restart_optimizer()
+            if trainer.load_trainable_state(strip_prefix(tensors, "window.")):
+                trainer.restart_optimizer()
             # Validate the fetched aggregate, not this agent's locally trained window: on
             # a label-skewed shard the local window scores far above the model the
             # federation holds, and the coordinator's stage convergence reads these
@@ -462,5 +462,6 @@ def chain_config_from_params(params: TrainingParams, window: int) -> ChainConfig
         micro_batch=params.micro_batch,
         grad_accum=params.grad_accum,
         steps_per_round=params.local_steps,
+        epoch_passes=params.local_epochs > 0,
         seed=params.seed,
     )

@@ -100,6 +100,10 @@ class ChainConfig:
     """Micro-batches per optimiser step (effective batch = micro_batch × grad_accum)."""
     steps_per_round: int = 25
     """Optimiser steps between validations (one round)."""
+    epoch_passes: bool = False
+    """Draw micro-batches in passes over the training rows (each row once per pass, a
+    fresh seeded order per pass), as rounds counted in local epochs need; False draws
+    each micro-batch independently at random."""
     min_rounds: int = 1
     """Rounds every stage runs at least."""
     max_rounds: int = 3
@@ -392,9 +396,10 @@ class ChainTrainer:
         """A fresh AdamW (zero moments) over the stage's trainable tensors.
 
         Called at stage entry, and by a federated agent each time a round's aggregate
-        replaces its weights: moments accumulated along the agent's own trajectory do not
+        changes its weights: moments accumulated along the agent's own trajectory do not
         describe the aggregate, and carried over they push every agent further along its
-        own skew. One device keeps them for the whole stage."""
+        own skew. One device keeps them for the whole stage, and so does a one-agent
+        federation, whose aggregate is the agent's own update."""
         params = [p for j in self.window for p in trainable_adapter_params(self.window_blocks[j])]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         if self._stage_foresight is not None:
@@ -439,10 +444,11 @@ class ChainTrainer:
                 state[f"foresight.{name}"] = host_copy(tensor)
         return state
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> bool:
         """Overwrite the window's trainable tensors with those present in ``state`` (e.g.
-        the round's aggregate). Absent ones keep their value: at the start of a stage the
-        new layer's adapter is not in the aggregate yet and starts from the shared seed."""
+        the round's aggregate); True when any value changed. Absent ones keep their value:
+        at the start of a stage the new layer's adapter is not in the aggregate yet and
+        starts from the shared seed."""
         current = self.trainable_state()
         with torch.no_grad():
             for layer in self.window:
@@ -464,6 +470,10 @@ class ChainTrainer:
         unknown = {k for k in set(state) - set(current) if not k.startswith("foresight.")}
         if unknown:
             raise ValueError(f"tensors not part of the current window: {sorted(unknown)[:5]}")
+        return any(
+            not torch.equal(state[key].to(current[key].dtype), current[key])
+            for key in state.keys() & current.keys()
+        )
 
     def adopt_final_adapters(self, final: dict[str, torch.Tensor]) -> None:
         """Take the federation's final adapters; window blocks of those layers are dropped
@@ -525,10 +535,14 @@ class ChainTrainer:
         return RoundResult(steps, samples, float(np.mean(losses)))
 
     def _next_rows(self) -> np.ndarray:
-        """The next micro-batch's training rows, sorted: passes over the data in a fresh
-        random order each (drawn from the trainer's seeded generator), the last batch of a
-        pass holding what is left, so ``ceil(N / B)`` micro-batches see every row once. A
-        stage starts a new pass."""
+        """The next micro-batch's training rows, sorted, from the trainer's seeded
+        generator. With ``epoch_passes``: passes over the data in a fresh random order
+        each, the last batch of a pass holding what is left, so ``ceil(N / B)``
+        micro-batches see every row once (a stage starts a new pass); otherwise an
+        independent random draw."""
+        if not self.config.epoch_passes:
+            n = len(self.train_data)
+            return np.sort(self.rng.choice(n, size=min(self.config.micro_batch, n), replace=False))
         if self._pass_at >= len(self._pass_order):
             self._pass_order, self._pass_at = self.rng.permutation(len(self.train_data)), 0
         rows = self._pass_order[self._pass_at : self._pass_at + self.config.micro_batch]

@@ -279,7 +279,7 @@ def test_status_prints_position_and_history(three_shard_run: ThreeShardRun):
     assert [row.split("|")[1].strip() for row in rows] == [r["round_id"] for r in history]
     assert rows[-1].endswith(f"| {history[-1]['metrics']['val_metric']:.4f} |")
     for agent_id in SHARD_IDS:
-        assert re.search(rf"^\| {agent_id} \| cpu \| 60 \|", out.stdout, re.MULTILINE)
+        assert re.search(rf"^\| {agent_id} \| cpu float32 \| 60 \|", out.stdout, re.MULTILINE)
     last2 = [
         line for line in run.status_last2.stdout.splitlines() if re.match(r"\| (r|eval)\d+ ", line)
     ]

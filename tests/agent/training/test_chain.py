@@ -512,7 +512,7 @@ def test_start_layer_out_of_range_is_refused(bert_dir, tmp_path):
 
 def test_a_pass_of_micro_batches_sees_every_training_row_once(bert_dir, tmp_path):
     # 24 rows, micro-batch 5: batches of 5, 5, 5, 5, 4 make one pass; then a new order
-    trainer = make_trainer(bert_dir, tmp_path, fast_config(micro_batch=5))
+    trainer = make_trainer(bert_dir, tmp_path, fast_config(micro_batch=5, epoch_passes=True))
     trainer.set_start_layer(0)
     trainer.enter_stage(0)
 
@@ -537,3 +537,20 @@ def test_round_steps_follow_the_shard_with_local_epochs(
         local_steps=7, local_epochs=epochs, micro_batch=micro_batch, grad_accum=grad_accum
     )
     assert round_steps(params, samples) == steps
+
+
+def test_loading_a_state_says_whether_it_changed_the_weights(bert_dir, tmp_path):
+    # a one-agent federation's aggregate is the agent's own update: its AdamW moments
+    # stay valid only when nothing changed
+    trainer = make_trainer(bert_dir, tmp_path, fast_config())
+    trainer.set_start_layer(0)
+    trainer.enter_stage(0)
+    trainer.train_round(1)
+    own = trainer.trainable_state()
+
+    assert trainer.load_trainable_state(own) is False
+    moved = dict(own)
+    name = next(n for n in own if n.endswith("lora_b"))
+    moved[name] = own[name] + 1e-3
+    assert trainer.load_trainable_state(moved) is True
+    assert torch.equal(trainer.trainable_state()[name], moved[name])
