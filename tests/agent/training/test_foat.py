@@ -1,4 +1,5 @@
-"""FOAT (DESIGN.md §3): per-layer linear CKA against the embedding output, and the start
+"""FOAT (DESIGN.md §3): per-layer linear CKA against the family's reference (the
+embedding output on encoders, block 0's RMS-normalised output on decoders), and the start
 layer it picks. ``linear_cka`` itself is checked against its definition in test_cka.py.
 
 Prepare: tiny random bert and llama checkpoints (d=32, 4 layers), right-padded batches.
@@ -43,19 +44,60 @@ def make_split(n: int, seed: int) -> EncodedSplit:
     return EncodedSplit(ids, mask, torch.randint(0, 3, (n,), generator=generator))
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_probe_cka_is_linear_cka_of_each_block_output_against_the_embeddings(model_dirs, family):
+def test_probe_cka_on_an_encoder_compares_each_block_output_with_the_embeddings(model_dirs):
     split = make_split(16, seed=1)  # ~100 real tokens > d = 32
     ids, mask = split.input_ids, split.attention_mask
 
-    scores = probe_cka(StreamingModel(model_dirs[family]), ids, mask)
+    scores = probe_cka(StreamingModel(model_dirs["bert"]), ids, mask)
 
-    states = hidden_states(model_dirs[family], ids, mask)  # embeddings, block 0 .. L-1
+    states = hidden_states(model_dirs["bert"], ids, mask)  # embeddings, block 0 .. L-1
     reference = masked_token_rows(states[0], mask)
     by_hand = [linear_cka(masked_token_rows(h, mask), reference) for h in states[1:]]
     assert len(scores) == L
     assert scores == pytest.approx(by_hand, abs=1e-12)
     assert all(0.0 <= s <= 1.0 + 1e-12 for s in scores)
+
+
+def test_probe_cka_on_a_decoder_compares_rms_normalised_tokens_with_block_0s_output(model_dirs):
+    split = make_split(16, seed=1)
+    ids, mask = split.input_ids, split.attention_mask
+
+    scores = probe_cka(StreamingModel(model_dirs["llama"]), ids, mask)
+
+    states = hidden_states(model_dirs["llama"], ids, mask)
+    token_rows = [masked_token_rows(h, mask) for h in states[1:]]
+    normalised = [x / x.square().mean(dim=-1, keepdim=True).sqrt() for x in token_rows]
+    by_hand = [linear_cka(x, normalised[0]) for x in normalised]
+    assert len(scores) == L
+    assert scores[0] == pytest.approx(1.0, abs=1e-12)
+    assert scores == pytest.approx(by_hand, abs=1e-6)
+    assert all(0.0 <= s <= 1.0 + 1e-12 for s in scores)
+
+
+def test_one_token_with_a_massive_activation_does_not_own_a_decoders_scores(model_dirs):
+    """Scaling one token's residual state (as massive activations do) changes nothing a
+    pre-norm block reads, so it must not change the scores; the raw CKA collapses."""
+    split = make_split(16, seed=1)
+    ids, mask = split.input_ids, split.attention_mask
+    model = StreamingModel(model_dirs["llama"])
+    states = hidden_states(model_dirs["llama"], ids, mask)
+    scaled = [h.clone() for h in states[1:]]
+    for h in scaled:
+        h[0, 0] *= 1000.0
+
+    def normalised(h: torch.Tensor) -> torch.Tensor:
+        x = masked_token_rows(h, mask)
+        return x / x.square().mean(dim=-1, keepdim=True).sqrt()
+
+    reference = normalised(scaled[0])
+    assert [linear_cka(normalised(h), reference) for h in scaled] == pytest.approx(
+        probe_cka(model, ids, mask), abs=1e-6
+    )
+
+    def raw(hs: list[torch.Tensor]) -> list[float]:
+        return [linear_cka(masked_token_rows(h, mask), masked_token_rows(hs[0], mask)) for h in hs]
+
+    assert max(abs(a - b) for a, b in zip(raw(scaled), raw(states[1:]), strict=True)) > 0.05
 
 
 def test_probe_cka_ignores_padding(model_dirs):
