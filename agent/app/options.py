@@ -329,6 +329,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
         min_rounds=args.min_rounds,
         max_rounds=args.max_rounds,
         baseline_rounds=args.baseline_rounds,
+        head_refit_epochs=args.head_refit_epochs,
         seed=args.seed,
         cache_dtype=args.cache_dtype,
     )

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--max-rounds", type=int, default=3, help="round cap per stage")
     c.add_argument(
         "--baseline-rounds", type=int, help="rounds of e2e/topk/head (default: max-rounds × L)"
+    )
+    c.add_argument(
+        "--head-refit-epochs",
+        type=int,
+        default=0,
+        help="after the last stage, passes of head-only steps on the pooled final "
+        "features (classify; default 0: none)",
     )
     c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
     c.add_argument("--seed", type=int, default=0)
@@ -213,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         "config": config.to_dict(),
         "data": inputs.data.summary(),
         "stages": [_stage_dict(s) for s in stages],
+        "head_refit": asdict(trainer.head_refit) if trainer.head_refit else None,
         "final": {"val_metric": final.metric, "val_loss": final.loss},
         "seconds": time.perf_counter() - started,
         "adapters": str(adapters_path),

@@ -44,6 +44,7 @@ from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.precision import LossScaler, host_copy
 from chainfed.agent.training.foat import probe_cka
 from chainfed.agent.training.gpo import ExactForesight, ProxyBranch
+from chainfed.agent.training.head_refit import HeadRefit, refit_head
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
 from chainfed.agent.training.objectives import Batch, ClassifyObjective, LMObjective
 from chainfed.agent.training.prefix_cache import PrefixCache
@@ -114,6 +115,10 @@ class ChainConfig:
     """Relative validation-loss improvement that counts as progress."""
     baseline_rounds: int | None = None
     """Rounds of the single stage of e2e/topk/head; None = max_rounds × L."""
+    head_refit_epochs: int = 0
+    """After the last stage, passes of head-only steps over the training rows' pooled
+    final features (``head_refit``); 0 = none. Classification only: an LM's head is
+    the frozen vocabulary projection."""
     seed: int = 0
     """Seeds data order, head and adapter initialisation."""
     cache_dtype: str | None = None
@@ -135,6 +140,8 @@ class ChainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_rounds > self.max_rounds:
             raise ValueError("min_rounds must not exceed max_rounds")
+        if self.head_refit_epochs < 0:
+            raise ValueError(f"head_refit_epochs must be >= 0, got {self.head_refit_epochs}")
         parse_gpo(self.gpo, 1)
 
     def to_dict(self) -> dict:
@@ -245,6 +252,8 @@ class ChainTrainer:
         self.window: list[int] = []
         self.layer: int | None = None
         self.foat_scores: list[float] | None = None
+        self.head_refit: HeadRefit | None = None
+        """What the head refit after the last stage did, when one ran."""
         self.stages: list[StageReport] = []
         self.start_layer: int | None = None
         self.resumed_from: int | None = None
@@ -623,8 +632,41 @@ class ChainTrainer:
                 on_stage(report)
             if chain:
                 self._save_chain_state(layer + 1)
+        if self.config.head_refit_epochs > 0 and isinstance(self.objective, ClassifyObjective):
+            self.head_refit = self.refit_head(self.config.head_refit_epochs)
         self.finish()
         return self.stages
+
+    def refit_head(self, epochs: int) -> HeadRefit:
+        """Head-only passes over the pooled final features of the training rows, with the
+        window at the top of the model (before ``finish``)."""
+        assert isinstance(self.objective, ClassifyObjective)
+        return refit_head(
+            self.objective.head,
+            self.pooled_features(self.train_data),
+            self.train_data.labels,
+            epochs=epochs,
+            batch_size=self.config.micro_batch,
+            lr=self.config.lr,
+            weight_decay=self.config.weight_decay,
+            rng=self.rng,
+        )
+
+    @torch.no_grad()
+    def pooled_features(self, split: EncodedSplit) -> torch.Tensor:
+        """``(N, d)`` float32: what the head reads for every row of ``split`` (the train or
+        validation split) after the current window, computed in micro-batches."""
+        assert isinstance(self.objective, ClassifyObjective)
+        for block in self.window_blocks.values():
+            block.eval()
+        chunks, size = [], self.config.micro_batch
+        for start in range(0, len(split), size):
+            idx = np.arange(start, min(len(split), start + size))
+            batch = split.batch(idx).to(self.model.device)
+            entry = self._entry_states(split, idx, split is self.train_data)
+            h, _ = self._window_forward(entry, batch)
+            chunks.append(self.objective.features(h, batch))
+        return torch.cat(chunks)
 
     # -- resuming an interrupted chain ---------------------------------------------------
 

@@ -70,9 +70,13 @@ class ClassifyObjective(nn.Module):
             self.head.weight.copy_(weight)
             self.head.bias.copy_(bias)
 
+    def features(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(B, d) float32: what the head reads, pooled in float32."""
+        return pool(h.float(), batch.attention_mask, self.pooling)
+
     def logits(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """(B, C) float32: pooled in float32, through the float32 head."""
-        return self.head(pool(h.float(), batch.attention_mask, self.pooling))
+        """(B, C) float32: the pooled features through the float32 head."""
+        return self.head(self.features(h, batch))
 
     def loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(h, batch), batch.labels)

@@ -6,6 +6,7 @@ word-level tokenizer (in-process).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.app.train_command import stage_table
+from chainfed.agent.app.options import chain_config_from_args
+from chainfed.agent.app.train_command import add_arguments, stage_table
 from chainfed.agent.cli import main
 from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.errors import ChainFedError
@@ -281,3 +283,19 @@ def test_lm_label_tokens_of_a_label_the_rows_lack_come_from_the_template(lm_asse
     reads_text = replace(config, response_template=" {label} ({text})")
     with pytest.raises(ChainFedError, match="reads more than the label"):
         label_token_ids(model, bad_only, ["bad", "good"], reads_text)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 0), ("2", 2)])
+def test_head_refit_epochs_reach_the_chain_config(value, expected):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--model", "minilm"] + ([] if value is None else ["--head-refit-epochs", value])
+    assert chain_config_from_args(parser.parse_args(argv)).head_refit_epochs == expected
+
+
+def test_negative_head_refit_epochs_are_named():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "minilm", "--head-refit-epochs", "-1"])
+    with pytest.raises(ChainFedError, match="head_refit_epochs must be >= 0"):
+        chain_config_from_args(args)

@@ -554,3 +554,22 @@ def test_loading_a_state_says_whether_it_changed_the_weights(bert_dir, tmp_path)
     moved[name] = own[name] + 1e-3
     assert trainer.load_trainable_state(moved) is True
     assert torch.equal(trainer.trainable_state()[name], moved[name])
+
+
+def test_trainer_refit_changes_only_the_head_after_the_last_stage(bert_dir, tmp_path):
+    plain = make_trainer(bert_dir, tmp_path / "plain", fast_config())
+    plain.train()
+    refitted = make_trainer(bert_dir, tmp_path / "refit", fast_config(head_refit_epochs=3))
+    refitted.train()
+
+    assert plain.head_refit is None
+    assert refitted.head_refit is not None and refitted.head_refit.steps > 0
+    assert plain.final_adapters.keys() == refitted.final_adapters.keys()
+    for name, tensor in plain.final_adapters.items():
+        assert torch.equal(tensor, refitted.final_adapters[name]), name
+    assert not torch.equal(plain.objective.head.weight, refitted.objective.head.weight)
+
+
+def test_negative_refit_epochs_are_refused():
+    with pytest.raises(ValueError, match="head_refit_epochs must be >= 0"):
+        fast_config(head_refit_epochs=-1)
