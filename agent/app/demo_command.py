@@ -71,9 +71,10 @@ class DemoPreset:
     2e-3, 3e-3, 4e-3: 0.665, 0.673, 0.670).
 
     SmolLM2: the chain covers the last 6 of 30 layers (start layer 24, not FOAT's
-    choice: on SmolLM2 FOAT starts at layer 0, 30 stages, which one round of 10 steps a
-    stage left at 0.46 against head mode's 0.445 in 8.4 min). Same ffa and lr as MiniLM;
-    2 rounds of 20 steps a stage reached 0.52 on the same rows (in process).
+    choice). FOAT starts SmolLM2 at layer 10 (20 stages, see ``foat``); with one round of
+    20 steps a stage its rounds took about 44 s here, so the demo would run about 15
+    minutes. Same ffa and lr as MiniLM; 2 rounds of 20 steps a stage reached 0.52 on the
+    same rows (in process) against head mode's 0.445.
     """
 
     federation: SimulationConfig
