@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -561,14 +561,8 @@ class ChainTrainer:
     @torch.no_grad()
     def evaluate_window(self) -> Evaluation:
         """Validation loss and metric with the head right after the current window."""
-        for block in self.window_blocks.values():
-            block.eval()
         loss_sum, correct, count = 0.0, 0, 0
-        n, size = len(self.val_data), self.config.micro_batch
-        for start in range(0, n, size):
-            idx = np.arange(start, min(n, start + size))
-            batch = self.val_data.batch(idx).to(self.model.device)
-            h, _ = self._window_forward(self._entry_states(self.val_data, idx, False), batch)
+        for h, batch in self._window_outputs(self.val_data):
             s_loss, s_correct, s_count = self.objective.score(h, batch)
             loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
         return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))
@@ -657,16 +651,21 @@ class ChainTrainer:
         """``(N, d)`` float32: what the head reads for every row of ``split`` (the train or
         validation split) after the current window, computed in micro-batches."""
         assert isinstance(self.objective, ClassifyObjective)
+        objective = self.objective
+        return torch.cat([objective.features(h, batch) for h, batch in self._window_outputs(split)])
+
+    def _window_outputs(self, split: EncodedSplit) -> Iterator[tuple[torch.Tensor, Batch]]:
+        """The current window's output and its batch for every micro-batch of ``split``
+        (the train or validation split), in row order, with the window in eval mode; the
+        caller decides on gradients."""
         for block in self.window_blocks.values():
             block.eval()
-        chunks, size = [], self.config.micro_batch
-        for start in range(0, len(split), size):
-            idx = np.arange(start, min(len(split), start + size))
+        n, size = len(split), self.config.micro_batch
+        for start in range(0, n, size):
+            idx = np.arange(start, min(n, start + size))
             batch = split.batch(idx).to(self.model.device)
             entry = self._entry_states(split, idx, split is self.train_data)
-            h, _ = self._window_forward(entry, batch)
-            chunks.append(self.objective.features(h, batch))
-        return torch.cat(chunks)
+            yield self._window_forward(entry, batch)[0], batch
 
     # -- resuming an interrupted chain ---------------------------------------------------
 
