@@ -9,12 +9,19 @@ plain install needs no protoc, and ``tests/proto/test_generated_in_sync.py`` fai
 they drift from it. grpc_tools writes ``import chainfed_pb2`` into the service module,
 which would only work with ``proto/`` itself on ``sys.path``; the import is rewritten to
 ``from chainfed.proto import chainfed_pb2`` so nothing generic lands at the top level.
-Output depends on the grpcio-tools version: regenerate after upgrading it.
+
+Output depends on the grpcio-tools version, and so does the protobuf runtime the output
+accepts (``ValidateProtobufRuntimeVersion`` in ``chainfed_pb2.py``): grpcio-tools 1.81.1
+writes code for protobuf >=6.33.5,<7, the range Flower 1.42 allows too. ``generate``
+refuses any other grpcio-tools than ``GRPCIO_TOOLS_VERSION`` (the ``dev`` extra's pin in
+``setup.py``); to move, change both, regenerate and raise setup.py's protobuf range to
+what the new code asks for.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.resources
 import shutil
 import sys
@@ -24,6 +31,8 @@ from pathlib import Path
 PROTO_DIR = Path(__file__).resolve().parent
 PROTO_FILE = "chainfed.proto"
 GENERATED = ("chainfed_pb2.py", "chainfed_pb2_grpc.py", "chainfed_pb2.pyi")
+GRPCIO_TOOLS_VERSION = "1.81.1"
+"""The grpcio-tools the checked-in modules come from (setup.py's ``dev`` pin)."""
 
 _GENERATED_IMPORT = "import chainfed_pb2 as chainfed__pb2\n"
 _PACKAGE_IMPORT = "from chainfed.proto import chainfed_pb2 as chainfed__pb2\n"
@@ -34,8 +43,18 @@ class CodegenError(RuntimeError):
 
 
 def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
-    """Compile ``proto_dir/chainfed.proto`` into ``out_dir``; returns the written files."""
+    """Compile ``proto_dir/chainfed.proto`` into ``out_dir``; returns the written files.
+
+    Raises ``CodegenError`` unless the installed grpcio-tools is ``GRPCIO_TOOLS_VERSION``."""
     from grpc_tools import protoc  # dev dependency: imported only when generating
+
+    installed = importlib.metadata.version("grpcio-tools")
+    if installed != GRPCIO_TOOLS_VERSION:
+        raise CodegenError(
+            f"grpcio-tools {installed} is installed; the checked-in modules come from "
+            f"{GRPCIO_TOOLS_VERSION} (pip install grpcio-tools=={GRPCIO_TOOLS_VERSION}, "
+            "or move the pin here and in setup.py together)"
+        )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
