@@ -79,6 +79,7 @@ from chainfed.proto.messages import (
     StatusSnapshot,
     TaskKind,
 )
+from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.tensor_names import strip_prefix
 
 UpdateHook = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -272,7 +273,7 @@ def data_argv(config: SimulationConfig) -> list[str]:
 
 
 @dataclass
-class _Corpus:
+class Corpus:
     """The shared corpus, split the agents' way, plus the held-out test rows, and the
     model opened once per compute dtype the agents use."""
 
@@ -286,7 +287,9 @@ class _Corpus:
     test: EncodedSplit | None
 
 
-def _load_corpus(config: SimulationConfig) -> _Corpus:
+def load_corpus(config: SimulationConfig) -> Corpus:
+    """The model (once per agent dtype) and the corpus ``config`` names, with its held-out
+    test rows: what every agent of the federation derives its shard from."""
     model_dir = resolve_model(config.model, progress=False)
     models = {}
     for name in dict.fromkeys(config.agent_dtypes):
@@ -315,10 +318,11 @@ def _load_corpus(config: SimulationConfig) -> _Corpus:
             )
         test = encode_split(model, held_out, config.task, config.max_len)
     data.val = data.val[: config.val_rows]
-    return _Corpus(model, models, model_dir, fingerprint, data, test)
+    return Corpus(model, models, model_dir, fingerprint, data, test)
 
 
-def _local_data(corpus: _Corpus, config: SimulationConfig, k: int) -> LocalData:
+def agent_local_data(corpus: Corpus, config: SimulationConfig, k: int) -> LocalData:
+    """Agent ``k``'s shard of the corpus, encoded: ``chainfed agent --shard K/N``'s rule."""
     shard = shard_of(copy.copy(corpus.data), f"{k}/{config.agents}", config.split, config.seed)
     model = corpus.model
     return LocalData(
@@ -360,7 +364,7 @@ def run_simulation(
         declare_unified_memory(True)
     started = time.perf_counter()
     say = progress or (lambda _line: None)
-    corpus = _load_corpus(config)
+    corpus = load_corpus(config)
     root = _workdir(config)
     if config.in_process:
         outcome = _run_in_process(config, corpus, root, update_hook, say)
@@ -385,28 +389,29 @@ class _Outcome:
 
 def _run_in_process(
     config: SimulationConfig,
-    corpus: _Corpus,
+    corpus: Corpus,
     root: Path,
     update_hook: UpdateHook | None,
     say: Progress,
 ) -> _Outcome:
     round_test = _round_test(config, corpus) if config.test_each_round else None
     federation = _InProcessFederation(
-        _in_process_coordinator(config, corpus), say, update_hook, round_test
+        chain_coordinator(config, corpus.model.spec()), say, update_hook, round_test
     )
     for k in range(config.agents):
         model = corpus.models[config.agent_dtypes[k]]
-        federation.join(f"agent-{k}", corpus, model, _local_data(corpus, config, k), root)
+        federation.join(f"agent-{k}", corpus, model, agent_local_data(corpus, config, k), root)
     return federation.run_to_done(config.agents)
 
 
-def _in_process_coordinator(config: SimulationConfig, corpus: _Corpus) -> ChainCoordinator:
+def chain_coordinator(config: SimulationConfig, spec: ModelSpec) -> ChainCoordinator:
     """The coordinator ``chainfed coordinator`` would run with this federation's options
-    (and ``coordinator_options`` set on its config)."""
-    model = corpus.model
-    args = argparse.Namespace(**(option_defaults() | coordinator_options(config, model.num_layers)))
+    (and ``coordinator_options`` set on its config) for the model ``spec`` describes. The
+    in-process federation and the Flower ServerApp (``chainfed.agent.app.flower``) both
+    drive this one."""
+    args = argparse.Namespace(**(option_defaults() | coordinator_options(config, spec.num_layers)))
     try:
-        coord_config = coordinator_config(args, model.spec())
+        coord_config = coordinator_config(args, spec)
     except ValueError as exc:
         raise SimulationError(f"invalid federation: {exc}") from exc
     if config.coordinator_options:
@@ -431,7 +436,7 @@ class _InProcessFederation:
         self.coordinator, self.say, self.update_hook = coordinator, say, update_hook
         self.round_test = round_test
         self.round_tests: dict[str, Evaluation] = {}
-        self.clock = _VirtualClock()
+        self.clock = VirtualClock()
         self.agents: dict[str, FederatedAgent] = {}
         self.traffic: dict[tuple[str, str], dict[str, Any]] = {}
         self.samples: dict[str, int] = {}
@@ -442,7 +447,7 @@ class _InProcessFederation:
     def join(
         self,
         agent_id: str,
-        corpus: _Corpus,
+        corpus: Corpus,
         model: StreamingModel,
         local: LocalData,
         root: Path,
@@ -546,7 +551,7 @@ def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> bo
     return True
 
 
-class _VirtualClock:
+class VirtualClock:
     """Wall time plus the jumps made to close rounds at their deadline without waiting."""
 
     def __init__(self) -> None:
@@ -601,9 +606,7 @@ class _ProgressReporter:
 CLI = [sys.executable, "-m", "chainfed.agent.cli"]
 
 
-def _run_processes(
-    config: SimulationConfig, corpus: _Corpus, root: Path, say: Progress
-) -> _Outcome:
+def _run_processes(config: SimulationConfig, corpus: Corpus, root: Path, say: Progress) -> _Outcome:
     token = secrets.token_urlsafe(16)
     token_file = write_token_file(root / "token", token)
     logs = root / "logs"
@@ -644,7 +647,7 @@ def _run_processes(
 
 
 def _coordinator_command(
-    config: SimulationConfig, corpus: _Corpus, state_dir: Path, token_file: Path
+    config: SimulationConfig, corpus: Corpus, state_dir: Path, token_file: Path
 ) -> list[str]:
     """``chainfed coordinator`` on a free local port for this federation."""
     options = []
@@ -745,7 +748,7 @@ def _follow(
 
 def _result(
     config: SimulationConfig,
-    corpus: _Corpus,
+    corpus: Corpus,
     outcome: _Outcome,
     seconds: float,
 ) -> SimulationResult:
@@ -804,7 +807,7 @@ def _entry(
 
 
 def _round_test(
-    config: SimulationConfig, corpus: _Corpus
+    config: SimulationConfig, corpus: Corpus
 ) -> Callable[[ChainCoordinator], Evaluation]:
     """Scores a coordinator's current global model on the held-out test rows, by the same
     streamed evaluation as the final adapter file."""
@@ -832,9 +835,7 @@ def _round_test(
     return score
 
 
-def _evaluate_file(
-    corpus: _Corpus, adapters: Path, config: SimulationConfig
-) -> tuple[float, float]:
+def _evaluate_file(corpus: Corpus, adapters: Path, config: SimulationConfig) -> tuple[float, float]:
     """The final adapter file on the held-out test rows, by the streamed evaluation."""
     saved = load_adapter_file(adapters)
     info = AdapterInfo.from_dict(saved.info, adapters)

@@ -240,7 +240,8 @@ class FederatedAgent:
             log.warning("round %s closed before its tensors were fetched: %s", task.round_id, exc)
             return None
 
-    def _ensure_trainer(self, params: TrainingParams, window: int) -> ChainTrainer:
+    def ensure_trainer(self, params: TrainingParams, window: int) -> ChainTrainer:
+        """This agent's trainer, built from ``params`` on first use and kept after."""
         if self.trainer is None:
             self.trainer = ChainTrainer(
                 self.model,
@@ -264,7 +265,7 @@ class FederatedAgent:
 
     def probe_report(self, task: Task) -> ProbeReport:
         """FOAT scores of this device's data for a PROBE task (no transport)."""
-        trainer = self._ensure_trainer(task.params, 1)
+        trainer = self.ensure_trainer(task.params, 1)
         scores = trainer.probe()
         return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
 
@@ -289,7 +290,7 @@ class FederatedAgent:
         validation rows, measured before the local steps; the training loss is that of
         the local steps."""
         window = list(task.window_layers)
-        trainer = self._ensure_trainer(task.params, len(window))
+        trainer = self.ensure_trainer(task.params, len(window))
         final = self.with_frozen_a(strip_prefix(tensors, "final."), trainer.config.lora)
         started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
