@@ -413,17 +413,20 @@ class FederatedAgent:
         """``WORKDIR/final_adapters.safetensors``: the federation's result with this
         device's metadata (task, labels, LoRA settings), loadable by ``chainfed classify``.
         Under FFA the frozen A, which never travels, is rebuilt from the seed of ``params``
-        (the DONE task's)."""
-        trainer = self.trainer
+        (the DONE task's). An agent that trained nothing in this process (restarted after
+        the chain ended; a Flower ClientApp started for this message) takes the LoRA
+        settings and pooling from ``params``, as its trainer would have."""
+        lora = chain_config_from_params(params, 1).lora
+        objective = self._objective(params) if self.trainer is None else self.trainer.objective
         info = AdapterInfo(
             task=self.data.task,
             model_digest=self.model_fingerprint,
-            lora=None if trainer is None else trainer.config.lora.to_dict(),
+            lora=lora.to_dict(),
             labels=self.data.labels,
             label_token_ids=self.data.label_token_ids,
-            pooling=None if trainer is None else getattr(trainer.objective, "pooling", None),
+            pooling=getattr(objective, "pooling", None),
         )
-        tensors = self.with_frozen_a(dict(final), chain_config_from_params(params, 1).lora)
+        tensors = self.with_frozen_a(dict(final), lora)
         path = save_adapter_file(
             self.config.workdir / "final_adapters.safetensors", AdapterFile(tensors, info.to_dict())
         )

@@ -163,3 +163,16 @@ def test_an_ffa_agent_sends_b_only_and_rebuilds_a_from_the_seed(
     assert set(written) == set(final) | set(seeded)
     for name, a in seeded.items():
         assert torch.equal(written[name], a), name
+
+    # an agent with no trainer in this process (restarted, or a Flower ClientApp started for
+    # the final message) writes the same file, LoRA settings and pooling included
+    fresh = FederatedAgent(AgentConfig("in-process", "", tmp_path / "fresh"), model, data, "fp")
+    again = load_adapter_file(fresh.write_final_adapters(final, params))
+    first_info = load_adapter_file(tmp_path / "final_adapters.safetensors").info
+    assert (
+        again.info["lora"]
+        == first_info["lora"]
+        == chain_config_from_params(params, 1).lora.to_dict()
+    )
+    assert again.info["pooling"] == first_info["pooling"] is not None
+    assert all(torch.equal(again.tensors[k], written[k]) for k in written)
