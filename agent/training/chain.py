@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from chainfed.agent.runtime.fingerprint import digest_json, digest_tensors
@@ -124,6 +125,13 @@ class ChainConfig:
     cache_dtype: str | None = None
     """Storage of the prefix cache: float32, float16 or bfloat16; None = the model's
     compute dtype."""
+    recompute: bool = True
+    """Training steps of ``chain`` and ``topk`` keep only each window block's input and
+    recompute the block in backward (``torch.utils.checkpoint``, non-reentrant): the
+    stage holds one block's activations at a time instead of the window's, and the
+    window's activations never coexist with those of the foresight and the loss. The
+    arithmetic is the same, so losses and adapters do not change. ``e2e`` never
+    recomputes: it is the baseline as users run it."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -499,10 +507,21 @@ class ChainTrainer:
         cache = self.caches[0 if train else 1]
         return cache.read(idx).to(self.model.device, self.model.dtype)
 
+    @property
+    def recomputes(self) -> bool:
+        """Whether training steps recompute the window blocks in backward
+        (``ChainConfig.recompute``; never for ``e2e``)."""
+        return self.config.recompute and self.config.mode != "e2e"
+
     def _window_forward(self, h: torch.Tensor, batch: Batch):
         ctx = self.model.attention_context(batch.attention_mask)
+        recompute = self.recomputes and torch.is_grad_enabled()
         for layer in self.window:
-            h = self.window_blocks[layer](h, ctx)
+            block = self.window_blocks[layer]
+            if recompute:
+                h = checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
         return h, ctx
 
     def train_round(self, steps: int | None = None) -> RoundResult:
