@@ -323,30 +323,50 @@ class ChainTrainer:
             )
         return self._caches
 
-    def _bring_cache_to(self, cache: PrefixCache, split: EncodedSplit, layer: int) -> None:
-        """Reuse what is on disk when valid, then advance block by block to ``layer``."""
+    def _bring_caches_to(
+        self, pairs: list[tuple[PrefixCache, EncodedSplit]], layer: int, then: int | None
+    ) -> None:
+        """Reuse what is on disk when valid, then advance block by block to ``layer``.
+
+        One streamed pass serves every cache: each block is read once (the next one in
+        the background) and advances each cache standing at it. While the last block
+        runs, window block ``then`` (a new window layer) is read for ``enter_stage``."""
         digests = [
             digest_tensors(self._final_of(i)) if self._final_of(i) else "none" for i in range(layer)
         ]
-        if not cache.usable_for(layer, digests):
+        stale = [(cache, split) for cache, split in pairs if not cache.usable_for(layer, digests)]
+        if stale:
             embeddings = self.model.load_embeddings()
-            cache.write_initial(
-                lambda sl: embeddings(split.input_ids[sl], split.attention_mask[sl]),
-                layer=0,
-                batch_size=self.config.micro_batch,
-            )
+            for cache, split in stale:
+                cache.write_initial(
+                    lambda sl, split=split: embeddings(
+                        split.input_ids[sl], split.attention_mask[sl]
+                    ),
+                    layer=0,
+                    batch_size=self.config.micro_batch,
+                )
             del embeddings
-        while cache.layer < layer:
-            index = cache.layer
-            block = self._frozen_block(index)
-            cache.advance(
-                lambda h, mask, block=block: block(
-                    h.to(self.model.device, self.model.dtype), self.model.attention_context(mask)
-                ),
-                split.attention_mask,
-                adapter_digest=digests[index],
-                batch_size=self.config.micro_batch,
-            )
+        window_read = None
+        if then is not None:
+            window_read = (("window", then), lambda: self.model.load_block(then))
+        start = min(cache.layer for cache, _ in pairs)
+        blocks = self.model.stream_blocks(
+            range(start, layer), self._frozen_block, tag="final", then=window_read
+        )
+        for index, block in blocks:
+            for cache, split in pairs:
+                if cache.layer != index:
+                    continue
+                cache.advance(
+                    lambda h, mask, block=block: block(
+                        h.to(self.model.device, self.model.dtype),
+                        self.model.attention_context(mask),
+                    ),
+                    split.attention_mask,
+                    adapter_digest=digests[index],
+                    batch_size=self.config.micro_batch,
+                )
+            del block
 
     def _final_of(self, layer: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{layer}."
@@ -395,10 +415,12 @@ class ChainTrainer:
         else:
             bottom = window[0] if window else self.L
             train_cache, val_cache = self.caches
+            pairs = [(val_cache, self.val_data)]
             if window or any(p.requires_grad for p in self.objective.parameters()):
                 # (an LM head-mode run trains nothing: only validation states are needed)
-                self._bring_cache_to(train_cache, self.train_data, bottom)
-            self._bring_cache_to(val_cache, self.val_data, bottom)
+                pairs.insert(0, (train_cache, self.train_data))
+            new = [j for j in window if j not in self.window_blocks]
+            self._bring_caches_to(pairs, bottom, then=new[0] if new else None)
         for j in window:
             if j not in self.window_blocks:
                 self._load_window_block(j)
@@ -433,7 +455,7 @@ class ChainTrainer:
         return self.foresight if self.layer is not None and self.layer < self.L - 1 else None
 
     def _load_window_block(self, layer: int) -> None:
-        block = self.model.load_block(layer)
+        block = self.model.loader.take(("window", layer), lambda: self.model.load_block(layer))
         add_lora(block, layer, self.config.lora)
         self.window_blocks[layer] = block
 
@@ -791,8 +813,12 @@ def evaluate_streaming(
             for i in range(0, len(data), batch_size)
         ]
     )
-    for layer in range(model.num_layers):
-        block = load_adapted_block(model, layer, adapters, lora)
+    blocks = model.stream_blocks(
+        range(model.num_layers),
+        lambda layer: load_adapted_block(model, layer, adapters, lora),
+        tag="adapted",
+    )
+    for _, block in blocks:
         h = torch.cat(
             [
                 block(
