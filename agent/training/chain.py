@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from chainfed.agent.runtime.attention import AttentionContext
 from chainfed.agent.runtime.fingerprint import digest_json, digest_tensors
 from chainfed.agent.runtime.lora import (
     LoRAConfig,
@@ -127,7 +127,7 @@ class ChainConfig:
     compute dtype."""
     recompute: bool = True
     """Training steps of ``chain`` and ``topk`` keep only each window block's input and
-    recompute the block in backward (``torch.utils.checkpoint``, non-reentrant): the
+    recompute the block in backward (``_RecomputedBlock``): the
     stage holds one block's activations at a time instead of the window's, and the
     window's activations never coexist with those of the foresight and the loss. The
     arithmetic is the same, so losses and adapters do not change. ``e2e`` never
@@ -541,7 +541,8 @@ class ChainTrainer:
         for layer in self.window:
             block = self.window_blocks[layer]
             if recompute:
-                h = checkpoint(block, h, ctx, use_reentrant=False)
+                params = trainable_adapter_params(block)
+                h = _RecomputedBlock.apply(h, block, ctx, *params)
             else:
                 h = block(h, ctx)
         return h, ctx
@@ -770,6 +771,43 @@ class ChainTrainer:
             self.foresight.load_state_dict(strip_prefix(tensors, "foresight."))
         self.resumed_from = info["next_layer"]
         return self.resumed_from
+
+
+class _RecomputedBlock(torch.autograd.Function):
+    """A window block that keeps only its input for backward and runs again there.
+
+    Forward: run under no_grad, save h_in and the RNG state (LoRA dropout draws from it).
+    Backward: restore that RNG state on a forked generator, run the block again with
+    grad, and return dL/dh_in and dL/dθ for its trainable adapter tensors θ — the same
+    arithmetic as a plain backward, so gradients are identical. (``torch.utils.checkpoint``
+    does the same, but its first call imports about 70 MiB of torch modules that stay.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx, h: torch.Tensor, block: nn.Module, attn: AttentionContext, *params: nn.Parameter
+    ):
+        ctx.block, ctx.attn, ctx.input_needs_grad = block, attn, h.requires_grad
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
+        ctx.save_for_backward(h)
+        return block(h, attn)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        params = trainable_adapter_params(ctx.block)
+        cuda = [h.device.index or 0] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, h.device)
+            h_in = h.detach().requires_grad_(ctx.input_needs_grad)
+            out = ctx.block(h_in, ctx.attn)
+            wrt = ([h_in] if ctx.input_needs_grad else []) + params
+            grads = list(torch.autograd.grad(out, wrt, grad_out))
+        grad_in = grads.pop(0) if ctx.input_needs_grad else None
+        return grad_in, None, None, *grads
 
 
 class _DepthLimited(nn.Module):
