@@ -476,7 +476,10 @@ def account_stages(trainer: ChainTrainer, spec: RunSpec) -> list[dict[str, int]]
 
     ``rest`` (filled by ``measure``) is the stage's peak above baseline less these: the
     transients of backward, the validation pass, the LM head slices, the allocator's
-    leftovers and library pages paged in.
+    leftovers and library pages paged in. Each part is its own maximum over the stage, not
+    its value at the moment of the peak, so ``rest`` can come out negative: a block that
+    exists need not be resident (the checkpoint is memory-mapped; its pages come in when
+    the block first computes).
     """
     model = trainer.model
     cfg = model.config
