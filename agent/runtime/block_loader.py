@@ -12,7 +12,8 @@ The loader keeps no block it has handed out — eviction is the consumer droppin
 reference, which it does before it names the next block (``take`` then ``prefetch``);
 a pending read is the loader's only reference. Reads run on one worker thread, in the
 order they are asked for; a block that was never prefetched is read on the caller's
-thread. A read that fails raises in the ``take`` that wanted it.
+thread. A read that fails raises in the ``take`` that wanted it. The worker thread ends
+when the loader is garbage-collected (``ThreadPoolExecutor``'s own rule).
 
 Every read is counted (``reads``, per key), and ``StreamingModel`` counts the blocks that
 exist at any moment (``resident_blocks``, ``peak_resident_blocks``), so tests can hold
@@ -63,20 +64,12 @@ class BlockLoader:
         self.reads[key] += 1
         return read()
 
-    def discard(self, keys: Iterable[Hashable] | None = None) -> None:
-        """Drop pending reads of ``keys`` (None: all) that nobody will take, as after a
-        pass that ended early; waits for those already running."""
-        keys = list(self._pending) if keys is None else [k for k in keys if k in self._pending]
-        pending = [self._pending.pop(key) for key in keys]
+    def discard(self, keys: Iterable[Hashable]) -> None:
+        """Drop pending reads of ``keys`` that nobody will take, as after a pass that ended
+        early; waits for those already running."""
+        pending = [self._pending.pop(key) for key in keys if key in self._pending]
         for future in pending:
             future.cancel()
         for future in pending:
             if not future.cancelled():
                 future.exception()
-
-    def close(self) -> None:
-        """Discard pending reads and stop the worker thread."""
-        self.discard()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
