@@ -43,6 +43,20 @@ the maximum over its stages; the headline is ``e2e / chain``. Compute dtype ``--
 (the shared device option: float32 on CPU, bfloat16 on a CUDA device that has it);
 trainable tensors float32 in every case (``chainfed.agent.runtime.precision``).
 
+Where the bytes go. Every stage also records its peak's parts (``account_stages``):
+frozen weights (the most blocks that existed at once, counted by ``StreamingModel``),
+saved activations (the peak of what autograd held for backward, through
+``saved_tensors_hooks``), adapters + AdamW state, one micro-batch of the prefix cache, and
+the rest (the peak less those: backward transients, the validation pass, allocator
+leftovers, library pages).
+
+Comparisons (``--compare``, ``COMPARISONS``). Beside the chain run, the chain's first
+``--compare-stages`` (3) stages run again in their own worker with one setting changed —
+``no recompute`` (``ChainConfig.recompute`` off: every window block keeps its activations)
+and ``no prefetch`` (``StreamingModel(prefetch=False)``: blocks read on the compute
+thread) — and are set against the same stages of the chain run: peak ratio and
+stage-time ratio, from one run on one machine.
+
 Samples. Each split has ``--samples`` sequences (default one micro-batch): every step
 sees one micro-batch, and the prefix-cache and validation passes (which the trainer runs
 at up to 4 x micro-batch under ``no_grad``) run at one micro-batch. ``--samples`` = 4 x
@@ -150,6 +164,15 @@ LLAMA2_7B = {
 }
 
 MODES = ("chain", "e2e", "topk")
+COMPARISONS: dict[str, dict[str, Any]] = {
+    "no recompute": {"recompute": False},
+    "no prefetch": {"prefetch": False},
+}
+"""Variants of the chain run, each the first ``--compare-stages`` stages in its own
+worker, compared with the same stages of the chain run: name -> ``RunSpec`` fields.
+Another axis (e.g. frozen-weight storage, ``--weights``) is a ``RunSpec`` field that
+``measure`` passes on, plus an entry here — and, to keep ratios like for like, the same
+field on the e2e run."""
 NUM_CLASSES = 3
 LABEL_TOKENS = [3, 4, 5]
 """Label-word token ids for the LM objective's accuracy (values do not matter here)."""
@@ -226,6 +249,11 @@ class Options:
     seed: int = 0
     tmp_dir: str | None = None
     """Where random checkpoints and prefix caches go (None: the system temp folder)."""
+    compare: tuple[str, ...] = tuple(COMPARISONS)
+    """``COMPARISONS`` run beside the chain."""
+    compare_stages: int = 3
+    """Chain stages each comparison runs (stage 0 builds the cache; later ones hold a full
+    window)."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +280,12 @@ class RunSpec:
     dtype: str = "float32"
     stages: int | None = None
     """Run only the chain's first ``stages`` stages (None: ``ChainTrainer.train()``)."""
+    recompute: bool = True
+    """``ChainConfig.recompute`` of the run (e2e never recomputes)."""
+    prefetch: bool = True
+    """``StreamingModel(prefetch=...)``: streamed blocks read ahead on a background thread."""
+    variant: str | None = None
+    """Name of the ``COMPARISONS`` entry this run measures (None: the mode as configured)."""
 
     def chain_config(self) -> ChainConfig:
         return ChainConfig(
@@ -267,6 +301,7 @@ class RunSpec:
             max_rounds=1,
             baseline_rounds=1,
             seed=self.seed,
+            recompute=self.recompute,
         )
 
 
@@ -292,6 +327,9 @@ class ShapeResult:
     ratio_e2e_chain: float | None = None
     ratio_e2e_topk: float | None = None
     paper_ratio: float | None = None
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    """Per ``COMPARISONS`` run: its first stages against the same stages of the chain run
+    (peaks above baseline, stage seconds, and their ratios)."""
 
 
 # -- the worker: one mode in a fresh process --------------------------------------------
@@ -326,7 +364,9 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     baseline = process_baseline()
     libraries_start = library_rss()
     cuda = torch.device(spec.device).type == "cuda"
-    model = StreamingModel(spec.model_dir, device=spec.device, dtype=DTYPES[spec.dtype])
+    model = StreamingModel(
+        spec.model_dir, device=spec.device, dtype=DTYPES[spec.dtype], prefetch=spec.prefetch
+    )
     train = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed)
     val = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed + 1)
     if cuda:  # token tensors where the model is; the trainer indexes them per micro-batch
@@ -337,19 +377,24 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     trainer = ChainTrainer(
         model, objective, train, val, spec.chain_config(), Path(spec.workdir), progress=False
     )
+    accounts = account_stages(trainer, spec)
     started = time.perf_counter()
     reports = trainer.train() if spec.stages is None else first_stages(trainer, spec.stages)
     seconds = time.perf_counter() - started
-    stages = [
-        {
-            "layer": r.layer,
-            "window": r.window,
-            "peak_bytes": r.peak_mem_bytes,
-            "above_baseline": r.peak_mem_bytes - r.baseline_mem_bytes,
-            "seconds": r.seconds,
-        }
-        for r in reports
-    ]
+    stages = []
+    for r, account in zip(reports, accounts, strict=True):
+        above = r.peak_mem_bytes - r.baseline_mem_bytes
+        rest = above - sum(account.values())
+        stages.append(
+            {
+                "layer": r.layer,
+                "window": r.window,
+                "peak_bytes": r.peak_mem_bytes,
+                "above_baseline": above,
+                "seconds": r.seconds,
+                "bytes": {**account, "rest": rest},
+            }
+        )
     top = max(stages, key=lambda s: s["above_baseline"])
     libraries_end = library_rss()
     return {
@@ -366,8 +411,108 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         ),
         "seconds": seconds,
         "stages": stages,
+        "block_reads": sum(model.loader.reads.values()),
         "spec": asdict(spec),
     }
+
+
+class SavedTensors:
+    """Bytes autograd holds for backward, as they come and go: a ``saved_tensors_hooks``
+    pair whose packed handle counts its storage while it lives (each storage once, however
+    many nodes save it; frozen weights, which are parameters, not counted)."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, int] = {}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if isinstance(tensor, torch.nn.Parameter):
+            return tensor
+        return _Saved(self, tensor)
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def _add(self, key: int, nbytes: int) -> None:
+        self._refs[key] = self._refs.get(key, 0) + 1
+        if self._refs[key] == 1:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+    def _drop(self, key: int, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.live -= nbytes
+
+
+class _Saved:
+    def __init__(self, counter: SavedTensors, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        self.counter, self.tensor = counter, tensor
+        self.key, self.nbytes = storage.data_ptr(), storage.nbytes()
+        counter._add(self.key, self.nbytes)
+
+    def __del__(self) -> None:
+        self.counter._drop(self.key, self.nbytes)
+
+
+def account_stages(trainer: ChainTrainer, spec: RunSpec) -> list[dict[str, int]]:
+    """Wrap ``trainer.run_stage`` so that each stage also records where its bytes went;
+    the returned list fills as stages run. Per stage:
+
+    * ``frozen_weights``: the most frozen blocks that existed at once (``StreamingModel``
+      counts them) × one block's bytes in the compute dtype, plus the embeddings for e2e
+      (held all stage) — chain and topk hold them only to build the prefix cache;
+    * ``saved_activations``: the peak of tensors held for backward (``SavedTensors``);
+    * ``adapter_state``: every trainable tensor (adapters, head, proxies) with its
+      gradient and two AdamW moments, float32;
+    * ``cache_batch``: one micro-batch of prefix-cache states (chain and topk).
+
+    ``rest`` (filled by ``measure``) is the stage's peak above baseline less these: the
+    transients of backward, the validation pass, the LM head slices, the allocator's
+    leftovers and library pages paged in. Each part is its own maximum over the stage, not
+    its value at the moment of the peak, so ``rest`` can come out negative: a block that
+    exists need not be resident (the checkpoint is memory-mapped; its pages come in when
+    the block first computes).
+    """
+    model = trainer.model
+    cfg = model.config
+    groups = checkpoint_layout(cfg)
+    itemsize = model.dtype.itemsize
+    block_bytes = sum(math.prod(shape) for _, shape in groups[1].values()) * itemsize
+    embedding_bytes = sum(math.prod(shape) for _, shape in groups[0].values()) * itemsize
+    accounts: list[dict[str, int]] = []
+    saved = SavedTensors()
+    run_stage = trainer.run_stage
+
+    def accounted(layer: int, rounds_cap: int) -> StageReport:
+        model.reset_peak_resident()
+        saved.reset_peak()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            report = run_stage(layer, rounds_cap)
+        trainables = trainer.trainable_state().values()
+        frozen = model.peak_resident_blocks * block_bytes
+        if spec.mode == "e2e":
+            frozen += embedding_bytes
+        cache = 0 if spec.mode == "e2e" else spec.batch * spec.seq * cfg.hidden_size
+        accounts.append(
+            {
+                "frozen_weights": frozen,
+                "saved_activations": saved.peak,
+                "adapter_state": 4 * 4 * sum(p.numel() for p in trainables),
+                "cache_batch": cache * itemsize,
+            }
+        )
+        return report
+
+    trainer.run_stage = accounted
+    return accounts
 
 
 def first_stages(trainer: ChainTrainer, count: int) -> list[StageReport]:
@@ -444,6 +589,7 @@ class PlannedRun:
     mode: str
     layers: int
     stages: int | None = None
+    variant: str | None = None
 
 
 def plan_runs(shape: Shape, options: Options, full: int) -> tuple[list[PlannedRun], int | None]:
@@ -455,8 +601,12 @@ def plan_runs(shape: Shape, options: Options, full: int) -> tuple[list[PlannedRu
     """
     n = options.layers
     sliced = shape.slice_on_cpu and torch.device(options.device).type == "cpu" and n < full
+    compared = []
+    if "chain" in options.modes:
+        stages = min(options.compare_stages, n if sliced else full)
+        compared = [PlannedRun("chain", full, stages, variant) for variant in options.compare]
     if not sliced:
-        return [PlannedRun(mode, full) for mode in options.modes], None
+        return [PlannedRun(mode, full) for mode in options.modes] + compared, None
     runs = []
     for mode in options.modes:
         if mode == "chain":
@@ -465,7 +615,7 @@ def plan_runs(shape: Shape, options: Options, full: int) -> tuple[list[PlannedRu
             runs += [PlannedRun("e2e", n // 2), PlannedRun("e2e", n)]
         else:
             runs.append(PlannedRun(mode, n))
-    return runs, n
+    return runs + compared, n
 
 
 def prepare_models(
@@ -527,7 +677,7 @@ def summarise(result: ShapeResult) -> ShapeResult:
     """Fill ``full_depth`` and the ratios from the runs."""
     by_mode: dict[str, list[dict[str, Any]]] = {}
     for run in result.runs:
-        if "error" not in run:
+        if "error" not in run and variant_of(run) is None:
             by_mode.setdefault(run["mode"], []).append(run)
     for mode, runs in by_mode.items():
         at = {r["layers"]: r["peak_above_baseline"] for r in runs}
@@ -548,12 +698,41 @@ def summarise(result: ShapeResult) -> ShapeResult:
         else:
             entry = {"peak_above_baseline": at[result.slice_layers], "how": "depth_independent"}
         result.full_depth[mode] = entry
+    chain = by_mode.get("chain", [None])[0]
+    for run in result.runs:
+        if chain is not None and "error" not in run and variant_of(run) is not None:
+            result.comparisons.append(compare_runs(run, chain))
     peak = {m: v["peak_above_baseline"] for m, v in result.full_depth.items()}
     if "e2e" in peak and peak.get("chain", 0) > 0:
         result.ratio_e2e_chain = peak["e2e"] / peak["chain"]
     if "e2e" in peak and peak.get("topk", 0) > 0:
         result.ratio_e2e_topk = peak["e2e"] / peak["topk"]
     return result
+
+
+def variant_of(run: dict[str, Any]) -> str | None:
+    return run.get("spec", {}).get("variant")
+
+
+def compare_runs(variant: dict[str, Any], chain: dict[str, Any]) -> dict[str, Any]:
+    """A comparison run against the same stages of the chain run."""
+    layers = {s["layer"] for s in variant["stages"]}
+    same = [s for s in chain["stages"] if s["layer"] in layers]
+    peak = max(s["above_baseline"] for s in variant["stages"])
+    chain_peak = max(s["above_baseline"] for s in same)
+    seconds = sum(s["seconds"] for s in variant["stages"])
+    chain_seconds = sum(s["seconds"] for s in same)
+    return {
+        "variant": variant_of(variant),
+        "stages": sorted(layers),
+        "peak_above_baseline": peak,
+        "chain_peak_above_baseline": chain_peak,
+        "peak_ratio": peak / chain_peak if chain_peak > 0 else None,
+        "seconds": seconds,
+        "chain_seconds": chain_seconds,
+        "time_ratio": chain_seconds / seconds if seconds > 0 else None,
+        "block_reads": variant.get("block_reads"),
+    }
 
 
 def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeResult:
@@ -583,10 +762,12 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
             gpo=options.gpo,
             steps=options.steps,
             device=options.device,
-            workdir=str(tmp / f"{shape.name}-L{p.layers}-{p.mode}"),
+            workdir=str(tmp / f"{shape.name}-L{p.layers}-{p.mode}-{p.variant or 'main'}"),
             seed=options.seed,
             dtype=options.dtype,
             stages=p.stages,
+            variant=p.variant,
+            **COMPARISONS.get(p.variant, {}),
         )
         started = time.perf_counter()
         run = run_isolated(spec)
@@ -622,6 +803,8 @@ def run_label(run: dict[str, Any]) -> str:
     label = f"{run['layers']} layers"
     if stages is not None and run["mode"] == "chain":
         label += f", stages 0-{stages - 1}"
+    if variant_of(run) is not None:
+        label += f", {variant_of(run)}"
     return label
 
 
@@ -725,7 +908,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for s in report["shapes"]:
         for mode in options["modes"]:
-            runs = [r for r in s["runs"] if r["mode"] == mode]
+            runs = [r for r in s["runs"] if r["mode"] == mode and variant_of(r) is None]
             measured = ", ".join(
                 "failed" if "error" in r else format_bytes(r["peak_above_baseline"]) for r in runs
             )
@@ -773,7 +956,14 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for s in report["shapes"]:
         b = s["model_bytes"]
-        chain = next((r for r in s["runs"] if r["mode"] == "chain" and "error" not in r), None)
+        chain = next(
+            (
+                r
+                for r in s["runs"]
+                if r["mode"] == "chain" and "error" not in r and variant_of(r) is None
+            ),
+            None,
+        )
         libraries = chain.get("library_pages_bytes") if chain else None
         stage = "—"
         if chain:
@@ -787,6 +977,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {format_bytes(b['head'])} "
             f"| {format_bytes(libraries) if libraries is not None else '—'} | {stage} |"
         )
+    lines += _bytes_tables(report)
+    lines += _comparison_table(report)
     failed = [r for s in report["shapes"] for r in s["runs"] if "error" in r]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -798,6 +990,79 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+BYTE_PARTS = ("frozen_weights", "saved_activations", "adapter_state", "cache_batch", "rest")
+
+
+def _bytes_row(label: str, stage: dict[str, Any]) -> str:
+    parts = stage.get("bytes", {})
+    cells = " | ".join(format_bytes(parts[k]) if k in parts else "—" for k in BYTE_PARTS)
+    return f"| {label} | {format_bytes(stage['above_baseline'])} | {cells} |"
+
+
+def _bytes_tables(report: dict[str, Any]) -> list[str]:
+    """Where each run's peak stage, and every chain stage, put its bytes."""
+    header = (
+        "| {} | peak above baseline | frozen weights | saved activations "
+        "| adapters + AdamW | cache batch | rest |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    lines = ["", "## Where the bytes go: each run's peak stage", "", header.format("run"), rule]
+    for s in report["shapes"]:
+        for run in s["runs"]:
+            if "error" in run:
+                continue
+            top = next(st for st in run["stages"] if st["layer"] == run["peak_stage"])
+            label = f"{s['shape']} {run['mode']} ({run_label(run)}), stage {top['layer']}"
+            lines.append(_bytes_row(label, top))
+    for s in report["shapes"]:
+        chain = next(
+            (
+                r
+                for r in s["runs"]
+                if r["mode"] == "chain" and "error" not in r and variant_of(r) is None
+            ),
+            None,
+        )
+        if chain is None:
+            continue
+        lines += ["", f"### {s['shape']}: every chain stage", "", header.format("stage"), rule]
+        for st in chain["stages"]:
+            window = f"{st['window'][0]}-{st['window'][-1]}" if st["window"] else "-"
+            lines.append(_bytes_row(f"{st['layer']} (window {window})", st))
+    lines += [
+        "",
+        "frozen weights: the most blocks that existed at once × one block (+ the embeddings, "
+        "e2e); saved activations: the peak of tensors autograd held for backward; adapters + "
+        "AdamW: trainable tensors × 4 (value, gradient, two moments), float32; cache batch: "
+        "one micro-batch of prefix-cache states; rest: the peak less these (backward "
+        "transients, the validation pass, LM-head slices, allocator leftovers, library pages).",
+    ]
+    return lines
+
+
+def _comparison_table(report: dict[str, Any]) -> list[str]:
+    rows = [(s, c) for s in report["shapes"] for c in s.get("comparisons", [])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Recompute and prefetch: the chain's first stages, same run",
+        "",
+        "| shape | variant | stages | peak above baseline | chain's | variant / chain "
+        "| stage seconds | chain's | chain / variant time | block reads |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s, c in rows:
+        lines.append(
+            f"| {s['shape']} | {c['variant']} | {c['stages'][0]}-{c['stages'][-1]} "
+            f"| {format_bytes(c['peak_above_baseline'])} "
+            f"| {format_bytes(c['chain_peak_above_baseline'])} | {_ratio(c['peak_ratio'])} "
+            f"| {c['seconds']:.1f} | {c['chain_seconds']:.1f} | {_ratio(c['time_ratio'])} "
+            f"| {c['block_reads']} |"
+        )
+    return lines
 
 
 def _foresight_text(gpo: str, layers_above: int) -> str:
@@ -847,7 +1112,11 @@ def _slice_notes(s: dict[str, Any], gpo: str) -> list[str]:
             "allocator kept)."
         )
     if "chain" in modes:
-        chain = next(r for r in s["runs"] if r["mode"] == "chain" and "error" not in r)
+        chain = next(
+            r
+            for r in s["runs"]
+            if r["mode"] == "chain" and "error" not in r and variant_of(r) is None
+        )
         foresight = "no GPO" if gpo == "none" else f"GPO `{gpo}` over every later layer"
         lines.append(
             f"* chain, **measured**: the real {full}-layer config ({foresight}, as at full "
@@ -879,7 +1148,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     gib = float(1 << 30)
     for ax, s in zip(axes.flat, shapes, strict=False):
         for run in s["runs"]:
-            if "error" in run:
+            if "error" in run or variant_of(run) is not None:
                 continue
             if run["mode"] == "chain":
                 xs = [st["layer"] for st in run["stages"]]
@@ -965,6 +1234,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help="output folder (default: benchmarks/results/memory-<timestamp>)"
     )
     parser.add_argument("--tmp-dir", help="folder for random checkpoints and prefix caches")
+    parser.add_argument(
+        "--compare",
+        default=",".join(COMPARISONS),
+        help=f"chain variants to compare, from {', '.join(repr(c) for c in COMPARISONS)}, "
+        "comma-separated, or 'none' (default: all)",
+    )
+    parser.add_argument(
+        "--compare-stages",
+        type=int,
+        default=3,
+        help="chain stages each comparison runs (default: 3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -976,9 +1257,16 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(*args.worker)
     names = [n.strip() for n in args.shapes.split(",") if n.strip()]
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    compare = tuple(
+        c.strip() for c in args.compare.split(",") if c.strip() and args.compare != "none"
+    )
     unknown = [n for n in names if n not in SHAPES] + [m for m in modes if m not in MODES]
+    unknown += [c for c in compare if c not in COMPARISONS]
     if unknown:
         print(f"unknown shape or mode: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if args.compare_stages < 1:
+        print("--compare-stages must be >= 1", file=sys.stderr)
         return 2
     if args.layers < 2:
         print("--layers must be >= 2 (e2e runs the slice at N/2 and N layers)", file=sys.stderr)
@@ -1009,6 +1297,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=dtype_name(precision.dtype),
         seed=args.seed,
         tmp_dir=args.tmp_dir,
+        compare=compare,
+        compare_stages=args.compare_stages,
     )
     out = args.out or Path("benchmarks/results") / time.strftime("memory-%Y%m%d-%H%M%S")
     given = sys.argv[1:] if argv is None else argv

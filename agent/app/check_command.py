@@ -79,11 +79,12 @@ class AdaptedModel(StreamingModel):
 def last_hidden_state(
     model: StreamingModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Output of the last block (before any final norm), one block resident at a time."""
+    """Output of the last block (before any final norm), streamed (``stream_blocks``)."""
     ctx = model.attention_context(attention_mask)
     h = model.load_embeddings()(input_ids, attention_mask)  # (B, T, d)
-    for index in range(model.num_layers):
-        h = model.load_block(index)(h, ctx)
+    for _, block in model.stream_blocks(range(model.num_layers)):
+        h = block(h, ctx)
+        del block
     return h
 
 

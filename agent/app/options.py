@@ -332,6 +332,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
         head_refit_epochs=args.head_refit_epochs,
         seed=args.seed,
         cache_dtype=args.cache_dtype,
+        recompute=not args.no_recompute,
     )
 
 

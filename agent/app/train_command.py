@@ -89,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "features (classify; default 0: none)",
     )
     c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
+    c.add_argument(
+        "--no-recompute",
+        action="store_true",
+        help="keep every window block's activations for backward instead of recomputing "
+        "each block in backward (more memory, no recompute time; same results)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
         "--cache-dtype",

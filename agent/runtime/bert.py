@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chainfed.agent.runtime.attention import AttentionContext, attend, padding_mask
-from chainfed.agent.runtime.checkpoint import TensorSpec
+from chainfed.agent.runtime.checkpoint import TensorSpec, uninitialised_embedding
 from chainfed.agent.runtime.model_config import ModelConfig
 
 CHECKPOINT_PREFIXES = ("", "bert.", "roberta.")
@@ -41,9 +41,9 @@ class BertEmbeddings(nn.Module):
         eps: float,
     ) -> None:
         super().__init__()
-        self.word = nn.Embedding(vocab_size, hidden_size)
-        self.position = nn.Embedding(max_positions, hidden_size)
-        self.token_type = nn.Embedding(type_vocab_size, hidden_size)
+        self.word = uninitialised_embedding(vocab_size, hidden_size)
+        self.position = uninitialised_embedding(max_positions, hidden_size)
+        self.token_type = uninitialised_embedding(type_vocab_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.position_offset = position_offset
 

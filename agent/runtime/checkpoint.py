@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from chainfed.agent.errors import ModelLoadError
 from chainfed.agent.runtime.safetensors_io import StoredTensor, read_header
@@ -150,3 +151,11 @@ class Checkpoint:
             raise ModelLoadError(
                 f"{path}: cannot read rows {start}:{stop} of {name}: {exc}"
             ) from exc
+
+
+def uninitialised_embedding(num: int, dim: int) -> nn.Embedding:
+    """A frozen ``nn.Embedding`` whose weight is left uninitialised: the checkpoint's
+    tensor always replaces it. Skipping ``nn.Embedding``'s random init matters on the
+    ``meta`` device the model builds on: the first ``normal_`` there loads torch's Python
+    decompositions, about 70 MiB of resident memory the process never gives back."""
+    return nn.Embedding.from_pretrained(torch.empty(num, dim))

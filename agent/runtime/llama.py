@@ -23,7 +23,7 @@ from chainfed.agent.runtime.attention import (
     rope_inverse_frequencies,
     rope_tables,
 )
-from chainfed.agent.runtime.checkpoint import TensorSpec
+from chainfed.agent.runtime.checkpoint import TensorSpec, uninitialised_embedding
 from chainfed.agent.runtime.model_config import ModelConfig
 
 CHECKPOINT_PREFIXES = ("model.", "")
@@ -48,7 +48,7 @@ class LlamaEmbeddings(nn.Module):
 
     def __init__(self, *, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.word = nn.Embedding(vocab_size, hidden_size)
+        self.word = uninitialised_embedding(vocab_size, hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.word(input_ids.to(self.word.weight.device))  # (B, T, d)

@@ -6,6 +6,10 @@ Only the part in use is in memory. ``hidden_states`` shows the pattern every con
     embeddings ──> h0 ──> block 0 ──> h1 ──> ... ──> block L-1 ──> hL ──> head
        load/drop        load/drop                     load/drop       load/drop
 
+Streamed passes go through ``stream_blocks``: its ``BlockLoader`` reads block l+1 on a
+background thread while block l computes, and the caller drops block l before the next
+(``chainfed.agent.runtime.block_loader``).
+
 Modules are created on the ``meta`` device and receive the checkpoint's tensors by
 assignment, so building a block allocates its weights once, never twice: in the compute
 dtype, on the compute device (``chainfed.agent.runtime.precision`` says which). Token ids
@@ -14,6 +18,9 @@ and masks may come from the CPU; the embeddings and ``attention_context`` move t
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +32,7 @@ from torch import nn
 from chainfed.agent.errors import ModelLoadError
 from chainfed.agent.runtime import bert, llama
 from chainfed.agent.runtime.attention import AttentionContext
+from chainfed.agent.runtime.block_loader import BlockLoader, BlockRead
 from chainfed.agent.runtime.checkpoint import Checkpoint, TensorSpec
 from chainfed.agent.runtime.fingerprint import digest_files
 from chainfed.agent.runtime.lm_head import StreamedLMHead
@@ -49,6 +57,7 @@ class StreamingModel:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        prefetch: bool = True,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -61,6 +70,13 @@ class StreamingModel:
         """Where every part is built and every activation lives."""
         self._family = _FAMILIES[self.config.family]
         self._prefix = self._find_prefix()
+        self.loader = BlockLoader(prefetch=prefetch)
+        """Reads the next streamed block while the current one computes (``stream_blocks``)."""
+        self.resident_blocks = 0
+        """Blocks built by ``load_block`` that still exist (window blocks included)."""
+        self.peak_resident_blocks = 0
+        """Most blocks that existed at once since opening (or ``reset_peak_resident``)."""
+        self._residency = threading.Lock()
 
     def _find_prefix(self) -> str:
         for prefix in self._family.CHECKPOINT_PREFIXES:
@@ -132,11 +148,56 @@ class StreamingModel:
         return self._family.block_tensors(self.config, self._prefix, index)
 
     def load_block(self, index: int) -> nn.Module:
-        """Frozen block ``index``: ``(h, AttentionContext) -> h``."""
+        """Frozen block ``index``: ``(h, AttentionContext) -> h``. Safe to call from the
+        loader's thread."""
         spec = self.block_tensor_spec(index)
         with torch.device("meta"):
             module = self._family.build_block(self.config)
-        return self._materialise(module, spec)
+        module = self._materialise(module, spec)
+        with self._residency:
+            self.resident_blocks += 1
+            self.peak_resident_blocks = max(self.peak_resident_blocks, self.resident_blocks)
+        weakref.finalize(module, self._block_released)
+        return module
+
+    def _block_released(self) -> None:
+        with self._residency:
+            self.resident_blocks -= 1
+
+    def reset_peak_resident(self) -> None:
+        """Start counting ``peak_resident_blocks`` from the blocks that exist now."""
+        with self._residency:
+            self.peak_resident_blocks = self.resident_blocks
+
+    def stream_blocks(
+        self,
+        layers: Sequence[int],
+        read: Callable[[int], nn.Module] | None = None,
+        *,
+        tag: str = "base",
+        then: tuple[Hashable, BlockRead] | None = None,
+    ) -> Iterator[tuple[int, nn.Module]]:
+        """``(layer, block)`` for ``layers`` in order, block l+1 read in the background
+        while the caller computes with block l (``read(layer)``, default ``load_block``).
+
+        The caller drops each block before asking for the next (``del block`` at the end
+        of the loop body): then at most two streamed blocks exist at once. ``tag`` tells
+        apart different builds of one layer (``loader`` keys are ``(tag, layer)``).
+        ``then`` = (key, read): what to read while the last block computes, for whoever
+        takes ``key`` from ``loader`` next."""
+        read = self.load_block if read is None else read
+        try:
+            for position, layer in enumerate(layers):
+                block = self.loader.take((tag, layer), lambda layer=layer: read(layer))
+                if position + 1 < len(layers):
+                    following = layers[position + 1]
+                    self.loader.prefetch((tag, following), lambda j=following: read(j))
+                elif then is not None:
+                    self.loader.prefetch(*then)
+                yield layer, block
+                del block
+        finally:
+            self.loader.discard((tag, layer) for layer in layers)
 
     def _require_decoder(self) -> None:
         if self.config.family != "llama":
@@ -191,8 +252,8 @@ def hidden_states(
 
     Same convention as transformers' ``output_hidden_states``: element 0 is the
     embedding output, element i the output of block i-1. ``input_ids`` and
-    ``attention_mask`` are (B, T), right padded. Only the embeddings or one block are
-    resident at any moment besides the returned states.
+    ``attention_mask`` are (B, T), right padded. Only the embeddings, or the block computing
+    and the next one being read, are resident at any moment besides the returned states.
     """
     model = StreamingModel(model_dir, dtype=dtype, device=device)
     if attention_mask is None:
@@ -201,8 +262,7 @@ def hidden_states(
     embeddings = model.load_embeddings()
     states = [embeddings(input_ids, attention_mask)]
     del embeddings
-    for index in range(model.num_layers):
-        block = model.load_block(index)
+    for _, block in model.stream_blocks(range(model.num_layers)):
         states.append(block(states[-1], ctx))
         del block
     return states

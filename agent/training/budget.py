@@ -5,7 +5,9 @@ The estimate counts what a chain stage holds above the idle process, per compone
 * weights of the Q window blocks (+ one streamed block for ``exact`` foresight) and of
   the head (the LM head for ``lm``; tiny for ``classify``);
 * activations autograd keeps per block per token, ≈ (12·d + 4·F) values plus H·T for
-  attention probabilities (a conservative count of what SDPA/LayerNorm/GELU save);
+  attention probabilities (a conservative count of what SDPA/LayerNorm/GELU save): for
+  every window block, or with ``ChainConfig.recompute`` each block's input plus one
+  block's activations (the block being recomputed in backward);
 * adapter parameters ×4 (value, gradient, two AdamW moments) and GPO proxies.
 
 Weights and activations count the bytes of the compute dtype (``dtype``: 2 for bf16/fp16),
@@ -81,7 +83,8 @@ def estimate_stage_bytes(
     activations = activation_bytes(cfg, config.micro_batch, seq_len, dtype)
     head = cfg.vocab_size * cfg.hidden_size * value if task == "lm" else 0
     total = window * (block_weight_bytes(cfg, dtype) + adapter_bytes(cfg, config.lora.rank))
-    total += window * activations + head + states * 4
+    kept = window * states + activations if config.recompute else window * activations
+    total += kept + head + states * 4
     if kind == "exact":
         total += block_weight_bytes(cfg, dtype) + activations
         total += min(depth, cfg.num_layers) * states

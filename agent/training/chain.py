@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from chainfed.agent.runtime.attention import AttentionContext
 from chainfed.agent.runtime.fingerprint import digest_json, digest_tensors
 from chainfed.agent.runtime.lora import (
     LoRAConfig,
@@ -124,6 +125,13 @@ class ChainConfig:
     cache_dtype: str | None = None
     """Storage of the prefix cache: float32, float16 or bfloat16; None = the model's
     compute dtype."""
+    recompute: bool = True
+    """Training steps of ``chain`` and ``topk`` keep only each window block's input and
+    recompute the block in backward (``_RecomputedBlock``): the
+    stage holds one block's activations at a time instead of the window's, and the
+    window's activations never coexist with those of the foresight and the loss. The
+    arithmetic is the same, so losses and adapters do not change. ``e2e`` never
+    recomputes: it is the baseline as users run it."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -315,30 +323,50 @@ class ChainTrainer:
             )
         return self._caches
 
-    def _bring_cache_to(self, cache: PrefixCache, split: EncodedSplit, layer: int) -> None:
-        """Reuse what is on disk when valid, then advance block by block to ``layer``."""
+    def _bring_caches_to(
+        self, pairs: list[tuple[PrefixCache, EncodedSplit]], layer: int, then: int | None
+    ) -> None:
+        """Reuse what is on disk when valid, then advance block by block to ``layer``.
+
+        One streamed pass serves every cache: each block is read once (the next one in
+        the background) and advances each cache standing at it. While the last block
+        runs, window block ``then`` (a new window layer) is read for ``enter_stage``."""
         digests = [
             digest_tensors(self._final_of(i)) if self._final_of(i) else "none" for i in range(layer)
         ]
-        if not cache.usable_for(layer, digests):
+        stale = [(cache, split) for cache, split in pairs if not cache.usable_for(layer, digests)]
+        if stale:
             embeddings = self.model.load_embeddings()
-            cache.write_initial(
-                lambda sl: embeddings(split.input_ids[sl], split.attention_mask[sl]),
-                layer=0,
-                batch_size=self.config.micro_batch,
-            )
+            for cache, split in stale:
+                cache.write_initial(
+                    lambda sl, split=split: embeddings(
+                        split.input_ids[sl], split.attention_mask[sl]
+                    ),
+                    layer=0,
+                    batch_size=self.config.micro_batch,
+                )
             del embeddings
-        while cache.layer < layer:
-            index = cache.layer
-            block = self._frozen_block(index)
-            cache.advance(
-                lambda h, mask, block=block: block(
-                    h.to(self.model.device, self.model.dtype), self.model.attention_context(mask)
-                ),
-                split.attention_mask,
-                adapter_digest=digests[index],
-                batch_size=self.config.micro_batch,
-            )
+        window_read = None
+        if then is not None:
+            window_read = (("window", then), lambda: self.model.load_block(then))
+        start = min(cache.layer for cache, _ in pairs)
+        blocks = self.model.stream_blocks(
+            range(start, layer), self._frozen_block, tag="final", then=window_read
+        )
+        for index, block in blocks:
+            for cache, split in pairs:
+                if cache.layer != index:
+                    continue
+                cache.advance(
+                    lambda h, mask, block=block: block(
+                        h.to(self.model.device, self.model.dtype),
+                        self.model.attention_context(mask),
+                    ),
+                    split.attention_mask,
+                    adapter_digest=digests[index],
+                    batch_size=self.config.micro_batch,
+                )
+            del block
 
     def _final_of(self, layer: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{layer}."
@@ -387,10 +415,12 @@ class ChainTrainer:
         else:
             bottom = window[0] if window else self.L
             train_cache, val_cache = self.caches
+            pairs = [(val_cache, self.val_data)]
             if window or any(p.requires_grad for p in self.objective.parameters()):
                 # (an LM head-mode run trains nothing: only validation states are needed)
-                self._bring_cache_to(train_cache, self.train_data, bottom)
-            self._bring_cache_to(val_cache, self.val_data, bottom)
+                pairs.insert(0, (train_cache, self.train_data))
+            new = [j for j in window if j not in self.window_blocks]
+            self._bring_caches_to(pairs, bottom, then=new[0] if new else None)
         for j in window:
             if j not in self.window_blocks:
                 self._load_window_block(j)
@@ -425,7 +455,7 @@ class ChainTrainer:
         return self.foresight if self.layer is not None and self.layer < self.L - 1 else None
 
     def _load_window_block(self, layer: int) -> None:
-        block = self.model.load_block(layer)
+        block = self.model.loader.take(("window", layer), lambda: self.model.load_block(layer))
         add_lora(block, layer, self.config.lora)
         self.window_blocks[layer] = block
 
@@ -499,10 +529,22 @@ class ChainTrainer:
         cache = self.caches[0 if train else 1]
         return cache.read(idx).to(self.model.device, self.model.dtype)
 
+    @property
+    def recomputes(self) -> bool:
+        """Whether training steps recompute the window blocks in backward
+        (``ChainConfig.recompute``; never for ``e2e``)."""
+        return self.config.recompute and self.config.mode != "e2e"
+
     def _window_forward(self, h: torch.Tensor, batch: Batch):
         ctx = self.model.attention_context(batch.attention_mask)
+        recompute = self.recomputes and torch.is_grad_enabled()
         for layer in self.window:
-            h = self.window_blocks[layer](h, ctx)
+            block = self.window_blocks[layer]
+            if recompute:
+                params = trainable_adapter_params(block)
+                h = _RecomputedBlock.apply(h, block, ctx, *params)
+            else:
+                h = block(h, ctx)
         return h, ctx
 
     def train_round(self, steps: int | None = None) -> RoundResult:
@@ -731,6 +773,43 @@ class ChainTrainer:
         return self.resumed_from
 
 
+class _RecomputedBlock(torch.autograd.Function):
+    """A window block that keeps only its input for backward and runs again there.
+
+    Forward: run under no_grad, save h_in and the RNG state (LoRA dropout draws from it).
+    Backward: restore that RNG state on a forked generator, run the block again with
+    grad, and return dL/dh_in and dL/dθ for its trainable adapter tensors θ — the same
+    arithmetic as a plain backward, so gradients are identical. (``torch.utils.checkpoint``
+    does the same, but its first call imports about 70 MiB of torch modules that stay.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx, h: torch.Tensor, block: nn.Module, attn: AttentionContext, *params: nn.Parameter
+    ):
+        ctx.block, ctx.attn, ctx.input_needs_grad = block, attn, h.requires_grad
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
+        ctx.save_for_backward(h)
+        return block(h, attn)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        params = trainable_adapter_params(ctx.block)
+        cuda = [h.device.index or 0] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, h.device)
+            h_in = h.detach().requires_grad_(ctx.input_needs_grad)
+            out = ctx.block(h_in, ctx.attn)
+            wrt = ([h_in] if ctx.input_needs_grad else []) + params
+            grads = list(torch.autograd.grad(out, wrt, grad_out))
+        grad_in = grads.pop(0) if ctx.input_needs_grad else None
+        return grad_in, None, None, *grads
+
+
 class _DepthLimited(nn.Module):
     """``exact:k``: only the next k blocks above the window, then the head."""
 
@@ -772,8 +851,12 @@ def evaluate_streaming(
             for i in range(0, len(data), batch_size)
         ]
     )
-    for layer in range(model.num_layers):
-        block = load_adapted_block(model, layer, adapters, lora)
+    blocks = model.stream_blocks(
+        range(model.num_layers),
+        lambda layer: load_adapted_block(model, layer, adapters, lora),
+        tag="adapted",
+    )
+    for _, block in blocks:
         h = torch.cat(
             [
                 block(

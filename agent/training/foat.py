@@ -35,7 +35,7 @@ from chainfed.agent.training.cka import linear_cka, masked_token_rows
 def probe_cka(
     model: StreamingModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> list[float]:
-    """CKA(output of block i, reference) for i = 0..L-1, one block resident at a time;
+    """CKA(output of block i, reference) for i = 0..L-1, streamed (``stream_blocks``);
     the reference is the embedding output (bert) or block 0's output (llama)."""
     decoder = model.config.family == "llama"
 
@@ -47,8 +47,9 @@ def probe_cka(
     h = model.load_embeddings()(input_ids, attention_mask)  # (B, T, d)
     reference = None if decoder else rows(h)
     scores = []
-    for index in range(model.num_layers):
-        h = model.load_block(index)(h, ctx)
+    for _, block in model.stream_blocks(range(model.num_layers)):
+        h = block(h, ctx)
+        del block
         current = rows(h)
         if reference is None:
             reference = current

@@ -8,8 +8,9 @@ Two ways to give the window a view of the rest of the network for the global los
   A layer's proxy retires when the chain reaches that layer.
 * ``ExactForesight`` (``exact:k``): the next k frozen base blocks, each loaded from disk
   in forward, run without keeping activations, and loaded again in backward to recompute
-  them. ``exact:all`` gives the true end-to-end gradient for the window at about one
-  block's weights plus one block's activations.
+  them; the model's ``BlockLoader`` reads each one while the block before it computes.
+  ``exact:all`` gives the true end-to-end gradient for the window at about two blocks'
+  weights (the one computing, the one being read) plus one block's activations.
 
 Precision: proxies are float32 master weights on the model's device (drawn on the CPU by
 ``initial_proxies``, then moved); they compute in the dtype of the hidden states they get
@@ -125,27 +126,51 @@ class _ReversibleProxies(torch.autograd.Function):
 class _StreamedBlock(torch.autograd.Function):
     """One frozen block whose weights and activations live only inside forward/backward.
 
-    Forward: load, run under no_grad, drop; save only the input h.
-    Backward: load again, recompute with grad, return dL/dh_in = J_block(h_in)ᵀ · dL/dh_out.
+    Forward: take the block from the model's loader, name the next read (the next
+    foresight block; after the last one, the last block again for its recompute, when a
+    backward will follow), run under no_grad, drop it; save only the input h.
+    Backward: take the block again, name the read below it (backward runs top down),
+    recompute with grad, return dL/dh_in = J_block(h_in)ᵀ · dL/dh_out.
+    Each block is therefore read once per forward and once per recompute, each read
+    overlapping the compute of the block before it.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, model: StreamingModel, layer: int, attn: AttentionContext):
-        ctx.model, ctx.layer, ctx.attn = model, layer, attn
+    def forward(
+        ctx,
+        h: torch.Tensor,
+        model: StreamingModel,
+        layers: tuple[int, ...],
+        position: int,
+        attn: AttentionContext,
+        backward_follows: bool,
+    ):
+        ctx.model, ctx.layers, ctx.position, ctx.attn = model, layers, position, attn
         ctx.save_for_backward(h)
-        block = model.load_block(layer)
+        layer = layers[position]
+        block = model.loader.take(("foresight", layer), lambda: model.load_block(layer))
+        if position + 1 < len(layers):
+            following = layers[position + 1]
+            model.loader.prefetch(("foresight", following), lambda: model.load_block(following))
+        elif backward_follows:
+            model.loader.prefetch(("recompute", layer), lambda: model.load_block(layer))
         with torch.no_grad():
             return block(h, attn)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (h,) = ctx.saved_tensors
-        block = ctx.model.load_block(ctx.layer)
+        model, layers, position = ctx.model, ctx.layers, ctx.position
+        layer = layers[position]
+        block = model.loader.take(("recompute", layer), lambda: model.load_block(layer))
+        if position > 0:
+            below = layers[position - 1]
+            model.loader.prefetch(("recompute", below), lambda: model.load_block(below))
         with torch.enable_grad():
             h_in = h.detach().requires_grad_(True)
             out = block(h_in, ctx.attn)
             (grad_in,) = torch.autograd.grad(out, h_in, grad_out)
-        return grad_in, None, None, None
+        return grad_in, None, None, None, None, None
 
 
 class ExactForesight(nn.Module):
@@ -160,6 +185,8 @@ class ExactForesight(nn.Module):
         self.layers = range(max(self.layers.start, layer + 1), self.layers.stop)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        for layer in self.layers:
-            h = _StreamedBlock.apply(h, self.model, layer, ctx)
+        layers = tuple(self.layers)
+        backward_follows = torch.is_grad_enabled() and h.requires_grad
+        for position in range(len(layers)):
+            h = _StreamedBlock.apply(h, self.model, layers, position, ctx, backward_follows)
         return h

@@ -40,8 +40,9 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tin
     report = memory.run_benchmark([shape], options, tmp_path / "out", log=lambda _: None)
 
     result = report["shapes"][0]
-    runs = {r["mode"]: r for r in result["runs"]}
-    assert not [r["error"] for r in runs.values() if "error" in r]
+    assert not [r["error"] for r in result["runs"] if "error" in r]
+    runs = {r["mode"]: r for r in result["runs"] if r["spec"]["variant"] is None}
+    variants = {r["spec"]["variant"]: r for r in result["runs"] if r["spec"]["variant"]}
     assert scratch.is_dir() and not list(scratch.iterdir())  # made, and cleaned after use
     assert [s["layer"] for s in runs["chain"]["stages"]] == [0, 1, 2]
     assert [s["window"] for s in runs["chain"]["stages"]] == [[0], [0, 1], [1, 2]]
@@ -54,11 +55,34 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tin
     assert result["ratio_e2e_chain"] == pytest.approx(
         runs["e2e"]["peak_above_baseline"] / runs["chain"]["peak_above_baseline"]
     )
+    # every stage says where its bytes went, and the parts add up to its peak
+    for run in result["runs"]:
+        for stage in run["stages"]:
+            parts = stage["bytes"]
+            assert sum(parts.values()) == stage["above_baseline"]
+            assert parts["saved_activations"] > 0 and parts["adapter_state"] > 0
+    chain_stages, e2e_stage = runs["chain"]["stages"], runs["e2e"]["stages"][0]
+    block = memory.model_bytes(bert, "classify", 2)["block"]
+    assert e2e_stage["bytes"]["frozen_weights"] >= 3 * block
+    assert chain_stages[-1]["bytes"]["frozen_weights"] <= 3 * block  # window 2 + 1 streamed
+    assert e2e_stage["bytes"]["cache_batch"] == 0 < chain_stages[0]["bytes"]["cache_batch"]
+    # the comparisons ran the chain's first stages with one setting changed
+    assert sorted(variants) == ["no prefetch", "no recompute"]
+    assert variants["no recompute"]["spec"]["recompute"] is False
+    assert variants["no prefetch"]["spec"]["prefetch"] is False
+    compared = {c["variant"]: c for c in result["comparisons"]}
+    assert compared["no recompute"]["stages"] == [0, 1, 2]
+    no_recompute_peak = max(
+        s["bytes"]["saved_activations"] for s in variants["no recompute"]["stages"]
+    )
+    assert no_recompute_peak > max(s["bytes"]["saved_activations"] for s in chain_stages)
     out = tmp_path / "out"
     assert json.loads((out / "memory.json").read_text())["shapes"][0]["shape"] == "tiny-bert"
     table = (out / "memory.md").read_text()
     assert "| tiny-bert | random, real config | chain | 3 layers |" in table
     assert "measured at 3 layers" in table
+    assert "## Where the bytes go" in table and "### tiny-bert: every chain stage" in table
+    assert "| tiny-bert | no recompute | 0-2 |" in table
     assert (out / "memory.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -76,7 +100,7 @@ def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
         slice_on_cpu=True,
         paper_ratio=4.5,
     )
-    options = memory.Options(layers=4, device="cpu")
+    options = memory.Options(layers=4, device="cpu", compare=())
 
     result = memory.bench_shape(shape, options, tmp_path, log=lambda _: None)
 

@@ -299,3 +299,11 @@ def test_negative_head_refit_epochs_are_named():
     args = parser.parse_args(["--model", "minilm", "--head-refit-epochs", "-1"])
     with pytest.raises(ChainFedError, match="head_refit_epochs must be >= 0"):
         chain_config_from_args(args)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-recompute"], False)])
+def test_recompute_is_on_unless_turned_off(flags, expected):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "minilm", *flags])
+    assert chain_config_from_args(args).recompute is expected

@@ -12,8 +12,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from chainfed.agent.convert.synthetic_checkpoint import checkpoint_layout, write_random_checkpoint
+from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.model_config import ModelConfig
 
 MIB = 1 << 20
@@ -83,3 +85,20 @@ def test_rss_growth_stays_below_embeddings_plus_two_layers(tmp_path, max_shard_b
     )
     assert result["layers"] == 8
     assert growth < allowed, f"RSS grew {growth / MIB:.1f} MiB > {allowed / MIB:.0f} MiB"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_embeddings_are_built_without_a_random_init(family, tiny_models, monkeypatch):
+    """The first ``normal_`` on the meta device loads torch's Python decompositions (about
+    70 MiB resident for the rest of the process); the checkpoint fills the embeddings, so
+    building them must not draw an init."""
+    model = StreamingModel(tiny_models.checkpoint(family))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("embedding weights were randomly initialised")
+
+    monkeypatch.setattr(torch.nn.init, "normal_", refuse)
+    embeddings = model.load_embeddings()
+
+    ids = torch.randint(1, 100, (2, 8))
+    assert embeddings(ids, torch.ones_like(ids)).shape == (2, 8, model.config.hidden_size)

@@ -15,7 +15,12 @@ import torch
 
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.model_config import ModelConfig
-from chainfed.agent.training.budget import BudgetError, estimate_stage_bytes, plan_for_budget
+from chainfed.agent.training.budget import (
+    BudgetError,
+    activation_bytes,
+    estimate_stage_bytes,
+    plan_for_budget,
+)
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.proto.units import parse_bytes
 
@@ -143,8 +148,10 @@ def test_the_named_minimum_budget_is_enough(seq_len):
 def test_half_precision_halves_weights_and_activations_but_not_the_trainables():
     """bf16 and fp16 count 2 bytes per frozen weight and activation; adapters, proxies
     and their AdamW state stay float32 (the precision policy), so the estimate is more
-    than half of float32's and a budget that fits bf16 need not fit float32."""
-    config = ChainConfig(window=2, micro_batch=16)
+    than half of float32's and a budget that fits bf16 need not fit float32. (Without
+    recompute: the window's activations then dominate, and a smaller micro-batch can
+    make float32 fit.)"""
+    config = ChainConfig(window=2, micro_batch=16, recompute=False)
     sizes = {
         dtype: estimate_stage_bytes(SMOLLM2, config, seq_len=SEQ, task="lm", dtype=dtype)
         for dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -162,3 +169,13 @@ def test_half_precision_halves_weights_and_activations_but_not_the_trainables():
     fitted = plan_for_budget(SMOLLM2, config, budget, seq_len=SEQ, task="lm", dtype=torch.bfloat16)
     assert fitted == config
     assert plan_for_budget(SMOLLM2, config, budget, seq_len=SEQ, task="lm") != config
+
+
+def test_recompute_counts_one_block_of_activations_and_the_window_inputs():
+    config = ChainConfig(window=3, micro_batch=8, gpo="none")
+    states = 8 * SEQ * SMOLLM2.hidden_size * 4  # one (B, T, d) float32 tensor
+    activations = activation_bytes(SMOLLM2, 8, SEQ)
+
+    saving = estimate(SMOLLM2, config, recompute=False) - estimate(SMOLLM2, config)
+
+    assert saving == 3 * activations - (3 * states + activations) > 0

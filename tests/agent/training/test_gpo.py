@@ -130,8 +130,9 @@ def test_exact_all_gradient_equals_end_to_end_autograd(model_dirs, family, objec
 
 def test_exact_foresight_streams_its_blocks(model_dirs, monkeypatch):
     """Each block above the window is loaded in forward, dropped at once (nothing but the
-    input is kept for backward), and loaded again in backward to recompute."""
-    model = StreamingModel(model_dirs["llama"])
+    input is kept for backward), and loaded again in backward to recompute. Prefetch is
+    off so loads happen in call order (reading ahead: test_block_loader.py)."""
+    model = StreamingModel(model_dirs["llama"], prefetch=False)
     loads: list[int] = []
     alive: list[weakref.ref] = []
     load_block = model.load_block
