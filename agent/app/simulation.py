@@ -183,12 +183,20 @@ class SimulationResult:
         return peak
 
     def stages(self) -> list[dict[str, Any]]:
-        """Per stage layer: rounds, last federated validation figures, peak memory."""
-        out: dict[int, dict[str, Any]] = {}
+        """Per stage layer, and the head stage (``head`` True, ``window`` empty) apart:
+        rounds, last federated validation figures, peak memory."""
+        out: dict[tuple[int, bool], dict[str, Any]] = {}
         for e in self.history:
+            head = not e.window
             s = out.setdefault(
-                e.stage_layer,
-                {"layer": e.stage_layer, "window": e.window, "rounds": 0, "peak_memory_bytes": 0},
+                (e.stage_layer, head),
+                {
+                    "layer": e.stage_layer,
+                    "head": head,
+                    "window": e.window,
+                    "rounds": 0,
+                    "peak_memory_bytes": 0,
+                },
             )
             s["rounds"] += 1
             s["val_loss"], s["val_metric"] = e.val_loss, e.val_metric

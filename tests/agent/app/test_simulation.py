@@ -31,6 +31,7 @@ from chainfed.agent.app.options import (
     simulation_config_from_args,
 )
 from chainfed.agent.app.simulation import coordinator_argv, run_simulation
+from chainfed.agent.app.simulation_report import round_table, stage_boundaries, stage_table
 from chainfed.agent.cli import build_parser, main
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
@@ -251,6 +252,15 @@ def test_head_rounds_train_the_head_alone_and_leave_every_adapter_as_the_chain_m
     # round 3 validates the chain's own result: the same model and rows as chain's final
     assert headed.history[2].val_metric == pytest.approx(chain.final_val_metric, abs=1e-12)
     assert headed.history[-1].test_metric == headed.test_metric
+    # the reports name the head stage: its own stage row, round rows and plot label
+    assert [(st["layer"], st["head"], st["rounds"]) for st in headed.stages()] == [
+        (4, False, 1),
+        (5, False, 1),
+        (5, True, 2),
+    ]
+    assert stage_table(headed).splitlines()[-1].startswith("| 5 | head | 2 |")
+    assert round_table(headed).count("| 5 | head |") == 2
+    assert [label for _x, label in stage_boundaries(headed)] == ["L4", "L5", "head"]
 
 
 def test_a_chain_budget_ends_stages_at_their_share(tmp_path):
