@@ -108,6 +108,7 @@ from chainfed.proto.messages import (
     StatusSnapshot,
     Task,
     TaskKind,
+    TrainingParams,
     UpdateMetrics,
 )
 from chainfed.proto.seeded_init import with_seeded_lora_a
@@ -699,6 +700,8 @@ class ChainCoordinator:
         if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
             return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
         r = self.open_round
+        if r is not None and not r.window and not r.evaluation:
+            params = self.head_params()
         if (
             self.phase in (ChainPhase.EVALUATING, ChainPhase.TRAINING)
             and r is not None
@@ -719,6 +722,14 @@ class ChainCoordinator:
                 ),
             )
         return Task(TaskKind.WAIT, retry_after_ms=200)
+
+    def head_params(self) -> TrainingParams:
+        """What a head round's task carries: the chain's settings, with
+        ``config.head_local_steps`` steps (and no local epochs) when that is set."""
+        steps = self.config.head_local_steps
+        if steps is None:
+            return self.params
+        return replace(self.params, local_steps=steps, local_epochs=0.0)
 
     def round_tensors(self) -> dict[str, torch.Tensor]:
         """What a TRAIN_ROUND fetch streams: final adapters + the window's aggregate (no A

@@ -163,6 +163,12 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         "final features, the coordinator aggregates it (with --rounds: at least this many, "
         "plus what the chain left) (default 0)",
     )
+    c.add_argument(
+        "--head-local-steps",
+        type=_positive_int,
+        help="optimiser steps of an agent's head round; head steps are nearly free (default: "
+        "the chain's --local-steps/--local-epochs)",
+    )
     c.add_argument("--patience", type=int, default=1)
     c.add_argument("--tolerance", type=float, default=0.01)
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
@@ -314,6 +320,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         ),
         round_budget=args.rounds,
         head_rounds=args.head_rounds,
+        head_local_steps=args.head_local_steps,
         patience=args.patience,
         tolerance=args.tolerance,
         min_agents=args.min_agents,

@@ -57,6 +57,10 @@ class CoordinatorConfig:
     """Head-only rounds after the chain's last stage (``--head-rounds``): agents train the
     task head alone on their final features and upload it; 0 = none. With a
     ``round_budget`` this is the head's minimum, and it takes what the chain left."""
+    head_local_steps: int | None = None
+    """Optimiser steps of an agent's head round (``--head-local-steps``); None = the
+    chain's own local schedule (``params``). A head step costs a linear layer's update on
+    cached states, so head rounds can afford many more steps than a chain round."""
     tolerance: float = 0.01
     """Relative improvement of the federated validation loss that counts."""
     min_agents: int = 1
@@ -125,6 +129,8 @@ class CoordinatorConfig:
             raise ValueError("min_rounds must not exceed max_rounds")
         if self.head_rounds < 0:
             raise ValueError(f"head rounds must be >= 0, got {self.head_rounds}")
+        if self.head_local_steps is not None and self.head_local_steps < 1:
+            raise ValueError(f"head local steps must be >= 1, got {self.head_local_steps}")
         if self.round_budget is not None:
             self._check_budget(self.round_budget)
         if not 0 <= self.trim_fraction < 0.5:

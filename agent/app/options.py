@@ -51,6 +51,8 @@ class SimulationConfig:
     each stage by ``min_rounds_per_layer``/``max_rounds_per_layer`` alone."""
     head_rounds: int = 0
     """Head-only rounds after the last stage (the coordinator's ``--head-rounds``)."""
+    head_local_steps: int | None = None
+    """Optimiser steps of a head round (``--head-local-steps``); None = the chain's."""
     aggregation: str = "fedavg"
     """``fedavg``, ``ffa`` or ``svd``."""
     model: str = "minilm"
@@ -135,6 +137,8 @@ class SimulationConfig:
             raise SimulationError(f"rounds must be >= 1, got {self.rounds}")
         if self.head_rounds < 0:
             raise SimulationError(f"head rounds must be >= 0, got {self.head_rounds}")
+        if self.head_local_steps is not None and self.head_local_steps < 1:
+            raise SimulationError(f"head local steps must be >= 1, got {self.head_local_steps}")
         if self.mode != "chain" and self.rounds is not None and self.rounds <= self.head_rounds:
             raise SimulationError(
                 f"{self.rounds} rounds leave no {self.mode} round after {self.head_rounds} "
@@ -380,6 +384,12 @@ def add_simulation_arguments(
         help="head-only rounds after the last stage: the task head alone is trained on the "
         f"final features and aggregated (default {d.head_rounds})",
     )
+    f.add_argument(
+        "--head-local-steps",
+        type=int,
+        default=d.head_local_steps,
+        help="optimiser steps of each agent's head round (default: the chain's local schedule)",
+    )
     f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
     f.add_argument(
         "--agents-per-round", type=int, default=d.agents_per_round, help="0 = every agent"
@@ -465,6 +475,7 @@ def simulation_config_from_args(
         mode=args.mode,
         rounds=args.rounds,
         head_rounds=args.head_rounds,
+        head_local_steps=args.head_local_steps,
         aggregation=args.aggregation,
         model=args.model,
         data=args.data,

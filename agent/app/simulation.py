@@ -248,6 +248,7 @@ def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, 
         "seed": config.seed,
         "round_deadline": config.deadline_s,
         "head_rounds": config.head_rounds,
+        "head_local_steps": config.head_local_steps,
     }
     if start is None:
         options["start_layer"] = "auto" if config.start_layer is None else str(config.start_layer)

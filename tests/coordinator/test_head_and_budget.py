@@ -16,7 +16,7 @@ from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import ChainCoordinator, stage_round_cap
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.adapter_file import load_adapter_file
-from chainfed.proto.messages import ChainPhase, ProbeReport, TaskKind
+from chainfed.proto.messages import ChainPhase, ProbeReport, TaskKind, TrainingParams
 
 HEAD = ("objective.head.weight", "objective.head.bias")
 
@@ -92,6 +92,23 @@ def test_a_head_round_refuses_adapters_and_a_missing_head(kit):
         c.submit("a", task.round_id, kit.metrics(), head_weight_only, 1001)
     assert info.value.reason == "wrong_shape"
     assert c.submit("a", task.round_id, kit.metrics(), kit.update([], 3, seed=5), 1002)
+
+
+def test_head_rounds_take_their_own_step_count_and_chain_rounds_keep_theirs(kit):
+    params = TrainingParams(lora_rank=2, local_steps=7, local_epochs=1.0)
+    c = kit.coordinator(min_agents=1, head_rounds=1, head_local_steps=300, params=params)
+    kit.register(c, "a")
+    c.tick(0)
+    assert c.next_task("a", 0).params == params
+    for stage in range(kit.num_layers):
+        kit.train_round(c, stage * 100, seed=stage)
+    c.tick(1000)
+    head = c.next_task("a", 1000)
+    assert head.window_layers == () and head.params.local_steps == 300
+    assert head.params.local_epochs == 0.0 and head.params.lr == params.lr
+    assert c.snapshot(1000).params == params  # what status shows: the run's settings
+    with pytest.raises(ValueError, match="head local steps must be >= 1"):
+        kit.config(head_local_steps=0)
 
 
 def test_without_head_rounds_the_chain_evaluates_right_after_the_last_stage(kit):

@@ -327,20 +327,26 @@ def test_bad_settings_are_refused_with_a_message(tmp_path):
         run_simulation(SimulationConfig(**TINY, in_process=False), update_hook=lambda a, u: u)
     with pytest.raises(SimulationError, match="head rounds must be >= 0"):
         SimulationConfig(head_rounds=-1)
+    with pytest.raises(SimulationError, match="head local steps must be >= 1"):
+        SimulationConfig(head_local_steps=0)
     with pytest.raises(SimulationError, match="leave no e2e round after 2 head rounds"):
         SimulationConfig(mode="e2e", rounds=2, head_rounds=2)
 
 
 def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     parser = build_parser(only="simulate")
-    args = parser.parse_args(["simulate", "--rounds", "9", "--head-rounds", "2"])
+    args = parser.parse_args(
+        ["simulate", "--rounds", "9", "--head-rounds", "2", "--head-local-steps", "40"]
+    )
     config = simulation_config_from_args(args, tmp_path)
     assert (config.rounds, config.head_rounds, config.max_rounds_per_layer) == (9, 2, None)
+    assert config.head_local_steps == 40
     coordinator_args = argparse.ArgumentParser()
     add_arguments(coordinator_args)
     argv = ["--state-dir", "-", *coordinator_argv(config, 6)]
     chain = coordinator_args.parse_args(argv)
     assert (chain.rounds, chain.head_rounds, chain.max_rounds_per_layer) == (9, 2, None)
+    assert chain.head_local_steps == 40
     # e2e: one stage of the rounds the head leaves
     e2e = coordinator_args.parse_args(
         ["--state-dir", "-", *coordinator_argv(replace(config, mode="e2e"), 6)]
@@ -351,6 +357,7 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     add_simulation_arguments(simulate)
     help_text = " ".join(simulate.format_help().split())
     assert "head-only rounds" in help_text and "a budget the coordinator spreads" in help_text
+    assert "optimiser steps of each agent's head round" in help_text
 
 
 def test_simulate_command_with_processes_over_grpc(tmp_path, capsys, launches):
