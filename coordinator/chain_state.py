@@ -12,8 +12,9 @@ persists it after every change (``chainfed.coordinator.state_store``)::
         converged (StageConvergence on the federated validation loss)?
                -> adapters leaving the window become final, l += 1
     l = L-1 converged -> every window adapter final
-        -> head_rounds > 0: HEAD STAGE, rounds whose window is empty: agents train the
-           task head alone on their final features, upload it, it is aggregated
+        -> head_rounds > 0 (or budget left): HEAD STAGE, rounds whose window is empty:
+           agents train the task head alone on their final features, upload it, it is
+           aggregated
     -> EVALUATING (one round, metrics only) -> DONE
 
 Guarantees:
