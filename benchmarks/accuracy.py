@@ -199,10 +199,10 @@ def plot(runs: dict[str, dict[str, SimulationResult]], path: Path) -> Path:
                 label=f"{mode}: test {r.test_metric:.3f}",
             )
             if mode == "chain":
-                for x, layer in stage_boundaries(r):
+                for x, label in stage_boundaries(r):
                     ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.5)
                     ax.annotate(
-                        f"L{layer}",
+                        label,
                         (x, 0.02),
                         xycoords=("data", "axes fraction"),
                         fontsize=7,

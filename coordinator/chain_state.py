@@ -11,7 +11,11 @@ persists it after every change (``chainfed.coordinator.state_store``)::
                -> quorum? aggregate window state : retry the round
         converged (StageConvergence on the federated validation loss)?
                -> adapters leaving the window become final, l += 1
-    l = L-1 converged -> every window adapter final -> DONE
+    l = L-1 converged -> every window adapter final
+        -> head_rounds > 0 (or budget left): HEAD STAGE, rounds whose window is empty:
+           agents train the task head alone on their final features, upload it, it is
+           aggregated
+    -> EVALUATING (one round, metrics only) -> DONE
 
 Guarantees:
 
@@ -27,6 +31,27 @@ Guarantees:
   last call or from when this process came up (``online_since_ms``), whichever is
   later: no agent can call a coordinator that is down, so a restart prunes nobody. An
   agent holding a long-poll right now (``polling``, kept by the service) is not silent.
+
+Head stage. One task head serves every stage and meets the model's final features only
+in the last one; head-only rounds fit it to them at a linear model's cost (each agent
+brings its prefix cache to the top once, then takes head-only steps: no backward through
+any block). A head round is a TRAIN_ROUND task at layer L-1 with an empty window; its
+update is the head alone (``objective.*``), checked and aggregated like any other. The
+stage is persisted (``head_stage`` and its round count), so a restarted coordinator
+re-runs only the head round that was in flight.
+
+Rounds where they pay. Without a budget each stage runs between ``min_rounds`` and
+``max_rounds`` and ends at the plateau (``StageConvergence``). With ``round_budget`` R
+(head rounds included) the cap of a stage entered with B rounds left and S stages to go
+is ``stage_round_cap``: an equal share of what is left after the head's reserve,
+``(B - head_rounds) // S``, within the ``min_rounds``/``max_rounds`` guards; the last
+stage's share is all of it, and the head stage runs from ``head_rounds`` up to every
+round still left. Why a share and not "until converged": the federated validation loss
+of an early stage often keeps improving by more than the tolerance, and a stage that
+could take all that is left would starve the layers above it and the head, which read
+the final features and pay most; a stage that plateaus early hands its unspent share
+on. The plateau rule is what can actually fire: relative improvement below
+``tolerance`` for ``patience`` rounds, once ``min_rounds`` have run.
 
 Convergence sees each aggregate one round late. Agents validate the aggregate they
 fetched, before their local steps (``UpdateMetrics.val_loss``): a locally trained window
@@ -84,6 +109,7 @@ from chainfed.proto.messages import (
     StatusSnapshot,
     Task,
     TaskKind,
+    TrainingParams,
     UpdateMetrics,
 )
 from chainfed.proto.seeded_init import with_seeded_lora_a
@@ -171,6 +197,8 @@ class ChainCoordinator:
         """After this, the probe finishes with the reports it has (a silent agent cannot
         hold the chain in PROBING forever)."""
         self.foat_scores: list[float] | None = None
+        self.head_stage = False
+        """True after the chain's last stage while head-only rounds run."""
         self.convergence = self._new_convergence()
         self.dp_ledger = PrivacyLedger(config.dp.delta) if config.dp is not None else None
         """Rounds charged to the privacy budget (None without DP)."""
@@ -204,8 +232,34 @@ class ChainCoordinator:
     # -- helpers ----------------------------------------------------------------------
 
     def _new_convergence(self) -> StageConvergence:
+        """The rule of the stage at ``stage_layer`` (or of the head stage), its cap drawn
+        from the round budget when there is one (see the module docstring)."""
         c = self.config
-        return StageConvergence(c.min_rounds, c.max_rounds, c.patience, c.tolerance)
+        if self.head_stage:
+            rounds = c.head_rounds
+            if c.round_budget is not None:
+                rounds = max(rounds, c.round_budget - self.trained_rounds())
+            return StageConvergence(c.head_rounds, rounds, c.patience, c.tolerance)
+        cap = c.max_rounds
+        if c.round_budget is not None and self.stage_layer is not None:
+            cap = stage_round_cap(
+                c.round_budget - self.trained_rounds(),
+                c.num_layers - self.stage_layer,
+                head_rounds=c.head_rounds,
+                min_rounds=c.min_rounds,
+                max_rounds=c.max_rounds,
+            )
+        return StageConvergence(c.min_rounds, cap, c.patience, c.tolerance)
+
+    def trained_rounds(self) -> int:
+        """Training rounds aggregated so far (head rounds included, evaluation not)."""
+        return sum(1 for r in self.history if not r.round_id.startswith("eval"))
+
+    def round_window(self) -> list[int]:
+        """Layers the current stage trains: none in the head stage."""
+        if self.head_stage or self.stage_layer is None:
+            return []
+        return self.window_for(self.stage_layer)
 
     @property
     def a_frozen(self) -> bool:
@@ -362,6 +416,16 @@ class ChainCoordinator:
         self.phase = ChainPhase.TRAINING
         first = self.config.first_stage_layer
         self.stage_layer = self.start_layer if first is None else max(first, self.start_layer)
+        budget = self.config.round_budget
+        if budget is not None and budget < self.config.budget_floor(self.stage_layer):
+            log.warning(
+                "a budget of %d rounds is short of the %d that %d stages and %d head rounds "
+                "need at least: every stage still runs its minimum",
+                budget,
+                self.config.budget_floor(self.stage_layer),
+                self.config.num_layers - self.stage_layer,
+                self.config.head_rounds,
+            )
         self.convergence = self._new_convergence()
         log.info("chain starts at layer %d (window %d)", self.start_layer, self.window)
 
@@ -398,7 +462,7 @@ class ChainCoordinator:
             self._open_round(now_ms)  # the evaluation round of what was trained
             return
         layer = self.config.num_layers - 1 if evaluation else self.stage_layer
-        window = self.window_for(layer)
+        window = self.window_for(layer) if evaluation else self.round_window()
         if evaluation:
             participants = agents
         self.open_round = OpenRound(
@@ -441,6 +505,7 @@ class ChainCoordinator:
         self.window_state = {}
         self.phase = ChainPhase.EVALUATING
         self.stage_layer = None
+        self.head_stage = False
         self.changed = True
         return True
 
@@ -565,8 +630,13 @@ class ChainCoordinator:
         return aggregate(c.aggregation, updates, **options)
 
     def _advance(self) -> None:
-        """The stage converged: adapters leaving the window become final; next layer."""
+        """The stage converged: adapters leaving the window become final; next layer, the
+        head stage, or the evaluation."""
         layer = self.stage_layer
+        if self.head_stage:
+            self._finish_training()
+            log.info("head stage done after %d rounds; evaluating", self.convergence.rounds)
+            return
         if layer == self.config.num_layers - 1:
             leaving = self.window_for(layer)
         else:
@@ -576,16 +646,42 @@ class ChainCoordinator:
             for name in [n for n in self.window_state if n.startswith(prefix)]:
                 self.final[name] = self.window_state.pop(name)
         if layer == self.config.num_layers - 1:
-            # the trained task head travels with the final adapters (``head.*``)
-            for name in [n for n in self.window_state if n.startswith("objective.")]:
-                self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
-            self.phase = ChainPhase.EVALUATING
-            self.stage_layer = None
+            if self.config.head_rounds > 0 or self.config.round_budget is not None:
+                self._enter_head_stage()
+                return
+            self._finish_training()
             log.info("chain trained: %d final tensors; evaluating", len(self.final))
             return
         self.stage_layer = layer + 1
         self.convergence = self._new_convergence()
         log.info("layer %d frozen (%s final); stage layer %d", layer, leaving, self.stage_layer)
+
+    def _enter_head_stage(self) -> None:
+        """After the last stage: the window state keeps the task head alone, and head-only
+        rounds begin (none when a budget left nothing and asked for none)."""
+        self.window_state = {
+            n: t for n, t in self.window_state.items() if n.startswith("objective.")
+        }
+        self.head_stage = True
+        self.convergence = self._new_convergence()
+        if self.convergence.max_rounds == 0:
+            self._finish_training()
+            return
+        log.info(
+            "chain trained: %d final tensors; head stage of %d to %d rounds",
+            len(self.final),
+            self.convergence.min_rounds,
+            self.convergence.max_rounds,
+        )
+
+    def _finish_training(self) -> None:
+        """The trained task head joins the final adapters (``head.*``); evaluate next."""
+        for name in [n for n in self.window_state if n.startswith("objective.")]:
+            self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
+        self.window_state = {}
+        self.phase = ChainPhase.EVALUATING
+        self.stage_layer = None
+        self.head_stage = False
 
     # -- what agents ask --------------------------------------------------------------
 
@@ -605,6 +701,8 @@ class ChainCoordinator:
         if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
             return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
         r = self.open_round
+        if r is not None and not r.window and not r.evaluation:
+            params = self.head_params()
         if (
             self.phase in (ChainPhase.EVALUATING, ChainPhase.TRAINING)
             and r is not None
@@ -625,6 +723,14 @@ class ChainCoordinator:
                 ),
             )
         return Task(TaskKind.WAIT, retry_after_ms=200)
+
+    def head_params(self) -> TrainingParams:
+        """What a head round's task carries: the chain's settings, with
+        ``config.head_local_steps`` steps (and no local epochs) when that is set."""
+        steps = self.config.head_local_steps
+        if steps is None:
+            return self.params
+        return replace(self.params, local_steps=steps, local_epochs=0.0)
 
     def round_tensors(self) -> dict[str, torch.Tensor]:
         """What a TRAIN_ROUND fetch streams: final adapters + the window's aggregate (no A
@@ -735,9 +841,7 @@ class ChainCoordinator:
             num_layers=self.config.num_layers,
             start_layer=self.start_layer,
             stage_layer=self.stage_layer,
-            window_layers=tuple(self.window_for(self.stage_layer))
-            if self.stage_layer is not None
-            else (),
+            window_layers=tuple(self.round_window()),
             final_layers=tuple(sorted(layers_of(self.final))),
             round_id=r.round_id if r else "",
             stage_rounds=self.convergence.rounds,
@@ -759,6 +863,17 @@ class ChainCoordinator:
             stop_reason=self.stop_reason,
             params=self.params,
         )
+
+
+def stage_round_cap(
+    budget_left: int, stages_left: int, *, head_rounds: int, min_rounds: int, max_rounds: int
+) -> int:
+    """Round cap of a stage entered with ``budget_left`` rounds of the budget unspent and
+    ``stages_left`` stages to go (this one included): an equal share of what the head's
+    ``head_rounds`` leave, within the ``min_rounds``/``max_rounds`` guards. The last
+    stage's share is everything but the head's reserve."""
+    share = (budget_left - head_rounds) // max(stages_left, 1)
+    return max(min_rounds, min(max_rounds, share))
 
 
 def _federated_metrics(metrics: list[UpdateMetrics]) -> UpdateMetrics:

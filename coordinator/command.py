@@ -43,6 +43,9 @@ from chainfed.proto.units import format_bytes
 
 log = logging.getLogger("chainfed.coordinator")
 
+DEFAULT_MAX_ROUNDS = 3
+"""Round cap of a stage when neither ``--max-rounds-per-layer`` nor ``--rounds`` is given."""
+
 SHUTDOWN_GRACE_S = 3.0
 """Seconds calls in flight (an upload, a fetch) get to finish once a shutdown began."""
 
@@ -137,8 +140,35 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
     c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
     c.add_argument("--foat-threshold", type=float, default=0.8)
-    c.add_argument("--min-rounds-per-layer", type=int, default=1)
-    c.add_argument("--max-rounds-per-layer", type=int, default=3)
+    c.add_argument(
+        "--min-rounds-per-layer", type=int, default=1, help="rounds every stage runs at least"
+    )
+    c.add_argument(
+        "--max-rounds-per-layer",
+        type=int,
+        help="round cap of a stage (default 3; with --rounds none: the budget's share decides)",
+    )
+    c.add_argument(
+        "--rounds",
+        type=_positive_int,
+        help="total training-round budget, head rounds included: each stage ends at its "
+        "validation-loss plateau or at an equal share of the rounds left, and what it does not "
+        "spend flows to later stages and the head (default: no budget)",
+    )
+    c.add_argument(
+        "--head-rounds",
+        type=_non_negative_int,
+        default=0,
+        help="head-only rounds after the last stage: agents fit the task head alone on their "
+        "final features, the coordinator aggregates it (with --rounds: at least this many, "
+        "plus what the chain left) (default 0)",
+    )
+    c.add_argument(
+        "--head-local-steps",
+        type=_positive_int,
+        help="optimiser steps of an agent's head round; head steps are nearly free (default: "
+        "the chain's --local-steps/--local-epochs)",
+    )
     c.add_argument("--patience", type=int, default=1)
     c.add_argument("--tolerance", type=float, default=0.01)
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
@@ -172,6 +202,25 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         type=float,
         help="scale each update's change from the round's start down to this L2 norm",
     )
+
+
+def _positive_int(text: str) -> int:
+    """An int >= 1, for argparse."""
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """An int >= 0, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _add_privacy_arguments(p: argparse._ArgumentGroup) -> None:
@@ -264,7 +313,14 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         window=None if args.window == "auto" else int(args.window),
         foat_threshold=args.foat_threshold,
         min_rounds=args.min_rounds_per_layer,
-        max_rounds=args.max_rounds_per_layer,
+        max_rounds=(
+            args.max_rounds_per_layer
+            if args.max_rounds_per_layer is not None
+            else args.rounds or DEFAULT_MAX_ROUNDS
+        ),
+        round_budget=args.rounds,
+        head_rounds=args.head_rounds,
+        head_local_steps=args.head_local_steps,
         patience=args.patience,
         tolerance=args.tolerance,
         min_agents=args.min_agents,

@@ -48,6 +48,19 @@ class CoordinatorConfig:
     """Round cap per stage."""
     patience: int = 1
     """Rounds without relative improvement before a stage converges."""
+    round_budget: int | None = None
+    """Training rounds of the whole run, head rounds included (``--rounds``); None = no
+    budget: every stage runs by ``min_rounds``/``max_rounds`` alone. With a budget a
+    stage may spend at most an equal share of what is left (``stage_round_cap``), so
+    rounds a converged stage did not need flow to the stages after it and to the head."""
+    head_rounds: int = 0
+    """Head-only rounds after the chain's last stage (``--head-rounds``): agents train the
+    task head alone on their final features and upload it; 0 = none. With a
+    ``round_budget`` this is the head's minimum, and it takes what the chain left."""
+    head_local_steps: int | None = None
+    """Optimiser steps of an agent's head round (``--head-local-steps``); None = the
+    chain's own local schedule (``params``). A head step costs a linear layer's update on
+    cached states, so head rounds can afford many more steps than a chain round."""
     tolerance: float = 0.01
     """Relative improvement of the federated validation loss that counts."""
     min_agents: int = 1
@@ -114,6 +127,12 @@ class CoordinatorConfig:
             raise ValueError("max_rounds must be >= 1")
         if self.min_rounds > self.max_rounds:
             raise ValueError("min_rounds must not exceed max_rounds")
+        if self.head_rounds < 0:
+            raise ValueError(f"head rounds must be >= 0, got {self.head_rounds}")
+        if self.head_local_steps is not None and self.head_local_steps < 1:
+            raise ValueError(f"head local steps must be >= 1, got {self.head_local_steps}")
+        if self.round_budget is not None:
+            self._check_budget(self.round_budget)
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.clip_norm is not None and not (
@@ -140,6 +159,27 @@ class CoordinatorConfig:
                 f"central DP needs an aggregation linear in the updates (fedavg or ffa), "
                 f"not {self.aggregation!r}"
             )
+
+    def _check_budget(self, budget: int) -> None:
+        """A budget must cover each stage's minimum and the head rounds, where the stages
+        are known (a start layer given; under FOAT ``ChainCoordinator`` checks at start)."""
+        if budget < 1:
+            raise ValueError(f"round budget must be >= 1, got {budget}")
+        first = self.first_stage_layer if self.first_stage_layer is not None else self.start_layer
+        if first is None:
+            return
+        need = self.budget_floor(first)
+        if budget < need:
+            raise ValueError(
+                f"a budget of {budget} rounds cannot give {self.num_layers - first} stages "
+                f"{self.min_rounds} round(s) each plus {self.head_rounds} head round(s) "
+                f"({need} needed)"
+            )
+
+    def budget_floor(self, first_stage: int) -> int:
+        """Rounds a chain whose first stage is ``first_stage`` needs at least: every
+        stage's ``min_rounds`` and the head rounds."""
+        return (self.num_layers - first_stage) * self.min_rounds + self.head_rounds
 
     @property
     def dp(self) -> DPConfig | None:

@@ -178,6 +178,7 @@ def _to_json(c: ChainCoordinator, tensors_file: str) -> dict[str, Any]:
         "history": [asdict(r) for r in c.history],
         "dp_ledger": c.dp_ledger.to_list() if c.dp_ledger is not None else [],
         "stop_reason": c.stop_reason,
+        "head_stage": c.head_stage,
     }
 
 
@@ -421,6 +422,7 @@ def _ledger_entry(entry: Any) -> bool:
 _OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
     "dp_ledger": _list_of(_leaf(_ledger_entry)),
     "stop_reason": _text,
+    "head_stage": _leaf(lambda v: type(v) is bool),
 }
 """Top-level fields a state may lack: ``_from_json`` has a default for each."""
 
@@ -477,6 +479,7 @@ def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) 
     if c.dp_ledger is not None:
         c.dp_ledger = PrivacyLedger.from_list(config.dp.delta, state.get("dp_ledger", []))
     c.stop_reason = state.get("stop_reason", "")
+    c.head_stage = state.get("head_stage", False)
     c.final = {k.removeprefix("final."): v for k, v in tensors.items() if k.startswith("final.")}
     c.window_state = {
         k.removeprefix("window."): v for k, v in tensors.items() if k.startswith("window.")

@@ -39,7 +39,8 @@ def expected_tensors(
     """(shape, dtype) of every tensor a round at ``layer`` must upload, from the current
     aggregate (``window_state``, and the ``final`` adapters, as sent); the new layer's
     adapter is shaped like the layer below's. Empty before the chain's first aggregate:
-    the first update then sets it."""
+    the first update then sets it. An empty ``window`` (a head round) expects the head
+    alone."""
     known = {**final, **window_state}
     if not known:
         return {}
@@ -52,7 +53,7 @@ def expected_tensors(
             or (kind == "foresight" and index > layer)
         ):
             expected[name] = (tuple(tensor.shape), str(tensor.dtype))
-    if layer not in {i for k, i in map(tensor_owner, expected) if k == "layers"}:
+    if window and layer not in {i for k, i in map(tensor_owner, expected) if k == "layers"}:
         layers = [i for k, i in map(tensor_owner, known) if k == "layers"]
         if not layers:
             return expected

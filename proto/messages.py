@@ -186,7 +186,8 @@ class Task:
     stage_layer: int | None = None
     """Active layer of the current stage; None before the chain starts."""
     window_layers: tuple[int, ...] = ()
-    """Layers trained together, lowest first."""
+    """Layers trained together, lowest first; empty in a TRAIN_ROUND: a head round
+    (after the chain, the task head alone trains, on the final features)."""
     frozen_layers: tuple[int, ...] = ()
     """ADVANCE: layers whose adapters became final."""
     params: TrainingParams | None = None

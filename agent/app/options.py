@@ -45,8 +45,14 @@ class SimulationConfig:
     mode: str = "chain"
     """``chain``, ``e2e`` (FedLoRA on every layer) or ``topk:K`` (FedLoRA on the last K)."""
     rounds: int | None = None
-    """Communication rounds of an ``e2e``/``topk`` run (exactly this many); None =
-    ``max_rounds_per_layer`` × L. A chain's rounds follow its per-layer rule."""
+    """Training rounds in all, ``head_rounds`` included. ``e2e``/``topk``: exactly this
+    many (None = 3 × L). ``chain``: the coordinator's budget (``--rounds``: each stage
+    ends at its plateau or at its share of what is left, and the rest flows on); None =
+    each stage by ``min_rounds_per_layer``/``max_rounds_per_layer`` alone."""
+    head_rounds: int = 0
+    """Head-only rounds after the last stage (the coordinator's ``--head-rounds``)."""
+    head_local_steps: int | None = None
+    """Optimiser steps of a head round (``--head-local-steps``); None = the chain's."""
     aggregation: str = "fedavg"
     """``fedavg``, ``ffa`` or ``svd``."""
     model: str = "minilm"
@@ -75,8 +81,9 @@ class SimulationConfig:
     """Weight of the GPO global loss; None = the model family's default (bert 0.1, llama 0.2)."""
     min_rounds_per_layer: int = 1
     """Rounds every chain stage runs at least."""
-    max_rounds_per_layer: int = 3
-    """Round cap of a chain stage."""
+    max_rounds_per_layer: int | None = None
+    """Round cap of a chain stage; None = 3 without ``rounds``, and with it no cap but the
+    budget's share."""
     local_steps: int = 25
     """Optimiser steps per agent per round (when ``local_epochs`` is 0)."""
     local_epochs: float = 0.0
@@ -128,6 +135,15 @@ class SimulationConfig:
             raise SimulationError(f"mode must be chain, e2e or topk:K; got {self.mode!r}")
         if self.rounds is not None and self.rounds < 1:
             raise SimulationError(f"rounds must be >= 1, got {self.rounds}")
+        if self.head_rounds < 0:
+            raise SimulationError(f"head rounds must be >= 0, got {self.head_rounds}")
+        if self.head_local_steps is not None and self.head_local_steps < 1:
+            raise SimulationError(f"head local steps must be >= 1, got {self.head_local_steps}")
+        if self.mode != "chain" and self.rounds is not None and self.rounds <= self.head_rounds:
+            raise SimulationError(
+                f"{self.rounds} rounds leave no {self.mode} round after {self.head_rounds} "
+                "head rounds"
+            )
         if self.test_each_round and not (self.in_process and self.test_rows):
             raise SimulationError("test_each_round needs test_rows and an in-process run")
         if min(self.train_rows, self.val_rows) < self.agents:
@@ -358,7 +374,22 @@ def add_simulation_arguments(
     f.add_argument(
         "--rounds",
         type=int,
-        help="rounds of an e2e/topk run (default: max-rounds-per-layer × layers)",
+        help="training rounds in all, head rounds included: exactly this many for e2e/topk "
+        "(default 3 × layers); for chain a budget the coordinator spreads over the stages by "
+        "their convergence (default: per-layer min/max rounds alone)",
+    )
+    f.add_argument(
+        "--head-rounds",
+        type=int,
+        default=d.head_rounds,
+        help="head-only rounds after the last stage: the task head alone is trained on the "
+        f"final features and aggregated (default {d.head_rounds})",
+    )
+    f.add_argument(
+        "--head-local-steps",
+        type=int,
+        default=d.head_local_steps,
+        help="optimiser steps of each agent's head round (default: the chain's local schedule)",
     )
     f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
     f.add_argument(
@@ -402,7 +433,12 @@ def add_simulation_arguments(
         "--gpo-lambda", type=float, help="global-loss weight (default: bert 0.1, llama 0.2)"
     )
     c.add_argument("--min-rounds-per-layer", type=int, default=d.min_rounds_per_layer)
-    c.add_argument("--max-rounds-per-layer", type=int, default=d.max_rounds_per_layer)
+    c.add_argument(
+        "--max-rounds-per-layer",
+        type=int,
+        default=d.max_rounds_per_layer,
+        help="round cap of a chain stage (default 3; with --rounds: the budget's share)",
+    )
     c.add_argument("--local-steps", type=int, default=d.local_steps, help="steps per round")
     c.add_argument(
         "--local-epochs",
@@ -439,6 +475,8 @@ def simulation_config_from_args(
         split=args.split,
         mode=args.mode,
         rounds=args.rounds,
+        head_rounds=args.head_rounds,
+        head_local_steps=args.head_local_steps,
         aggregation=args.aggregation,
         model=args.model,
         data=args.data,

@@ -16,7 +16,9 @@ agents take their tasks in a fixed order, so a run is deterministic for its seed
 
 Modes: ``chain`` (the method), ``e2e`` and ``topk:K`` — plain FedLoRA rounds through the
 same coordinator: one stage at the last layer whose window reaches down to layer 0
-(``e2e``) or L-K (``topk``), run for exactly ``rounds`` rounds.
+(``e2e``) or L-K (``topk``), run for exactly ``rounds`` rounds. ``head_rounds`` head-only
+rounds follow the last stage in every mode (the same head post-processing for all) and
+count within ``rounds``.
 
 Figures: per round the federated validation loss/metric (sample-weighted over the
 participants) of the aggregate the round started from, the tensor payload each agent
@@ -67,7 +69,7 @@ from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
 from chainfed.coordinator.chain_state import ChainCoordinator
-from chainfed.coordinator.command import coordinator_config, option_defaults
+from chainfed.coordinator.command import DEFAULT_MAX_ROUNDS, coordinator_config, option_defaults
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.adapter_file import AdapterInfo, load_adapter_file
 from chainfed.proto.auth_token import write_token_file
@@ -182,12 +184,20 @@ class SimulationResult:
         return peak
 
     def stages(self) -> list[dict[str, Any]]:
-        """Per stage layer: rounds, last federated validation figures, peak memory."""
-        out: dict[int, dict[str, Any]] = {}
+        """Per stage layer, and the head stage (``head`` True, ``window`` empty) apart:
+        rounds, last federated validation figures, peak memory."""
+        out: dict[tuple[int, bool], dict[str, Any]] = {}
         for e in self.history:
+            head = not e.window
             s = out.setdefault(
-                e.stage_layer,
-                {"layer": e.stage_layer, "window": e.window, "rounds": 0, "peak_memory_bytes": 0},
+                (e.stage_layer, head),
+                {
+                    "layer": e.stage_layer,
+                    "head": head,
+                    "window": e.window,
+                    "rounds": 0,
+                    "peak_memory_bytes": 0,
+                },
             )
             s["rounds"] += 1
             s["val_loss"], s["val_metric"] = e.val_loss, e.val_metric
@@ -238,14 +248,17 @@ def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, 
         "rank": config.rank,
         "seed": config.seed,
         "round_deadline": config.deadline_s,
+        "head_rounds": config.head_rounds,
+        "head_local_steps": config.head_local_steps,
     }
     if start is None:
         options["start_layer"] = "auto" if config.start_layer is None else str(config.start_layer)
         options["window"] = str(config.window)
         options["min_rounds_per_layer"] = config.min_rounds_per_layer
         options["max_rounds_per_layer"] = config.max_rounds_per_layer
+        options["rounds"] = config.rounds
     else:
-        rounds = config.rounds or config.max_rounds_per_layer * num_layers
+        rounds = (config.rounds or DEFAULT_MAX_ROUNDS * num_layers) - config.head_rounds
         options.update(start_layer=str(start), window=str(window))
         options["first_stage_layer"] = num_layers - 1
         options.update(min_rounds_per_layer=rounds, max_rounds_per_layer=rounds)

@@ -21,6 +21,11 @@ MEASURED_AGGREGATE_NOTE = (
 """Says which model the per-round and per-layer validation figures belong to."""
 
 
+def window_text(window: list[int]) -> str:
+    """``3-4`` for a window of layers 3 and 4; ``head`` for a head round's empty one."""
+    return f"{window[0]}-{window[-1]}" if window else "head"
+
+
 def stage_table(result: SimulationResult) -> str:
     """Markdown: per stage layer, its rounds, last federated validation figures and the
     largest per-agent memory peak (absolute and above the agent's idle process).
@@ -30,9 +35,8 @@ def stage_table(result: SimulationResult) -> str:
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in result.stages():
-        window = f"{s['window'][0]}-{s['window'][-1]}"
         lines.append(
-            f"| {s['layer']} | {window} | {s['rounds']} | {s['val_loss']:.4f} "
+            f"| {s['layer']} | {window_text(s['window'])} | {s['rounds']} | {s['val_loss']:.4f} "
             f"| {s['val_metric']:.4f} | {format_bytes(s['peak_memory_bytes'])} "
             f"| {format_bytes(s['above_baseline_bytes'])} |"
         )
@@ -49,7 +53,7 @@ def round_table(result: SimulationResult) -> str:
     for e in result.history:
         n = max(len(e.sent_bytes), 1)
         lines.append(
-            f"| {e.round_id} | {e.stage_layer} | {e.window[0]}-{e.window[-1]} "
+            f"| {e.round_id} | {e.stage_layer} | {window_text(e.window)} "
             f"| {len(e.participants)} | {len(e.dropped)} | {e.train_loss:.4f} | {e.val_loss:.4f} "
             f"| {e.val_metric:.4f} | {format_bytes(sum(e.sent_bytes.values()) // n)} "
             f"| {format_bytes(sum(e.received_bytes.values()) // n)} |"
@@ -92,22 +96,28 @@ def pyplot():
     return plt
 
 
-def stage_boundaries(result: SimulationResult) -> list[tuple[float, int]]:
-    """(x, layer) where a new stage begins, x between its first round and the one before."""
+def stage_boundaries(result: SimulationResult) -> list[tuple[float, str]]:
+    """(x, label) where a new stage begins, x between its first round and the one before;
+    the label is ``L{layer}``, or ``head`` for the head rounds after the chain."""
     out = []
     for i, entry in enumerate(result.history):
-        if i == 0 or entry.stage_layer != result.history[i - 1].stage_layer:
-            out.append((i + 0.5, entry.stage_layer))
+        before = result.history[i - 1] if i else None
+        if (
+            before is None
+            or entry.stage_layer != before.stage_layer
+            or bool(entry.window) != bool(before.window)
+        ):
+            out.append((i + 0.5, f"L{entry.stage_layer}" if entry.window else "head"))
     return out
 
 
-def _label_stages(ax: Any, boundaries: list[tuple[float, int]], rounds: int) -> None:
+def _label_stages(ax: Any, boundaries: list[tuple[float, str]], rounds: int) -> None:
     """Name each stage's layer on a second x axis along the top, centred over its
     rounds: tick labels are laid out with the figure, so none is cut at the edge."""
     ends = [x for x, _ in boundaries[1:]] + [rounds + 0.5]
     centres = [(x + end) / 2 for (x, _), end in zip(boundaries, ends, strict=True)]
     top = ax.secondary_xaxis("top")
-    top.set_xticks(centres, labels=[f"L{layer}" for _, layer in boundaries])
+    top.set_xticks(centres, labels=[label for _, label in boundaries])
     top.tick_params(length=0, labelsize=7)
     top.set_xlabel("stage layer", fontsize=8)
 
@@ -131,7 +141,7 @@ def plot_accuracy(
         (line,) = ax.plot(xs, [e.val_metric for e in result.history], marker="o", label=label)
         boundaries = stage_boundaries(result)
         if len(boundaries) > 1:
-            for x, _layer in boundaries:
+            for x, _label in boundaries:
                 ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.6)
             if not labelled:
                 _label_stages(ax, boundaries, result.rounds)
@@ -159,7 +169,7 @@ def plot_memory(result: SimulationResult, path: Path, *, e2e_bytes: int, e2e_lab
     mib = 1 << 20
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(
-        [str(s["layer"]) for s in stages],
+        ["head" if s["head"] else str(s["layer"]) for s in stages],
         [s["above_baseline_bytes"] / mib for s in stages],
         label="chain, measured (largest agent, above its idle process)",
     )

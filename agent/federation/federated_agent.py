@@ -8,6 +8,8 @@
                    TRAIN_ROUND -> FetchTensors (final adapters + window aggregate)
                                   -> enter the stage (prefix cache advances if the chain moved)
                                   -> local steps -> SubmitUpdate (window state + metrics)
+                                  (empty window: a head round, the head alone on the
+                                  final features)
                    DONE        -> fetch the final adapters, write them, exit 0
 
 The agent only ever dials the coordinator (edge devices sit behind NAT). When the
@@ -288,14 +290,19 @@ class FederatedAgent:
 
         The validation figures are those of the fetched aggregate on this agent's
         validation rows, measured before the local steps; the training loss is that of
-        the local steps."""
+        the local steps.
+
+        A head round (empty window, after the chain's last stage) takes every adapter as
+        final, brings the prefix caches to the top of the model once (later head rounds
+        reuse them), and trains the task head alone on those final states: its update
+        is the head, and no backward pass goes through any block."""
         window = list(task.window_layers)
         trainer = self.ensure_trainer(task.params, len(window))
         final = self.with_frozen_a(strip_prefix(tensors, "final."), trainer.config.lora)
         started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
             if trainer.start_layer is None:
-                trainer.set_start_layer(window[0])
+                trainer.set_start_layer(window[0] if window else task.stage_layer)
             if self.needs_final(task):
                 trainer.adopt_final_adapters(final)
                 trainer.enter_stage(task.stage_layer, window)

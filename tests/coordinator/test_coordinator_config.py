@@ -60,3 +60,37 @@ def test_local_epochs_reach_the_agents_and_bad_values_are_named(tmp_path: Path):
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(ValueError, match="local_epochs"):
             params("--local-epochs", bad)
+
+
+def test_round_budget_and_head_rounds_reach_the_config_and_bad_values_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def config(*argv: str):
+        args = parser.parse_args(["--state-dir", "-", "--token", "-", *argv])
+        return coordinator_config(args, model.spec())
+
+    plain = config()
+    assert (plain.round_budget, plain.head_rounds, plain.max_rounds) == (None, 0, 3)
+    # a budget lifts the flat per-stage cap (its share decides) unless one is given
+    budget = config("--rounds", "12", "--head-rounds", "2", "--head-local-steps", "50")
+    assert (budget.round_budget, budget.head_rounds, budget.max_rounds) == (12, 2, 12)
+    assert (budget.head_local_steps, plain.head_local_steps) == (50, None)
+    assert config("--rounds", "12", "--max-rounds-per-layer", "4").max_rounds == 4
+    with pytest.raises(ValueError, match=r"\(5 needed\)"):
+        config("--start-layer", "0", "--rounds", "4", "--head-rounds", "3")
+    for flag, bad, says in (
+        ("--rounds", "0", "must be >= 1"),
+        ("--head-rounds", "-1", "must be >= 0"),
+        ("--head-local-steps", "0", "must be >= 1"),
+        ("--rounds", "two", "not a whole number"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--state-dir", "-", flag, bad])
+        assert says in capsys.readouterr().err
+    text = parser.format_help()
+    assert "--rounds" in text and "--head-rounds" in text and "head-only rounds" in text
+    assert "--head-local-steps" in text

@@ -416,6 +416,73 @@ def test_coordinator_killed_mid_stage_resumes_without_losing_or_repeating(tmp_pa
         assert sorted(r["participants"]) == list(SHARD_IDS), r
 
 
+# -- head rounds: the coordinator SIGKILLed in the head stage ---------------------------
+
+HEAD_CHAIN = ("--start-layer", "4", "--window", "2", "--local-steps", "3")
+HEAD_CHAIN += ("--min-rounds-per-layer", "1", "--max-rounds-per-layer", "1", "--head-rounds", "3")
+
+
+def test_head_rounds_survive_a_coordinator_kill_and_train_the_head_alone(
+    tmp_path: Path, shards, minilm: StreamingModel
+):
+    """Layers 4 and 5 one round each, then 3 head rounds. The coordinator is SIGKILLed
+    once the first head round is aggregated, and restarted: exactly 3 head rounds in all,
+    the adapters frozen by the chain reach the final file byte for byte, the head moved
+    after the kill, and the coordinator's final figure is what the final file scores."""
+    with federation(tmp_path) as fed:
+        coordinator = fed.coordinator(*HEAD_CHAIN, "--min-agents", "3")
+        agents = start_shard_agents(fed)
+        fed.wait_until(
+            lambda: any(r["window_layers"] == [] for r in (fed.state() or {}).get("history", [])),
+            timeout=RUN_TIMEOUT,
+            what="the first head round aggregated",
+            poll=0.02,
+        )
+        coordinator.kill()
+        before = fed.state()
+        tensors = fed.state_dir / before["tensors_file"]
+        frozen = harness.read_tensor_bytes(tensors, "final.")
+        head_then = harness.read_tensor_bytes(tensors, "window.objective.")
+        assert before["head_stage"] is True and before["phase"] == "training"
+        assert {n.split(".")[2] for n in frozen} == {"4", "5"}, sorted(frozen)
+        assert sorted(head_then) == ["window.objective.head.bias", "window.objective.head.weight"]
+
+        restarted = fed.coordinator(*HEAD_CHAIN, "--min-agents", "3", name="coordinator-restarted")
+        codes = fed.wait_exit([*agents, restarted], timeout=RUN_TIMEOUT)
+        assert codes == {**dict.fromkeys(SHARD_IDS, 0), "coordinator-restarted": 0}
+        after = fed.state()
+        final_bytes = harness.read_tensor_bytes(fed.state_dir / "final_adapters.safetensors")
+
+    history = after["history"]
+    assert history[: len(before["history"])] == before["history"]
+    history_ok(history)
+    assert [(r["stage_layer"], r["window_layers"]) for r in history[:-1]] == [
+        (4, [4]),
+        (5, [4, 5]),
+        (5, []),
+        (5, []),
+        (5, []),
+    ]
+    assert history[-1]["round_id"].startswith("eval") and after["phase"] == "done"
+    for name, value in frozen.items():
+        assert final_bytes[name.removeprefix("final.")] == value, f"{name} changed"
+    for name, value in head_then.items():
+        assert final_bytes[name.removeprefix("window.objective.")] != value, f"{name} kept"
+    # the evaluation round scored the final file: recomputed here on the union of shards
+    full, parts = shards
+    final = load_adapter_file(fed.state_dir / "final_adapters.safetensors")
+    union = [e for p in parts for e in p.val]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        together = _evaluate(
+            minilm, final, full.labels, encode_split(minilm, union, "classify", 32)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert together.metric == pytest.approx(history[-1]["metrics"]["val_metric"], abs=1e-12)
+
+
 # -- 4: an agent SIGKILLed mid-round ----------------------------------------------------
 
 DEADLINE_S = 15.0

@@ -17,16 +17,22 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from chainfed.agent.app import simulation
-from chainfed.agent.app.options import SimulationConfig, SimulationError
+from chainfed.agent.app.options import (
+    SimulationConfig,
+    SimulationError,
+    add_simulation_arguments,
+    simulation_config_from_args,
+)
 from chainfed.agent.app.simulation import coordinator_argv, run_simulation
-from chainfed.agent.cli import main
+from chainfed.agent.app.simulation_report import round_table, stage_boundaries, stage_table
+from chainfed.agent.cli import build_parser, main
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
 from chainfed.proto.adapter_file import load_adapter_file
@@ -206,6 +212,67 @@ def test_each_round_scores_the_global_model_and_the_last_is_the_final_file(tmp_p
     assert scores[0][0] != scores[-1][0]  # rounds changed the model
 
 
+def test_head_rounds_train_the_head_alone_and_leave_every_adapter_as_the_chain_made_it(
+    tmp_path,
+):
+    # Prepare: the same chain (layers 4, 5; one round each) without and with 2 head rounds
+    submitted: list[tuple[str, dict[str, torch.Tensor]]] = []
+    base = SimulationConfig(
+        **TINY,
+        start_layer=4,
+        min_rounds_per_layer=1,
+        max_rounds_per_layer=1,
+        test_each_round=True,
+        workdir=tmp_path / "chain",
+    )
+
+    # Execute
+    chain = run_simulation(base)
+    headed = run_simulation(
+        replace(base, head_rounds=2, workdir=tmp_path / "headed"),
+        update_hook=lambda agent, update: submitted.append((agent, dict(update))) or update,
+    )
+
+    # Assert: two rounds of an empty window follow the chain's, and upload the head alone
+    assert [e.window for e in chain.history] == [[4], [4, 5]]
+    assert [e.window for e in headed.history] == [[4], [4, 5], [], []]
+    assert all(n.startswith("objective.head.") for _a, u in submitted[6:] for n in u)
+    head_bytes = sum(t.numel() * 4 for t in submitted[-1][1].values())
+    assert all(v == head_bytes for e in headed.history[2:] for v in e.sent_bytes.values())
+    # the first head round fetches the final adapters once; the second the head alone
+    assert all(v == head_bytes for v in headed.history[3].received_bytes.values())
+    assert all(v > head_bytes for v in headed.history[2].received_bytes.values())
+    # every adapter is bit for bit the chain's; only the head moved
+    plain = load_adapter_file(chain.adapters).tensors
+    refit = load_adapter_file(headed.adapters).tensors
+    assert sorted(plain) == sorted(refit)
+    for name in [n for n in plain if n.startswith("layers.")]:
+        assert torch.equal(plain[name], refit[name]), name
+    assert not torch.equal(plain["head.weight"], refit["head.weight"])
+    # round 3 validates the chain's own result: the same model and rows as chain's final
+    assert headed.history[2].val_metric == pytest.approx(chain.final_val_metric, abs=1e-12)
+    assert headed.history[-1].test_metric == headed.test_metric
+    # the reports name the head stage: its own stage row, round rows and plot label
+    assert [(st["layer"], st["head"], st["rounds"]) for st in headed.stages()] == [
+        (4, False, 1),
+        (5, False, 1),
+        (5, True, 2),
+    ]
+    assert stage_table(headed).splitlines()[-1].startswith("| 5 | head | 2 |")
+    assert round_table(headed).count("| 5 | head |") == 2
+    assert [label for _x, label in stage_boundaries(headed)] == ["L4", "L5", "head"]
+
+
+def test_a_chain_budget_ends_stages_at_their_share(tmp_path):
+    # R = 3 rounds over layers 4 and 5: layer 4 gets 3 // 2 = 1, layer 5 the 2 left
+    config = SimulationConfig(**TINY, start_layer=4, rounds=3, workdir=tmp_path)
+
+    result = run_simulation(config)
+
+    # (a plateau needs a second round to show, so layer 5 runs both of its rounds)
+    assert [e.stage_layer for e in result.history] == [4, 5, 5]
+
+
 def test_rejected_update_drops_the_agent_and_options_reach_the_coordinator(tmp_path):
     # agent-1 always uploads a NaN: the coordinator must reject it; with the quorum lowered
     # to 2 through coordinator_options, every round closes at its deadline without agent-1
@@ -258,6 +325,39 @@ def test_bad_settings_are_refused_with_a_message(tmp_path):
         SimulationConfig(**TINY, test_each_round=True, in_process=False)
     with pytest.raises(SimulationError, match="in_process"):
         run_simulation(SimulationConfig(**TINY, in_process=False), update_hook=lambda a, u: u)
+    with pytest.raises(SimulationError, match="head rounds must be >= 0"):
+        SimulationConfig(head_rounds=-1)
+    with pytest.raises(SimulationError, match="head local steps must be >= 1"):
+        SimulationConfig(head_local_steps=0)
+    with pytest.raises(SimulationError, match="leave no e2e round after 2 head rounds"):
+        SimulationConfig(mode="e2e", rounds=2, head_rounds=2)
+
+
+def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
+    parser = build_parser(only="simulate")
+    args = parser.parse_args(
+        ["simulate", "--rounds", "9", "--head-rounds", "2", "--head-local-steps", "40"]
+    )
+    config = simulation_config_from_args(args, tmp_path)
+    assert (config.rounds, config.head_rounds, config.max_rounds_per_layer) == (9, 2, None)
+    assert config.head_local_steps == 40
+    coordinator_args = argparse.ArgumentParser()
+    add_arguments(coordinator_args)
+    argv = ["--state-dir", "-", *coordinator_argv(config, 6)]
+    chain = coordinator_args.parse_args(argv)
+    assert (chain.rounds, chain.head_rounds, chain.max_rounds_per_layer) == (9, 2, None)
+    assert chain.head_local_steps == 40
+    # e2e: one stage of the rounds the head leaves
+    e2e = coordinator_args.parse_args(
+        ["--state-dir", "-", *coordinator_argv(replace(config, mode="e2e"), 6)]
+    )
+    assert (e2e.min_rounds_per_layer, e2e.max_rounds_per_layer, e2e.head_rounds) == (7, 7, 2)
+    assert e2e.rounds is None
+    simulate = argparse.ArgumentParser()
+    add_simulation_arguments(simulate)
+    help_text = " ".join(simulate.format_help().split())
+    assert "head-only rounds" in help_text and "a budget the coordinator spreads" in help_text
+    assert "optimiser steps of each agent's head round" in help_text
 
 
 def test_simulate_command_with_processes_over_grpc(tmp_path, capsys, launches):
