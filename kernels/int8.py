@@ -10,8 +10,9 @@ Scheme (symmetric, per output channel, absmax)::
 So ``x Wᵀ ≈ (x W_qᵀ) · s`` (the scale applies per output column after the reduction over
 d_in) and ``g W ≈ (g · s) W_q`` (the gradient pre-scaled per output channel). The Triton
 kernel of ``fused_lora`` computes exactly these; the torch path here dequantises one block
-of output channels at a time, so the float copy of a weight alive at any moment is at most
-``DEQUANT_BLOCK_BYTES``, never the whole matrix, and nothing float is saved for backward.
+of output channels at a time to float32, so the float copy of a weight alive at any moment
+is at most ``DEQUANT_BLOCK_BYTES``, never the whole matrix, and nothing float is saved for
+backward. Both accumulate in float32 and round once to the compute dtype.
 
 ``Int8Linear`` is the frozen module a block's ``nn.Linear`` becomes; ``LoRALinear`` wraps it
 like an ``nn.Linear`` and hands ``weight`` (int8) and ``weight_scale`` to ``lora_linear``.
@@ -37,8 +38,8 @@ QMAX = 127
 """Largest magnitude of a quantised value: the int8 range is symmetric, -128 is unused."""
 
 DEQUANT_BLOCK_BYTES = 16 << 20
-"""Bound on the float copy the torch path makes of a weight block (16 MiB): a 4096-wide
-fp32 row is 16 KiB, so 1024 output channels are dequantised at a time."""
+"""Bound on the float32 copy the torch path makes of a weight block (16 MiB): a 4096-wide
+row is 16 KiB, so 1024 output channels are dequantised at a time."""
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,32 +76,36 @@ def _rows_per_block(d_in: int) -> int:
 def dequantized_linear(
     x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x2 Wᵀ + b`` for flat ``x2 (M, d_in)`` with ``W = s · W_q`` dequantised to ``x2``'s
-    dtype one block of output channels at a time; no autograd graph through ``q``."""
+    """``x2 Wᵀ + b`` in ``x2``'s dtype for flat ``x2 (M, d_in)``, ``W = s · W_q``.
+
+    ``W`` is dequantised to float32 one block of output channels at a time and the product
+    taken in float32 (a half ``x2`` is upcast once), then rounded once to ``x2``'s dtype, as
+    the Triton kernel rounds its fp32 accumulator: a half-precision copy of ``W`` would add
+    a rounding per weight that the kernel does not make. No autograd graph through ``q``.
+    """
     d_out, d_in = q.shape
     rows = _rows_per_block(d_in)
-    if rows >= d_out:
-        return F.linear(x2, dequantize_int8(q, scale, x2.dtype), bias)
+    x32 = x2.to(torch.float32)  # no copy when x2 is float32
     y = torch.empty((x2.shape[0], d_out), device=x2.device, dtype=x2.dtype)  # (M, d_out)
     for r0 in range(0, d_out, rows):
         r1 = min(d_out, r0 + rows)
-        w = dequantize_int8(q[r0:r1], scale[r0:r1], x2.dtype)  # (rows, d_in)
-        y[:, r0:r1] = F.linear(x2, w, None if bias is None else bias[r0:r1])
-    return y
+        w = dequantize_int8(q[r0:r1], scale[r0:r1], torch.float32)  # (rows, d_in)
+        y[:, r0:r1] = F.linear(x32, w)  # rounded to x2's dtype here
+    return y if bias is None else y.add_(bias)
 
 
 def dequantized_grad_input(g: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``g W`` for ``g (M, d_out)`` with ``W = s · W_q`` dequantised to ``g``'s dtype one block
-    of output channels at a time (the blocks' products summed)."""
+    """``g W`` in ``g``'s dtype for ``g (M, d_out)``, ``W = s · W_q`` dequantised to float32
+    one block of output channels at a time, the blocks' products summed in float32 and
+    rounded once (see ``dequantized_linear``)."""
     d_out, d_in = q.shape
     rows = _rows_per_block(d_in)
-    if rows >= d_out:
-        return g @ dequantize_int8(q, scale, g.dtype)
-    out = torch.zeros((g.shape[0], d_in), device=g.device, dtype=g.dtype)  # (M, d_in)
+    g32 = g.to(torch.float32)  # no copy when g is float32
+    out = torch.zeros((g.shape[0], d_in), device=g.device, dtype=torch.float32)  # (M, d_in)
     for r0 in range(0, d_out, rows):
         r1 = min(d_out, r0 + rows)
-        out.addmm_(g[:, r0:r1], dequantize_int8(q[r0:r1], scale[r0:r1], g.dtype))
-    return out
+        out.addmm_(g32[:, r0:r1], dequantize_int8(q[r0:r1], scale[r0:r1], torch.float32))
+    return out.to(g.dtype)
 
 
 class _Int8LinearFunction(torch.autograd.Function):

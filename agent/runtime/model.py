@@ -10,6 +10,13 @@ Modules are created on the ``meta`` device and receive the checkpoint's tensors 
 assignment, so building a block allocates its weights once, never twice: in the compute
 dtype, on the compute device (``chainfed.agent.runtime.precision`` says which). Token ids
 and masks may come from the CPU; the embeddings and ``attention_context`` move them.
+
+With ``weights="int8"`` a block's linear layers are ``Int8Linear`` modules whose int8
+weights and per-output-channel scales come from the model's int8 cache
+(``chainfed.agent.runtime.int8_cache``, quantised on first use); the block's norms and
+biases, the embeddings and the LM head are read as with float weights. The fingerprint
+stays the float checkpoint's: int8 is a local storage choice, like the compute dtype, and
+agents of either kind federate together.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ from chainfed.agent.runtime import bert, llama
 from chainfed.agent.runtime.attention import AttentionContext
 from chainfed.agent.runtime.checkpoint import Checkpoint, TensorSpec
 from chainfed.agent.runtime.fingerprint import digest_files
+from chainfed.agent.runtime.int8_cache import Int8WeightCache, QuantisedLinear
 from chainfed.agent.runtime.lm_head import StreamedLMHead
 from chainfed.agent.runtime.model_config import ModelConfig
+from chainfed.agent.runtime.precision import resolve_weights
+from chainfed.kernels import Int8Linear
 from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.seeded_init import linear_in_features
 
@@ -49,6 +59,7 @@ class StreamingModel:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        weights: str = "float",
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -59,6 +70,8 @@ class StreamingModel:
         """Compute dtype of the frozen weights and activations."""
         self.device = torch.device(device)
         """Where every part is built and every activation lives."""
+        self.weights = resolve_weights(weights)
+        """Storage of the blocks' linear weights: ``float`` or ``int8``."""
         self._family = _FAMILIES[self.config.family]
         self._prefix = self._find_prefix()
 
@@ -110,11 +123,17 @@ class StreamingModel:
         tokenizer.no_truncation()
         return tokenizer
 
-    def _materialise(self, module: nn.Module, spec: TensorSpec) -> nn.Module:
+    def _materialise(
+        self, module: nn.Module, spec: TensorSpec, given: dict[str, torch.Tensor] | None = None
+    ) -> nn.Module:
+        """Assign ``module`` its tensors: those in ``given`` as they are, the rest of
+        ``spec`` read from the checkpoint in the compute dtype."""
+        given = given or {}
+        read = {ours: src for ours, src in spec.items() if ours not in given}
         tensors = self.checkpoint.load(
-            {name: shape for name, shape in spec.values()}, dtype=self.dtype, device=self.device
+            {name: shape for name, shape in read.values()}, dtype=self.dtype, device=self.device
         )
-        state = {ours: tensors[theirs] for ours, (theirs, _) in spec.items()}
+        state = {ours: tensors[theirs] for ours, (theirs, _) in read.items()} | given
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
         return module.eval()
@@ -132,11 +151,32 @@ class StreamingModel:
         return self._family.block_tensors(self.config, self._prefix, index)
 
     def load_block(self, index: int) -> nn.Module:
-        """Frozen block ``index``: ``(h, AttentionContext) -> h``."""
+        """Frozen block ``index``: ``(h, AttentionContext) -> h``; with int8 weights its
+        linear layers are ``Int8Linear`` (see the module docstring)."""
         spec = self.block_tensor_spec(index)
         with torch.device("meta"):
             module = self._family.build_block(self.config)
-        return self._materialise(module, spec)
+        if self.weights == "float":
+            return self._materialise(module, spec)
+        names = _linear_names(module)
+        for name in names:
+            setattr(module, name, Int8Linear.like(getattr(module, name)))
+        quantised = self.int8_weights.load(index, names, self.device)
+        return self._materialise(module, spec, quantised)
+
+    @cached_property
+    def int8_weights(self) -> Int8WeightCache:
+        """The checked int8 cache of every block's linear weights, quantised from the
+        checkpoint and written next to it the first time it is asked for."""
+        with torch.device("meta"):
+            names = _linear_names(self._family.build_block(self.config))
+        linears = []
+        for index in range(self.num_layers):
+            spec = self.block_tensor_spec(index)
+            for name in names:
+                source, shape = spec[f"{name}.weight"]
+                linears.append(QuantisedLinear(index, name, source, (shape[0], shape[1])))
+        return Int8WeightCache(self.model_dir, self.fingerprint, linears, self.checkpoint)
 
     def _require_decoder(self) -> None:
         if self.config.family != "llama":
@@ -178,6 +218,11 @@ class StreamingModel:
         )
 
 
+def _linear_names(block: nn.Module) -> list[str]:
+    """A block's linear children: the layers int8 weights quantise and LoRA may wrap."""
+    return [name for name, child in block.named_children() if isinstance(child, nn.Linear)]
+
+
 @torch.no_grad()
 def hidden_states(
     model_dir: Path | str,
@@ -186,6 +231,7 @@ def hidden_states(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    weights: str = "float",
 ) -> list[torch.Tensor]:
     """The L+1 hidden states of a batch, computed by streaming one block at a time.
 
@@ -194,7 +240,7 @@ def hidden_states(
     ``attention_mask`` are (B, T), right padded. Only the embeddings or one block are
     resident at any moment besides the returned states.
     """
-    model = StreamingModel(model_dir, dtype=dtype, device=device)
+    model = StreamingModel(model_dir, dtype=dtype, device=device, weights=weights)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     ctx = model.attention_context(attention_mask)
