@@ -86,6 +86,8 @@ class Int8WeightCache:
         self.path = Path(model_dir) / CACHE_FILE
         self.fingerprint = fingerprint
         self.linears = list(linears)
+        self.layers = {linear.layer for linear in self.linears}
+        """The blocks the cache holds."""
         if not self.path.exists():
             self._build(checkpoint)
         elif self._metadata_or_corrupt().get("model_fingerprint") != fingerprint:

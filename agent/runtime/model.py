@@ -74,6 +74,7 @@ class StreamingModel:
         """Storage of the blocks' linear weights: ``float`` or ``int8``."""
         self._family = _FAMILIES[self.config.family]
         self._prefix = self._find_prefix()
+        self._int8: Int8WeightCache | None = None
 
     def _find_prefix(self) -> str:
         for prefix in self._family.CHECKPOINT_PREFIXES:
@@ -161,22 +162,31 @@ class StreamingModel:
         names = _linear_names(module)
         for name in names:
             setattr(module, name, Int8Linear.like(getattr(module, name)))
-        quantised = self.int8_weights.load(index, names, self.device)
+        if index not in self.int8_weights().layers:  # the checkpoint's own error
+            self.checkpoint.load({name: shape for name, shape in spec.values()})
+        quantised = self.int8_weights().load(index, names, self.device)
         return self._materialise(module, spec, quantised)
 
-    @cached_property
     def int8_weights(self) -> Int8WeightCache:
-        """The checked int8 cache of every block's linear weights, quantised from the
-        checkpoint and written next to it the first time it is asked for."""
+        """The checked int8 cache of the linear weights of every block the checkpoint
+        holds, quantised from it and written next to it the first time it is asked for. (A
+        checkpoint may hold only some blocks, e.g. the memory benchmark's slice of a large
+        config; loading another block then fails as it does with float weights.)"""
+        if self._int8 is not None:
+            return self._int8
         with torch.device("meta"):
             names = _linear_names(self._family.build_block(self.config))
         linears = []
         for index in range(self.num_layers):
             spec = self.block_tensor_spec(index)
-            for name in names:
-                source, shape = spec[f"{name}.weight"]
-                linears.append(QuantisedLinear(index, name, source, (shape[0], shape[1])))
-        return Int8WeightCache(self.model_dir, self.fingerprint, linears, self.checkpoint)
+            sources = [spec[f"{name}.weight"] for name in names]
+            if all(source in self.checkpoint for source, _ in sources):
+                linears += [
+                    QuantisedLinear(index, name, source, (shape[0], shape[1]))
+                    for name, (source, shape) in zip(names, sources, strict=True)
+                ]
+        self._int8 = Int8WeightCache(self.model_dir, self.fingerprint, linears, self.checkpoint)
+        return self._int8
 
     def _require_decoder(self) -> None:
         if self.config.family != "llama":

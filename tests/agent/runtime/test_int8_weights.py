@@ -175,3 +175,15 @@ def test_weights_values_are_checked_everywhere(tiny_models) -> None:
     assert device_argv("cpu", "float32", weights="int8") == [
         "--device", "cpu", "--dtype", "float32", "--weights", "int8"
     ]  # fmt: skip
+
+
+def test_a_checkpoint_holding_some_blocks_quantises_those(tiny_models) -> None:
+    """The memory benchmark's slice: the config has 4 layers, the checkpoint 2 blocks."""
+    model_dir = tiny_models.checkpoint("bert", num_hidden_layers=2)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    model = StreamingModel(model_dir, weights="int8")
+    assert isinstance(model.load_block(1).q_proj, Int8Linear)
+    assert model.int8_weights().layers == {0, 1}
+    with pytest.raises(ModelLoadError, match="not found"):
+        model.load_block(2)
