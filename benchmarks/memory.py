@@ -170,9 +170,8 @@ COMPARISONS: dict[str, dict[str, Any]] = {
 }
 """Variants of the chain run, each the first ``--compare-stages`` stages in its own
 worker, compared with the same stages of the chain run: name -> ``RunSpec`` fields.
-Another axis (e.g. frozen-weight storage, ``--weights``) is a ``RunSpec`` field that
-``measure`` passes on, plus an entry here — and, to keep ratios like for like, the same
-field on the e2e run."""
+Frozen-weight storage (``--weights``) is not a comparison: it applies to every run of the
+invocation, e2e included, so each ratio stays like for like."""
 NUM_CLASSES = 3
 LABEL_TOKENS = [3, 4, 5]
 """Label-word token ids for the LM objective's accuracy (values do not matter here)."""
@@ -246,6 +245,8 @@ class Options:
     device: str = "cpu"
     dtype: str = "float32"
     """Compute dtype of the frozen weights and activations."""
+    weights: str = "float"
+    """Storage of the frozen block weights (``--weights``): ``float`` or ``int8``."""
     seed: int = 0
     tmp_dir: str | None = None
     """Where random checkpoints and prefix caches go (None: the system temp folder)."""
@@ -278,6 +279,7 @@ class RunSpec:
     workdir: str
     seed: int = 0
     dtype: str = "float32"
+    weights: str = "float"
     stages: int | None = None
     """Run only the chain's first ``stages`` stages (None: ``ChainTrainer.train()``)."""
     recompute: bool = True
@@ -365,7 +367,11 @@ def measure(spec: RunSpec) -> dict[str, Any]:
     libraries_start = library_rss()
     cuda = torch.device(spec.device).type == "cuda"
     model = StreamingModel(
-        spec.model_dir, device=spec.device, dtype=DTYPES[spec.dtype], prefetch=spec.prefetch
+        spec.model_dir,
+        device=spec.device,
+        dtype=DTYPES[spec.dtype],
+        prefetch=spec.prefetch,
+        weights=spec.weights,
     )
     train = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed)
     val = synthetic_split(model.config, spec.task, spec.samples, spec.seq, spec.seed + 1)
@@ -619,11 +625,24 @@ def plan_runs(shape: Shape, options: Options, full: int) -> tuple[list[PlannedRu
 
 
 def prepare_models(
-    shape: Shape, depths: set[int], weight_blocks: int | None, tmp: Path
+    shape: Shape, depths: set[int], weight_blocks: int | None, tmp: Path, weights: str = "float"
 ) -> dict[int, Path]:
     """A model folder per config depth. Packaged: its folder. Random: weights written once
     for ``weight_blocks`` blocks (or the full depth); every depth's folder holds its own
-    config.json and links to those files (a block a run never reaches needs no weights)."""
+    config.json and links to those files (a block a run never reaches needs no weights).
+    With int8 weights each folder's int8 cache is built here, so the one-time quantisation
+    is in no worker's figures."""
+    dirs = _model_dirs(shape, depths, weight_blocks, tmp)
+    if weights == "int8":
+        for folder in set(dirs.values()):
+            StreamingModel(folder, weights="int8").int8_weights()
+        malloc_trim()
+    return dirs
+
+
+def _model_dirs(
+    shape: Shape, depths: set[int], weight_blocks: int | None, tmp: Path
+) -> dict[int, Path]:
     if shape.packaged is not None:
         from chainfed.agent.convert.assets import resolve_model
 
@@ -744,7 +763,7 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
     if weight_blocks is not None:  # exact foresight streams the K blocks above the window
         kind, depth = parse_gpo(options.gpo, full)
         weight_blocks = min(full, weight_blocks + (depth if kind == "exact" else 0))
-    dirs = prepare_models(shape, {p.layers for p in planned}, weight_blocks, tmp)
+    dirs = prepare_models(shape, {p.layers for p in planned}, weight_blocks, tmp, options.weights)
     runs = []
     for p in planned:
         spec = RunSpec(
@@ -765,6 +784,7 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
             workdir=str(tmp / f"{shape.name}-L{p.layers}-{p.mode}-{p.variant or 'main'}"),
             seed=options.seed,
             dtype=options.dtype,
+            weights=options.weights,
             stages=p.stages,
             variant=p.variant,
             **COMPARISONS.get(p.variant, {}),
@@ -827,6 +847,7 @@ def machine_info(options: Options) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": options.device,
         "dtype": options.dtype,
+        "weights": options.weights,
         "worker_env": worker_env_summary(options),
     }
     if torch.device(options.device).type == "cuda":
@@ -894,7 +915,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report.get('command') or 'python benchmarks/memory.py'}` — {report.get('date', '')}",
         "",
         f"{machine['device']} ({machine['cpu_count']} CPUs, torch {machine['torch']}), "
-        f"{machine.get('dtype', 'float32')}, "
+        f"{machine.get('dtype', 'float32')}, {machine.get('weights', 'float')} frozen weights, "
         f"method `{method}`; each run in its own fresh process; peak = max over the run's "
         "stages, above the process baseline (the idle worker after imports, before the model "
         f"is touched). chain: window {options['window']}, GPO {options['gpo']}, from layer 0; "
@@ -1295,6 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=args.samples,
         device=str(precision.device),
         dtype=dtype_name(precision.dtype),
+        weights=precision.weights,
         seed=args.seed,
         tmp_dir=args.tmp_dir,
         compare=compare,

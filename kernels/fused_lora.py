@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from chainfed.kernels.int8 import dequantize_int8, dequantized_grad_input, dequantized_linear
+
 try:
     import triton
     import triton.language as tl
@@ -109,8 +111,9 @@ if triton is not None:
     def _accumulate_over_k(
         # pointers
         a_ptr,  # (M, K)
-        p_ptr,  # (K, N)
+        p_ptr,  # (K, N), a's dtype or int8
         q_ptr,  # (K, R)
+        ks_ptr,  # (K,) float32, read only if K_SCALE
         # tile: int64 row indices, column and rank offsets, their masks
         rows,
         offs_n,
@@ -128,16 +131,19 @@ if triton is not None:
         stride_qk,
         stride_qr,
         # meta
+        K_SCALE: tl.constexpr,
         R_PAD: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """``(a·p, a·q)`` for the tile, fp32 (BLOCK_M, BLOCK_N) and (BLOCK_M, R_PAD).
+        """``(a·p, a·q)`` for the tile, fp32 (BLOCK_M, BLOCK_N) and (BLOCK_M, R_PAD); with
+        K_SCALE, ``(a·diag(ks)·p, a·q)``: the int8 backward's pre-scaled gradient.
 
-        Each ``a`` tile is loaded once per K step and feeds both products. Out-of-range rows,
-        columns, ranks and K entries load as 0, so they add nothing.
+        Each ``a`` tile is loaded once per K step and feeds both products. An int8 ``p`` tile
+        is cast to ``a``'s dtype (exact: |p| <= 127). Out-of-range rows, columns, ranks and
+        K entries load as 0, so they add nothing.
         """
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         low = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -152,14 +158,19 @@ if triton is not None:
             p = tl.load(
                 p_ptr + offs_k[:, None] * stride_pk + offs_n[None, :] * stride_pn,
                 mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )  # (BLOCK_K, BLOCK_N)
+                other=0,
+            ).to(a_ptr.dtype.element_ty)  # (BLOCK_K, BLOCK_N)
             q = tl.load(
                 q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr,
                 mask=mask_k[:, None] & mask_r[None, :],
                 other=0.0,
             )  # (BLOCK_K, R_PAD)
-            acc = tl.dot(a, p, acc, input_precision=DOT_PRECISION)
+            if K_SCALE:
+                ks = tl.load(ks_ptr + offs_k, mask=mask_k, other=0.0)  # (BLOCK_K,)
+                a_p = (a.to(tl.float32) * ks[None, :]).to(a_ptr.dtype.element_ty)
+                acc = tl.dot(a_p, p, acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(a, p, acc, input_precision=DOT_PRECISION)
             low = tl.dot(a, q, low, input_precision=DOT_PRECISION)
         return acc, low
 
@@ -258,10 +269,11 @@ if triton is not None:
     def _fused_lora_matmul_kernel(
         # pointers
         a_ptr,  # (M, K)
-        p_ptr,  # (K, N)
+        p_ptr,  # (K, N), a's dtype or int8
         q_ptr,  # (K, R)
         s_ptr,  # (R, N)
         bias_ptr,  # (N,), read only if HAS_BIAS
+        ws_ptr,  # float32 per-channel scale of an int8 p: (N,) if N_SCALE, (K,) if K_SCALE
         out_ptr,  # (M, N)
         low_ptr,  # (M, R), written only if STORE_LOW
         # sizes
@@ -287,6 +299,8 @@ if triton is not None:
         # meta
         HAS_BIAS: tl.constexpr,
         STORE_LOW: tl.constexpr,
+        N_SCALE: tl.constexpr,
+        K_SCALE: tl.constexpr,
         R_PAD: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -296,10 +310,15 @@ if triton is not None:
     ):
         """One (BLOCK_M, BLOCK_N) tile of ``out = a·p + scale·(a·q)·s + bias``.
 
-        The K loop reads each ``a`` tile once and feeds both products. Every N-tile of a
-        row block recomputes its ``a·q`` (R_PAD/BLOCK_N extra work), the price of one pass;
-        only the first N-tile writes it to ``low``. fp32 accumulation throughout; ``a·q`` is
-        rounded to the input dtype before the second product, as eager torch does.
+        int8 ``p`` (quantised frozen weight, see ``chainfed.kernels.int8``): with N_SCALE
+        (forward, ``p = W_qᵀ``) the fp32 ``a·p`` tile is multiplied by the output channels'
+        scales after the K loop; with K_SCALE (grad-x, ``p = W_q``) each ``a`` tile is scaled
+        per K entry before its product with ``p`` only: ``(g·s) W_q``, while ``a·q = g B``
+        stays unscaled. The K loop reads each ``a`` tile once and feeds both products.
+        Every N-tile of a row block recomputes its ``a·q`` (R_PAD/BLOCK_N extra work), the
+        price of one pass; only the first N-tile writes it to ``low``. fp32 accumulation
+        throughout; ``a·q`` is rounded to the input dtype before the second product, as eager
+        torch does.
         """
         pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -311,12 +330,14 @@ if triton is not None:
         mask_r = offs_r < R
 
         acc, low = _accumulate_over_k(
-            a_ptr, p_ptr, q_ptr,
+            a_ptr, p_ptr, q_ptr, ws_ptr,
             rows, offs_n, offs_r, mask_m, mask_n, mask_r,
             K,
             stride_am, stride_ak, stride_pk, stride_pn, stride_qk, stride_qr,
-            R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            K_SCALE, R_PAD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
+        if N_SCALE:
+            acc = acc * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         acc, low_in = _add_lora_and_bias(
             s_ptr, bias_ptr,
             acc, low, offs_n, offs_r, mask_n, mask_r,
@@ -434,6 +455,19 @@ def _check_operands(*tensors: torch.Tensor) -> None:
             )
 
 
+def _check_int8_operand(
+    a: torch.Tensor, p: torch.Tensor, p_scale: torch.Tensor, length: int
+) -> None:
+    """An int8 ``p`` with a float32 ``p_scale`` of ``length`` entries, on ``a``'s device."""
+    if p.dtype != torch.int8 or p_scale.dtype != torch.float32 or p_scale.shape != (length,):
+        raise ValueError(
+            f"an int8 operand needs a float32 ({length},) scale, got {p.dtype} with "
+            f"{p_scale.dtype} {tuple(p_scale.shape)}"
+        )
+    if p.device != a.device or p_scale.device != a.device:
+        raise ValueError(f"operands must share a device: {a.device}, {p.device}, {p_scale.device}")
+
+
 def _fused_lora_matmul(
     a: torch.Tensor,
     p: torch.Tensor,
@@ -443,9 +477,15 @@ def _fused_lora_matmul(
     scale: float,
     *,
     store_low: bool,
+    p_scale: torch.Tensor | None = None,
+    p_scale_axis: str = "n",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(a·p + scale·(a·q)·s + bias, a·q)`` with ``a (M,K)``, ``p (K,N)``, ``q (K,R)``,
-    ``s (R,N)``; any strides. The second result is ``None`` unless ``store_low``."""
+    ``s (R,N)``; any strides. The second result is ``None`` unless ``store_low``.
+
+    With ``p_scale`` (float32), ``p`` is int8 and stands for ``p_scale · p`` scaled along
+    ``p_scale_axis``: ``"n"`` (``p_scale (N,)``, applied to ``a·p`` after the K loop) or
+    ``"k"`` (``p_scale (K,)``, applied to ``a`` before its product with ``p``)."""
     M, K = a.shape
     N, R = p.shape[1], q.shape[1]
     if p.shape[0] != K or q.shape[0] != K or s.shape != (R, N):
@@ -455,7 +495,9 @@ def _fused_lora_matmul(
         )
     if R > MAX_TRITON_RANK:
         raise ValueError(f"Triton path supports rank <= {MAX_TRITON_RANK}, got {R}")
-    _check_operands(a, p, q, s, *(() if bias is None else (bias,)))
+    _check_operands(a, q, s, *(() if bias is None else (bias,)), *((p,) if p_scale is None else ()))
+    if p_scale is not None:
+        _check_int8_operand(a, p, p_scale, N if p_scale_axis == "n" else K)
 
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     low = torch.empty((M, R), device=a.device, dtype=a.dtype) if store_low else None
@@ -467,7 +509,8 @@ def _fused_lora_matmul(
 
     low_arg = out if low is None else low  # never written when STORE_LOW is False
     _fused_lora_matmul_kernel[grid](
-        a, p, q, s, out if bias is None else bias, out, low_arg,
+        a, p, q, s, out if bias is None else bias, out if p_scale is None else p_scale,
+        out, low_arg,
         M, N, K, R,
         a.stride(0), a.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), out.stride(0), out.stride(1),
@@ -475,6 +518,8 @@ def _fused_lora_matmul(
         float(scale),
         HAS_BIAS=bias is not None,
         STORE_LOW=store_low,
+        N_SCALE=p_scale is not None and p_scale_axis == "n",
+        K_SCALE=p_scale is not None and p_scale_axis == "k",
         R_PAD=_rank_pad(R),
         DOT_PRECISION=_dot_precision(a.dtype),
     )  # fmt: skip
@@ -522,9 +567,31 @@ def _thin_matmul(
 # ---------------------------------------------------------------------------------------
 
 
+def _base_forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Torch path ``x2 Wᵀ + b`` (M, d_out); an int8 ``W`` is dequantised block by block."""
+    if weight_scale is None:
+        return F.linear(x2, weight, bias)
+    return dequantized_linear(x2, weight, weight_scale, bias)
+
+
+def _base_grad_input(
+    g: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """Torch path ``g W`` (M, d_in); an int8 ``W`` is dequantised block by block."""
+    if weight_scale is None:
+        return g @ weight
+    return dequantized_grad_input(g, weight, weight_scale)
+
+
 def _forward_2d(
     x2: torch.Tensor,
     weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -534,11 +601,12 @@ def _forward_2d(
     """``(y, h)`` for flat ``x2 (M, d_in)``: ``y (M, d_out)``, ``h = x2 Aᵀ (M, r)``."""
     if use_triton:
         return _fused_lora_matmul(
-            x2, weight.t(), lora_a.t(), lora_b.t(), bias, scale, store_low=True
-        )
+            x2, weight.t(), lora_a.t(), lora_b.t(), bias, scale,
+            store_low=True, p_scale=weight_scale, p_scale_axis="n",
+        )  # fmt: skip
     h = x2 @ lora_a.t()  # (M, r)
-    y = F.linear(x2, weight, bias).add_(h @ lora_b.t(), alpha=scale)  # (M, d_out)
-    return y, h
+    y = _base_forward(x2, weight, weight_scale, bias).add_(h @ lora_b.t(), alpha=scale)
+    return y, h  # (M, d_out), (M, r)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -553,6 +621,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     ``W + s B A`` is never formed: ``g B (M, r)`` is a rank-r intermediate.
 
+    int8 base (``weight_scale`` given, see ``chainfed.kernels.int8``): ``W = diag(σ) W_q``
+    with σ the per-output-channel scales, so ``x Wᵀ = (x W_qᵀ) diag(σ)`` and
+    ``g W = (g diag(σ)) W_q``. The Triton path computes exactly that (σ applied to the fp32
+    accumulator after the K loop in forward; ``g`` pre-scaled per channel, for the product
+    with ``W_q`` only, in backward); the torch path dequantises ``W`` one block of output
+    channels at a time. Only ``W_q`` and σ are saved, by reference.
+
     Precision. ``A`` and ``B`` may be float32 master weights under a bf16/fp16 ``x``: both
     paths cast them to ``x``'s dtype for the products (accumulating in fp32) and return
     ``∂L/∂A``, ``∂L/∂B`` in the parameters' own dtype. The Triton path reduces them over
@@ -566,9 +641,10 @@ class LoRALinearFunction(torch.autograd.Function):
     passed in, no copy) and ``h``. ``W``, ``A``, ``B`` are saved by reference: they are
     parameters that live anyway, not activations, and cost no memory here.
 
-    ``forward`` takes ``(x, weight, bias, lora_a, lora_b, scale, train_a, use_triton)``;
-    ``backward`` returns one value per input, ``None`` for the frozen base, the flags and
-    (when ``train_a`` is False) ``A``. First-order only (``once_differentiable``).
+    ``forward`` takes ``(x, weight, bias, lora_a, lora_b, scale, train_a, use_triton,
+    weight_scale)``; ``backward`` returns one value per input, ``None`` for the frozen base
+    and its scales, the flags and (when ``train_a`` is False) ``A``. First-order only
+    (``once_differentiable``).
     """
 
     @staticmethod
@@ -582,12 +658,13 @@ class LoRALinearFunction(torch.autograd.Function):
         scale: float,
         train_a: bool,
         use_triton: bool,
+        weight_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, d_in)
         a_c, b_c = lora_a.to(x.dtype), lora_b.to(x.dtype)  # no copy when dtypes agree
-        y, h = _forward_2d(x2, weight, bias, a_c, b_c, scale, use_triton)
+        y, h = _forward_2d(x2, weight, weight_scale, bias, a_c, b_c, scale, use_triton)
         activations = (x, h) if train_a else (h,)
-        ctx.save_for_backward(*activations, weight, lora_a, lora_b)
+        ctx.save_for_backward(*activations, weight, lora_a, lora_b, weight_scale)
         ctx.x_shape = x.shape
         ctx.scale = scale
         ctx.train_a = train_a
@@ -600,9 +677,9 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         if ctx.train_a:
-            x, h, weight, lora_a, lora_b = ctx.saved_tensors
+            x, h, weight, lora_a, lora_b, weight_scale = ctx.saved_tensors
         else:
-            h, weight, lora_a, lora_b = ctx.saved_tensors
+            h, weight, lora_a, lora_b, weight_scale = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         need_a = ctx.train_a and ctx.needs_input_grad[3]
         need_b = ctx.needs_input_grad[4]
@@ -614,7 +691,10 @@ class LoRALinearFunction(torch.autograd.Function):
         if ctx.use_triton:
             gb = None  # g B (M, r)
             if need_x:
-                grad_x, gb = _fused_lora_matmul(g, weight, b_c, a_c, None, s, store_low=need_a)
+                grad_x, gb = _fused_lora_matmul(
+                    g, weight, b_c, a_c, None, s,
+                    store_low=need_a, p_scale=weight_scale, p_scale_axis="k",
+                )  # fmt: skip
             if need_a:
                 if gb is None:
                     gb = g @ b_c  # (M, r): x needs no grad, no pass over W to share
@@ -625,7 +705,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             gb = g @ b_c if (need_x or need_a) else None  # (M, r)
             if need_x:
-                grad_x = torch.addmm(g @ weight, gb, a_c, alpha=s)  # (M, d_in)
+                grad_x = torch.addmm(_base_grad_input(g, weight, weight_scale), gb, a_c, alpha=s)
             if need_a:
                 grad_a = (gb.t() @ x.reshape(-1, x.shape[-1])).mul_(s).to(lora_a.dtype)
             if need_b:
@@ -633,7 +713,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -648,11 +728,16 @@ def lora_linear_reference(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
+    *,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unfused formula in plain torch, differentiated by autograd: the specification
     the fused paths are tested against. What it saves for backward is autograd's choice.
-    Float32 ``lora_a`` / ``lora_b`` under a lower-precision ``x`` are cast to ``x``'s dtype."""
+    Float32 ``lora_a`` / ``lora_b`` under a lower-precision ``x`` are cast to ``x``'s dtype;
+    an int8 ``weight`` with its ``weight_scale`` is dequantised whole to ``x``'s dtype."""
     adapter = F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    if weight_scale is not None:
+        weight = dequantize_int8(weight, weight_scale, x.dtype)
     return F.linear(x, weight, bias) + scale * adapter
 
 
@@ -697,6 +782,7 @@ def _check_inputs(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     train_a: bool,
+    weight_scale: torch.Tensor | None,
 ) -> None:
     d_out, d_in = weight.shape
     rank = lora_a.shape[0]
@@ -709,8 +795,21 @@ def _check_inputs(
         )
     if bias is not None and bias.shape != (d_out,):
         raise ValueError(f"bias must be ({d_out},), got {tuple(bias.shape)}")
+    if (weight.dtype == torch.int8) != (weight_scale is not None):
+        raise ValueError(
+            f"an int8 weight needs its weight_scale and only an int8 weight takes one; got a "
+            f"{weight.dtype} weight with{'out' if weight_scale is None else ''} a weight_scale"
+        )
+    if weight_scale is not None and (
+        weight_scale.dtype != torch.float32 or weight_scale.shape != (d_out,)
+    ):
+        raise ValueError(
+            f"weight_scale must be float32 ({d_out},), got {weight_scale.dtype} "
+            f"{tuple(weight_scale.shape)}"
+        )
     tensors = [x, weight, lora_a, lora_b] + ([] if bias is None else [bias])
-    base = [x, weight] + ([] if bias is None else [bias])
+    tensors += [] if weight_scale is None else [weight_scale]
+    base = [x] + ([] if weight_scale is not None else [weight]) + ([] if bias is None else [bias])
     if (
         len({t.device for t in tensors}) != 1
         or len({t.dtype for t in base}) != 1
@@ -718,8 +817,8 @@ def _check_inputs(
         or lora_a.dtype not in (x.dtype, torch.float32)
     ):
         raise ValueError(
-            "x, weight, bias, lora_a, lora_b must share one device; x, weight and bias one "
-            "dtype; lora_a and lora_b that dtype or float32, got "
+            "x, weight, bias, lora_a, lora_b must share one device; x, weight (unless int8) "
+            "and bias one dtype; lora_a and lora_b that dtype or float32, got "
             + ", ".join(f"{t.dtype}@{t.device}" for t in tensors)
         )
     if torch.is_grad_enabled():
@@ -738,9 +837,14 @@ def lora_linear(
     scale: float,
     *,
     train_a: bool = True,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x Wᵀ + b + scale · (x Aᵀ) Bᵀ`` for ``x (..., d_in)``, ``weight (d_out, d_in)``,
     ``bias (d_out,)`` or ``None``, ``lora_a (r, d_in)``, ``lora_b (d_out, r)``.
+
+    An int8 ``weight`` (``chainfed.kernels.int8.quantize_int8``) comes with ``weight_scale``,
+    float32 ``(d_out,)``, and stands for ``weight_scale[:, None] · weight``; it is dequantised
+    inside (see ``LoRALinearFunction``), never whole.
 
     Guarantees: ``weight`` and ``bias`` are frozen (a ``ValueError`` if they require grad
     while grad mode is on) and never get gradients; ``W + scale·B A`` is never formed;
@@ -751,8 +855,8 @@ def lora_linear(
     Path: Triton for CUDA tensors (fp16/bf16/fp32, rank <= ``MAX_TRITON_RANK``), torch
     otherwise; ``CHAINFED_KERNELS`` overrides.
     """
-    _check_inputs(x, weight, bias, lora_a, lora_b, train_a)
+    _check_inputs(x, weight, bias, lora_a, lora_b, train_a, weight_scale)
     use_triton = _use_triton(x, lora_a.shape[0])
     return LoRALinearFunction.apply(
-        x, weight, bias, lora_a, lora_b, float(scale), bool(train_a), use_triton
+        x, weight, bias, lora_a, lora_b, float(scale), bool(train_a), use_triton, weight_scale
     )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chainfed.kernels.fused_lora import lora_linear
+from chainfed.kernels.int8 import Int8Linear
 
 __all__ = ["LoRALinear"]
 
@@ -32,11 +33,14 @@ class LoRALinear(nn.Module):
     so that case runs the unfused torch formula (autograd saves the dropout mask and what
     the matmuls need). Without dropout, or in eval mode, ``forward`` is ``lora_linear``
     (Triton on CUDA, torch elsewhere; see ``chainfed.kernels.fused_lora``).
+
+    ``base`` may be an ``Int8Linear`` (int8 frozen weight, one scale per output channel):
+    ``lora_linear`` then dequantises it inside; the adapter is float32 as above either way.
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Linear | Int8Linear,
         rank: int,
         alpha: float,
         dropout: float = 0.0,
@@ -85,20 +89,33 @@ class LoRALinear(nn.Module):
         return {"lora_a": self.lora_a, "lora_b": self.lora_b}
 
     def merged_weight(self) -> torch.Tensor:
-        """``W + scale · B A`` (detached, base dtype) for export. Never used in ``forward``."""
+        """``W + scale · B A`` (detached) for export, in the base's dtype (an int8 base's
+        bias dtype, with ``W`` its dequantised weight). Never used in ``forward``."""
         with torch.no_grad():
             delta = self.lora_b.float() @ self.lora_a.float()  # (out, in)
-            return (self.base.weight.float() + self.scale * delta).to(self.base.weight.dtype)
+            if isinstance(self.base, Int8Linear):
+                dtype = torch.float32 if self.base.bias is None else self.base.bias.dtype
+                weight = self.base.dequantized_weight(torch.float32)
+            else:
+                dtype, weight = self.base.weight.dtype, self.base.weight.float()
+            return (weight + self.scale * delta).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.base.weight, self.base.bias
         if self.training and self.dropout > 0:
             dropped = F.dropout(x, self.dropout, training=True)
             a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)  # autograd casts back
             adapter = F.linear(F.linear(dropped, a), b)
-            return F.linear(x, weight, bias) + self.scale * adapter
+            return self.base(x) + self.scale * adapter
+        weight_scale = self.base.weight_scale if isinstance(self.base, Int8Linear) else None
         return lora_linear(
-            x, weight, bias, self.lora_a, self.lora_b, self.scale, train_a=self.train_a
+            x,
+            self.base.weight,
+            self.base.bias,
+            self.lora_a,
+            self.lora_b,
+            self.scale,
+            train_a=self.train_a,
+            weight_scale=weight_scale,
         )
 
     def extra_repr(self) -> str:

@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise ChainFedError(f"a token is required: --token-file, --token or ${TOKEN_ENV}")
     precision = device_setup_from_args(args)
     model_dir = resolve_model(args.model, progress=False)
-    model = StreamingModel(model_dir, dtype=precision.dtype, device=precision.device)
+    model = StreamingModel(
+        model_dir, dtype=precision.dtype, device=precision.device, weights=precision.weights
+    )
     data_config = data_config_from_args(args)
     data = load_dataset(data_config)
     if args.shard:

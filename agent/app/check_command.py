@@ -62,8 +62,9 @@ class AdaptedModel(StreamingModel):
         check_model: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        weights: str = "float",
     ) -> None:
-        super().__init__(model_dir, dtype=dtype, device=device)
+        super().__init__(model_dir, dtype=dtype, device=device, weights=weights)
         self.result: TrainedResult | None = (
             None if adapters is None else load_result(self, adapters, check_model=check_model)
         )
@@ -265,6 +266,7 @@ def run_generate(args: argparse.Namespace) -> int:
         check_model=not args.no_model_check,
         dtype=precision.dtype,
         device=precision.device,
+        weights=precision.weights,
     )
     if model.config.family != "llama":
         raise ModelLoadError(
@@ -303,6 +305,7 @@ def run_classify(args: argparse.Namespace) -> int:
         check_model=not args.no_model_check,
         dtype=precision.dtype,
         device=precision.device,
+        weights=precision.weights,
     )
     for probs in classify_texts(model, args.texts):
         label = max(probs, key=probs.get)

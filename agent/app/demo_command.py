@@ -155,6 +155,7 @@ def _config(args: argparse.Namespace, out: Path) -> SimulationConfig:
     preset = PRESETS[args.model].federation
     changes: dict[str, Any] = {"workdir": out / "federation", "seed": args.seed}
     changes |= {"device": args.device, "dtype": args.dtype, "unified_memory": args.unified_memory}
+    changes["weights"] = args.weights
     for name in (
         "agents",
         "train_rows",
@@ -177,7 +178,7 @@ def train_in_a_process(config: SimulationConfig, options: list[str], workdir: Pa
         *("--model", config.model, "--task", config.task, "--seed", str(config.seed)),
         *("--max-len", str(config.max_len), "--micro-batch", str(config.micro_batch)),
         *("--rank", str(config.rank), "--lr", str(config.lr), "--workdir", str(workdir)),
-        *device_argv(config.device, config.dtype, config.unified_memory),
+        *device_argv(config.device, config.dtype, config.unified_memory, config.weights),
         *options,
     ]
     threads = str(config.threads_per_agent)

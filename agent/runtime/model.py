@@ -14,6 +14,13 @@ Modules are created on the ``meta`` device and receive the checkpoint's tensors 
 assignment, so building a block allocates its weights once, never twice: in the compute
 dtype, on the compute device (``chainfed.agent.runtime.precision`` says which). Token ids
 and masks may come from the CPU; the embeddings and ``attention_context`` move them.
+
+With ``weights="int8"`` a block's linear layers are ``Int8Linear`` modules whose int8
+weights and per-output-channel scales come from the model's int8 cache
+(``chainfed.agent.runtime.int8_cache``, quantised on first use); the block's norms and
+biases, the embeddings and the LM head are read as with float weights. The fingerprint
+stays the float checkpoint's: int8 is a local storage choice, like the compute dtype, and
+agents of either kind federate together.
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from chainfed.agent.runtime.attention import AttentionContext
 from chainfed.agent.runtime.block_loader import BlockLoader, BlockRead
 from chainfed.agent.runtime.checkpoint import Checkpoint, TensorSpec
 from chainfed.agent.runtime.fingerprint import digest_files
+from chainfed.agent.runtime.int8_cache import Int8WeightCache, QuantisedLinear
 from chainfed.agent.runtime.lm_head import StreamedLMHead
 from chainfed.agent.runtime.model_config import ModelConfig
+from chainfed.agent.runtime.precision import resolve_weights
+from chainfed.kernels import Int8Linear
 from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.seeded_init import linear_in_features
 
@@ -58,6 +68,7 @@ class StreamingModel:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         prefetch: bool = True,
+        weights: str = "float",
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -68,6 +79,8 @@ class StreamingModel:
         """Compute dtype of the frozen weights and activations."""
         self.device = torch.device(device)
         """Where every part is built and every activation lives."""
+        self.weights = resolve_weights(weights)
+        """Storage of the blocks' linear weights: ``float`` or ``int8``."""
         self._family = _FAMILIES[self.config.family]
         self._prefix = self._find_prefix()
         self.loader = BlockLoader(prefetch=prefetch)
@@ -77,6 +90,8 @@ class StreamingModel:
         self.peak_resident_blocks = 0
         """Most blocks that existed at once since opening (or ``reset_peak_resident``)."""
         self._residency = threading.Lock()
+        self._int8: Int8WeightCache | None = None
+        self._int8_opening = threading.Lock()
 
     def _find_prefix(self) -> str:
         for prefix in self._family.CHECKPOINT_PREFIXES:
@@ -126,11 +141,17 @@ class StreamingModel:
         tokenizer.no_truncation()
         return tokenizer
 
-    def _materialise(self, module: nn.Module, spec: TensorSpec) -> nn.Module:
+    def _materialise(
+        self, module: nn.Module, spec: TensorSpec, given: dict[str, torch.Tensor] | None = None
+    ) -> nn.Module:
+        """Assign ``module`` its tensors: those in ``given`` as they are, the rest of
+        ``spec`` read from the checkpoint in the compute dtype."""
+        given = given or {}
+        read = {ours: src for ours, src in spec.items() if ours not in given}
         tensors = self.checkpoint.load(
-            {name: shape for name, shape in spec.values()}, dtype=self.dtype, device=self.device
+            {name: shape for name, shape in read.values()}, dtype=self.dtype, device=self.device
         )
-        state = {ours: tensors[theirs] for ours, (theirs, _) in spec.items()}
+        state = {ours: tensors[theirs] for ours, (theirs, _) in read.items()} | given
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
         return module.eval()
@@ -148,12 +169,22 @@ class StreamingModel:
         return self._family.block_tensors(self.config, self._prefix, index)
 
     def load_block(self, index: int) -> nn.Module:
-        """Frozen block ``index``: ``(h, AttentionContext) -> h``. Safe to call from the
+        """Frozen block ``index``: ``(h, AttentionContext) -> h``; with int8 weights its
+        linear layers are ``Int8Linear`` (see the module docstring). Safe to call from the
         loader's thread."""
         spec = self.block_tensor_spec(index)
         with torch.device("meta"):
             module = self._family.build_block(self.config)
-        module = self._materialise(module, spec)
+        if self.weights == "float":
+            module = self._materialise(module, spec)
+        else:
+            names = _linear_names(module)
+            for name in names:
+                setattr(module, name, Int8Linear.like(getattr(module, name)))
+            if index not in self.int8_weights().layers:  # the checkpoint's own error
+                self.checkpoint.load({name: shape for name, shape in spec.values()})
+            quantised = self.int8_weights().load(index, names, self.device)
+            module = self._materialise(module, spec, quantised)
         with self._residency:
             self.resident_blocks += 1
             self.peak_resident_blocks = max(self.peak_resident_blocks, self.resident_blocks)
@@ -199,6 +230,30 @@ class StreamingModel:
         finally:
             self.loader.discard((tag, layer) for layer in layers)
 
+    def int8_weights(self) -> Int8WeightCache:
+        """The checked int8 cache of the linear weights of every block the checkpoint
+        holds, quantised from it and written next to it the first time it is asked for. (A
+        checkpoint may hold only some blocks, e.g. the memory benchmark's slice of a large
+        config; loading another block then fails as it does with float weights.)"""
+        with self._int8_opening:
+            if self._int8 is None:
+                self._int8 = self._open_int8_weights()
+        return self._int8
+
+    def _open_int8_weights(self) -> Int8WeightCache:
+        with torch.device("meta"):
+            names = _linear_names(self._family.build_block(self.config))
+        linears = []
+        for index in range(self.num_layers):
+            spec = self.block_tensor_spec(index)
+            sources = [spec[f"{name}.weight"] for name in names]
+            if all(source in self.checkpoint for source, _ in sources):
+                linears += [
+                    QuantisedLinear(index, name, source, (shape[0], shape[1]))
+                    for name, (source, shape) in zip(names, sources, strict=True)
+                ]
+        return Int8WeightCache(self.model_dir, self.fingerprint, linears, self.checkpoint)
+
     def _require_decoder(self) -> None:
         if self.config.family != "llama":
             raise ModelLoadError(
@@ -239,6 +294,11 @@ class StreamingModel:
         )
 
 
+def _linear_names(block: nn.Module) -> list[str]:
+    """A block's linear children: the layers int8 weights quantise and LoRA may wrap."""
+    return [name for name, child in block.named_children() if isinstance(child, nn.Linear)]
+
+
 @torch.no_grad()
 def hidden_states(
     model_dir: Path | str,
@@ -247,6 +307,7 @@ def hidden_states(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    weights: str = "float",
 ) -> list[torch.Tensor]:
     """The L+1 hidden states of a batch, computed by streaming one block at a time.
 
@@ -255,7 +316,7 @@ def hidden_states(
     ``attention_mask`` are (B, T), right padded. Only the embeddings, or the block computing
     and the next one being read, are resident at any moment besides the returned states.
     """
-    model = StreamingModel(model_dir, dtype=dtype, device=device)
+    model = StreamingModel(model_dir, dtype=dtype, device=device, weights=weights)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     ctx = model.attention_context(attention_mask)

@@ -1,7 +1,11 @@
 """The precision policy and the device choice, decided here and nowhere else (DESIGN.md §2).
 
 ==============================  ===============================================================
-frozen base weights             the compute dtype, on the device (read from safetensors into it)
+frozen base weights             the compute dtype, on the device (read from safetensors into it);
+                                with ``--weights int8`` a block's frozen linear weights are int8
+                                with one float32 scale per output channel instead, dequantised
+                                to the compute dtype inside ``lora_linear`` (embeddings, norms,
+                                biases and the LM head stay in the compute dtype)
 activations, prefix cache       the compute dtype (the cache may be told otherwise)
 trainable tensors               float32 master weights (LoRA A and B, the task head, GPO
                                 proxies) with float32 AdamW state
@@ -33,6 +37,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 """Compute dtypes by their option name."""
+
+WEIGHTS = ("float", "int8")
+"""Storage of a block's frozen linear weights: ``float`` (the compute dtype) or ``int8``
+(one scale per output channel, ``chainfed.agent.runtime.int8_cache``)."""
 
 MASTER_DTYPE = torch.float32
 """Dtype of every trainable tensor, its gradient and optimizer state, and of uploads."""
@@ -89,6 +97,16 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve_weights(name: str | None) -> str:
+    """The frozen-weight storage called ``name`` (None = ``float``); anything but
+    ``WEIGHTS`` is refused with a ``PrecisionError``. Both run on every device."""
+    if name is None:
+        return "float"
+    if name not in WEIGHTS:
+        raise PrecisionError(f"unknown weights {name!r}: use {' or '.join(WEIGHTS)}")
+    return name
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The option name of a compute dtype (``float32``, ``bfloat16``, ``float16``)."""
     return str(dtype).removeprefix("torch.")
@@ -102,15 +120,23 @@ class Precision:
     """The compute device."""
     dtype: torch.dtype
     """The compute dtype: frozen weights and activations."""
+    weights: str = "float"
+    """Storage of the blocks' frozen linear weights, one of ``WEIGHTS``."""
+
+    def __post_init__(self) -> None:
+        resolve_weights(self.weights)
 
     @classmethod
-    def resolve(cls, device: str | None = None, dtype: str | None = None) -> Precision:
+    def resolve(
+        cls, device: str | None = None, dtype: str | None = None, weights: str | None = None
+    ) -> Precision:
         """From option values (None: the defaults of the module docstring)."""
         resolved = resolve_device(device)
-        return cls(resolved, resolve_dtype(dtype, resolved))
+        return cls(resolved, resolve_dtype(dtype, resolved), resolve_weights(weights))
 
     def describe(self) -> str:
-        return f"{self.device} {dtype_name(self.dtype)}"
+        tail = "" if self.weights == "float" else f", {self.weights} frozen weights"
+        return f"{self.device} {dtype_name(self.dtype)}{tail}"
 
 
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,13 @@ def nbytes(code: str, shape: Iterable[int]) -> int:
     return math.prod(shape) * torch.empty((), dtype=DTYPES[code]).element_size()
 
 
-def header_bytes(planned: Iterable[tuple[str, str, tuple[int, ...]]]) -> bytes:
+def header_bytes(
+    planned: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> bytes:
     """The length prefix and header of a file holding ``planned`` (name, dtype code,
-    shape) tensors back to back in that order; the data section starts 8-byte aligned."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    shape) tensors back to back in that order; the data section starts 8-byte aligned.
+    ``metadata`` (string values) joins ``{"format": "pt"}`` in ``__metadata__``."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, code, shape in planned:
         size = nbytes(code, shape)
@@ -63,6 +66,29 @@ def header_bytes(planned: Iterable[tuple[str, str, tuple[int, ...]]]) -> bytes:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header's ``__metadata__`` (``{}`` if none); ``ModelLoadError`` naming the file
+    when the header cannot be read."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > path.stat().st_size - 8:
+                raise ValueError(f"header length {size} past the end of the file")
+            metadata = json.loads(handle.read(size)).get("__metadata__", {})
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not an object")
+    except (OSError, ValueError, AttributeError, struct.error) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def data_start(path: Path) -> int:
+    """Offset of the data section: 8 + the header length the file's first 8 bytes give."""
+    with Path(path).open("rb") as handle:
+        return 8 + struct.unpack("<Q", handle.read(8))[0]
 
 
 @dataclass(frozen=True)

@@ -298,9 +298,12 @@ class ChainTrainer:
         self.foresight = self._make_foresight(layer)
 
     def _fingerprint(self, split: EncodedSplit) -> str:
-        return digest_json(
-            [self.model.fingerprint, split.digest(), str(self.model.dtype), self.config.seed]
-        )
+        """Key of a split's prefix cache. int8 weights change every hidden state, so they
+        are part of it; float weights add nothing, so existing caches stay valid."""
+        parts = [self.model.fingerprint, split.digest(), str(self.model.dtype), self.config.seed]
+        if self.model.weights != "float":
+            parts.append(self.model.weights)
+        return digest_json(parts)
 
     def _open_cache(self, name: str, split: EncodedSplit) -> PrefixCache:
         dtype = self.config.cache_dtype

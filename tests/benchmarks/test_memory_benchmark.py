@@ -135,3 +135,46 @@ def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
 def test_extrapolation_is_the_line_through_both_depths(memory):
     assert memory.extrapolate({2: 300, 4: 500}, 32) == (3300, 100.0)
     assert memory.extrapolate({4: 500, 2: 500}, 32) == (500, 0.0)
+
+
+def test_int8_weights_run_on_the_slice_with_the_cache_built_before_the_workers(
+    memory, tiny_models, tmp_path, monkeypatch
+):
+    """``--weights int8``: every depth's folder gets its int8 cache in the parent (the
+    one-time quantisation is in no run's figures) and each run's blocks are int8."""
+    monkeypatch.setattr(memory, "run_isolated", memory.measure)  # in-process: faster
+    loaded: list[str] = []
+    load_block = memory.StreamingModel.load_block
+
+    def record(model, index):
+        block = load_block(model, index)
+        loaded.append(type(block.q_proj).__name__)
+        return block
+
+    monkeypatch.setattr(memory.StreamingModel, "load_block", record)
+    shape = memory.Shape(
+        "tiny-llama",
+        batch=2,
+        seq=8,
+        rank=2,
+        task="lm",
+        hf_config=tiny_models.config("llama", num_hidden_layers=8),
+        slice_on_cpu=True,
+    )
+    options = memory.Options(modes=("chain", "e2e"), layers=4, device="cpu", weights="int8")
+
+    result = memory.bench_shape(shape, options, tmp_path, log=lambda _: None)
+
+    assert not [r["error"] for r in result.runs if "error" in r]
+    assert {r["spec"]["weights"] for r in result.runs} == {"int8"}
+    for depth in (2, 4, 8):
+        assert (tmp_path / f"tiny-llama-L{depth}" / "chainfed-int8.safetensors").is_file()
+    assert loaded and set(loaded) == {"Int8Linear"}
+    assert "int8 frozen weights" in memory.markdown(
+        {
+            "machine": memory.machine_info(options),
+            "options": memory.asdict(options),
+            "seconds": 1.0,
+            "shapes": [memory.asdict(result)],
+        }
+    )

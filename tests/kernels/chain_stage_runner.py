@@ -4,10 +4,11 @@ Run as a script by ``test_chain_stage_kernels.py``, in a process of its own beca
 ``TRITON_INTERPRET`` must be set before ``chainfed.kernels`` is imported::
 
     TRITON_INTERPRET=1 CHAINFED_KERNELS=triton|torch python chain_stage_runner.py \\
-        MODEL_DIR WORKDIR OUT DTYPE...
+        MODEL_DIR WORKDIR OUT DTYPE[:int8]...
 
 The stage: layer 1 of a chain started at layer 0 (window 0-1, GPO proxy), three steps of
-micro-batches of four, then validation, once per DTYPE. OUT receives ``torch.save`` of
+micro-batches of four, then validation, once per DTYPE; ``DTYPE:int8`` runs it with int8
+frozen block weights (``StreamingModel(weights="int8")``). OUT receives ``torch.save`` of
 ``{dtype: result}``, a result holding the stage's train and validation loss, the upload
 (``trainable_state``), the number of launches of the two Triton host wrappers
 (``_fused_lora_matmul``, ``_thin_matmul``) and of LoRA forwards by path
@@ -66,9 +67,10 @@ def split(n: int, seed: int) -> EncodedSplit:
     return EncodedSplit(ids, torch.ones_like(ids), torch.randint(0, 3, (n,), generator=generator))
 
 
-def run(model_dir: str, workdir: Path, dtype: str) -> dict:
+def run(model_dir: str, workdir: Path, variant: str) -> dict:
+    dtype, _, weights = variant.partition(":")
     torch.manual_seed(0)
-    model = StreamingModel(model_dir, dtype=getattr(torch, dtype))
+    model = StreamingModel(model_dir, dtype=getattr(torch, dtype), weights=weights or "float")
     objective = build_objective(model, "classify", num_labels=3)
     config = ChainConfig(
         window=2,

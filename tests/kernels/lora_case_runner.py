@@ -26,11 +26,13 @@ def run_case(case: dict, device: str) -> dict:
 
     ``case`` holds tensors ``x, weight, bias (or None), lora_a, lora_b, grad`` (upstream
     gradient) and ``scale``, ``train_a``, ``x_grad`` (x requires grad), ``strided_x`` (feed
-    x as a stride-2 view). Returns CPU tensors ``y, grad_x, grad_a, grad_b`` (``None`` where
-    no gradient arrives) and the saved-tensor census: ``activation_bytes`` (saved tensors
-    that are not one of the parameters ``weight, lora_a, lora_b``), ``largest_activation``
-    (elements), ``saved_x`` (whether x itself was saved), ``params_by_reference`` (every
-    saved parameter is the parameter's own storage, not a copy).
+    x as a stride-2 view), and optionally ``weight_scale`` (the per-channel scales of an
+    int8 ``weight``, counted as a parameter). Returns CPU tensors ``y, grad_x, grad_a,
+    grad_b`` (``None`` where no gradient arrives) and the saved-tensor census:
+    ``activation_bytes`` (saved tensors that are not one of the parameters ``weight,
+    lora_a, lora_b, weight_scale``), ``largest_activation`` (elements), ``saved_x`` (whether
+    x itself was saved), ``params_by_reference`` (every saved parameter is the parameter's
+    own storage, not a copy).
     """
     t = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
     x = t["x"]
@@ -39,7 +41,7 @@ def run_case(case: dict, device: str) -> dict:
         wide[..., ::2] = x
         x = wide[..., ::2]
     x.requires_grad_(t["x_grad"])
-    weight, bias = t["weight"], t["bias"]
+    weight, bias, weight_scale = t["weight"], t["bias"], t.get("weight_scale")
     lora_a = t["lora_a"].requires_grad_(t["train_a"])
     lora_b = t["lora_b"].requires_grad_(True)
 
@@ -50,13 +52,22 @@ def run_case(case: dict, device: str) -> dict:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = lora_linear(x, weight, bias, lora_a, lora_b, t["scale"], train_a=t["train_a"])
+        y = lora_linear(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            t["scale"],
+            train_a=t["train_a"],
+            weight_scale=weight_scale,
+        )
     y.backward(t["grad"])
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
-    params = (weight, lora_a, lora_b)
+    params = tuple(p for p in (weight, lora_a, lora_b, weight_scale) if p is not None)
     activations = [s for s in saved if not any(same(s, p) for p in params)]
     saved_params = [s for s in saved if any(same(s, p) for p in params)]
 

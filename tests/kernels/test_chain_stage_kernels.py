@@ -3,7 +3,8 @@
 Each path runs in its own process (``chain_stage_runner.py``): ``TRITON_INTERPRET=1``
 (on CPU) must be set before ``chainfed.kernels`` is imported. The stage is layer 1 of a
 chain of the tiny BERT (window 0-1, GPO proxy, three AdamW steps at lr 1e-2, validation),
-once with ``CHAINFED_KERNELS=triton`` and once with ``torch``.
+once with ``CHAINFED_KERNELS=triton`` and once with ``torch``; in float32 and float16, each
+with float and with int8 frozen block weights (``*:int8``).
 
 Tolerances. float32: loss and every uploaded tensor within 1e-4. float16 (frozen
 weights and activations; float32 master adapters): losses within 1e-4; the uploaded
@@ -28,7 +29,12 @@ from chainfed.kernels import triton_available
 
 RUNNER = Path(__file__).with_name("chain_stage_runner.py")
 LR, STEPS = 1e-2, 3
-STATE_TOLERANCE = {"float32": 1e-4, "float16": 0.1 * LR * STEPS}
+STATE_TOLERANCE = {
+    "float32": 1e-4,
+    "float16": 0.1 * LR * STEPS,
+    "float32:int8": 1e-4,
+    "float16:int8": 0.1 * LR * STEPS,
+}
 
 
 def run_stages(kernels: str, model_dir: Path, tmp: Path) -> dict:

@@ -144,6 +144,8 @@ def test_device_and_precision_options_are_in_every_computing_command(name, capsy
         "--dtype",
         "float32,bfloat16,float16(default:bfloat16onaCUDAdevicethathasit,elsefloat32)",
         "float32masterweights",
+        "--weights{float,int8}",
+        "onefloat32scaleperoutputchannel",
         "--unified-memory",
     ):
         assert fragment in help_text, (name, fragment)
@@ -174,3 +176,11 @@ def test_an_unknown_dtype_is_a_usage_error(capsys):
     status = main(["simulate", "--dtype", "float32,float8", "--quiet"])
     assert status == 2
     assert_one_line_error(capsys.readouterr().err, "float8")
+
+
+def test_an_unknown_weights_storage_is_a_usage_error(capsys):
+    for name in DEVICE_COMMANDS:
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args([name, "--weights", "int4"])
+        assert info.value.code == 2
+        assert "invalid choice: 'int4' (choose from 'float', 'int8')" in capsys.readouterr().err

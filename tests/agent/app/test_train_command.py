@@ -249,6 +249,31 @@ def test_lm_train_and_eval_only_on_a_tiny_llama(lm_assets, tmp_path, capsys):
     assert FINAL_LINE.findall(capsys.readouterr().out) == FINAL_LINE.findall(out)
 
 
+def test_lm_train_with_int8_frozen_weights_on_a_tiny_llama(lm_assets, tmp_path, capsys):
+    """``--weights int8`` reaches the model: the cache appears next to it, the report says
+    int8, and ``--eval-only --weights int8`` reproduces the final figures bit for bit."""
+    model_dir, data = lm_assets
+    common = ["--model", str(model_dir), "--data", str(data), "--task", "lm", "--weights"]
+    common += ["int8", "--label-field", "label", "--train-rows", "40", "--val-rows", "6"]
+    common += ["--max-len", "16", "--quiet"]
+    workdir = tmp_path / "run"
+
+    status = main(
+        ["train", *common, "--start-layer", "2", "--micro-batch", "4", "--steps-per-round", "2"]
+        + ["--max-rounds", "1", "--workdir", str(workdir)]
+    )
+
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "computing on cpu float32, int8 frozen weights" in out
+    assert (model_dir / "chainfed-int8.safetensors").is_file()
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["weights"] == "int8" and torch.isfinite(torch.tensor(report["final"]["val_loss"]))
+    status = main(["train", *common, "--eval-only", "--adapters", report["adapters"]])
+    assert status == 0
+    assert FINAL_LINE.findall(capsys.readouterr().out) == FINAL_LINE.findall(out)
+
+
 def _refuse(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
