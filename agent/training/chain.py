@@ -127,11 +127,11 @@ class ChainConfig:
     compute dtype."""
     recompute: bool = True
     """Training steps of ``chain`` and ``topk`` keep only each window block's input and
-    recompute the block in backward (``_RecomputedBlock``): the
-    stage holds one block's activations at a time instead of the window's, and the
-    window's activations never coexist with those of the foresight and the loss. The
-    arithmetic is the same, so losses and adapters do not change. ``e2e`` never
-    recomputes: it is the baseline as users run it."""
+    recompute the block in backward, one half (attention, feed-forward) at a time
+    (``_RecomputedBlock``): the stage holds one half-block's activations at a time
+    instead of the window's, and the window's activations never coexist with those of
+    the foresight and the loss. The arithmetic is the same, so losses and adapters do
+    not change. ``e2e`` never recomputes: it is the baseline as users run it."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
