@@ -81,12 +81,22 @@ class BertBlock(nn.Module):
         self.act = _ACTIVATIONS[act]
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.ffn_half(self.attention_half(h, ctx))
+
+    def attention_half(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Self-attention, residual add and LayerNorm: (B, T, d) -> (B, T, d).
+
+        A method of its own so that the chain's recompute can run backward through one
+        half of the block at a time (``chainfed.agent.training.chain._RecomputedBlock``)."""
         B, T, d = h.shape
         heads = (B, T, self.num_heads, d // self.num_heads)
         q = self.q_proj(h).view(heads).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(h).view(heads).transpose(1, 2)
         v = self.v_proj(h).view(heads).transpose(1, 2)
-        h = self.attn_norm(h + self.o_proj(attend(q, k, v, ctx.mask)))  # (B, T, d)
+        return self.attn_norm(h + self.o_proj(attend(q, k, v, ctx.mask)))  # (B, T, d)
+
+    def ffn_half(self, h: torch.Tensor) -> torch.Tensor:
+        """Feed-forward, residual add and LayerNorm: (B, T, d) -> (B, T, d)."""
         return self.ffn_norm(h + self.down_proj(self.act(self.up_proj(h))))  # (B, T, d)
 
 

@@ -83,6 +83,13 @@ class LlamaBlock(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=mlp_bias)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.ffn_half(self.attention_half(h, ctx))
+
+    def attention_half(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """h + attn(norm(h)): (B, T, d) -> (B, T, d).
+
+        A method of its own so that the chain's recompute can run backward through one
+        half of the block at a time (``chainfed.agent.training.chain._RecomputedBlock``)."""
         B, T, _ = h.shape
         x = self.attn_norm(h)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,T,Dh)
@@ -90,7 +97,10 @@ class LlamaBlock(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        h = h + self.o_proj(attend(q, k, v, ctx.mask))  # (B, T, d)
+        return h + self.o_proj(attend(q, k, v, ctx.mask))  # (B, T, d)
+
+    def ffn_half(self, h: torch.Tensor) -> torch.Tensor:
+        """h + mlp(norm(h)): (B, T, d) -> (B, T, d)."""
         x = self.ffn_norm(h)
         return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d)
 

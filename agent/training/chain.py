@@ -127,11 +127,11 @@ class ChainConfig:
     compute dtype."""
     recompute: bool = True
     """Training steps of ``chain`` and ``topk`` keep only each window block's input and
-    recompute the block in backward (``_RecomputedBlock``): the
-    stage holds one block's activations at a time instead of the window's, and the
-    window's activations never coexist with those of the foresight and the loss. The
-    arithmetic is the same, so losses and adapters do not change. ``e2e`` never
-    recomputes: it is the baseline as users run it."""
+    recompute the block in backward, one half (attention, feed-forward) at a time
+    (``_RecomputedBlock``): the stage holds one half-block's activations at a time
+    instead of the window's, and the window's activations never coexist with those of
+    the foresight and the loss. The arithmetic is the same, so losses and adapters do
+    not change. ``e2e`` never recomputes: it is the baseline as users run it."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -777,13 +777,23 @@ class ChainTrainer:
 
 
 class _RecomputedBlock(torch.autograd.Function):
-    """A window block that keeps only its input for backward and runs again there.
+    """A window block that keeps only its input for backward and runs again there, one
+    half at a time.
 
     Forward: run under no_grad, save h_in and the RNG state (LoRA dropout draws from it).
-    Backward: restore that RNG state on a forked generator, run the block again with
-    grad, and return dL/dh_in and dL/dθ for its trainable adapter tensors θ — the same
-    arithmetic as a plain backward, so gradients are identical. (``torch.utils.checkpoint``
-    does the same, but its first call imports about 70 MiB of torch modules that stay.)
+    Backward, from that RNG state on a forked generator: run the attention half under
+    no_grad to get its output h_mid; run the feed-forward half on h_mid with grad and
+    backpropagate dL/dout to dL/dh_mid and its adapter gradients; free that graph; reset
+    the RNG state, run the attention half again with grad and backpropagate dL/dh_mid to
+    dL/dh_in and its adapter gradients. Only one half's activations and gradient
+    transients are alive at once — on roberta-large at 16×128 the feed-forward half's
+    (B, T, 4096) tensors no longer coexist with the attention probabilities — for one
+    more attention-half forward per block and micro-batch. The dropout draws, the
+    kernels and the order in which gradients accumulate are those of a plain backward
+    (autograd finishes dL/dh_mid before it enters the attention half there too), so
+    gradients are identical. Every block family provides ``attention_half`` and
+    ``ffn_half`` (``chainfed.agent.runtime.bert``, ``.llama``). ``torch.utils.checkpoint``
+    is not used: its first call imports about 70 MiB of torch modules that stay.
     """
 
     @staticmethod
@@ -799,18 +809,39 @@ class _RecomputedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (h,) = ctx.saved_tensors
-        params = trainable_adapter_params(ctx.block)
+        block = ctx.block
+        params = trainable_adapter_params(block)
         cuda = [h.device.index or 0] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, h.device)
-            h_in = h.detach().requires_grad_(ctx.input_needs_grad)
-            out = ctx.block(h_in, ctx.attn)
-            wrt = ([h_in] if ctx.input_needs_grad else []) + params
-            grads = list(torch.autograd.grad(out, wrt, grad_out))
-        grad_in = grads.pop(0) if ctx.input_needs_grad else None
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            _RecomputedBlock._restore_rng(ctx, h.device)
+            with torch.no_grad():
+                h_mid = block.attention_half(h, ctx.attn)
+            with torch.enable_grad():
+                h_mid.requires_grad_(True)
+                out = block.ffn_half(h_mid)
+                grad_mid, *ffn_grads = torch.autograd.grad(
+                    out, [h_mid, *params], grad_out, allow_unused=True
+                )
+                del out, h_mid
+                _RecomputedBlock._restore_rng(ctx, h.device)
+                h_in = h.detach().requires_grad_(ctx.input_needs_grad)
+                out = block.attention_half(h_in, ctx.attn)
+                wrt = ([h_in] if ctx.input_needs_grad else []) + params
+                attn_grads = list(torch.autograd.grad(out, wrt, grad_mid, allow_unused=True))
+        grad_in = attn_grads.pop(0) if ctx.input_needs_grad else None
+        grads = [
+            a if f is None else f if a is None else f + a
+            for f, a in zip(ffn_grads, attn_grads, strict=True)
+        ]
         return grad_in, None, None, *grads
+
+    @staticmethod
+    def _restore_rng(ctx, device: torch.device) -> None:
+        """The generator state the block's forward started from, so that each recomputed
+        half draws the dropout masks it drew there."""
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, device)
 
 
 class _DepthLimited(nn.Module):

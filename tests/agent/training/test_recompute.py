@@ -4,8 +4,9 @@ with less kept for backward.
 Prepare: the tiny random checkpoints of ``test_chain`` and its random token splits.
 Execute: the same chain twice, recompute on and off, and count window-block forwards.
 Assert: identical per-stage losses and final adapters (the recompute runs the same
-arithmetic, dropout masks included), and each window block starts twice per training
-micro-batch with recompute, once without; ``e2e`` never recomputes.
+arithmetic, dropout masks included), and each window block's attention half runs three
+times and its feed-forward half twice per training micro-batch with recompute, each once
+without; ``e2e`` never recomputes.
 """
 
 from __future__ import annotations
@@ -48,9 +49,20 @@ def run_chain(model_dir, workdir, *, lm: bool, **overrides) -> ChainTrainer:
         ("bert", False, {"gpo": "exact:all"}),
         ("bert", False, {"gpo": "proxy", "lora": LoRAConfig(rank=2, alpha=4.0, dropout=0.2)}),
         ("llama", True, {"gpo": "proxy", "micro_batch": 2, "start_layer": 1}),
+        (
+            "llama",
+            True,
+            {"gpo": "proxy", "micro_batch": 2, "lora": LoRAConfig(rank=2, alpha=4.0, dropout=0.2)},
+        ),
         ("bert", False, {"mode": "topk", "topk": 3, "baseline_rounds": 1}),
     ],
-    ids=["bert-exact-foresight", "bert-lora-dropout", "llama-lm-proxy", "bert-topk"],
+    ids=[
+        "bert-exact-foresight",
+        "bert-lora-dropout",
+        "llama-lm-proxy",
+        "llama-lora-dropout",
+        "bert-topk",
+    ],
 )
 def test_recompute_gives_the_same_losses_and_adapters(
     family, lm, overrides, bert_dir, llama_dir, tmp_path
@@ -69,27 +81,39 @@ def test_recompute_gives_the_same_losses_and_adapters(
 
 
 @pytest.mark.parametrize(
-    ("mode", "recompute", "runs"),
+    ("mode", "recompute", "attention_runs", "ffn_runs"),
     [
-        ("chain", True, 2),
-        ("chain", False, 1),
-        ("e2e", True, 1),
+        ("chain", True, 3, 2),
+        ("chain", False, 1, 1),
+        ("e2e", True, 1, 1),
     ],
 )
-def test_each_window_block_runs_again_in_backward_only_with_recompute(
-    mode, recompute, runs, bert_dir, tmp_path
+def test_each_window_block_half_runs_again_in_backward_only_with_recompute(
+    mode, recompute, attention_runs, ffn_runs, bert_dir, tmp_path
 ):
+    """With recompute, backward runs the attention half twice (once without grad for
+    the feed-forward half's input, once with grad) and the feed-forward half once."""
     config = fast_config(mode=mode, recompute=recompute, baseline_rounds=1)
     trainer = make_trainer(bert_dir, tmp_path, config)
     trainer.set_start_layer(0)
     trainer.enter_stage(trainer.L - 1)
-    calls = {layer: 0 for layer in trainer.window}
+    calls = {(layer, half): 0 for layer in trainer.window for half in ("attention", "ffn")}
     for layer in trainer.window:
-        trainer.window_blocks[layer].register_forward_pre_hook(
-            lambda *_, layer=layer: calls.__setitem__(layer, calls[layer] + 1)
-        )
+        block = trainer.window_blocks[layer]
+        for half in ("attention", "ffn"):
+            run = getattr(block, f"{half}_half")
+
+            def counted(*args, key=(layer, half), run=run):
+                calls[key] += 1
+                return run(*args)
+
+            setattr(block, f"{half}_half", counted)
 
     trainer.train_round(steps=3)
 
     assert trainer.recomputes == (recompute and mode != "e2e")
-    assert calls == {layer: 3 * runs for layer in trainer.window}
+    assert calls == {
+        (layer, half): 3 * (attention_runs if half == "attention" else ffn_runs)
+        for layer in trainer.window
+        for half in ("attention", "ffn")
+    }
