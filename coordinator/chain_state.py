@@ -500,12 +500,7 @@ class ChainCoordinator:
         log.warning("stopping the chain: %s", self.stop_reason)
         for name in [n for n in self.window_state if n.startswith("layers.")]:
             self.final[name] = self.window_state.pop(name)
-        for name in [n for n in self.window_state if n.startswith("objective.")]:
-            self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
-        self.window_state = {}
-        self.phase = ChainPhase.EVALUATING
-        self.stage_layer = None
-        self.head_stage = False
+        self._finish_training()
         self.changed = True
         return True
 

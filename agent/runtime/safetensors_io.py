@@ -73,16 +73,22 @@ def read_metadata(path: Path) -> dict[str, str]:
     when the header cannot be read."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > path.stat().st_size - 8:
-                raise ValueError(f"header length {size} past the end of the file")
-            metadata = json.loads(handle.read(size)).get("__metadata__", {})
+        metadata = _raw_header(path)[1].get("__metadata__", {})
         if not isinstance(metadata, dict):
             raise ValueError("__metadata__ is not an object")
     except (OSError, ValueError, AttributeError, struct.error) as exc:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
     return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _raw_header(path: Path) -> tuple[int, Any]:
+    """(header length, the header's parsed JSON); ``ValueError`` when the length the first
+    8 bytes give runs past the end of the file or the header is not JSON."""
+    with path.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        if size > path.stat().st_size - 8:
+            raise ValueError(f"header length {size} past the end of the file")
+        return size, json.loads(handle.read(size))
 
 
 def data_start(path: Path) -> int:
@@ -109,11 +115,7 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
     fit the shapes or the file."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > path.stat().st_size - 8:
-                raise ValueError(f"header length {size} past the end of the file")
-            header = json.loads(handle.read(size))
+        size, header = _raw_header(path)
         header.pop("__metadata__", None)
         entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         out = {name: _stored(path, 8 + size, name, entry) for name, entry in entries}
