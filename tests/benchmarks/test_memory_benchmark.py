@@ -86,11 +86,9 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tin
     assert (out / "memory.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
-    memory, tiny_models, tmp_path, monkeypatch
-):
-    monkeypatch.setattr(memory, "run_isolated", memory.measure)  # in-process: faster
-    shape = memory.Shape(
+def _sliced_llama(memory, tiny_models, **extra):
+    """An 8-layer llama shape whose weights are written for a slice only (CPU)."""
+    return memory.Shape(
         "tiny-llama",
         batch=2,
         seq=8,
@@ -98,8 +96,15 @@ def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
         task="lm",
         hf_config=tiny_models.config("llama", num_hidden_layers=8),
         slice_on_cpu=True,
-        paper_ratio=4.5,
+        **extra,
     )
+
+
+def test_a_sliced_shape_measures_chain_at_full_depth_and_extrapolates_e2e(
+    memory, tiny_models, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(memory, "run_isolated", memory.measure)  # in-process: faster
+    shape = _sliced_llama(memory, tiny_models, paper_ratio=4.5)
     options = memory.Options(layers=4, device="cpu", compare=())
 
     result = memory.bench_shape(shape, options, tmp_path, log=lambda _: None)
@@ -152,15 +157,7 @@ def test_int8_weights_run_on_the_slice_with_the_cache_built_before_the_workers(
         return block
 
     monkeypatch.setattr(memory.StreamingModel, "load_block", record)
-    shape = memory.Shape(
-        "tiny-llama",
-        batch=2,
-        seq=8,
-        rank=2,
-        task="lm",
-        hf_config=tiny_models.config("llama", num_hidden_layers=8),
-        slice_on_cpu=True,
-    )
+    shape = _sliced_llama(memory, tiny_models)
     options = memory.Options(modes=("chain", "e2e"), layers=4, device="cpu", weights="int8")
 
     result = memory.bench_shape(shape, options, tmp_path, log=lambda _: None)

@@ -188,15 +188,14 @@ def test_torch_path_matches_reference(name: str) -> None:
     assert_lean_saving(got, case)
 
 
-@pytest.fixture(scope="module")
-def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every case through the Triton path, in one subprocess (see ``lora_case_runner``)."""
+def run_triton_cases(cases: dict[str, dict], tmp: Path) -> dict:
+    """Every case of ``cases`` through the Triton path, in one subprocess (see
+    ``lora_case_runner``); bf16 cases are left out under the interpreter, which multiplies
+    bf16 bit patterns in tl.dot (triton-lang/triton#11584)."""
     if not triton_available():
         pytest.skip("triton is not installed")
     on_cuda = torch.cuda.is_available()
-    # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584).
-    cases = {n: c for n, c in CASES.items() if on_cuda or c["x"].dtype != torch.bfloat16}
-    tmp = tmp_path_factory.mktemp("triton_path")
+    cases = {n: c for n, c in cases.items() if on_cuda or c["x"].dtype != torch.bfloat16}
     cases_path, out_path = tmp / "cases.pt", tmp / "results.pt"
     torch.save(cases, cases_path)
     env = {**os.environ, "CHAINFED_KERNELS": "triton"}
@@ -214,6 +213,12 @@ def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if proc.returncode != 0:
         pytest.fail(f"Triton case runner failed:\n{proc.stderr[-6000:]}")
     return torch.load(out_path)
+
+
+@pytest.fixture(scope="module")
+def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every case through the Triton path, in one subprocess."""
+    return run_triton_cases(CASES, tmp_path_factory.mktemp("triton_path"))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ from chainfed.kernels import (
     dequantize_int8,
     lora_linear,
     quantize_int8,
-    triton_available,
 )
 from chainfed.kernels import int8 as int8_module
 
@@ -123,29 +119,7 @@ def test_blocked_dequantisation_matches_one_block(monkeypatch: pytest.MonkeyPatc
 @pytest.fixture(scope="module")
 def triton_int8_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every int8 case through the Triton path, in one subprocess."""
-    if not triton_available():
-        pytest.skip("triton is not installed")
-    on_cuda = torch.cuda.is_available()
-    # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584).
-    cases = {n: c for n, c in INT8_CASES.items() if on_cuda or c["x"].dtype != torch.bfloat16}
-    tmp = tmp_path_factory.mktemp("triton_int8")
-    cases_path, out_path = tmp / "cases.pt", tmp / "results.pt"
-    torch.save(cases, cases_path)
-    env = {**os.environ, "CHAINFED_KERNELS": "triton"}
-    env.pop("TRITON_INTERPRET", None)
-    if not on_cuda:
-        env["TRITON_INTERPRET"] = "1"
-    device = "cuda" if on_cuda else "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(fused.RUNNER_PATH), str(cases_path), str(out_path), device],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"Triton case runner failed:\n{proc.stderr[-6000:]}")
-    return torch.load(out_path)
+    return fused.run_triton_cases(INT8_CASES, tmp_path_factory.mktemp("triton_int8"))
 
 
 @pytest.mark.parametrize("name", list(INT8_CASES))
