@@ -36,12 +36,18 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from chainfed.agent.app.flower import records
+from chainfed.agent.app.flower.secure_aggregation import (
+    SecAggSettings,
+    secagg_settings,
+    secure_round,
+)
 from chainfed.agent.app.options import SimulationConfig, SimulationError
 from chainfed.agent.app.simulation import VirtualClock, chain_coordinator
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.secure_aggregation import SecureAggregationError, check_secure_aggregation
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.messages import ChainPhase, Task, TaskKind
 
@@ -60,7 +66,8 @@ def build(run_config: dict[str, Any] | None = None) -> ServerApp:
     def _main(grid: Grid, context: Context) -> None:
         settings = run_config or dict(context.run_config)
         config = records.simulation_config(settings)
-        run_chain(grid, config, records.state_dir(settings, config), say=_say)
+        state_dir = records.state_dir(settings, config)
+        run_chain(grid, config, state_dir, secagg=secagg_settings(settings), say=_say)
 
     return server
 
@@ -70,16 +77,34 @@ def run_chain(
     config: SimulationConfig,
     state_dir: Path,
     *,
+    secagg: SecAggSettings | None = None,
     say: Callable[[str], None] = print,
 ) -> ChainCoordinator:
     """Run the chain ``config`` describes on ``grid``'s nodes to the end; the final
-    adapters end in ``state_dir`` (and on every node). Returns the finished coordinator."""
-    spec = StreamingModel(resolve_model(config.model, progress=False)).spec()
-    coordinator = chain_coordinator(config, spec)
-    driver = _ChainDriver(grid, coordinator, state_dir, say)
+    adapters end in ``state_dir`` (and on every node). Returns the finished coordinator.
+    ``secagg``: every training round through SecAgg+ (``secure_aggregation``)."""
+    coordinator = checked_coordinator(config, secagg)
+    driver = _ChainDriver(grid, coordinator, state_dir, say, secagg)
     driver.register(_await_nodes(grid, config.agents))
     driver.run()
     driver.finish()
+    return coordinator
+
+
+def checked_coordinator(
+    config: SimulationConfig, secagg: SecAggSettings | None
+) -> ChainCoordinator:
+    """The coordinator of ``config``; with ``secagg``, refused (``SimulationError``) when
+    a setting needs the individual updates or a round holds more nodes than SecAgg+ can
+    sum, before any node is asked for anything."""
+    spec = StreamingModel(resolve_model(config.model, progress=False)).spec()
+    coordinator = chain_coordinator(config, spec)
+    if secagg is not None:
+        try:
+            check_secure_aggregation(coordinator.config)
+        except SecureAggregationError as exc:
+            raise SimulationError(str(exc)) from exc
+        secagg.check_round_size(config.agents_per_round or config.agents)
     return coordinator
 
 
@@ -110,8 +135,10 @@ class _ChainDriver:
         coordinator: ChainCoordinator,
         state_dir: Path,
         say: Callable[[str], None],
+        secagg: SecAggSettings | None,
     ) -> None:
         self.grid, self.coordinator, self.state_dir, self.say = grid, coordinator, state_dir, say
+        self.secagg = secagg
         self.clock = VirtualClock()
         self.nodes: dict[str, int] = {}
         """Agent id -> Flower node id."""
@@ -158,6 +185,9 @@ class _ChainDriver:
             self._report()
 
     def _round(self, tasks: dict[str, Task]) -> None:
+        if self.secagg is not None and all(t.kind is TaskKind.TRAIN_ROUND for t in tasks.values()):
+            self._secure_round(tasks, self.secagg)
+            return
         coordinator, now = self.coordinator, self.clock.now()
         messages = []
         for agent, task in tasks.items():
@@ -186,6 +216,47 @@ class _ChainDriver:
         for agent in answered:
             self._hand_in(agent, tasks[agent], by_agent[agent])
         coordinator.tick(self.clock.now())
+
+    def _secure_round(self, tasks: dict[str, Task], secagg: SecAggSettings) -> None:
+        """A training round through SecAgg+: the coordinator gets the survivors' mean and
+        metrics; nodes lost mid-protocol are dropped from the round. When too few stay
+        for the protocol to finish, every update is lost: the round runs to its deadline
+        and the coordinator re-runs it."""
+        coordinator, now = self.coordinator, self.clock.now()
+        task = next(iter(tasks.values()))
+        tensors = coordinator.tensors_for(task.round_id)
+        work = {self.nodes[agent]: (t, tensors) for agent, t in tasks.items()}
+        largest = max(e.capabilities.num_samples for e in coordinator.agents.values())
+        for agent in tasks:
+            coordinator.polling[agent] += 1
+        try:
+            result = secure_round(
+                self.grid,
+                coordinator.round_seq,
+                work,
+                settings=secagg,
+                max_weight=largest,
+                timeout=max(1.0, (task.deadline_unix_ms - now) / 1000),
+            )
+        finally:
+            for agent in tasks:
+                coordinator.polling[agent] -= 1
+        if result is None:
+            self.say(f"round {task.round_id}: SecAgg+ halted, too few nodes stayed; no mean")
+            self.clock.jump_to(task.deadline_unix_ms)
+            coordinator.tick(self.clock.now())
+            return
+        agents = {node: agent for agent, node in self.nodes.items()}
+        metrics = {agents[node]: m for node, m in result.metrics.items()}
+        lost = sorted(set(tasks) - set(metrics))
+        if lost:
+            self.say(
+                f"round {task.round_id}: SecAgg+ lost {lost}; the mean of the other {len(metrics)}"
+            )
+        try:
+            coordinator.submit_secure_mean(task.round_id, metrics, result.mean, self.clock.now())
+        except UpdateRejectedError as exc:
+            self.say(f"secure mean of {task.round_id} rejected: {exc}")
 
     def _hand_in(self, agent: str, task: Task, reply: Message) -> None:
         coordinator, now = self.coordinator, self.clock.now()
