@@ -7,6 +7,8 @@
         tick; next_task(agent) for every agent, in agent-id order
         PROBE       -> query.probe  -> report_probe          (FOAT: start layer)
         TRAIN_ROUND -> train        -> submit (validated)    (aggregated when all are in)
+                       (secagg: SecAgg+'s four stages -> submit_secure_mean, the survivors'
+                        weighted mean; see ``secure_aggregation``)
         EVALUATE    -> evaluate     -> submit (metrics only) (the final evaluation)
         persist (state_store) whenever the chain changed
     query.finish -> every node writes the final adapters; STATE_DIR/final_adapters.safetensors
@@ -21,8 +23,10 @@ Time: a node holding a task counts as active (``ChainCoordinator.polling``), so 
 round is never cut short by ``agent_timeout``. A node that does not answer within the
 round's deadline (the probe's, for FOAT) is dropped from it (the clock jumps to the
 deadline) and the coordinator re-runs a round short of its quorum or finishes the probe
-with the reports it has, as over gRPC. Registration and the final ``query.finish`` wait
-for every node.
+with the reports it has, as over gRPC. Under SecAgg+ each of a round's four stages waits
+at most until the round's deadline, and a node lost in any of them is a dropout.
+Registration waits for every node; the final ``query.finish`` for a round's deadline at
+most (a node lost for good gets no file, and is named).
 """
 
 from __future__ import annotations
@@ -270,16 +274,19 @@ class _ChainDriver:
             self.say(f"answer of {agent} for {task.round_id} rejected: {exc}")
 
     def finish(self) -> None:
-        """Every node writes the final adapters (as ``chainfed agent`` does at DONE)."""
+        """Every node writes the final adapters (as ``chainfed agent`` does at DONE); a node
+        silent for a round's deadline (lost for good) is named and left out."""
         task = self.coordinator.next_task(sorted(self.nodes)[0], self.clock.now())
         final = self.coordinator.tensors_for("done")
         content = records.task_record(task, final)
         replies = self._exchange(
-            [self._message(node, records.FINISH, content) for node in self.nodes.values()]
+            [self._message(node, records.FINISH, content) for node in self.nodes.values()],
+            timeout=self.coordinator.config.round_deadline_s,
         )
+        missing = sorted(agent for agent, node in self.nodes.items() if node not in replies)
         self.say(
             f"chain done: final adapters in {self.state_dir / state_store.FINAL_FILE} and on "
-            f"{len(replies)} nodes"
+            f"{len(replies)} nodes" + (f" (not on {missing}: no answer)" if missing else "")
         )
 
     def _message(self, node: int, message_type: str, content: RecordDict) -> Message:

@@ -61,6 +61,11 @@ def test_run_config_names_the_simulate_settings(tmp_path: Path) -> None:
     assert records.state_dir({"state-dir": "elsewhere"}, config) == Path("elsewhere")
     with pytest.raises(SimulationError, match="'learning-rate' is not a chainfed simulate"):
         records.simulation_config({"learning-rate": 0.1})
+    assert config.coordinator_options == {}
+    quorum = records.simulation_config({**RUN_CONFIG, "min-agents": 2}).coordinator_options
+    assert quorum == {"min_agents": 2}
+    with pytest.raises(SimulationError, match="'min-agents' must be >= 0"):
+        records.simulation_config({"min-agents": -1})
 
 
 def test_records_carry_our_messages_and_tensors_unchanged() -> None:

@@ -133,7 +133,7 @@ def test_a_node_lost_mid_round_leaves_the_mean_of_the_survivors(tmp_path: Path):
             else tensors
         )
 
-    quorum = {"coordinator-options": {"min_agents": 2}}
+    quorum = {"min-agents": 2}
     simulate = records.simulation_config(
         {**RUN_CONFIG, **quorum, "workdir": str(tmp_path / "simulate")}
     )
