@@ -21,9 +21,10 @@ does, so the same seeds, split and aggregation give the same adapters.
 
 Time: a node holding a task counts as active (``ChainCoordinator.polling``), so a long
 round is never cut short by ``agent_timeout``. A node that does not answer within the
-round's deadline (the probe's, for FOAT) is dropped from it (the clock jumps to the
-deadline) and the coordinator re-runs a round short of its quorum or finishes the probe
-with the reports it has, as over gRPC. Under SecAgg+ each of a round's four stages waits
+round's deadline (the probe's, for FOAT), or whose answer failed or was rejected, is
+not asked again for that round: it is dropped from it (the clock jumps to the deadline)
+and the coordinator re-runs a round short of its quorum or finishes the probe with the
+reports it has, as over gRPC. Under SecAgg+ each of a round's four stages waits
 at most until the round's deadline, and a node lost in any of them is a dropout.
 Registration waits for every node; the final ``query.finish`` for a round's deadline at
 most (a node lost for good gets no file, and is named).
@@ -147,6 +148,10 @@ class _ChainDriver:
         self.nodes: dict[str, int] = {}
         """Agent id -> Flower node id."""
         self.seen = 0
+        self.sat_out: set[tuple[str, str]] = set()
+        """(agent, round id) whose node failed, timed out or was rejected: it is not asked
+        again for that round, which closes at its deadline without it (as the in-process
+        simulation's rejected agents sit a round out)."""
 
     def register(self, node_ids: list[int]) -> None:
         """Ask every node who it is; register them in agent-id order."""
@@ -173,6 +178,7 @@ class _ChainDriver:
                 agent: task
                 for agent in sorted(self.nodes)
                 if (task := coordinator.next_task(agent, self.clock.now())).kind in _MESSAGE_TYPES
+                and (agent, task.round_id) not in self.sat_out
             }
             if tasks:
                 idle = 0
@@ -217,6 +223,8 @@ class _ChainDriver:
         for agent in answered:  # every answer arrived now, before any closes the round
             coordinator.touch(agent, self.clock.now())
         by_agent = {agents[node]: reply for node, reply in replies.items()}
+        for agent in sorted(set(tasks) - set(answered)):
+            self.sat_out.add((agent, tasks[agent].round_id))
         for agent in answered:
             self._hand_in(agent, tasks[agent], by_agent[agent])
         coordinator.tick(self.clock.now())
@@ -272,6 +280,7 @@ class _ChainDriver:
                 coordinator.submit(agent, task.round_id, metrics, tensors, now)
         except UpdateRejectedError as exc:
             self.say(f"answer of {agent} for {task.round_id} rejected: {exc}")
+            self.sat_out.add((agent, task.round_id))
 
     def finish(self) -> None:
         """Every node writes the final adapters (as ``chainfed agent`` does at DONE); a node
