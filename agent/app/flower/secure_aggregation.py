@@ -43,10 +43,9 @@ before the cast to float32::
     |secure mean − weighted mean| < 3cK / (A − K/2)                (quantisation_bound)
 
 For MiniLM's LoRA tensors (|values| < 0.25 in our runs, so c = 1 leaves 4x headroom),
-three nodes of 30 samples each and the defaults: A = 3·2**24, bound 1.8e-7 (in the
-tests' Dirichlet shards of 10, 31 and 49 samples, two survivors: 4.3e-7, and 2.7e-7 was
-seen). A larger c or a smaller Q scales it linearly. Nodes send float64
-so that the mod's arithmetic adds no float32 rounding of its own.
+three nodes of 30 samples each and the defaults: A = 3·2**24, bound 1.8e-7. A larger c
+or a smaller Q scales it linearly; small shards beside a large one (a small A) raise it.
+Nodes send float64 so that the mod's arithmetic adds no float32 rounding of its own.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The chain on Flower (``chainfed.agent.app.flower``): records, and a short chain through
-Flower's simulation engine that must give ``chainfed simulate``'s final adapters.
+"""The chain on Flower (``chainfed.agent.app.flower``): records, a short chain through
+Flower's simulation engine that must give ``chainfed simulate``'s final adapters, and a
+node that fails its round (dropped, as simulate drops a rejected agent).
 
 Skipped without the ``flower`` extra (CI installs ``.[dev]`` only).
 """
