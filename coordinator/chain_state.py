@@ -88,6 +88,7 @@ from chainfed.coordinator.config import DEFAULT_WINDOW, CoordinatorConfig
 from chainfed.coordinator.dp import PrivacyLedger, central_dp_mean
 from chainfed.coordinator.fault_injection import crash_point
 from chainfed.coordinator.round_start import round_start_state
+from chainfed.coordinator.secure_aggregation import check_secure_aggregation
 from chainfed.coordinator.update_checks import (
     UpdateRejectedError,
     check_evaluation_answer,
@@ -166,6 +167,9 @@ class OpenRound:
     updates: dict[str, tuple[UpdateMetrics, dict[str, torch.Tensor]]] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     """``update_digest`` of each update, recorded with the round when it is aggregated."""
+    secure_mean: dict[str, torch.Tensor] | None = None
+    """The survivors' weighted mean from a secure sum (``submit_secure_mean``); None when
+    the round collects individual updates."""
 
 
 class ChainCoordinator:
@@ -557,7 +561,10 @@ class ChainCoordinator:
             return
         crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
         started = time.perf_counter()
-        self.window_state = self._aggregate(r, received)
+        if r.secure_mean is not None:
+            self.window_state = r.secure_mean
+        else:
+            self.window_state = self._aggregate(r, received)
         self.observer.round_closed("aggregated", time.perf_counter() - started)
         dp_epsilon = dp_round_epsilon = None
         if dp is not None:
@@ -577,7 +584,7 @@ class ChainCoordinator:
                 tuple(dropped),
                 metrics,
                 now_ms,
-                tuple(r.digests[a] for a in received),
+                tuple(r.digests[a] for a in received) if r.secure_mean is None else (),
                 dp_epsilon,
                 dp_round_epsilon,
             )
@@ -802,6 +809,54 @@ class ChainCoordinator:
         self.tick(now_ms)
         return True
 
+    def submit_secure_mean(
+        self,
+        round_id: str,
+        metrics: dict[str, UpdateMetrics],
+        mean: dict[str, torch.Tensor],
+        now_ms: int,
+    ) -> None:
+        """Close training round ``round_id`` with ``mean``, the sample-weighted mean of the
+        updates of the agents in ``metrics`` (each agent's round metrics), computed by a
+        secure sum that showed nobody any single update (``chainfed.coordinator.
+        secure_aggregation`` says which settings allow it).
+
+        The round closes at once: no later update can join a sum already taken, so the
+        participants not in ``metrics`` are dropped. Everything else is a normal close: the
+        quorum (below it the round is re-run), federated metrics, convergence, history
+        (with no update digests: no update was seen) and the stage's advance. ``mean`` gets
+        the checks a sum allows (names, shapes, dtypes, finite values), the metrics the
+        per-agent ones; anything wrong rejects the whole mean and leaves the round open."""
+        check_secure_aggregation(self.config)
+        for agent in metrics:
+            self.touch(agent, now_ms)
+        r = self.open_round
+        if r is None or r.evaluation or round_id != r.round_id:
+            raise UpdateRejectedError(
+                "failed_precondition",
+                f"training round {round_id!r} is not open (stale or unknown)",
+                reason="stale_round",
+            )
+        strangers = sorted(set(metrics) - set(r.participants))
+        if strangers:
+            raise UpdateRejectedError(
+                "failed_precondition",
+                f"agents {strangers} were not selected for round {round_id}",
+                reason="not_selected",
+            )
+        if r.updates:
+            raise UpdateRejectedError(
+                "failed_precondition",
+                f"round {round_id} already holds individual updates; a secure mean replaces "
+                "them all",
+            )
+        for agent_metrics in metrics.values():
+            check_training_metrics(agent_metrics)
+        self._check_tensors(r, mean, r.expected)
+        r.updates = {agent: (agent_metrics, {}) for agent, agent_metrics in metrics.items()}
+        r.secure_mean = mean
+        self._close_round(now_ms)
+
     def _validate(
         self, r: OpenRound, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]
     ) -> None:
@@ -813,15 +868,21 @@ class ChainCoordinator:
             k: (tuple(v.shape), str(v.dtype))
             for k, v in next(iter(r.updates.values()), (None, {}))[1].items()
         }
-        check_names(tensors, r.round_id, r.window, a_frozen=self.a_frozen)
-        check_shapes(tensors, expected, r.round_id)
-        check_finite(tensors)
+        self._check_tensors(r, tensors, expected)
         c = self.config
         if c.norm_bound is not None:
             start = round_start_state(
                 tensors, self.window_state, c.params, self.start_layer, c.num_layers
             )
             check_norm(tensors, start, c.norm_bound)
+
+    def _check_tensors(
+        self, r: OpenRound, tensors: dict[str, torch.Tensor], expected: dict[str, tuple]
+    ) -> None:
+        """Names of the round's window, ``expected`` shapes and dtypes, finite values."""
+        check_names(tensors, r.round_id, r.window, a_frozen=self.a_frozen)
+        check_shapes(tensors, expected, r.round_id)
+        check_finite(tensors)
 
     # -- status -----------------------------------------------------------------------
 

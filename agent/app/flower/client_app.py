@@ -27,20 +27,24 @@ its rows where a kept one would go on with the current pass.)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from chainfed.agent.app.flower import records
+from chainfed.agent.app.flower import records, secure_aggregation
+from chainfed.agent.app.flower.secure_aggregation import secagg_settings
 from chainfed.agent.app.options import SimulationConfig, SimulationError
 from chainfed.agent.app.simulation import Corpus, agent_local_data, load_corpus
 from chainfed.agent.federation.federated_agent import AgentConfig, FederatedAgent
 from chainfed.agent.runtime.precision import Precision
-from chainfed.proto.messages import AgentCapabilities
+from chainfed.proto.messages import AgentCapabilities, Task, UpdateMetrics
 
 SAMPLER_STATE = "chainfed.sampler"
 """The ``Context.state`` record holding the trainer's batch sampler state."""
@@ -120,18 +124,32 @@ def probe(content: RecordDict, context: Context, run_config: RunConfig = None) -
 
 
 def train(content: RecordDict, context: Context, run_config: RunConfig = None) -> RecordDict:
-    """One chain round on the local shard, from the round's tensors."""
+    """One chain round on the local shard, from the round's tensors; under SecAgg+ the
+    round comes and goes in the fit records its mod speaks (``secure_aggregation``)."""
+    settings = secagg_settings(run_config or dict(context.run_config))
+    if settings is None:
+        metrics, update = _train_round(
+            records.task_of(content), records.tensors_of(content), context, run_config
+        )
+        return records.update_record(metrics, update)
+    task, tensors = secure_aggregation.task_of_fit(content)
+    metrics, update = _train_round(task, tensors, context, run_config)
+    return secure_aggregation.fit_result(metrics, update, settings)
+
+
+def _train_round(
+    task: Task, tensors: dict[str, torch.Tensor], context: Context, run_config: RunConfig
+) -> tuple[UpdateMetrics, dict[str, torch.Tensor]]:
     agent = _node(context, run_config).agent
-    task = records.task_of(content)
     trainer = agent.ensure_trainer(task.params, len(task.window_layers))
     if agent.rounds_done == 0 and SAMPLER_STATE in context.state:
         # a trainer rebuilt in a fresh process: continue the sampler where it stopped
         trainer.rng.bit_generator.state = json.loads(context.state[SAMPLER_STATE]["state"])
-    metrics, update = agent.train_update(task, records.tensors_of(content))
+    metrics, update = agent.train_update(task, tensors)
     context.state[SAMPLER_STATE] = ConfigRecord(
         {"state": json.dumps(trainer.rng.bit_generator.state)}
     )
-    return records.update_record(metrics, update)
+    return metrics, update
 
 
 def evaluate(content: RecordDict, context: Context, run_config: RunConfig = None) -> RecordDict:
@@ -153,10 +171,22 @@ def finish(content: RecordDict, context: Context, run_config: RunConfig = None) 
 Work = Callable[[RecordDict, Context, RunConfig], RecordDict]
 
 
-def build(run_config: RunConfig = None) -> ClientApp:
+def build(run_config: RunConfig = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp; ``run_config`` (tests, the Python simulation API, whose Contexts carry
-    none) stands in for the Context's."""
-    client = ClientApp()
+    none) stands in for the Context's. ``mods`` wrap every message, outermost first (the
+    tests' stand-in for a node that dies mid-round).
+
+    With ``secagg`` on in the run config every training message goes through Flower's
+    ``secaggplus_mod``, which refuses one that does not follow the protocol: a server
+    cannot ask such a node for its update in the clear."""
+    client = ClientApp(mods=list(mods))
+
+    def secure_when_configured(
+        message: Message, context: Context, call_next: ClientAppCallable
+    ) -> Message:
+        if secagg_settings(run_config or dict(context.run_config)) is None:
+            return call_next(message, context)
+        return secaggplus_mod(message, context, call_next)
 
     def handler(work: Work) -> Callable[[Message, Context], Message]:
         def handle(message: Message, context: Context) -> Message:
@@ -166,7 +196,7 @@ def build(run_config: RunConfig = None) -> ClientApp:
 
     client.query("register")(handler(register))
     client.query("probe")(handler(probe))
-    client.train()(handler(train))
+    client.train(mods=[secure_when_configured])(handler(train))
     client.evaluate()(handler(evaluate))
     client.query("finish")(handler(finish))
     return client

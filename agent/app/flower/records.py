@@ -8,7 +8,9 @@ travel, as over our own gRPC protocol, and each side parses them with the same c
 
 The run config (``pyproject.toml``'s ``[tool.flwr.app.config]``, ``flwr run
 --run-config``) names the federation as ``chainfed simulate`` does: each key is a
-``SimulationConfig`` field with dashes (``train-rows``), ``start-layer = -1`` meaning FOAT.
+``SimulationConfig`` field with dashes (``train-rows``), ``start-layer = -1`` meaning FOAT,
+except ``state-dir``, ``min-agents`` (the coordinator's quorum; 0 = every agent) and the
+``secagg*`` keys (``secure_aggregation``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from chainfed.agent.app.flower.secure_aggregation import RUN_CONFIG_KEYS
 from chainfed.agent.app.options import SimulationConfig, SimulationError
 from chainfed.proto.chainfed_pb2 import AgentCapabilities as AgentCapabilitiesProto
 from chainfed.proto.chainfed_pb2 import ProbeReport as ProbeReportProto
@@ -49,8 +52,10 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 """Flower message types of the chain's tasks (``query.<action>`` for the non-FL ones)."""
 
-_RUN_ONLY = {"state-dir"}
-"""Run-config keys of the ServerApp that are not ``SimulationConfig`` fields."""
+_RUN_ONLY = {"state-dir", "min-agents", *RUN_CONFIG_KEYS}
+"""Run-config keys that are not ``SimulationConfig`` fields: the ServerApp's state dir,
+the quorum (``min-agents``: updates a round needs; 0 = every agent, ``chainfed
+simulate``'s) and SecAgg+'s settings (``secure_aggregation``)."""
 
 
 def simulation_config(run_config: dict[str, Any]) -> SimulationConfig:
@@ -73,6 +78,14 @@ def simulation_config(run_config: dict[str, Any]) -> SimulationConfig:
             settings.pop(name, None)
     if settings.get("gpo_lambda", 0) < 0:
         settings["gpo_lambda"] = None
+    quorum = int(run_config.get("min-agents", 0))
+    if quorum < 0:
+        raise SimulationError(f"run config 'min-agents' must be >= 0, got {quorum}")
+    if quorum:
+        settings["coordinator_options"] = {
+            **settings.get("coordinator_options", {}),
+            "min_agents": quorum,
+        }
     return SimulationConfig(**settings)
 
 

@@ -7,6 +7,8 @@
         tick; next_task(agent) for every agent, in agent-id order
         PROBE       -> query.probe  -> report_probe          (FOAT: start layer)
         TRAIN_ROUND -> train        -> submit (validated)    (aggregated when all are in)
+                       (secagg: SecAgg+'s four stages -> submit_secure_mean, the survivors'
+                        weighted mean; see ``secure_aggregation``)
         EVALUATE    -> evaluate     -> submit (metrics only) (the final evaluation)
         persist (state_store) whenever the chain changed
     query.finish -> every node writes the final adapters; STATE_DIR/final_adapters.safetensors
@@ -19,10 +21,13 @@ does, so the same seeds, split and aggregation give the same adapters.
 
 Time: a node holding a task counts as active (``ChainCoordinator.polling``), so a long
 round is never cut short by ``agent_timeout``. A node that does not answer within the
-round's deadline (the probe's, for FOAT) is dropped from it (the clock jumps to the
-deadline) and the coordinator re-runs a round short of its quorum or finishes the probe
-with the reports it has, as over gRPC. Registration and the final ``query.finish`` wait
-for every node.
+round's deadline (the probe's, for FOAT), or whose answer failed or was rejected, is
+not asked again for that round: it is dropped from it (the clock jumps to the deadline)
+and the coordinator re-runs a round short of its quorum or finishes the probe with the
+reports it has, as over gRPC. Under SecAgg+ each of a round's four stages waits
+at most until the round's deadline, and a node lost in any of them is a dropout.
+Registration waits for every node; the final ``query.finish`` for a round's deadline at
+most (a node lost for good gets no file, and is named).
 """
 
 from __future__ import annotations
@@ -36,12 +41,18 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from chainfed.agent.app.flower import records
+from chainfed.agent.app.flower.secure_aggregation import (
+    SecAggSettings,
+    secagg_settings,
+    secure_round,
+)
 from chainfed.agent.app.options import SimulationConfig, SimulationError
 from chainfed.agent.app.simulation import VirtualClock, chain_coordinator
 from chainfed.agent.convert.assets import resolve_model
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator import state_store
 from chainfed.coordinator.chain_state import ChainCoordinator
+from chainfed.coordinator.secure_aggregation import SecureAggregationError, check_secure_aggregation
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.messages import ChainPhase, Task, TaskKind
 
@@ -60,7 +71,8 @@ def build(run_config: dict[str, Any] | None = None) -> ServerApp:
     def _main(grid: Grid, context: Context) -> None:
         settings = run_config or dict(context.run_config)
         config = records.simulation_config(settings)
-        run_chain(grid, config, records.state_dir(settings, config), say=_say)
+        state_dir = records.state_dir(settings, config)
+        run_chain(grid, config, state_dir, secagg=secagg_settings(settings), say=_say)
 
     return server
 
@@ -70,16 +82,34 @@ def run_chain(
     config: SimulationConfig,
     state_dir: Path,
     *,
+    secagg: SecAggSettings | None = None,
     say: Callable[[str], None] = print,
 ) -> ChainCoordinator:
     """Run the chain ``config`` describes on ``grid``'s nodes to the end; the final
-    adapters end in ``state_dir`` (and on every node). Returns the finished coordinator."""
-    spec = StreamingModel(resolve_model(config.model, progress=False)).spec()
-    coordinator = chain_coordinator(config, spec)
-    driver = _ChainDriver(grid, coordinator, state_dir, say)
+    adapters end in ``state_dir`` (and on every node). Returns the finished coordinator.
+    ``secagg``: every training round through SecAgg+ (``secure_aggregation``)."""
+    coordinator = checked_coordinator(config, secagg)
+    driver = _ChainDriver(grid, coordinator, state_dir, say, secagg)
     driver.register(_await_nodes(grid, config.agents))
     driver.run()
     driver.finish()
+    return coordinator
+
+
+def checked_coordinator(
+    config: SimulationConfig, secagg: SecAggSettings | None
+) -> ChainCoordinator:
+    """The coordinator of ``config``; with ``secagg``, refused (``SimulationError``) when
+    a setting needs the individual updates or a round holds more nodes than SecAgg+ can
+    sum, before any node is asked for anything."""
+    spec = StreamingModel(resolve_model(config.model, progress=False)).spec()
+    coordinator = chain_coordinator(config, spec)
+    if secagg is not None:
+        try:
+            check_secure_aggregation(coordinator.config)
+        except SecureAggregationError as exc:
+            raise SimulationError(str(exc)) from exc
+        secagg.check_round_size(config.agents_per_round or config.agents)
     return coordinator
 
 
@@ -110,12 +140,18 @@ class _ChainDriver:
         coordinator: ChainCoordinator,
         state_dir: Path,
         say: Callable[[str], None],
+        secagg: SecAggSettings | None,
     ) -> None:
         self.grid, self.coordinator, self.state_dir, self.say = grid, coordinator, state_dir, say
+        self.secagg = secagg
         self.clock = VirtualClock()
         self.nodes: dict[str, int] = {}
         """Agent id -> Flower node id."""
         self.seen = 0
+        self.sat_out: set[tuple[str, str]] = set()
+        """(agent, round id) whose node failed, timed out or was rejected: it is not asked
+        again for that round, which closes at its deadline without it (as the in-process
+        simulation's rejected agents sit a round out)."""
 
     def register(self, node_ids: list[int]) -> None:
         """Ask every node who it is; register them in agent-id order."""
@@ -142,6 +178,7 @@ class _ChainDriver:
                 agent: task
                 for agent in sorted(self.nodes)
                 if (task := coordinator.next_task(agent, self.clock.now())).kind in _MESSAGE_TYPES
+                and (agent, task.round_id) not in self.sat_out
             }
             if tasks:
                 idle = 0
@@ -158,6 +195,9 @@ class _ChainDriver:
             self._report()
 
     def _round(self, tasks: dict[str, Task]) -> None:
+        if self.secagg is not None and all(t.kind is TaskKind.TRAIN_ROUND for t in tasks.values()):
+            self._secure_round(tasks, self.secagg)
+            return
         coordinator, now = self.coordinator, self.clock.now()
         messages = []
         for agent, task in tasks.items():
@@ -183,9 +223,52 @@ class _ChainDriver:
         for agent in answered:  # every answer arrived now, before any closes the round
             coordinator.touch(agent, self.clock.now())
         by_agent = {agents[node]: reply for node, reply in replies.items()}
+        for agent in sorted(set(tasks) - set(answered)):
+            self.sat_out.add((agent, tasks[agent].round_id))
         for agent in answered:
             self._hand_in(agent, tasks[agent], by_agent[agent])
         coordinator.tick(self.clock.now())
+
+    def _secure_round(self, tasks: dict[str, Task], secagg: SecAggSettings) -> None:
+        """A training round through SecAgg+: the coordinator gets the survivors' mean and
+        metrics; nodes lost mid-protocol are dropped from the round. When too few stay
+        for the protocol to finish, every update is lost: the round runs to its deadline
+        and the coordinator re-runs it."""
+        coordinator, now = self.coordinator, self.clock.now()
+        task = next(iter(tasks.values()))
+        tensors = coordinator.tensors_for(task.round_id)
+        work = {self.nodes[agent]: (t, tensors) for agent, t in tasks.items()}
+        largest = max(e.capabilities.num_samples for e in coordinator.agents.values())
+        for agent in tasks:
+            coordinator.polling[agent] += 1
+        try:
+            result = secure_round(
+                self.grid,
+                coordinator.round_seq,
+                work,
+                settings=secagg,
+                max_weight=largest,
+                timeout=max(1.0, (task.deadline_unix_ms - now) / 1000),
+            )
+        finally:
+            for agent in tasks:
+                coordinator.polling[agent] -= 1
+        if result is None:
+            self.say(f"round {task.round_id}: SecAgg+ halted, too few nodes stayed; no mean")
+            self.clock.jump_to(task.deadline_unix_ms)
+            coordinator.tick(self.clock.now())
+            return
+        agents = {node: agent for agent, node in self.nodes.items()}
+        metrics = {agents[node]: m for node, m in result.metrics.items()}
+        lost = sorted(set(tasks) - set(metrics))
+        if lost:
+            self.say(
+                f"round {task.round_id}: SecAgg+ lost {lost}; the mean of the other {len(metrics)}"
+            )
+        try:
+            coordinator.submit_secure_mean(task.round_id, metrics, result.mean, self.clock.now())
+        except UpdateRejectedError as exc:
+            self.say(f"secure mean of {task.round_id} rejected: {exc}")
 
     def _hand_in(self, agent: str, task: Task, reply: Message) -> None:
         coordinator, now = self.coordinator, self.clock.now()
@@ -197,18 +280,22 @@ class _ChainDriver:
                 coordinator.submit(agent, task.round_id, metrics, tensors, now)
         except UpdateRejectedError as exc:
             self.say(f"answer of {agent} for {task.round_id} rejected: {exc}")
+            self.sat_out.add((agent, task.round_id))
 
     def finish(self) -> None:
-        """Every node writes the final adapters (as ``chainfed agent`` does at DONE)."""
+        """Every node writes the final adapters (as ``chainfed agent`` does at DONE); a node
+        silent for a round's deadline (lost for good) is named and left out."""
         task = self.coordinator.next_task(sorted(self.nodes)[0], self.clock.now())
         final = self.coordinator.tensors_for("done")
         content = records.task_record(task, final)
         replies = self._exchange(
-            [self._message(node, records.FINISH, content) for node in self.nodes.values()]
+            [self._message(node, records.FINISH, content) for node in self.nodes.values()],
+            timeout=self.coordinator.config.round_deadline_s,
         )
+        missing = sorted(agent for agent, node in self.nodes.items() if node not in replies)
         self.say(
             f"chain done: final adapters in {self.state_dir / state_store.FINAL_FILE} and on "
-            f"{len(replies)} nodes"
+            f"{len(replies)} nodes" + (f" (not on {missing}: no answer)" if missing else "")
         )
 
     def _message(self, node: int, message_type: str, content: RecordDict) -> Message:

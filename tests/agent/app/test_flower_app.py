@@ -1,11 +1,14 @@
-"""The chain on Flower (``chainfed.agent.app.flower``): records, and a short chain through
-Flower's simulation engine that must give ``chainfed simulate``'s final adapters.
+"""The chain on Flower (``chainfed.agent.app.flower``): records, a short chain through
+Flower's simulation engine that must give ``chainfed simulate``'s final adapters, and a
+node that fails its round (dropped, as simulate drops a rejected agent).
 
 Skipped without the ``flower`` extra (CI installs ``.[dev]`` only).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ import torch
 pytest.importorskip("flwr", reason="the flower extra (flwr[simulation]) runs the Flower app")
 pytest.importorskip("ray", reason="Flower's simulation engine runs on Ray")
 
-from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp.typing import ClientAppCallable  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from chainfed.agent.app.flower import client_app, records, server_app  # noqa: E402
@@ -61,6 +65,11 @@ def test_run_config_names_the_simulate_settings(tmp_path: Path) -> None:
     assert records.state_dir({"state-dir": "elsewhere"}, config) == Path("elsewhere")
     with pytest.raises(SimulationError, match="'learning-rate' is not a chainfed simulate"):
         records.simulation_config({"learning-rate": 0.1})
+    assert config.coordinator_options == {}
+    quorum = records.simulation_config({**RUN_CONFIG, "min-agents": 2}).coordinator_options
+    assert quorum == {"min_agents": 2}
+    with pytest.raises(SimulationError, match="'min-agents' must be >= 0"):
+        records.simulation_config({"min-agents": -1})
 
 
 def test_records_carry_our_messages_and_tensors_unchanged() -> None:
@@ -178,3 +187,51 @@ def test_a_node_rebuilt_for_each_message_trains_like_one_kept_in_memory(tmp_path
     assert sorted(rebuilt) == sorted(kept)
     assert all(torch.equal(rebuilt[k], kept[k]) for k in kept)
     assert any(not torch.equal(forgetful[k], kept[k]) for k in kept)
+
+
+def _agent_2_fails_its_round(
+    message: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    if message.metadata.message_type == MessageType.TRAIN:
+        if context.node_config["partition-id"] == 2:
+            raise RuntimeError("node lost while training")
+    return call_next(message, context)
+
+
+def test_a_node_that_fails_its_round_is_dropped_without_waiting(tmp_path: Path):
+    # Prepare: one round (last layer), quorum 2; the reference is simulate with agent-2's
+    # update rejected (NaN), so that round closes at its deadline with the other two
+    one_round = {**RUN_CONFIG, "start-layer": 5, "window": 1, "min-agents": 2}
+
+    def lose(agent: str, tensors: dict) -> dict:
+        if agent != "agent-2":
+            return tensors
+        return {n: torch.full_like(t, math.nan) for n, t in tensors.items()}
+
+    config = records.simulation_config({**one_round, "workdir": str(tmp_path / "simulate")})
+    expected = chainfed_simulate(config, update_hook=lose)
+    run_config = {**one_round, "workdir": str(tmp_path / "flower")}
+
+    # Execute
+    started = time.monotonic()
+    run_simulation(
+        server_app=server_app.build(run_config),
+        client_app=client_app.build(run_config, mods=[_agent_2_fails_its_round]),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 1}},
+    )
+
+    # Assert: the failed node was not asked again (no wait for the round's deadline);
+    # the round closed with the other two, as simulate's, to floating-point tolerance
+    assert time.monotonic() - started < config.deadline_s
+    saved = state_store.load(tmp_path / "flower" / "state", _coordinator_config(config))
+    assert saved is not None and saved.phase.value == "done"
+    trained = [r for r in saved.history if not r.round_id.startswith("eval")]
+    assert [(r.participants, r.dropped) for r in trained] == [
+        (("agent-0", "agent-1"), ("agent-2",))
+    ] * len(expected.history)
+    ours = load_adapter_file(Path(expected.adapters)).tensors
+    theirs = load_adapter_file(tmp_path / "flower" / "state" / state_store.FINAL_FILE).tensors
+    assert sorted(theirs) == sorted(ours)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
