@@ -284,6 +284,8 @@ class RunSpec:
     """Run only the chain's first ``stages`` stages (None: ``ChainTrainer.train()``)."""
     recompute: bool = True
     """``ChainConfig.recompute`` of the run (e2e never recomputes)."""
+    recompute_chunks: int = 1
+    """``ChainConfig.recompute_chunks`` of the run."""
     prefetch: bool = True
     """``StreamingModel(prefetch=...)``: streamed blocks read ahead on a background thread."""
     variant: str | None = None
@@ -304,6 +306,7 @@ class RunSpec:
             baseline_rounds=1,
             seed=self.seed,
             recompute=self.recompute,
+            recompute_chunks=self.recompute_chunks,
         )
 
 
