@@ -255,6 +255,8 @@ class Options:
     compare_stages: int = 3
     """Chain stages each comparison runs (stage 0 builds the cache; later ones hold a full
     window)."""
+    recompute_chunks: int = 1
+    """``ChainConfig.recompute_chunks`` of chain and topk runs (e2e never recomputes)."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,8 @@ class RunSpec:
     """Run only the chain's first ``stages`` stages (None: ``ChainTrainer.train()``)."""
     recompute: bool = True
     """``ChainConfig.recompute`` of the run (e2e never recomputes)."""
+    recompute_chunks: int = 1
+    """``ChainConfig.recompute_chunks`` of the run."""
     prefetch: bool = True
     """``StreamingModel(prefetch=...)``: streamed blocks read ahead on a background thread."""
     variant: str | None = None
@@ -304,6 +308,7 @@ class RunSpec:
             baseline_rounds=1,
             seed=self.seed,
             recompute=self.recompute,
+            recompute_chunks=self.recompute_chunks,
         )
 
 
@@ -787,6 +792,7 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
             weights=options.weights,
             stages=p.stages,
             variant=p.variant,
+            recompute_chunks=options.recompute_chunks,
             **COMPARISONS.get(p.variant, {}),
         )
         started = time.perf_counter()
@@ -1267,6 +1273,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="chain stages each comparison runs (default: 3)",
     )
+    parser.add_argument(
+        "--recompute-chunks",
+        type=int,
+        default=1,
+        help="ChainConfig.recompute_chunks of chain and topk: recomputed window blocks run "
+        "the micro-batch in this many chunks of samples (default: 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1293,7 +1306,13 @@ def main(argv: list[str] | None = None) -> int:
         print("--layers must be >= 2 (e2e runs the slice at N/2 and N layers)", file=sys.stderr)
         return 2
     try:  # the trainer's own validation, before any checkpoint is written
-        ChainConfig(window=args.window, topk=args.topk, gpo=args.gpo, steps_per_round=args.steps)
+        ChainConfig(
+            window=args.window,
+            topk=args.topk,
+            gpo=args.gpo,
+            steps_per_round=args.steps,
+            recompute_chunks=args.recompute_chunks,
+        )
     except ValueError as exc:
         print(f"invalid option: {exc}", file=sys.stderr)
         return 2
@@ -1321,6 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp_dir=args.tmp_dir,
         compare=compare,
         compare_stages=args.compare_stages,
+        recompute_chunks=args.recompute_chunks,
     )
     out = args.out or Path("benchmarks/results") / time.strftime("memory-%Y%m%d-%H%M%S")
     given = sys.argv[1:] if argv is None else argv

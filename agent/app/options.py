@@ -376,6 +376,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
         seed=args.seed,
         cache_dtype=args.cache_dtype,
         recompute=not args.no_recompute,
+        recompute_chunks=args.recompute_chunks,
     )
 
 

@@ -95,6 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep every window block's activations for backward instead of recomputing "
         "each block in backward (more memory, no recompute time; same results)",
     )
+    c.add_argument(
+        "--recompute-chunks",
+        type=int,
+        default=1,
+        help="run each recomputed window block over the micro-batch in this many chunks of "
+        "samples (less memory; gradients summed chunk by chunk, equal up to float rounding; "
+        "default 1)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
         "--cache-dtype",

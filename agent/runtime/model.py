@@ -44,6 +44,7 @@ from chainfed.agent.runtime.checkpoint import Checkpoint, TensorSpec
 from chainfed.agent.runtime.fingerprint import digest_files
 from chainfed.agent.runtime.int8_cache import Int8WeightCache, QuantisedLinear
 from chainfed.agent.runtime.lm_head import StreamedLMHead
+from chainfed.agent.runtime.mapped_pages import drop_pages, file_mapped_ranges
 from chainfed.agent.runtime.model_config import ModelConfig
 from chainfed.agent.runtime.precision import resolve_weights
 from chainfed.kernels import Int8Linear
@@ -190,6 +191,14 @@ class StreamingModel:
             self.peak_resident_blocks = max(self.peak_resident_blocks, self.resident_blocks)
         weakref.finalize(module, self._block_released)
         return module
+
+    def release_pages(self, block: nn.Module) -> None:
+        """Give back the resident pages of ``block``'s frozen tensors that are mapped from
+        the checkpoint (``chainfed.agent.runtime.mapped_pages``), keeping the block: its
+        next use reads them in again, with the same values. Nothing to give back for a
+        block whose tensors were copied on loading (another dtype or device, int8)."""
+        frozen = [t for t in (*block.parameters(), *block.buffers()) if not t.requires_grad]
+        drop_pages(file_mapped_ranges(frozen))
 
     def _block_released(self) -> None:
         with self._residency:

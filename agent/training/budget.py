@@ -7,12 +7,16 @@ The estimate counts what a chain stage holds above the idle process, per compone
 * activations autograd keeps per block per token, ≈ (12·d + 4·F) values plus H·T for
   attention probabilities (a conservative count of what SDPA/LayerNorm/GELU save): for
   every window block, or with ``ChainConfig.recompute`` each block's input plus one
-  block's activations (the block being recomputed in backward);
+  block's activations for the largest of its ``recompute_chunks`` chunks of samples (the
+  block being recomputed in backward);
 * adapter parameters ×4 (value, gradient, two AdamW moments) and GPO proxies.
 
 Weights and activations count the bytes of the compute dtype (``dtype``: 2 for bf16/fp16),
 trainable tensors those of their float32 master weights and optimizer state, as the
-precision policy (``chainfed.agent.runtime.precision``) keeps them.
+precision policy (``chainfed.agent.runtime.precision``) keeps them. All Q window blocks'
+weights are counted although with recompute a memory-mapped float checkpoint on the CPU
+has one window block's pages resident at a time (``StreamingModel.release_pages``): a
+bound that holds on every device and for copied weights too.
 
 ``plan_for_budget`` keeps the effective batch (micro-batch × accumulation): it halves the
 micro-batch first, then shrinks the window, then the exact foresight depth. If even
@@ -83,7 +87,9 @@ def estimate_stage_bytes(
     activations = activation_bytes(cfg, config.micro_batch, seq_len, dtype)
     head = cfg.vocab_size * cfg.hidden_size * value if task == "lm" else 0
     total = window * (block_weight_bytes(cfg, dtype) + adapter_bytes(cfg, config.lora.rank))
-    kept = window * states + activations if config.recompute else window * activations
+    largest_chunk = -(-config.micro_batch // config.recompute_chunks)  # samples
+    recomputed = activation_bytes(cfg, largest_chunk, seq_len, dtype)
+    kept = window * states + recomputed if config.recompute else window * activations
     total += kept + head + states * 4
     if kind == "exact":
         total += block_weight_bytes(cfg, dtype) + activations

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +131,17 @@ class ChainConfig:
     (``_RecomputedBlock``): the stage holds one half-block's activations at a time
     instead of the window's, and the window's activations never coexist with those of
     the foresight and the loss. The arithmetic is the same, so losses and adapters do
-    not change. ``e2e`` never recomputes: it is the baseline as users run it."""
+    not change. Each window block's checkpoint pages are also given back after each use
+    (``StreamingModel.release_pages``; a float32 checkpoint on the CPU is memory-mapped),
+    so one window block's weights are resident at a time, not the window's. ``e2e`` never
+    recomputes: it is the baseline as users run it."""
+    recompute_chunks: int = 1
+    """With ``recompute``: each window block runs a training micro-batch as this many
+    chunks of consecutive samples, forward and recompute alike, so one chunk's
+    activations and gradient transients exist at a time instead of the micro-batch's.
+    Samples never interact inside a block, so outputs are the same function of the
+    inputs; the adapters' gradients are summed chunk by chunk, a different order of the
+    same float additions, so they are not bit-identical to 1 (the default)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,6 +153,7 @@ class ChainConfig:
             "grad_accum",
             "steps_per_round",
             "max_rounds",
+            "recompute_chunks",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -545,9 +556,12 @@ class ChainTrainer:
             block = self.window_blocks[layer]
             if recompute:
                 params = trainable_adapter_params(block)
-                h = _RecomputedBlock.apply(h, block, ctx, *params)
+                chunks = self.config.recompute_chunks
+                h = _RecomputedBlock.apply(h, block, ctx, chunks, self.model.release_pages, *params)
             else:
                 h = block(h, ctx)
+            if self.recomputes:
+                self.model.release_pages(block)
         return h, ctx
 
     def train_round(self, steps: int | None = None) -> RoundResult:
@@ -778,44 +792,85 @@ class ChainTrainer:
 
 class _RecomputedBlock(torch.autograd.Function):
     """A window block that keeps only its input for backward and runs again there, one
-    half at a time.
+    half at a time, and optionally one chunk of samples at a time.
 
-    Forward: run under no_grad, save h_in and the RNG state (LoRA dropout draws from it).
-    Backward, from that RNG state on a forked generator: run the attention half under
-    no_grad to get its output h_mid; run the feed-forward half on h_mid with grad and
-    backpropagate dL/dout to dL/dh_mid and its adapter gradients; free that graph; reset
-    the RNG state, run the attention half again with grad and backpropagate dL/dh_mid to
-    dL/dh_in and its adapter gradients. Only one half's activations and gradient
-    transients are alive at once — on roberta-large at 16×128 the feed-forward half's
-    (B, T, 4096) tensors no longer coexist with the attention probabilities — for one
-    more attention-half forward per block and micro-batch. The dropout draws, the
-    kernels and the order in which gradients accumulate are those of a plain backward
-    (autograd finishes dL/dh_mid before it enters the attention half there too), so
-    gradients are identical. Every block family provides ``attention_half`` and
-    ``ffn_half`` (``chainfed.agent.runtime.bert``, ``.llama``). ``torch.utils.checkpoint``
-    is not used: its first call imports about 70 MiB of torch modules that stay.
+    Forward: run under no_grad, chunk by chunk (``ChainConfig.recompute_chunks``), save
+    h_in and the RNG state at the start of each chunk (LoRA dropout draws from it).
+    Backward, per chunk, from that chunk's RNG state on a forked generator: run the
+    attention half under no_grad to get its output h_mid; run the feed-forward half on
+    h_mid with grad and backpropagate dL/dout to dL/dh_mid and its adapter gradients;
+    free that graph; reset the RNG state, run the attention half again with grad and
+    backpropagate dL/dh_mid to dL/dh_in and its adapter gradients. Only one half's
+    activations and gradient transients of one chunk are alive at once — on
+    roberta-large at 16×128 the feed-forward half's (B, T, 4096) tensors no longer
+    coexist with the attention probabilities — for one more attention-half forward per
+    block and micro-batch. With one chunk the dropout draws, the kernels and the order in
+    which gradients accumulate are those of a plain backward (autograd finishes
+    dL/dh_mid before it enters the attention half there too), so gradients are
+    identical; with more, each chunk's draws are those its forward made, and adapter
+    gradients are summed chunk by chunk. Every block family provides ``attention_half``
+    and ``ffn_half`` (``chainfed.agent.runtime.bert``, ``.llama``). After its backward the
+    block's checkpoint pages are given back (``release``), as the trainer does after its
+    forward. ``torch.utils.checkpoint`` is not used: its first call imports about 70 MiB of torch
+    modules that stay.
     """
 
     @staticmethod
     def forward(
-        ctx, h: torch.Tensor, block: nn.Module, attn: AttentionContext, *params: nn.Parameter
+        ctx,
+        h: torch.Tensor,
+        block: nn.Module,
+        attn: AttentionContext,
+        chunks: int,
+        release: Callable[[nn.Module], None],
+        *params: nn.Parameter,
     ):
         ctx.block, ctx.attn, ctx.input_needs_grad = block, attn, h.requires_grad
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
+        ctx.release = release
+        ctx.pieces = _sample_chunks(h.shape[0], chunks)
+        ctx.rng_states, outs = [], []
+        for piece in ctx.pieces:
+            cuda_rng = torch.cuda.get_rng_state(h.device) if h.is_cuda else None
+            ctx.rng_states.append((torch.get_rng_state(), cuda_rng))
+            outs.append(block(h[piece], _chunk_context(attn, piece, h.shape[0])))
         ctx.save_for_backward(h)
-        return block(h, attn)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (h,) = ctx.saved_tensors
+        params = trainable_adapter_params(ctx.block)
+        grad_in = torch.empty_like(h) if ctx.input_needs_grad and len(ctx.pieces) > 1 else None
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        for piece, rng_state in zip(ctx.pieces, ctx.rng_states, strict=True):
+            attn = _chunk_context(ctx.attn, piece, h.shape[0])
+            piece_in, piece_grads = _RecomputedBlock._chunk_backward(
+                ctx, h[piece], attn, grad_out[piece], params, rng_state
+            )
+            if len(ctx.pieces) == 1:
+                grad_in = piece_in
+            elif grad_in is not None:
+                grad_in[piece] = piece_in
+            grads = [_sum(total, g) for total, g in zip(grads, piece_grads, strict=True)]
+        ctx.release(ctx.block)
+        return grad_in, None, None, None, None, *grads
+
+    @staticmethod
+    def _chunk_backward(
+        ctx,
+        h: torch.Tensor,
+        attn: AttentionContext,
+        grad_out: torch.Tensor,
+        params: list[nn.Parameter],
+        rng_state: tuple[torch.Tensor, torch.Tensor | None],
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """dL/dh and the adapter gradients of one chunk, one half-block at a time."""
         block = ctx.block
-        params = trainable_adapter_params(block)
-        cuda = [h.device.index or 0] if ctx.cuda_rng is not None else []
+        cuda = [h.device.index or 0] if rng_state[1] is not None else []
         with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            _RecomputedBlock._restore_rng(ctx, h.device)
+            _restore_rng(rng_state, h.device)
             with torch.no_grad():
-                h_mid = block.attention_half(h, ctx.attn)
+                h_mid = block.attention_half(h, attn)
             with torch.enable_grad():
                 h_mid.requires_grad_(True)
                 out = block.ffn_half(h_mid)
@@ -823,25 +878,41 @@ class _RecomputedBlock(torch.autograd.Function):
                     out, [h_mid, *params], grad_out, allow_unused=True
                 )
                 del out, h_mid
-                _RecomputedBlock._restore_rng(ctx, h.device)
+                _restore_rng(rng_state, h.device)
                 h_in = h.detach().requires_grad_(ctx.input_needs_grad)
-                out = block.attention_half(h_in, ctx.attn)
+                out = block.attention_half(h_in, attn)
                 wrt = ([h_in] if ctx.input_needs_grad else []) + params
                 attn_grads = list(torch.autograd.grad(out, wrt, grad_mid, allow_unused=True))
         grad_in = attn_grads.pop(0) if ctx.input_needs_grad else None
-        grads = [
-            a if f is None else f if a is None else f + a
-            for f, a in zip(ffn_grads, attn_grads, strict=True)
-        ]
-        return grad_in, None, None, *grads
+        return grad_in, [_sum(f, a) for f, a in zip(ffn_grads, attn_grads, strict=True)]
 
-    @staticmethod
-    def _restore_rng(ctx, device: torch.device) -> None:
-        """The generator state the block's forward started from, so that each recomputed
-        half draws the dropout masks it drew there."""
-        torch.set_rng_state(ctx.cpu_rng)
-        if ctx.cuda_rng is not None:
-            torch.cuda.set_rng_state(ctx.cuda_rng, device)
+
+def _sample_chunks(batch: int, chunks: int) -> list[slice]:
+    """``chunks`` runs of consecutive samples covering 0..batch-1, as even as they come
+    (fewer when the batch is smaller)."""
+    bounds = np.linspace(0, batch, min(chunks, batch) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _chunk_context(attn: AttentionContext, piece: slice, batch: int) -> AttentionContext:
+    """The attention context of samples ``piece``: the mask has one row per sample (or
+    one shared row); the RoPE tables are per position and stay whole."""
+    if piece == slice(0, batch) or attn.mask.shape[0] != batch:
+        return attn
+    return replace(attn, mask=attn.mask[piece])
+
+
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` where either may be absent (a parameter one part of the graph misses)."""
+    return b if a is None else a if b is None else a + b
+
+
+def _restore_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    """The generator state a chunk's forward started from, so that each recomputed half
+    draws the dropout masks it drew there."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class _DepthLimited(nn.Module):

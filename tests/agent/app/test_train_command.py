@@ -332,3 +332,19 @@ def test_recompute_is_on_unless_turned_off(flags, expected):
     add_arguments(parser)
     args = parser.parse_args(["--model", "minilm", *flags])
     assert chain_config_from_args(args).recompute is expected
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], 1), (["--recompute-chunks", "4"], 4)])
+def test_recompute_chunks_reach_the_chain_config(flags, expected):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "minilm", *flags])
+    assert chain_config_from_args(args).recompute_chunks == expected
+
+
+def test_zero_recompute_chunks_are_named():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "minilm", "--recompute-chunks", "0"])
+    with pytest.raises(ChainFedError, match="recompute_chunks must be >= 1"):
+        chain_config_from_args(args)

@@ -179,3 +179,15 @@ def test_recompute_counts_one_block_of_activations_and_the_window_inputs():
     saving = estimate(SMOLLM2, config, recompute=False) - estimate(SMOLLM2, config)
 
     assert saving == 3 * activations - (3 * states + activations) > 0
+
+
+def test_recompute_chunks_count_the_largest_chunk_of_the_recomputed_block():
+    config = ChainConfig(window=3, micro_batch=8, gpo="none")
+    activations = activation_bytes(SMOLLM2, 8, SEQ)
+
+    def saving(chunks: int) -> int:
+        return estimate(SMOLLM2, config) - estimate(SMOLLM2, config, recompute_chunks=chunks)
+
+    assert saving(4) == activations - activation_bytes(SMOLLM2, 2, SEQ) > 0
+    assert saving(3) == activations - activation_bytes(SMOLLM2, 3, SEQ)  # chunks of 3, 2, 3 samples
+    assert saving(64) == activations - activation_bytes(SMOLLM2, 1, SEQ)  # one sample each
