@@ -35,7 +35,8 @@ Measured.
   coordinator process, read just before it exits; ``coordinator_cpu_s`` its user +
   system CPU time over the whole run. On a small box the agents' processes compete with
   the coordinator for the same cores, so ``rounds_per_s`` there is a floor for what the
-  coordinator alone could do; ``coordinator_cpu_s`` / rounds is its own cost per round.
+  coordinator alone could do (``--agent-niceness`` lowers the agents' priority below the
+  coordinator's); ``coordinator_cpu_s`` / rounds is its own cost per round.
   ``coordinator_peak_threads`` and ``coordinator_peak_open_files`` are the most threads and
   file descriptors seen in it (sampled every half second).
 
@@ -56,6 +57,7 @@ script exits 1 when lost, double_counted or unexpected is non-zero or an agent f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -213,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
             "rank": args.rank,
             "update_bytes": args.window * layout.bytes_per_layer(),
             "processes": args.processes,
+            "agent_niceness": args.agent_niceness,
             "poll_ms": args.poll_ms,
             "cpu_count": os.cpu_count(),
             "file_limit": file_limit,
@@ -239,6 +242,7 @@ def start_coordinator(
         *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
         *("--min-agents", str(args.agents), "--agents-per-round", str(args.agents_per_round)),
         *("--round-deadline", str(args.round_deadline)),
+        *("--poll-seconds", str(args.poll_ms / 1000)),
         *("--rank", str(args.rank), "--exit-after-done", "600", "--verbose"),
     ]
     logs = root / "logs"
@@ -273,7 +277,14 @@ def start_swarms(
             *("--give-up-after", "120", "--json", str(report)),
         ]
         with open(root / "logs" / f"swarm-{w}.log", "wb") as out:
-            workers.append((subprocess.Popen(argv, env=ENV, stdout=out, stderr=out), report))
+            worker = subprocess.Popen(
+                argv,
+                env=ENV,
+                stdout=out,
+                stderr=out,
+                preexec_fn=functools.partial(os.nice, args.agent_niceness),
+            )
+            workers.append((worker, report))
     return workers
 
 
@@ -378,10 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="minilm", help="model folder or alias")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the uploads")
     parser.add_argument("--window", type=int, default=2, help="DLCT window Q")
-    parser.add_argument("--poll-ms", type=int, default=5000, help="agents' GetTask long-poll")
+    parser.add_argument(
+        "--poll-ms",
+        type=int,
+        default=5000,
+        help="agents' GetTask long-poll window, also the coordinator's --poll-seconds",
+    )
     parser.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
     parser.add_argument("--start-spread", type=float, default=5.0, help="seconds to start agents")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up after (seconds)")
+    parser.add_argument(
+        "--agent-niceness",
+        type=int,
+        default=0,
+        help="added to the agent worker processes' niceness, so that on a small box the "
+        "thousands of stand-ins for separate devices do not starve the coordinator",
+    )
     parser.add_argument("--workdir", type=Path, help="state and logs (default: a temp dir)")
     return parser
 
