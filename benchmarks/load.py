@@ -7,8 +7,16 @@ no FOAT probe, and N agents from ``chainfed.coordinator.testing.synthetic_agent`
 agent). Agents do what ``chainfed agent`` does on the wire — Register, long-poll
 GetTask, FetchTensors, a streamed SubmitUpdate — but upload seeded noise of the real
 adapter shapes (MiniLM, rank ``--rank``, all linear layers, window ``--window``, 2-class
-head) instead of training. Every agent is in every round (``--agents-per-round`` 0) and
-the quorum is N, so each round waits for every agent.
+head) instead of training. ``--agents-per-round`` K samples K of the N registered agents
+into each training round (0: every agent); the others keep long-polling GetTask, as idle
+devices do. The chain starts once all N have registered and each round waits for all of
+its K (the quorum is N, and a round's quorum is at most its participants). The final
+evaluation round asks every registered agent.
+
+File descriptors. Every agent holds its own TCP connection, so the coordinator holds N
+sockets and each worker process about N / ``--processes``; the script raises its soft
+``RLIMIT_NOFILE`` to the hard limit before starting them (children inherit it) and refuses
+to start when the hard limit cannot hold N connections and the coordinator's own files.
 
 Rounds. The chain runs ``ceil(R / L)`` rounds per layer (L = the model's layers) from the
 start layer ``L - ceil(R / rounds_per_layer)``, which is R rounds or the next multiple
@@ -27,7 +35,10 @@ Measured.
   coordinator process, read just before it exits; ``coordinator_cpu_s`` its user +
   system CPU time over the whole run. On a small box the agents' processes compete with
   the coordinator for the same cores, so ``rounds_per_s`` there is a floor for what the
-  coordinator alone could do; ``coordinator_cpu_s`` / rounds is its own cost per round.
+  coordinator alone could do (``--agent-niceness`` lowers the agents' priority below the
+  coordinator's); ``coordinator_cpu_s`` / rounds is its own cost per round.
+  ``coordinator_peak_threads`` and ``coordinator_peak_open_files`` are the most threads and
+  file descriptors seen in it (sampled every half second).
 
 Checked. Each agent records the ``update_digest`` of every update the coordinator
 accepted; the coordinator's ``state.json`` history records, per round, the agents and
@@ -40,14 +51,17 @@ attempt — and is counted in ``ambiguous_aggregated`` when it was aggregated. T
 script exits 1 when lost, double_counted or unexpected is non-zero or an agent failed.
 
     python benchmarks/load.py --agents 1000 --rounds 20 --json runs/load.json
+    python benchmarks/load.py --agents 10000 --agents-per-round 1000 --rounds 3 --json runs/l.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -55,6 +69,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +82,9 @@ from chainfed.proto.auth_token import write_token_file
 
 REQUEST_METHODS = ("Register", "FetchTensors", "SubmitUpdate")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SPARE_FILES = 1024
+"""File descriptors the coordinator needs besides one socket per agent (model, state,
+logs, gRPC's own pipes and pollers)."""
 
 
 def chain_plan(num_layers: int, rounds: int) -> tuple[int, int]:
@@ -74,6 +92,20 @@ def chain_plan(num_layers: int, rounds: int) -> tuple[int, int]:
     per_layer = math.ceil(rounds / num_layers)
     stages = math.ceil(rounds / per_layer)
     return num_layers - stages, per_layer
+
+
+def raise_file_limit(agents: int) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit (the coordinator and
+    the workers inherit it); the new soft limit. ``SystemExit`` when even the hard limit
+    cannot hold one connection per agent plus ``SPARE_FILES``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < agents + SPARE_FILES:
+        raise SystemExit(
+            f"{agents} agents need {agents + SPARE_FILES} file descriptors in the coordinator; "
+            f"the hard limit is {hard} (raise it: ulimit -Hn, /etc/security/limits.conf)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard if hard != resource.RLIM_INFINITY else soft
 
 
 def vm_hwm_bytes(pid: int) -> int:
@@ -153,6 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model, progress=False)
     model = StreamingModel(model_dir)
     layout = adapter_layout(model_dir, rank=args.rank)
+    file_limit = raise_file_limit(args.agents)
     start_layer, per_layer = chain_plan(model.num_layers, args.rounds)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="chainfed-load-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -162,14 +195,17 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     coordinator, port = start_coordinator(args, model_dir, start_layer, per_layer, root, token_file)
     workers = start_swarms(args, port, token_file, model.fingerprint, root)
-    peak, cpu = watch_until_done(coordinator, workers, deadline=started + args.timeout + 60)
+    watch = watch_until_done(coordinator, workers, deadline=started + args.timeout + 60)
     wall = time.monotonic() - started
     figures = swarm_figures(workers, json.loads((root / "state" / "state.json").read_text()))
     return {
         "agents": args.agents,
+        "agents_per_round": args.agents_per_round or args.agents,
         **figures,
-        "coordinator_peak_rss_bytes": peak,
-        "coordinator_cpu_s": cpu,
+        "coordinator_peak_rss_bytes": watch.peak_rss_bytes,
+        "coordinator_cpu_s": watch.cpu_s,
+        "coordinator_peak_threads": watch.peak_threads,
+        "coordinator_peak_open_files": watch.peak_open_files,
         "wall_s": wall,
         "setup": {
             "model": str(model_dir.name),
@@ -179,8 +215,10 @@ def run(args: argparse.Namespace) -> dict:
             "rank": args.rank,
             "update_bytes": args.window * layout.bytes_per_layer(),
             "processes": args.processes,
+            "agent_niceness": args.agent_niceness,
             "poll_ms": args.poll_ms,
             "cpu_count": os.cpu_count(),
+            "file_limit": file_limit,
             "workdir": str(root),
         },
     }
@@ -202,7 +240,9 @@ def start_coordinator(
         *("--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)),
         *("--start-layer", str(start_layer), "--window", str(args.window), "--gpo", "none"),
         *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
-        *("--min-agents", str(args.agents), "--round-deadline", str(args.round_deadline)),
+        *("--min-agents", str(args.agents), "--agents-per-round", str(args.agents_per_round)),
+        *("--round-deadline", str(args.round_deadline)),
+        *("--poll-seconds", str(args.poll_ms / 1000)),
         *("--rank", str(args.rank), "--exit-after-done", "600", "--verbose"),
     ]
     logs = root / "logs"
@@ -237,22 +277,47 @@ def start_swarms(
             *("--give-up-after", "120", "--json", str(report)),
         ]
         with open(root / "logs" / f"swarm-{w}.log", "wb") as out:
-            workers.append((subprocess.Popen(argv, env=ENV, stdout=out, stderr=out), report))
+            worker = subprocess.Popen(
+                argv,
+                env=ENV,
+                stdout=out,
+                stderr=out,
+                preexec_fn=functools.partial(os.nice, args.agent_niceness),
+            )
+            workers.append((worker, report))
     return workers
+
+
+@dataclass
+class CoordinatorWatch:
+    """What sampling the coordinator process saw (each figure its maximum so far)."""
+
+    peak_rss_bytes: int = 0
+    cpu_s: float = 0.0
+    peak_threads: int = 0
+    peak_open_files: int = 0
+    """File descriptors: one socket per connected agent, plus its own files."""
+
+    def sample(self, pid: int) -> None:
+        self.peak_rss_bytes = max(self.peak_rss_bytes, vm_hwm_bytes(pid))
+        self.cpu_s = max(self.cpu_s, cpu_seconds(pid))
+        try:
+            self.peak_threads = max(self.peak_threads, len(os.listdir(f"/proc/{pid}/task")))
+            self.peak_open_files = max(self.peak_open_files, len(os.listdir(f"/proc/{pid}/fd")))
+        except OSError:
+            pass  # it exited between two looks
 
 
 def watch_until_done(
     coordinator: subprocess.Popen, workers: list[tuple[subprocess.Popen, Path]], deadline: float
-) -> tuple[int, float]:
-    """The coordinator's peak RSS (bytes) and CPU seconds while the swarms run (until they
-    end or ``deadline``); then every process is stopped."""
-    peak, cpu = 0, 0.0
+) -> CoordinatorWatch:
+    """Sample the coordinator every half second while the swarms run (until they end or
+    ``deadline``); then every process is stopped."""
+    watch = CoordinatorWatch()
     while any(p.poll() is None for p, _ in workers) and time.monotonic() < deadline:
-        peak = max(peak, vm_hwm_bytes(coordinator.pid))
-        cpu = max(cpu, cpu_seconds(coordinator.pid))
+        watch.sample(coordinator.pid)
         time.sleep(0.5)
-    peak = max(peak, vm_hwm_bytes(coordinator.pid))
-    cpu = max(cpu, cpu_seconds(coordinator.pid))
+    watch.sample(coordinator.pid)
     for p, _ in workers:
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
@@ -263,7 +328,7 @@ def watch_until_done(
     except subprocess.TimeoutExpired:
         coordinator.send_signal(signal.SIGKILL)
         coordinator.wait()
-    return peak, cpu
+    return watch
 
 
 def swarm_figures(workers: list[tuple[subprocess.Popen, Path]], state: dict) -> dict:
@@ -311,17 +376,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load test: one coordinator process and N synthetic gRPC agents on "
         "localhost; checks every accepted update is aggregated exactly once."
     )
-    parser.add_argument("--agents", type=int, default=1000, help="synthetic agents")
+    parser.add_argument("--agents", type=int, default=1000, help="synthetic agents registered")
+    parser.add_argument(
+        "--agents-per-round",
+        type=int,
+        default=0,
+        help="agents sampled into each training round (0 = all)",
+    )
     parser.add_argument("--rounds", type=int, default=20, help="training rounds (at least)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
     parser.add_argument("--processes", type=int, default=4, help="agent worker processes")
     parser.add_argument("--model", default="minilm", help="model folder or alias")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the uploads")
     parser.add_argument("--window", type=int, default=2, help="DLCT window Q")
-    parser.add_argument("--poll-ms", type=int, default=5000, help="agents' GetTask long-poll")
+    parser.add_argument(
+        "--poll-ms",
+        type=int,
+        default=5000,
+        help="agents' GetTask long-poll window, also the coordinator's --poll-seconds",
+    )
     parser.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
     parser.add_argument("--start-spread", type=float, default=5.0, help="seconds to start agents")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up after (seconds)")
+    parser.add_argument(
+        "--agent-niceness",
+        type=int,
+        default=0,
+        help="added to the agent worker processes' niceness, so that on a small box the "
+        "thousands of stand-ins for separate devices do not starve the coordinator",
+    )
     parser.add_argument("--workdir", type=Path, help="state and logs (default: a temp dir)")
     return parser
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import threading
 import time
@@ -83,6 +84,14 @@ def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument(
+        "--poll-seconds",
+        type=_positive_seconds,
+        default=ServiceConfig.poll_seconds,
+        help="longest a GetTask long-poll is held; an agent that finds every long-poll "
+        "thread taken is asked back after its poll window up to this (large fleets: raise "
+        "it, and the agents' --poll-ms, to cut the calls per second)",
+    )
     parser.add_argument(
         "--exit-after-done",
         type=float,
@@ -202,6 +211,17 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         type=float,
         help="scale each update's change from the round's start down to this L2 norm",
     )
+
+
+def _positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -357,7 +377,12 @@ def serve(args: argparse.Namespace, spec: ModelSpec) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ChainFedError("--tls-cert and --tls-key go together")
     tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
-    service = ServiceConfig(args.state_dir, tokens, max_message_bytes=args.max_message_bytes)
+    service = ServiceConfig(
+        args.state_dir,
+        tokens,
+        max_message_bytes=args.max_message_bytes,
+        poll_seconds=args.poll_seconds,
+    )
     with _stop_on_signals() as stop:
         server = CoordinatorServer(service, f"{args.host}:{args.port}", tls=tls)
         try:

@@ -12,10 +12,19 @@ touches the round's aggregate.
 
 Scale. Every waiting GetTask holds one server thread, so the pool is large
 (``ServiceConfig.max_workers``) and long-polls may hold all but a reserve of it: when
-they would take the reserve, GetTask answers WAIT at once (``retry_after_ms``), so
-uploads and fetches always find a thread. Waiters are woken only when the answer to
-GetTask can change (phase, open round or probe), not at every registration or upload;
-a caller that vanishes mid-poll keeps its thread until its poll window ends.
+they would take the reserve, GetTask answers WAIT at once, so uploads and fetches always
+find a thread, with ``retry_after_ms`` set to the caller's own poll window: the agent
+comes back when its long-poll would have ended, as if it had held it (asked back sooner,
+a fleet many times the pool polls in a tight loop and starves every other call).
+Waiters are woken only when the answer to GetTask can change (phase, open round or
+probe), not at every registration or upload; a caller that vanishes mid-poll keeps its
+thread until its poll window ends.
+
+Registrations are committed in groups: ``state.json`` holds every agent, so one save per
+registration would make a fleet arriving together cost saves quadratic in its size. A
+Register records the agent and waits, lock released, a quarter second for a save; then
+the first of the waiting calls to get the lock back saves once for every registration
+made since. An acknowledged registration is on disk.
 
 Persistence failure (state dir read-only, disk full): the call that triggered the save
 fails with UNAVAILABLE (agents back off and retry), the servicer records the error in
@@ -78,6 +87,9 @@ _CODES = {
 }
 
 
+GROUP_COMMIT_S = 0.25
+"""How long a Register waits for a save that covers it before saving itself."""
+
 FETCH_CACHE_ANSWERS = 2
 """FetchTensors answers kept cut into messages. Two, because a round is fetched two ways:
 with the final adapters (an agent entering the stage, or restarted within it) and
@@ -119,7 +131,12 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     def __init__(self, coordinator: ChainCoordinator, config: ServiceConfig) -> None:
         self.coordinator = coordinator
         self.config = config
-        self.lock = threading.Condition()
+        mutex = threading.RLock()
+        self.lock = threading.Condition(mutex)
+        self._saved = threading.Condition(mutex)
+        """Notified after every completed save (registrations wait on it)."""
+        self.saves_completed = 0
+        """Saves completed so far."""
         self.fatal: state_store.StateDirError | None = None
         """Set when the state could not be saved; nothing changes after that."""
         self.draining = False
@@ -186,8 +203,11 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 log.error("stopping: %s", exc)
                 self.fatal = exc
                 self.lock.notify_all()
+                self._saved.notify_all()
                 return False
             self.coordinator.changed = False
+            self.saves_completed += 1
+            self._saved.notify_all()
         key = self._current_task_key()
         if key != self._task_key:
             self._task_key = key
@@ -270,9 +290,21 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
             except UpdateRejectedError as exc:
                 self._reject(context, exc)
             self.coordinator.tick(_now_ms())
-            if not self._persist_if_changed():
-                self._check_fatal(context)
+            self._await_save(context)
         return serde.register_ack_to_proto(RegisterAck(agent_id, self.config.max_message_bytes))
+
+    def _await_save(self, context: grpc.ServicerContext) -> None:
+        """Return once a save begun after the caller's change has completed; called under
+        the lock, which waiting releases. Saves run under the lock, so the next one to
+        complete started after the change. The caller waits up to ``GROUP_COMMIT_S`` for
+        another call (or the ticker) to save, then saves itself: the first of a group to
+        get the lock back saves for all of them, and nobody depends on the ticker winning
+        the lock against a crowd of calls."""
+        target = self.saves_completed + 1
+        self._saved.wait_for(lambda: self.saves_completed >= target, timeout=GROUP_COMMIT_S)
+        self._check_fatal(context)  # draining or failed: nothing more is saved
+        if self.saves_completed < target and not self._persist_if_changed():
+            self._check_fatal(context)
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext):
         self._authenticate(context, request.agent_id)
@@ -296,7 +328,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 if not context.is_active():
                     return serde.task_to_proto(task)
                 if self._held >= self.config.long_poll_slots:
-                    return serde.task_to_proto(replace(task, retry_after_ms=1000))
+                    return serde.task_to_proto(replace(task, retry_after_ms=int(wait * 1000)))
                 self._held += 1
                 self.coordinator.polling[request.agent_id] += 1
                 try:

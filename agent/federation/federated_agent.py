@@ -169,7 +169,7 @@ class FederatedAgent:
         while True:
             task = self.client.get_task(self.agent_id, self.config.poll_ms)
             if task.kind is TaskKind.WAIT:
-                self.sleep(min(task.retry_after_ms, 1000) / 1000)
+                self.sleep(min(task.retry_after_ms, self.config.poll_ms) / 1000)
             elif task.kind is TaskKind.PROBE:
                 self._probe(task)
             elif task.kind is TaskKind.TRAIN_ROUND:

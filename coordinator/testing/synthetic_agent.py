@@ -219,7 +219,7 @@ class SyntheticAgent:
                     self._register()  # the coordinator lost track of us: join again
                     continue
                 if task.kind is TaskKind.WAIT:
-                    self.stop.wait(min(task.retry_after_ms, 1000) / 1000)
+                    self.stop.wait(min(task.retry_after_ms, self.config.poll_ms) / 1000)
                 elif task.kind is TaskKind.PROBE:
                     self._probe(task)
                 elif task.kind is TaskKind.TRAIN_ROUND:

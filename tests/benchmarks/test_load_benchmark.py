@@ -1,13 +1,15 @@
 """benchmarks/load.py end to end at toy scale, and its lost/double-counted check.
 
-The smoke run is the real thing at 20 agents × 2 rounds: a ``chainfed coordinator``
-process, two processes of synthetic agents, real gRPC on localhost. The check is then
-fed doctored histories to show that it catches what it claims to catch.
+The smoke runs are the real thing at 20 agents × 2 rounds (every agent in every round) and
+30 agents with 10 sampled per round: a ``chainfed coordinator`` process, two processes of
+synthetic agents, real gRPC on localhost. The check is then fed doctored histories to show
+that it catches what it claims to catch.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,41 @@ def test_load_benchmark_smoke(tmp_path):
     assert result["rpc"]["Register"]["calls"] == 20
     state = json.loads((tmp_path / "run" / "state" / "state.json").read_text())
     assert [len(r["participants"]) for r in state["history"]] == [20, 20, 20]  # + evaluation
+
+
+def test_load_benchmark_samples_agents_per_round(tmp_path):
+    out = tmp_path / "load.json"
+    argv = [sys.executable, str(BENCHMARK), "--agents", "30", "--agents-per-round", "10"]
+    argv += ["--rounds", "2", "--processes", "2", "--start-spread", "0.5", "--timeout", "150"]
+    argv += ["--json", str(out), "--workdir", str(tmp_path / "run")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    result = json.loads(out.read_text())
+    assert result["agents"] == 30 and result["agents_per_round"] == 10 and result["rounds"] == 2
+    assert result["accepted"] == result["aggregated"] == 20  # only the sampled uploaded
+    assert result["lost"] == result["double_counted"] == result["unexpected"] == 0
+    assert result["phase"] == "done" and result["agent_error_count"] == 0
+    assert result["rpc"]["Register"]["calls"] == 30
+    assert result["rpc"]["SubmitUpdate"]["calls"] == 20 + 30  # + every agent's evaluation
+    assert result["coordinator_peak_open_files"] >= 30  # a connection per agent
+    assert result["coordinator_peak_threads"] > 1
+    state = json.loads((tmp_path / "run" / "state" / "state.json").read_text())
+    rounds = state["history"]
+    assert [len(r["participants"]) for r in rounds] == [10, 10, 30]
+    assert len(set(rounds[0]["participants"]) | set(rounds[1]["participants"])) > 10
+
+
+def test_file_limit_is_raised_for_the_agents_or_refused(load):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        assert load.raise_file_limit(10) == hard or hard == resource.RLIM_INFINITY
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        if hard != resource.RLIM_INFINITY:
+            with pytest.raises(SystemExit, match="file descriptors"):
+                load.raise_file_limit(hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_chain_plan_gives_at_least_the_rounds_asked(load):

@@ -94,3 +94,14 @@ def test_round_budget_and_head_rounds_reach_the_config_and_bad_values_are_refuse
     text = parser.format_help()
     assert "--rounds" in text and "--head-rounds" in text and "head-only rounds" in text
     assert "--head-local-steps" in text
+
+
+def test_poll_seconds_is_a_positive_number_of_seconds():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    assert parser.parse_args(["--state-dir", "s"]).poll_seconds == 10.0
+    assert parser.parse_args(["--state-dir", "s", "--poll-seconds", "30"]).poll_seconds == 30.0
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--state-dir", "s", "--poll-seconds", bad])

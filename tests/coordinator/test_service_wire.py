@@ -6,6 +6,7 @@ rejection tests check the status code a bad call gets *and* that the round it tr
 poison aggregates to exactly the mean of the good updates.
 """
 
+import json
 import shutil
 import subprocess
 import threading
@@ -553,6 +554,43 @@ def test_get_task_long_poll_wakes_when_work_appears(kit, serve):
 
     assert answer["task"].kind is TaskKind.TRAIN_ROUND
     assert 0.25 <= answer["seconds"] < 5.0
+
+
+def test_get_task_past_the_long_poll_slots_asks_back_after_the_poll_window(kit, serve):
+    run = serve(kit.coordinator(min_agents=3), max_workers=5)  # one long-poll slot
+    assert run.servicer.config.long_poll_slots == 1
+    for token, agent in (("tok-a", "a"), ("tok-b", "b")):
+        register(run.stub, token, agent, kit.caps())
+    holder = threading.Thread(target=get_task, args=(run.stub, "tok-a", "a", 3_000))
+    holder.start()
+    time.sleep(0.3)  # a holds the only slot
+
+    task, answered = timed(get_task, run.stub, "tok-b", "b", wait_ms=2_000)
+    holder.join(CALL_TIMEOUT)
+
+    assert task.kind is TaskKind.WAIT and answered < 1.0  # no slot: answered at once,
+    assert task.retry_after_ms == 2_000  # to come back when its poll would have ended
+
+
+def test_registrations_arriving_together_share_saves_and_are_saved_when_acknowledged(kit, serve):
+    run = serve(kit.coordinator(min_agents=100))
+    saves_before = run.servicer.saves_completed
+    agents = [f"agent-{k:02d}" for k in range(24)]
+    saved_at_ack = {}
+
+    def join(agent: str) -> None:
+        register(run.stub, "shared", agent, kit.caps())
+        state = json.loads((run.servicer.config.state_dir / "state.json").read_text())
+        saved_at_ack[agent] = agent in state["agents"]
+
+    threads = [threading.Thread(target=join, args=(agent,)) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CALL_TIMEOUT)
+
+    assert saved_at_ack == dict.fromkeys(agents, True)
+    assert run.servicer.saves_completed - saves_before < len(agents) // 2
 
 
 def test_status_snapshot_with_history_limit(kit, serve):
