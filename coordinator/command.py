@@ -35,7 +35,7 @@ from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.errors import ChainFedError
-from chainfed.proto.messages import ChainPhase, TrainingParams
+from chainfed.proto.messages import LORA_TARGETS, ChainPhase, TrainingParams
 from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto.tensor_names import layers_of
@@ -258,7 +258,7 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     )
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--targets", choices=("attention", "all"), default="all")
+    t.add_argument("--targets", choices=LORA_TARGETS, default="all")
     t.add_argument("--seed", type=int, default=0)
 
 

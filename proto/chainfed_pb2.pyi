@@ -42,6 +42,7 @@ class LoraTargets(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LORA_TARGETS_UNSPECIFIED: _ClassVar[LoraTargets]
     LORA_TARGETS_ATTENTION: _ClassVar[LoraTargets]
     LORA_TARGETS_ALL: _ClassVar[LoraTargets]
+    LORA_TARGETS_QV: _ClassVar[LoraTargets]
 
 class ChainPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -75,6 +76,7 @@ GPO_KIND_EXACT: GpoKind
 LORA_TARGETS_UNSPECIFIED: LoraTargets
 LORA_TARGETS_ATTENTION: LoraTargets
 LORA_TARGETS_ALL: LoraTargets
+LORA_TARGETS_QV: LoraTargets
 CHAIN_PHASE_UNSPECIFIED: ChainPhase
 CHAIN_PHASE_WAITING_FOR_AGENTS: ChainPhase
 CHAIN_PHASE_PROBING: ChainPhase

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from chainfed.proto.chain_rules import parse_gpo
 from chainfed.proto.tensor_chunks import TensorSpec
 
+LORA_TARGETS = ("qv", "attention", "all")
+"""Where adapters go in each block: ``qv`` the query and value projections (the LoRA
+paper's placement and PEFT's default for BERT-family models), ``attention`` the q/k/v/o
+projections, ``all`` every linear layer."""
+
 
 class ProtocolError(ValueError):
     """A message is well-formed protobuf but breaks the protocol (missing or bad field)."""
@@ -134,7 +139,7 @@ class TrainingParams:
     lora_dropout: float = 0.0
     """Dropout on the adapter branch input."""
     lora_targets: str = "all"
-    """``attention`` or ``all``."""
+    """``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
     lora_train_a: bool = True
     """False freezes A at its seeded init (FFA)."""
     lora_seed: int = 0
@@ -170,8 +175,9 @@ class TrainingParams:
         except ValueError as err:
             raise ProtocolError(f"{name}.gpo: {err}") from None
         _require(
-            self.lora_targets in ("attention", "all"),
-            f"{name}.lora_targets must be attention or all; got {self.lora_targets!r}",
+            self.lora_targets in LORA_TARGETS,
+            f"{name}.lora_targets must be one of {', '.join(LORA_TARGETS)}; "
+            f"got {self.lora_targets!r}",
         )
 
 
