@@ -259,6 +259,12 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--targets", choices=LORA_TARGETS, default="all")
+    t.add_argument(
+        "--backbone-dropout",
+        type=float,
+        default=0.0,
+        help="dropout of the trained blocks in training steps, bert family (default 0)",
+    )
     t.add_argument("--seed", type=int, default=0)
 
 
@@ -300,6 +306,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         lora_rank=args.rank,
         lora_alpha=args.alpha,
         lora_targets=args.targets,
+        backbone_dropout=args.backbone_dropout,
         lora_train_a=args.aggregation != "ffa",  # FFA averages B over one frozen, shared A
         lora_seed=args.seed,
         seed=args.seed,

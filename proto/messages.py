@@ -138,6 +138,8 @@ class TrainingParams:
     """LoRA scale numerator."""
     lora_dropout: float = 0.0
     """Dropout on the adapter branch input."""
+    backbone_dropout: float = 0.0
+    """Dropout of the trained blocks (attention probabilities and half-block outputs)."""
     lora_targets: str = "all"
     """``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
     lora_train_a: bool = True
@@ -170,6 +172,7 @@ class TrainingParams:
             f"{name}.local_dp_noise_multiplier needs local_dp_clip > 0",
         )
         _require(0.0 <= self.lora_dropout < 1.0, f"{name}.lora_dropout must be in [0, 1)")
+        _require(0.0 <= self.backbone_dropout < 1.0, f"{name}.backbone_dropout must be in [0, 1)")
         try:
             parse_gpo(self.gpo, 1)  # the agent's own vocabulary (ChainConfig.gpo)
         except ValueError as err:

@@ -103,6 +103,8 @@ class SimulationConfig:
     """LoRA rank."""
     targets: str = "all"
     """Adapted linears of each block: ``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
+    backbone_dropout: float = 0.0
+    """Dropout of the trained blocks in the agents' training steps (bert family)."""
     agents_per_round: int = 0
     """Agents sampled per round; 0 = all."""
     test_each_round: bool = False
@@ -369,6 +371,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
             seed=args.seed,
         ),
         lr=args.lr,
+        backbone_dropout=args.backbone_dropout,
         micro_batch=args.micro_batch,
         grad_accum=args.grad_accum,
         steps_per_round=args.steps_per_round,
@@ -486,6 +489,13 @@ def add_simulation_arguments(
         help=f"adapted linears of each block: qv (query, value), attention (q/k/v/o) or all "
         f"(default {d.targets})",
     )
+    c.add_argument(
+        "--backbone-dropout",
+        type=float,
+        default=d.backbone_dropout,
+        help="dropout of the trained blocks in training steps, bert family: attention "
+        f"probabilities and half-block outputs, as BERT trains (default {d.backbone_dropout})",
+    )
     add_device_arguments(parser, per_agent=True)
 
 
@@ -536,6 +546,7 @@ def simulation_config_from_args(
         lr=args.lr,
         rank=args.rank,
         targets=args.targets,
+        backbone_dropout=args.backbone_dropout,
         agents_per_round=args.agents_per_round,
         in_process=not args.processes,
         workdir=workdir,
