@@ -530,7 +530,11 @@ class _InProcessFederation:
             return
         round_id = history[-1].round_id
         if not round_id.startswith("eval") and round_id not in self.round_tests:
-            self.round_tests[round_id] = self.round_test(self.coordinator)
+            test = self.round_tests[round_id] = self.round_test(self.coordinator)
+            self.say(
+                f"round {round_id}: global model on the test rows: loss {test.loss:.4f}, "
+                f"accuracy {test.metric:.4f}"
+            )
 
     def _work(self, agent_id: str, agent: FederatedAgent) -> bool:
         """Do the agent's current task, as its client loop would; False when it has none."""

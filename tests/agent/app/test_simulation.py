@@ -223,12 +223,20 @@ def test_each_round_scores_the_global_model_and_the_last_is_the_final_file(tmp_p
         test_each_round=True,
         workdir=tmp_path,
     )
+    lines: list[str] = []
 
-    result = run_simulation(config)
+    result = run_simulation(config, progress=lines.append)
 
     scores = [(e.test_loss, e.test_metric) for e in result.history]
     assert len(scores) >= 2 and all(loss is not None and 0 <= m <= 1 for loss, m in scores)
     assert scores[-1] == (result.test_loss, result.test_metric)
+    # a long run shows each round's test figure as it goes
+    shown = [line for line in lines if "global model on the test rows" in line]
+    assert shown == [
+        f"round {e.round_id}: global model on the test rows: loss {e.test_loss:.4f}, "
+        f"accuracy {e.test_metric:.4f}"
+        for e in result.history
+    ]
     assert scores[0][0] != scores[-1][0]  # rounds changed the model
 
 
