@@ -36,7 +36,7 @@ from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.errors import ChainFedError
-from chainfed.proto.messages import ChainPhase, TrainingParams
+from chainfed.proto.messages import LORA_TARGETS, ChainPhase, TrainingParams
 from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto.tensor_names import layers_of
@@ -278,7 +278,13 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     )
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--targets", choices=("attention", "all"), default="all")
+    t.add_argument("--targets", choices=LORA_TARGETS, default="all")
+    t.add_argument(
+        "--backbone-dropout",
+        type=float,
+        default=0.0,
+        help="dropout of the trained blocks in training steps, bert family (default 0)",
+    )
     t.add_argument("--seed", type=int, default=0)
 
 
@@ -320,6 +326,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         lora_rank=args.rank,
         lora_alpha=args.alpha,
         lora_targets=args.targets,
+        backbone_dropout=args.backbone_dropout,
         lora_train_a=args.aggregation != "ffa",  # FFA averages B over one frozen, shared A
         lora_seed=args.seed,
         seed=args.seed,

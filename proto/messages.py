@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from chainfed.proto.chain_rules import parse_gpo
 from chainfed.proto.tensor_chunks import TensorSpec
 
+LORA_TARGETS = ("qv", "attention", "all")
+"""Where adapters go in each block: ``qv`` the query and value projections (the LoRA
+paper's placement and PEFT's default for BERT-family models), ``attention`` the q/k/v/o
+projections, ``all`` every linear layer."""
+
 
 class ProtocolError(ValueError):
     """A message is well-formed protobuf but breaks the protocol (missing or bad field)."""
@@ -133,8 +138,10 @@ class TrainingParams:
     """LoRA scale numerator."""
     lora_dropout: float = 0.0
     """Dropout on the adapter branch input."""
+    backbone_dropout: float = 0.0
+    """Dropout of the trained blocks (attention probabilities and half-block outputs)."""
     lora_targets: str = "all"
-    """``attention`` or ``all``."""
+    """``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
     lora_train_a: bool = True
     """False freezes A at its seeded init (FFA)."""
     lora_seed: int = 0
@@ -165,13 +172,15 @@ class TrainingParams:
             f"{name}.local_dp_noise_multiplier needs local_dp_clip > 0",
         )
         _require(0.0 <= self.lora_dropout < 1.0, f"{name}.lora_dropout must be in [0, 1)")
+        _require(0.0 <= self.backbone_dropout < 1.0, f"{name}.backbone_dropout must be in [0, 1)")
         try:
             parse_gpo(self.gpo, 1)  # the agent's own vocabulary (ChainConfig.gpo)
         except ValueError as err:
             raise ProtocolError(f"{name}.gpo: {err}") from None
         _require(
-            self.lora_targets in ("attention", "all"),
-            f"{name}.lora_targets must be attention or all; got {self.lora_targets!r}",
+            self.lora_targets in LORA_TARGETS,
+            f"{name}.lora_targets must be one of {', '.join(LORA_TARGETS)}; "
+            f"got {self.lora_targets!r}",
         )
 
 

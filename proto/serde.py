@@ -254,6 +254,7 @@ def training_params_to_proto(params: TrainingParams) -> pb.TrainingParams:
         lora_rank=params.lora_rank,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
+        backbone_dropout=params.backbone_dropout,
         lora_targets=_enum_to_proto(pb.LoraTargets, "LORA_TARGETS_", params.lora_targets),
         lora_train_a=params.lora_train_a,
         lora_seed=params.lora_seed,
@@ -278,6 +279,7 @@ def training_params_from_proto(message: pb.TrainingParams) -> TrainingParams:
         lora_rank=message.lora_rank,
         lora_alpha=message.lora_alpha,
         lora_dropout=message.lora_dropout,
+        backbone_dropout=message.backbone_dropout,
         lora_targets=_enum_from_proto(
             pb.LoraTargets, "LORA_TARGETS_", message.lora_targets, "TrainingParams.lora_targets"
         ),

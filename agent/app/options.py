@@ -34,6 +34,7 @@ from chainfed.agent.runtime.precision import (
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
 from chainfed.agent.training.memory_meter import declare_unified_memory
+from chainfed.proto.messages import LORA_TARGETS
 
 
 class SimulationError(ChainFedError):
@@ -100,6 +101,10 @@ class SimulationConfig:
     """AdamW learning rate."""
     rank: int = 8
     """LoRA rank."""
+    targets: str = "all"
+    """Adapted linears of each block: ``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
+    backbone_dropout: float = 0.0
+    """Dropout of the trained blocks in the agents' training steps (bert family)."""
     agents_per_round: int = 0
     """Agents sampled per round; 0 = all."""
     test_each_round: bool = False
@@ -366,6 +371,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
             seed=args.seed,
         ),
         lr=args.lr,
+        backbone_dropout=args.backbone_dropout,
         micro_batch=args.micro_batch,
         grad_accum=args.grad_accum,
         steps_per_round=args.steps_per_round,
@@ -477,6 +483,20 @@ def add_simulation_arguments(
     c.add_argument("--micro-batch", type=int, default=d.micro_batch)
     c.add_argument("--lr", type=float, default=d.lr)
     c.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    c.add_argument(
+        "--targets",
+        choices=LORA_TARGETS,
+        default=d.targets,
+        help=f"adapted linears of each block: qv (query, value), attention (q/k/v/o) or all "
+        f"(default {d.targets})",
+    )
+    c.add_argument(
+        "--backbone-dropout",
+        type=float,
+        default=d.backbone_dropout,
+        help="dropout of the trained blocks in training steps, bert family: attention "
+        f"probabilities and half-block outputs, as BERT trains (default {d.backbone_dropout})",
+    )
     add_device_arguments(parser, per_agent=True)
 
 
@@ -526,6 +546,8 @@ def simulation_config_from_args(
         micro_batch=args.micro_batch,
         lr=args.lr,
         rank=args.rank,
+        targets=args.targets,
+        backbone_dropout=args.backbone_dropout,
         agents_per_round=args.agents_per_round,
         in_process=not args.processes,
         workdir=workdir,

@@ -12,7 +12,9 @@ Both build the coordinator from the same ``chainfed coordinator`` flags (``coord
 and the agents' data with ``chainfed agent``'s ``--shard K/N --partition`` rule, and the
 agents do their rounds with ``FederatedAgent``'s own methods, so the in-process run differs
 from the real one only by transport: no gRPC, no chunking, a virtual clock. In process,
-agents take their tasks in a fixed order, so a run is deterministic for its seed.
+agents take their tasks in a fixed order, so a run is deterministic for its seed, and
+the clock does not count their compute (``VirtualClock``): however slow the machine, a
+round waits for every agent as parallel devices would be waited for.
 
 Modes: ``chain`` (the method), ``e2e`` and ``topk:K`` — plain FedLoRA rounds through the
 same coordinator: one stage at the last layer whose window reaches down to layer 0
@@ -246,6 +248,8 @@ def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, 
         "local_steps": config.local_steps,
         "local_epochs": config.local_epochs,
         "rank": config.rank,
+        "targets": config.targets,
+        "backbone_dropout": config.backbone_dropout,
         "seed": config.seed,
         "round_deadline": config.deadline_s,
         "head_rounds": config.head_rounds,
@@ -451,7 +455,7 @@ class _InProcessFederation:
         self.coordinator, self.say, self.update_hook = coordinator, say, update_hook
         self.round_test = round_test
         self.round_tests: dict[str, Evaluation] = {}
-        self.clock = VirtualClock()
+        self.clock = VirtualClock(wall=False)
         self.agents: dict[str, FederatedAgent] = {}
         self.traffic: dict[tuple[str, str], dict[str, Any]] = {}
         self.samples: dict[str, int] = {}
@@ -526,7 +530,11 @@ class _InProcessFederation:
             return
         round_id = history[-1].round_id
         if not round_id.startswith("eval") and round_id not in self.round_tests:
-            self.round_tests[round_id] = self.round_test(self.coordinator)
+            test = self.round_tests[round_id] = self.round_test(self.coordinator)
+            self.say(
+                f"round {round_id}: global model on the test rows: loss {test.loss:.4f}, "
+                f"accuracy {test.metric:.4f}"
+            )
 
     def _work(self, agent_id: str, agent: FederatedAgent) -> bool:
         """Do the agent's current task, as its client loop would; False when it has none."""
@@ -567,13 +575,25 @@ def _submit(coordinator, agent_id, round_id, metrics, tensors, clock, say) -> bo
 
 
 class VirtualClock:
-    """Wall time plus the jumps made to close rounds at their deadline without waiting."""
+    """The coordinator's milliseconds: a base plus the jumps made to close rounds at their
+    deadline without waiting.
 
-    def __init__(self) -> None:
+    With ``wall`` the base is wall time: agents that really run side by side (Flower's
+    ClientApps). Without it the base stays where the clock started: in process, agents
+    take turns, and each stands for a device working in parallel with the others, so the
+    time one spends training is not the others' silence. Counted, it made a round whose
+    agents' turns add up past the deadline drop the later agents and run again, and
+    agents silent past ``agent_timeout`` while the others trained were left out of the
+    next round, which then aggregated a label-skewed subset of the federation."""
+
+    def __init__(self, *, wall: bool = True) -> None:
+        self.wall = wall
+        self.started_ms = int(time.time() * 1000)
         self.offset_ms = 0
 
     def now(self) -> int:
-        return int(time.time() * 1000) + self.offset_ms
+        base = int(time.time() * 1000) if self.wall else self.started_ms
+        return base + self.offset_ms
 
     def jump_to(self, when_ms: int) -> None:
         self.offset_ms += max(0, when_ms - self.now())

@@ -54,7 +54,7 @@ from tqdm import tqdm
 from chainfed.agent.convert.staged_folder import staged_folder
 from chainfed.agent.errors import ChainFedError, ModelLoadError
 from chainfed.agent.runtime import bert, llama
-from chainfed.agent.runtime.lora import ATTENTION_TARGETS, LoRAConfig
+from chainfed.agent.runtime.lora import TARGET_MODULES, LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.safetensors_io import (
     DTYPE_CODES,
@@ -251,7 +251,7 @@ def _check_adapters(
             for ours, (_, shape) in model.block_tensor_spec(layer).items()
             if ours.endswith(".weight") and len(shape) == 2
         }
-        expected = linears if lora.targets == "all" else linears & set(ATTENTION_TARGETS)
+        expected = linears if lora.targets == "all" else linears & set(TARGET_MODULES[lora.targets])
         if modules != expected:
             raise AdapterFileError(
                 f"{path}: layer {layer} has adapters for {sorted(modules)}; LoRA targets "

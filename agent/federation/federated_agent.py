@@ -470,6 +470,7 @@ def chain_config_from_params(params: TrainingParams, window: int) -> ChainConfig
         ),
         lr=params.lr,
         weight_decay=params.weight_decay,
+        backbone_dropout=params.backbone_dropout,
         micro_batch=params.micro_batch,
         grad_accum=params.grad_accum,
         steps_per_round=params.local_steps,

@@ -91,8 +91,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention; k/v with fewer heads are shared across query groups.
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0
+) -> torch.Tensor:
+    """Scaled dot-product attention; k/v with fewer heads are shared across query groups;
+    ``dropout`` > 0 drops attention probabilities (the caller passes it in training only).
 
     q (B, H, T, Dh), k/v (B, Hkv, T, Dh) -> (B, T, H*Dh).
     """
@@ -100,6 +103,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
         v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+    # (B, H, T, Dh)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     B, H, T, Dh = out.shape
     return out.transpose(1, 2).reshape(B, T, H * Dh)

@@ -79,6 +79,12 @@ class BertBlock(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size)
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.act = _ACTIVATIONS[act]
+        self.dropout = 0.0
+        """Dropout probability in training mode, as BERT trains with its
+        ``attention_probs_dropout_prob`` and ``hidden_dropout_prob``: on the attention
+        probabilities and on each half's output before its residual add. 0 (the default,
+        and always in eval mode) computes exactly the dropout-free block; a trainer sets it
+        on the blocks it trains (``ChainConfig.backbone_dropout``)."""
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return self.ffn_half(self.attention_half(h, ctx))
@@ -93,11 +99,22 @@ class BertBlock(nn.Module):
         q = self.q_proj(h).view(heads).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(h).view(heads).transpose(1, 2)
         v = self.v_proj(h).view(heads).transpose(1, 2)
-        return self.attn_norm(h + self.o_proj(attend(q, k, v, ctx.mask)))  # (B, T, d)
+        p = self._dropout_p()
+        out = self.o_proj(attend(q, k, v, ctx.mask, dropout=p))  # (B, T, d)
+        return self.attn_norm(h + _drop(out, p))
 
     def ffn_half(self, h: torch.Tensor) -> torch.Tensor:
         """Feed-forward, residual add and LayerNorm: (B, T, d) -> (B, T, d)."""
-        return self.ffn_norm(h + self.down_proj(self.act(self.up_proj(h))))  # (B, T, d)
+        out = self.down_proj(self.act(self.up_proj(h)))  # (B, T, d)
+        return self.ffn_norm(h + _drop(out, self._dropout_p()))
+
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
+
+
+def _drop(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``x`` with dropout ``p``; ``x`` itself at 0 (no generator draw, no copy)."""
+    return F.dropout(x, p) if p > 0 else x
 
 
 def build_embeddings(cfg: ModelConfig) -> BertEmbeddings:

@@ -20,10 +20,15 @@ from torch import nn
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.precision import MASTER_DTYPE, host_copy
 from chainfed.kernels import Int8Linear, LoRALinear
+from chainfed.proto.messages import LORA_TARGETS
 from chainfed.proto.seeded_init import initial_lora_a
 from chainfed.proto.tensor_names import tensor_owner
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGET_MODULES = {
+    "qv": ("q_proj", "v_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+"""The modules of each named target set but ``all`` (every linear of the block)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapter branch input while training."""
     targets: str = "all"
-    """``attention`` (q/k/v/o projections) or ``all`` (every linear layer of a block)."""
+    """``qv`` (query and value projections), ``attention`` (q/k/v/o projections) or
+    ``all`` (every linear layer of a block)."""
     train_a: bool = True
     """False freezes A at its seeded init (FFA); only B trains."""
     seed: int = 0
@@ -46,8 +52,10 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.targets not in ("attention", "all"):
-            raise ValueError(f"LoRA targets must be 'attention' or 'all', got {self.targets!r}")
+        if self.targets not in LORA_TARGETS:
+            raise ValueError(
+                f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, got {self.targets!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,9 +64,9 @@ class LoRAConfig:
 def target_names(block: nn.Module, targets: str) -> list[str]:
     """Names of the block's linear layers that get adapters (float or int8 ones)."""
     linears = [name for name, m in block.named_children() if isinstance(m, (nn.Linear, Int8Linear))]
-    if targets == "attention":
-        return [n for n in linears if n in ATTENTION_TARGETS]
-    return linears
+    if targets == "all":
+        return linears
+    return [n for n in linears if n in TARGET_MODULES[targets]]
 
 
 def add_lora(block: nn.Module, layer: int, config: LoRAConfig) -> dict[str, LoRALinear]:

@@ -95,6 +95,12 @@ class ChainConfig:
     """AdamW learning rate for adapters, head and proxies."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    backbone_dropout: float = 0.0
+    """Dropout of the trained (window) blocks in training steps, BERT family only: on the
+    attention probabilities and each half-block's output (``BertBlock.dropout``), as
+    transformers trains BERT with ``hidden_dropout_prob``. Evaluation, the prefix cache and
+    frozen blocks never drop; neither do the embeddings, which the chain reads from its
+    prefix cache. 0 = none."""
     micro_batch: int = 16
     """Samples per forward/backward, and per evaluation batch: evaluation must fit the
     memory the budget planner chose for training."""
@@ -157,6 +163,8 @@ class ChainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.backbone_dropout < 1.0:
+            raise ValueError(f"backbone_dropout must be in [0, 1), got {self.backbone_dropout}")
         if self.min_rounds > self.max_rounds:
             raise ValueError("min_rounds must not exceed max_rounds")
         if self.head_refit_epochs < 0:
@@ -252,6 +260,10 @@ class ChainTrainer:
         *,
         progress: bool = True,
     ) -> None:
+        if config.backbone_dropout > 0 and model.config.family != "bert":
+            raise ValueError(
+                f"backbone_dropout is for the bert family; this model is {model.config.family}"
+            )
         self.model, self.objective, self.config = model, objective, config
         self.train_data, self.val_data = train, val
         self.workdir = Path(workdir)
@@ -471,6 +483,8 @@ class ChainTrainer:
     def _load_window_block(self, layer: int) -> None:
         block = self.model.loader.take(("window", layer), lambda: self.model.load_block(layer))
         add_lora(block, layer, self.config.lora)
+        if self.config.backbone_dropout > 0:
+            block.dropout = self.config.backbone_dropout
         self.window_blocks[layer] = block
 
     def _finalise(self, layer: int) -> None:

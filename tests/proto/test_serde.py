@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from chainfed.proto import chainfed_pb2 as pb
 from chainfed.proto import serde
 from chainfed.proto.messages import (
+    LORA_TARGETS,
     AgentCapabilities,
     AgentStatus,
     ChainPhase,
@@ -71,7 +72,8 @@ training_params = st.builds(
     lora_rank=st.integers(1, 2**32 - 1),
     lora_alpha=finite,
     lora_dropout=st.floats(0.0, 1.0, exclude_max=True),
-    lora_targets=st.sampled_from(["attention", "all"]),
+    backbone_dropout=st.floats(0.0, 1.0, exclude_max=True),
+    lora_targets=st.sampled_from(LORA_TARGETS),
     lora_train_a=st.booleans(),
     lora_seed=u63,
     seed=u63,

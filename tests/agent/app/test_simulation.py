@@ -33,6 +33,7 @@ from chainfed.agent.app.options import (
 from chainfed.agent.app.simulation import coordinator_argv, run_simulation
 from chainfed.agent.app.simulation_report import round_table, stage_boundaries, stage_table
 from chainfed.agent.cli import build_parser, main
+from chainfed.agent.federation.federated_agent import FederatedAgent
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
 from chainfed.proto.adapter_file import load_adapter_file
@@ -190,6 +191,25 @@ def test_e2e_is_one_stage_of_every_layer_for_the_given_rounds(tmp_path):
     assert result.history[1].sent_bytes["agent-0"] > 2 * topk.history[1].sent_bytes["agent-0"]
 
 
+def test_in_process_agents_train_side_by_side_however_slow_their_turns(tmp_path, monkeypatch):
+    # each agent's turn outlasts the round deadline and, with the others', the agent
+    # timeout (2 deadlines): as parallel devices every agent is still in every round
+    train_update = FederatedAgent.train_update
+
+    def slow(agent, task, tensors):
+        time.sleep(0.3)
+        return train_update(agent, task, tensors)
+
+    monkeypatch.setattr(FederatedAgent, "train_update", slow)
+    config = SimulationConfig(**TINY, mode="e2e", rounds=2, deadline_s=0.1, workdir=tmp_path)
+
+    result = run_simulation(config)
+
+    assert [e.round_id for e in result.history] == ["r1", "r2"]
+    assert all(e.participants == ["agent-0", "agent-1", "agent-2"] for e in result.history)
+    assert all(not e.dropped for e in result.history)
+
+
 @pytest.mark.parametrize("mode", ["chain", "e2e"])
 def test_each_round_scores_the_global_model_and_the_last_is_the_final_file(tmp_path, mode):
     # ffa: the global model must rebuild every frozen A from the seed; the model after the
@@ -203,12 +223,20 @@ def test_each_round_scores_the_global_model_and_the_last_is_the_final_file(tmp_p
         test_each_round=True,
         workdir=tmp_path,
     )
+    lines: list[str] = []
 
-    result = run_simulation(config)
+    result = run_simulation(config, progress=lines.append)
 
     scores = [(e.test_loss, e.test_metric) for e in result.history]
     assert len(scores) >= 2 and all(loss is not None and 0 <= m <= 1 for loss, m in scores)
     assert scores[-1] == (result.test_loss, result.test_metric)
+    # a long run shows each round's test figure as it goes
+    shown = [line for line in lines if "global model on the test rows" in line]
+    assert shown == [
+        f"round {e.round_id}: global model on the test rows: loss {e.test_loss:.4f}, "
+        f"accuracy {e.test_metric:.4f}"
+        for e in result.history
+    ]
     assert scores[0][0] != scores[-1][0]  # rounds changed the model
 
 

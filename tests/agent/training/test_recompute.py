@@ -56,6 +56,7 @@ def run_chain(model_dir, workdir, *, lm: bool, **overrides) -> ChainTrainer:
             {"gpo": "proxy", "micro_batch": 2, "lora": LoRAConfig(rank=2, alpha=4.0, dropout=0.2)},
         ),
         ("bert", False, {"mode": "topk", "topk": 3, "baseline_rounds": 1}),
+        ("bert", False, {"gpo": "proxy", "backbone_dropout": 0.2}),
     ],
     ids=[
         "bert-exact-foresight",
@@ -63,6 +64,7 @@ def run_chain(model_dir, workdir, *, lm: bool, **overrides) -> ChainTrainer:
         "llama-lm-proxy",
         "llama-lora-dropout",
         "bert-topk",
+        "bert-backbone-dropout",
     ],
 )
 def test_recompute_gives_the_same_losses_and_adapters(
