@@ -175,6 +175,11 @@ class ChainConfig:
         return asdict(self)
 
 
+_ADDED_SETTING_DEFAULTS = {"recompute_chunks": 1, "backbone_dropout": 0.0}
+"""ChainConfig fields newer than the resumable-state format, with their defaults."""
+_NO_DEFAULT = object()
+
+
 @dataclass
 class EncodedSplit:
     """Token tensors of one split, all (N, T) or (N,)."""
@@ -747,9 +752,15 @@ class ChainTrainer:
         return self.workdir / "chain_state.safetensors"
 
     def _state_key(self) -> str:
-        return digest_json(
-            [self.config.to_dict(), self._fingerprint(self.train_data), self.val_data.digest()]
-        )
+        """Digest of what a saved chain must match to be resumed. Settings added after
+        the file format was fixed are left out at their default values, so a chain saved
+        before they existed still resumes when they are not used."""
+        settings = {
+            name: value
+            for name, value in self.config.to_dict().items()
+            if _ADDED_SETTING_DEFAULTS.get(name, _NO_DEFAULT) != value
+        }
+        return digest_json([settings, self._fingerprint(self.train_data), self.val_data.digest()])
 
     def _save_chain_state(self, next_layer: int) -> None:
         """After every stage: everything needed to continue at ``next_layer`` (atomic)."""

@@ -10,13 +10,14 @@ Assert: the window schedule, adapter identity and finality, block-pass counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from chainfed.agent.federation.federated_agent import round_steps
+from chainfed.agent.runtime.fingerprint import digest_json
 from chainfed.agent.runtime.lora import LoRAConfig, adapter_state
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.chain import (
@@ -27,6 +28,7 @@ from chainfed.agent.training.chain import (
 )
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
 from chainfed.agent.training.prefix_cache import PrefixCache
+from chainfed.proto.adapter_file import load_adapter_file, save_adapter_file
 from chainfed.proto.messages import TrainingParams
 
 D, VOCAB, LAYERS, CLASSES = 32, 100, 4, 3
@@ -359,6 +361,40 @@ def test_interrupted_and_resumed_chain_does_no_more_prefix_work_than_one_run(
     assert first_work.embedding_samples + second_work.embedding_samples == n
     assert first_work.block_samples + second_work.block_samples == n * 3
     assert_same_values(second.final_adapters, uninterrupted.final_adapters)
+
+
+def test_a_chain_saved_before_the_newer_settings_existed_resumes(bert_dir, tmp_path, monkeypatch):
+    """A state file whose key was computed from a config without ``recompute_chunks``
+    and ``backbone_dropout`` (the release before they were added) resumes when both are
+    at their defaults, and ends with the adapters of an uninterrupted run; with a
+    non-default value it starts over instead of resuming a different setting."""
+    config = fast_config(start_layer=0, window=1)
+    uninterrupted = make_trainer(bert_dir, tmp_path / "whole", config)
+    uninterrupted.train()
+
+    first = make_trainer(bert_dir, tmp_path / "run", config)
+    with pytest.raises(Interrupted):
+        first.train(on_stage=interrupt_at(1))
+    older = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("recompute_chunks", "backbone_dropout")
+    }
+    saved = load_adapter_file(first._state_path)
+    saved.info["key"] = digest_json(
+        [older, first._fingerprint(first.train_data), first.val_data.digest()]
+    )
+    save_adapter_file(first._state_path, saved)
+
+    second = make_trainer(bert_dir, tmp_path / "run", config)
+    work = PrefixWork(monkeypatch, second.model)
+    second.train()
+    assert work.embedding_samples == 0  # resumed on the saved cache, not started over
+    assert_same_values(second.final_adapters, uninterrupted.final_adapters)
+
+    save_adapter_file(first._state_path, saved)
+    chunked = make_trainer(bert_dir, tmp_path / "run", replace(config, recompute_chunks=2))
+    assert chunked._resume() is None
 
 
 def test_restart_after_a_complete_chain_rebuilds_a_cache_that_moved_above_start(
