@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -245,12 +245,17 @@ class FederatedAgent:
     def ensure_trainer(self, params: TrainingParams, window: int) -> ChainTrainer:
         """This agent's trainer, built from ``params`` on first use and kept after."""
         if self.trainer is None:
+            config = chain_config_from_params(params, window)
+            if window >= self.model.config.num_layers:
+                # The coordinator's e2e layout: every layer trains at once, so there is
+                # no chain to save memory for; keep the activations, as e2e users do.
+                config = replace(config, recompute=False)
             self.trainer = ChainTrainer(
                 self.model,
                 self._objective(params),
                 self.data.train,
                 self.data.val,
-                chain_config_from_params(params, window),
+                config,
                 self.config.workdir,
                 progress=self.progress,
             )

@@ -176,3 +176,34 @@ def test_an_ffa_agent_sends_b_only_and_rebuilds_a_from_the_seed(
     )
     assert again.info["pooling"] == first_info["pooling"] is not None
     assert all(torch.equal(again.tensors[k], written[k]) for k in written)
+
+
+def test_a_window_of_every_layer_keeps_its_activations_and_trains_the_same(
+    model: StreamingModel, tiny_models, tmp_path: Path
+):
+    """The coordinator's e2e layout (window = every layer) trains as e2e users run it,
+    without recomputing blocks in backward; a chain window still recomputes. Same update
+    either way, bit for bit: recompute changes memory, not arithmetic."""
+    data = LocalData(
+        train=tiny_models.classify_split(16, 1, CLASSES),
+        val=tiny_models.classify_split(8, 2, CLASSES),
+        task="classify",
+        labels=["a", "b", "c"],
+    )
+    whole = Task(TaskKind.TRAIN_ROUND, "r1", LAYERS - 1, tuple(range(LAYERS)), params=PARAMS)
+    part = Task(TaskKind.TRAIN_ROUND, "r1", LAYERS - 1, (LAYERS - 2, LAYERS - 1), params=PARAMS)
+
+    e2e = FederatedAgent(AgentConfig("in-process", "", tmp_path / "e2e"), model, data, "fp")
+    _, e2e_update = e2e.train_update(whole, {})
+    recomputing = FederatedAgent(AgentConfig("in-process", "", tmp_path / "rc"), model, data, "fp")
+    recomputing.ensure_trainer(PARAMS, 2)
+    _, recomputed_update = recomputing.train_update(whole, {})
+    chain = FederatedAgent(AgentConfig("in-process", "", tmp_path / "chain"), model, data, "fp")
+    chain.train_update(part, {})
+
+    assert not e2e.trainer.recomputes
+    assert recomputing.trainer.recomputes and chain.trainer.recomputes
+    assert e2e_update.keys() == recomputed_update.keys()
+    assert len([k for k in e2e_update if k.startswith("layers.0.")]) == 12
+    for name, tensor in e2e_update.items():
+        assert torch.equal(tensor, recomputed_update[name]), name
