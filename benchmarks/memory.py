@@ -27,7 +27,9 @@ Stages. ``chain`` runs the chain from layer 0 (every layer trained; FOAT not run
 prefix cache is built and advanced through every layer: one round of ``--steps``
 optimiser steps per stage (``max_rounds`` 1), window ``--window``, GPO ``--gpo``. ``e2e``
 (LoRA on every layer, full backprop) and ``topk`` (LoRA on the last ``--topk`` layers,
-prefix cache below them) are one stage of one round. Every stage ends with the trainer's
+prefix cache below them) are one stage of one round; so is ``e2e-streamed`` (only when
+``--modes`` names it: e2e's gradient with every block recomputed in backward and its pages
+given back after each use, from the cached embedding output). Every stage ends with the trainer's
 validation pass. Objectives: bert shapes, a linear head on the mean-pooled state over 3
 classes; llama shapes, the model's own frozen final norm + LM head with the loss on the
 second half of every sequence (the "response"). Tokens are uniform random ids (ids < 3,
@@ -69,9 +71,10 @@ first N = ``--layers`` blocks only (plus embeddings, final norm and LM head), an
   full depth) for its first N stages, which need blocks 0..N-1 only (and the next K with
   ``--gpo exact:K``, whose weights are then written too): measured, not extrapolated.
   Later stages, not run, hold a window of the same size and no more foresight.
-* ``e2e`` runs at N/2 and N layers (the real config with ``num_hidden_layers`` set) and is
-  extrapolated as affine in depth: ``P(L) = P(N) + (L - N) * (P(N) - P(N/2)) / (N - N/2)``;
-  the slope is one block's weights plus its saved activations (and allocator retention).
+* ``e2e`` (and ``e2e-streamed``) runs at N/2 and N layers (the real config with
+  ``num_hidden_layers`` set) and is extrapolated as affine in depth:
+  ``P(L) = P(N) + (L - N) * (P(N) - P(N/2)) / (N - N/2)``; the slope is one block's weights plus
+  its saved activations (and allocator retention).
 * ``topk`` runs at N layers; its stage holds the last k blocks at any depth, so that
   figure stands for full depth.
 
@@ -163,7 +166,10 @@ LLAMA2_7B = {
     "eos_token_id": 2,
 }
 
-MODES = ("chain", "e2e", "topk")
+DEFAULT_MODES = ("chain", "e2e", "topk")
+MODES = (*DEFAULT_MODES, "e2e-streamed")
+"""``e2e-streamed`` (every block recomputed in backward, pages given back after each use)
+runs only when ``--modes`` names it."""
 COMPARISONS: dict[str, dict[str, Any]] = {
     "no recompute": {"recompute": False},
     "no prefetch": {"prefetch": False},
@@ -229,7 +235,7 @@ SHAPES = {
 class Options:
     """Settings shared by every run of one benchmark."""
 
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     layers: int = 4
     """Blocks of the CPU slice of ``slice_on_cpu`` shapes."""
     window: int = 2
@@ -622,8 +628,8 @@ def plan_runs(shape: Shape, options: Options, full: int) -> tuple[list[PlannedRu
     for mode in options.modes:
         if mode == "chain":
             runs.append(PlannedRun("chain", full, stages=n))
-        elif mode == "e2e":
-            runs += [PlannedRun("e2e", n // 2), PlannedRun("e2e", n)]
+        elif mode in ("e2e", "e2e-streamed"):
+            runs += [PlannedRun(mode, n // 2), PlannedRun(mode, n)]
         else:
             runs.append(PlannedRun(mode, n))
     return runs + compared, n
@@ -709,7 +715,7 @@ def summarise(result: ShapeResult) -> ShapeResult:
             entry = {"peak_above_baseline": at[result.full_layers], "how": "measured"}
         elif mode == "chain":
             entry = {"peak_above_baseline": at[result.full_layers], "how": "first_stages"}
-        elif mode == "e2e":
+        elif mode in ("e2e", "e2e-streamed"):
             if len(at) != 2:
                 continue
             value, slope = extrapolate(at, result.full_layers)
@@ -1228,7 +1234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(SHAPES)} (default: all)",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES), help="comma-separated (default: chain,e2e,topk)"
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated, from {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)})",
     )
     parser.add_argument(
         "--batch", type=int, help="micro-batch for every shape (default: per shape, see README)"

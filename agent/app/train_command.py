@@ -62,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
     c = parser.add_argument_group("chain")
-    c.add_argument("--mode", choices=MODES, default="chain", help="default: chain")
+    c.add_argument(
+        "--mode",
+        choices=MODES,
+        default="chain",
+        help="default: chain; e2e-streamed is e2e's gradient at one block's weight memory",
+    )
     c.add_argument("--topk", type=int, default=2, help="layers trained by --mode topk")
     c.add_argument("--window", type=int, default=2, help="DLCT window Q (default: 2)")
     c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")

@@ -64,7 +64,7 @@ from chainfed.proto.chain_rules import (
 )
 from chainfed.proto.tensor_names import strip_prefix
 
-MODES = ("chain", "e2e", "topk", "head")
+MODES = ("chain", "e2e", "e2e-streamed", "topk", "head")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,11 @@ class ChainConfig:
     """How one device trains: mode, window, foresight, start layer, rounds, optimiser."""
 
     mode: str = "chain"
-    """``chain`` (the method), or the baselines ``e2e``, ``topk``, ``head``."""
+    """``chain`` (the method), or the baselines ``e2e``, ``e2e-streamed``, ``topk``,
+    ``head``. ``e2e-streamed`` is e2e's exact gradient for every adapter at the chain's
+    memory class: every block recomputed in backward with its pages given back after each
+    use (``recompute``), and the embedding output taken from a prefix cache on disk, so
+    one block's weights and the L block inputs of a micro-batch are what it holds."""
     topk: int = 2
     """Layers trained by ``topk`` mode (the last k)."""
     window: int = 2
@@ -152,6 +156,8 @@ class ChainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.mode == "e2e-streamed" and not self.recompute:
+            raise ValueError("e2e-streamed recomputes every block in backward; without it, use e2e")
         for name in (
             "topk",
             "window",
@@ -431,7 +437,8 @@ class ChainTrainer:
     @property
     def _baseline_first(self) -> int:
         L = self.L
-        return {"e2e": 0, "topk": L - min(self.config.topk, L), "head": L}[self.config.mode]
+        first = {"e2e": 0, "e2e-streamed": 0, "topk": L - min(self.config.topk, L), "head": L}
+        return first[self.config.mode]
 
     def enter_stage(self, layer: int, window: list[int] | None = None) -> list[int]:
         """Make ``layer`` the active layer: adapters leaving the window become final, the
@@ -565,7 +572,7 @@ class ChainTrainer:
     @property
     def recomputes(self) -> bool:
         """Whether training steps recompute the window blocks in backward
-        (``ChainConfig.recompute``; never for ``e2e``)."""
+        (``ChainConfig.recompute``; never for ``e2e``, always for ``e2e-streamed``)."""
         return self.config.recompute and self.config.mode != "e2e"
 
     def _window_forward(self, h: torch.Tensor, batch: Batch):

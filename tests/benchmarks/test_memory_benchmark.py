@@ -35,7 +35,7 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tin
     bert = tiny_models.config("bert", num_hidden_layers=3)
     shape = memory.Shape("tiny-bert", batch=2, seq=8, rank=2, task="classify", hf_config=bert)
     scratch = tmp_path / "scratch" / "not-yet"  # --tmp-dir of a folder still to be made
-    options = memory.Options(modes=("chain", "e2e"), tmp_dir=str(scratch))
+    options = memory.Options(modes=("chain", "e2e", "e2e-streamed"), tmp_dir=str(scratch))
 
     report = memory.run_benchmark([shape], options, tmp_path / "out", log=lambda _: None)
 
@@ -47,6 +47,7 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tin
     assert [s["layer"] for s in runs["chain"]["stages"]] == [0, 1, 2]
     assert [s["window"] for s in runs["chain"]["stages"]] == [[0], [0, 1], [1, 2]]
     assert [s["window"] for s in runs["e2e"]["stages"]] == [[0, 1, 2]]
+    assert [s["window"] for s in runs["e2e-streamed"]["stages"]] == [[0, 1, 2]]
     for run in runs.values():
         assert run["baseline_bytes"] > 0 and run["peak_bytes"] > run["baseline_bytes"]
         assert run["peak_above_baseline"] == max(s["above_baseline"] for s in run["stages"])
@@ -66,6 +67,13 @@ def test_each_mode_runs_in_its_own_process_and_the_report_is_written(memory, tin
     assert e2e_stage["bytes"]["frozen_weights"] >= 3 * block
     assert chain_stages[-1]["bytes"]["frozen_weights"] <= 3 * block  # window 2 + 1 streamed
     assert e2e_stage["bytes"]["cache_batch"] == 0 < chain_stages[0]["bytes"]["cache_batch"]
+    # e2e-streamed keeps block inputs only: less saved for backward than e2e
+    streamed_stage = runs["e2e-streamed"]["stages"][0]
+    assert streamed_stage["bytes"]["saved_activations"] < e2e_stage["bytes"]["saved_activations"]
+    assert (
+        "| tiny-bert | random, real config | e2e-streamed | 3 layers |"
+        in (tmp_path / "out" / "memory.md").read_text()
+    )
     # the comparisons ran the chain's first stages with one setting changed
     assert sorted(variants) == ["no prefetch", "no recompute"]
     assert variants["no recompute"]["spec"]["recompute"] is False

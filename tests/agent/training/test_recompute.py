@@ -89,6 +89,7 @@ def test_recompute_gives_the_same_losses_and_adapters(
         ("chain", True, 3, 2),
         ("chain", False, 1, 1),
         ("e2e", True, 1, 1),
+        ("e2e-streamed", True, 3, 2),
     ],
 )
 def test_each_window_block_half_runs_again_in_backward_only_with_recompute(
@@ -120,6 +121,43 @@ def test_each_window_block_half_runs_again_in_backward_only_with_recompute(
         for layer in trainer.window
         for half in ("attention", "ffn")
     }
+
+
+@pytest.mark.parametrize(
+    ("family", "lm", "overrides"),
+    [
+        ("bert", False, {}),
+        ("bert", False, {"lora": LoRAConfig(rank=2, alpha=4.0, dropout=0.2)}),
+        ("llama", True, {"micro_batch": 2}),
+    ],
+    ids=["bert", "bert-lora-dropout", "llama-lm"],
+)
+def test_e2e_streamed_trains_exactly_as_e2e(family, lm, overrides, bert_dir, llama_dir, tmp_path):
+    """Every layer trained from the cached embedding output with every block recomputed:
+    the same losses, adapters and head as e2e's, which embeds each batch and keeps all
+    activations."""
+    model_dir = bert_dir if family == "bert" else llama_dir
+    runs = {
+        mode: run_chain(
+            model_dir, tmp_path / mode, lm=lm, mode=mode, baseline_rounds=2, **overrides
+        )
+        for mode in ("e2e", "e2e-streamed")
+    }
+
+    e2e, streamed = runs["e2e"], runs["e2e-streamed"]
+    assert streamed.recomputes and not e2e.recomputes
+    assert {name.split(".")[1] for name in e2e.final_adapters} == {str(i) for i in range(LAYERS)}
+    assert [(s.train_loss, s.val_loss, s.val_metric) for s in streamed.stages] == [
+        (s.train_loss, s.val_loss, s.val_metric) for s in e2e.stages
+    ]
+    assert_same_values(streamed.final_adapters, e2e.final_adapters)
+    for name, param in streamed.objective.named_parameters():
+        assert torch.equal(param, dict(e2e.objective.named_parameters())[name]), name
+
+
+def test_e2e_streamed_without_recompute_is_refused():
+    with pytest.raises(ValueError, match="e2e-streamed recomputes every block"):
+        fast_config(mode="e2e-streamed", recompute=False)
 
 
 def adapter_grads(trainer: ChainTrainer) -> dict[str, torch.Tensor]:
