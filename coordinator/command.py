@@ -285,6 +285,12 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
         default=0.0,
         help="dropout of the trained blocks in training steps, bert family (default 0)",
     )
+    t.add_argument(
+        "--e2e-streamed",
+        action="store_true",
+        help="with the e2e layout (--start-layer 0 --window L): agents recompute every block "
+        "in backward and give its pages back (e2e's gradient at one block's weight memory)",
+    )
     t.add_argument("--seed", type=int, default=0)
 
 
@@ -315,6 +321,11 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
     (also used by in-process simulation, so both build the same federation from the same
     flags)."""
     family_lambda = DEFAULT_GPO_LAMBDA[spec.family]
+    if args.e2e_streamed and (args.start_layer, args.window) != ("0", str(spec.num_layers)):
+        raise ChainFedError(
+            f"--e2e-streamed needs the e2e layout: --start-layer 0 --window {spec.num_layers} "
+            f"(got --start-layer {args.start_layer} --window {args.window})"
+        )
     params = TrainingParams(
         lr=args.lr,
         micro_batch=args.micro_batch,
@@ -327,6 +338,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         lora_alpha=args.alpha,
         lora_targets=args.targets,
         backbone_dropout=args.backbone_dropout,
+        e2e_streamed=args.e2e_streamed,
         lora_train_a=args.aggregation != "ffa",  # FFA averages B over one frozen, shared A
         lora_seed=args.seed,
         seed=args.seed,

@@ -155,7 +155,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class TrainingParams(_message.Message):
-    __slots__ = ("lr", "weight_decay", "micro_batch", "grad_accum", "local_steps", "gpo_kind", "gpo_exact_depth", "gpo_lambda", "proxy_rank", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_train_a", "lora_seed", "seed", "foat_samples", "local_dp_clip", "local_dp_noise_multiplier", "local_epochs", "backbone_dropout")
+    __slots__ = ("lr", "weight_decay", "micro_batch", "grad_accum", "local_steps", "gpo_kind", "gpo_exact_depth", "gpo_lambda", "proxy_rank", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_train_a", "lora_seed", "seed", "foat_samples", "local_dp_clip", "local_dp_noise_multiplier", "local_epochs", "backbone_dropout", "e2e_streamed")
     LR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class TrainingParams(_message.Message):
     LOCAL_DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    E2E_STREAMED_FIELD_NUMBER: _ClassVar[int]
     lr: float
     weight_decay: float
     micro_batch: int
@@ -198,7 +199,8 @@ class TrainingParams(_message.Message):
     local_dp_noise_multiplier: float
     local_epochs: float
     backbone_dropout: float
-    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., local_steps: _Optional[int] = ..., gpo_kind: _Optional[_Union[GpoKind, str]] = ..., gpo_exact_depth: _Optional[int] = ..., gpo_lambda: _Optional[float] = ..., proxy_rank: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Union[LoraTargets, str]] = ..., lora_train_a: _Optional[bool] = ..., lora_seed: _Optional[int] = ..., seed: _Optional[int] = ..., foat_samples: _Optional[int] = ..., local_dp_clip: _Optional[float] = ..., local_dp_noise_multiplier: _Optional[float] = ..., local_epochs: _Optional[float] = ..., backbone_dropout: _Optional[float] = ...) -> None: ...
+    e2e_streamed: bool
+    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., local_steps: _Optional[int] = ..., gpo_kind: _Optional[_Union[GpoKind, str]] = ..., gpo_exact_depth: _Optional[int] = ..., gpo_lambda: _Optional[float] = ..., proxy_rank: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Union[LoraTargets, str]] = ..., lora_train_a: _Optional[bool] = ..., lora_seed: _Optional[int] = ..., seed: _Optional[int] = ..., foat_samples: _Optional[int] = ..., local_dp_clip: _Optional[float] = ..., local_dp_noise_multiplier: _Optional[float] = ..., local_epochs: _Optional[float] = ..., backbone_dropout: _Optional[float] = ..., e2e_streamed: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "round_id", "stage_layer", "window_layers", "frozen_layers", "params", "deadline_unix_ms", "tensors", "retry_after_ms")

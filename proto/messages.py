@@ -140,6 +140,9 @@ class TrainingParams:
     """Dropout on the adapter branch input."""
     backbone_dropout: float = 0.0
     """Dropout of the trained blocks (attention probabilities and half-block outputs)."""
+    e2e_streamed: bool = False
+    """A window of every layer recomputes each block in backward (``e2e-streamed``)
+    instead of keeping its activations (plain e2e); chain windows always recompute."""
     lora_targets: str = "all"
     """``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
     lora_train_a: bool = True

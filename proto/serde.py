@@ -255,6 +255,7 @@ def training_params_to_proto(params: TrainingParams) -> pb.TrainingParams:
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
         backbone_dropout=params.backbone_dropout,
+        e2e_streamed=params.e2e_streamed,
         lora_targets=_enum_to_proto(pb.LoraTargets, "LORA_TARGETS_", params.lora_targets),
         lora_train_a=params.lora_train_a,
         lora_seed=params.lora_seed,
@@ -280,6 +281,7 @@ def training_params_from_proto(message: pb.TrainingParams) -> TrainingParams:
         lora_alpha=message.lora_alpha,
         lora_dropout=message.lora_dropout,
         backbone_dropout=message.backbone_dropout,
+        e2e_streamed=message.e2e_streamed,
         lora_targets=_enum_from_proto(
             pb.LoraTargets, "LORA_TARGETS_", message.lora_targets, "TrainingParams.lora_targets"
         ),

@@ -145,8 +145,10 @@ class SimulationConfig:
             raise SimulationError(
                 f"split must be iid, dirichlet:ALPHA or by-topic; got {self.split!r}"
             )
-        if not re.fullmatch(r"chain|e2e|topk:[1-9][0-9]*", self.mode):
-            raise SimulationError(f"mode must be chain, e2e or topk:K; got {self.mode!r}")
+        if not re.fullmatch(r"chain|e2e|e2e-streamed|topk:[1-9][0-9]*", self.mode):
+            raise SimulationError(
+                f"mode must be chain, e2e, e2e-streamed or topk:K; got {self.mode!r}"
+            )
         if self.rounds is not None and self.rounds < 1:
             raise SimulationError(f"rounds must be >= 1, got {self.rounds}")
         if self.head_rounds < 0:
@@ -402,8 +404,9 @@ def add_simulation_arguments(
     f.add_argument(
         "--mode",
         default=d.mode,
-        help="chain (the method), e2e (FedLoRA on every layer) or topk:K (FedLoRA on the "
-        "last K layers) (default chain)",
+        help="chain (the method), e2e (FedLoRA on every layer), e2e-streamed (the same "
+        "gradient, every block recomputed in backward: e2e at one block's weight memory) or "
+        "topk:K (FedLoRA on the last K layers) (default chain)",
     )
     f.add_argument(
         "--rounds",

@@ -228,7 +228,7 @@ def fedlora_layout(mode: str, num_layers: int) -> tuple[int | None, int | None]:
     """(start layer, window) of a plain FedLoRA baseline; (None, None) for ``chain``."""
     if mode == "chain":
         return None, None
-    k = num_layers if mode == "e2e" else min(int(mode.split(":", 1)[1]), num_layers)
+    k = num_layers if mode.startswith("e2e") else min(int(mode.split(":", 1)[1]), num_layers)
     return num_layers - k, k
 
 
@@ -250,6 +250,7 @@ def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, 
         "rank": config.rank,
         "targets": config.targets,
         "backbone_dropout": config.backbone_dropout,
+        "e2e_streamed": config.mode == "e2e-streamed",
         "seed": config.seed,
         "round_deadline": config.deadline_s,
         "head_rounds": config.head_rounds,
@@ -273,8 +274,11 @@ def coordinator_argv(config: SimulationConfig, num_layers: int) -> list[str]:
     """``coordinator_options`` as the command line of a coordinator process."""
     argv = []
     for name, value in coordinator_options(config, num_layers).items():
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
+        flag = f"--{name.replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
     return argv
 
 

@@ -246,7 +246,7 @@ class FederatedAgent:
         """This agent's trainer, built from ``params`` on first use and kept after."""
         if self.trainer is None:
             config = chain_config_from_params(params, window)
-            if window >= self.model.config.num_layers:
+            if window >= self.model.config.num_layers and not params.e2e_streamed:
                 # The coordinator's e2e layout: every layer trains at once, so there is
                 # no chain to save memory for; keep the activations, as e2e users do.
                 config = replace(config, recompute=False)

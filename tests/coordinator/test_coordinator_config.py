@@ -15,6 +15,7 @@ import pytest
 from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
+from chainfed.proto.errors import ChainFedError
 
 TINY_BERT = {
     "model_type": "bert",
@@ -105,3 +106,20 @@ def test_poll_seconds_is_a_positive_number_of_seconds():
     for bad in ("0", "-1", "inf", "soon"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--state-dir", "s", "--poll-seconds", bad])
+
+
+def test_e2e_streamed_reaches_the_agents_only_with_the_e2e_layout(tmp_path: Path):
+    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def params(*argv: str):
+        args = parser.parse_args(["--state-dir", "-", "--token", "-", *argv])
+        return coordinator_config(args, model.spec()).params
+
+    assert params("--start-layer", "0", "--window", "2").e2e_streamed is False
+    assert params("--start-layer", "0", "--window", "2", "--e2e-streamed").e2e_streamed is True
+    for layout in (["--start-layer", "1", "--window", "1"], ["--window", "2"]):
+        with pytest.raises(ChainFedError, match="--e2e-streamed needs the e2e layout"):
+            params(*layout, "--e2e-streamed")
+    assert "one block's weight memory" in " ".join(parser.format_help().split())

@@ -73,6 +73,7 @@ training_params = st.builds(
     lora_alpha=finite,
     lora_dropout=st.floats(0.0, 1.0, exclude_max=True),
     backbone_dropout=st.floats(0.0, 1.0, exclude_max=True),
+    e2e_streamed=st.booleans(),
     lora_targets=st.sampled_from(LORA_TARGETS),
     lora_train_a=st.booleans(),
     lora_seed=u63,

@@ -191,6 +191,30 @@ def test_e2e_is_one_stage_of_every_layer_for_the_given_rounds(tmp_path):
     assert result.history[1].sent_bytes["agent-0"] > 2 * topk.history[1].sent_bytes["agent-0"]
 
 
+def test_e2e_streamed_recomputes_every_block_and_ends_where_e2e_ends(tmp_path, monkeypatch):
+    # the agents' trainers recompute every block (e2e keeps activations); the arithmetic is
+    # the same, so the final files hold the same tensors bit for bit
+    recomputing: dict[str, list[bool]] = {"e2e": [], "e2e-streamed": []}
+    train_update = FederatedAgent.train_update
+    results = {}
+    for mode in recomputing:
+
+        def seen(agent, task, tensors, mode=mode):
+            out = train_update(agent, task, tensors)
+            recomputing[mode].append(agent.trainer.recomputes)
+            return out
+
+        monkeypatch.setattr(FederatedAgent, "train_update", seen)
+        config = SimulationConfig(**TINY, mode=mode, rounds=2, workdir=tmp_path / mode)
+        results[mode] = run_simulation(config)
+
+    assert recomputing == {"e2e": [False] * 6, "e2e-streamed": [True] * 6}
+    e2e, streamed = (load_adapter_file(results[m].adapters).tensors for m in recomputing)
+    assert e2e.keys() == streamed.keys()
+    assert all(torch.equal(e2e[name], streamed[name]) for name in e2e)
+    assert results["e2e"].final_val_loss == results["e2e-streamed"].final_val_loss
+
+
 def test_in_process_agents_train_side_by_side_however_slow_their_turns(tmp_path, monkeypatch):
     # each agent's turn outlasts the round deadline and, with the others', the agent
     # timeout (2 deadlines): as parallel devices every agent is still in every round
@@ -380,7 +404,11 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
         ["--state-dir", "-", *coordinator_argv(replace(config, mode="e2e"), 6)]
     )
     assert (e2e.min_rounds_per_layer, e2e.max_rounds_per_layer, e2e.head_rounds) == (7, 7, 2)
-    assert e2e.rounds is None
+    assert e2e.rounds is None and not e2e.e2e_streamed
+    streamed = coordinator_args.parse_args(
+        ["--state-dir", "-", *coordinator_argv(replace(config, mode="e2e-streamed"), 6)]
+    )
+    assert (streamed.start_layer, streamed.window, streamed.e2e_streamed) == ("0", "6", True)
     simulate = argparse.ArgumentParser()
     add_simulation_arguments(simulate)
     help_text = " ".join(simulate.format_help().split())
