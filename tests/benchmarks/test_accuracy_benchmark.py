@@ -84,6 +84,8 @@ def test_seed_means_and_standard_errors_come_from_the_per_seed_figures(report):
         assert summary["at_rounds"][mode]["2"] == mean_se([c["accuracy"][1] for c in curves])
     heads = [data["head"][seed]["test_accuracy"] for seed in ("0", "1")]
     assert all(0 <= h <= 1 for h in heads)
+    fits = [data["head"][seed] for seed in ("0", "1")]
+    assert all(f["passes"] % 2 == 0 and isinstance(f["converged"], bool) for f in fits)
     assert summary["head"] == mean_se(heads)
     # a reference mode read at its own budget, seed by seed, is its own accuracy there
     for b in summary["at_budgets"]:
