@@ -66,6 +66,12 @@ Usage::
     OMP_NUM_THREADS=2 python benchmarks/accuracy.py --splits dirichlet:0.5,by-topic
     python benchmarks/accuracy.py --seeds 0 --rounds 4 --train-rows 800 --out runs/acc
 
+Resuming. Each finished run (a federation, or a seed's head fit) is saved as
+``run.json`` in its folder under ``--out`` with its settings; the same command with the
+same ``--out`` reuses it instead of running it again, so an interrupted protocol resumes,
+and seeds or splits run by separate invocations (``--seeds 0``, then ``--seeds 0,1,2``)
+meet in one report. A saved run whose settings differ is refused.
+
 Outputs in ``--out`` (default ``benchmarks/results/accuracy-<timestamp>``):
 ``accuracy.json`` (options, every run's curve and full simulation result, the aggregates,
 tables and checks), ``accuracy.md`` (the tables, also printed) and ``accuracy.png``
@@ -76,12 +82,15 @@ mean with a ±s.e. band).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +202,32 @@ def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationCo
     )
 
 
-def federated_run(config: SimulationConfig, mode: str, workdir: Path) -> dict[str, Any]:
-    """One federation of ``mode``: its curve and its full result."""
+def saved_or_run(
+    path: Path, settings: dict[str, Any], run: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """The figures an earlier invocation saved at ``path`` with the same ``settings``, else
+    ``run()``'s, saved there: a long protocol resumes where it stopped, and seeds or
+    splits run by separate invocations with one ``--out`` meet in one report. A file
+    saved with other settings is refused, never mixed in."""
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["settings"] != settings:
+            raise SystemExit(f"{path} holds a run with other settings; choose another --out")
+        print(f"reused {path}", flush=True)
+        return saved["figures"]
+    figures = run()
+    write_json(path, {"settings": settings, "figures": figures})
+    return figures
+
+
+def federated_run(config: SimulationConfig) -> dict[str, Any]:
+    """One federation: its curve and its full result."""
     started = time.perf_counter()
-    result = run_simulation(replace(config, mode=mode, workdir=workdir))
+    result = run_simulation(config)
     curve = curve_of(result)
     print(
-        f"{config.split:>14} {mode:>7} seed {config.seed}: {result.rounds} rounds, test "
+        f"{config.split:>14} {config.mode:>7} seed {config.seed}: {result.rounds} rounds, test "
         f"accuracy {curve.accuracy[-1]:.4f}, {format_bytes(int(curve.bytes[-1]))} and "
         f"{curve.seconds[-1]:.1f} device-s per agent, {time.perf_counter() - started:.0f} s",
         flush=True,
@@ -521,6 +549,34 @@ def plot(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
 # -- the command -------------------------------------------------------------------------------
 
 
+def fit_heads(seeds: list[int], args: argparse.Namespace, out: Path) -> dict[int, dict[str, Any]]:
+    """Each seed's converged head-only model (saved or fitted)."""
+    heads = {}
+    for seed in seeds:
+        config = base_config("iid", seed, args)  # the rows do not depend on the split
+        settings = config.to_dict() | {"head_fit_epochs": args.head_fit_epochs}
+        workdir = out / f"head-s{seed}"
+        fit = partial(head_fit, config, args.head_fit_epochs, workdir)
+        heads[seed] = saved_or_run(workdir / "run.json", settings, fit)
+    return heads
+
+
+def run_federations(
+    split: str, modes: list[str], seeds: list[int], args: argparse.Namespace, out: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Every federated mode on ``split``, one run per seed (saved or run)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for mode in modes:
+        runs[mode] = []
+        for seed in seeds:
+            workdir = out / f"{split.replace(':', '')}-{mode.replace(':', '')}-s{seed}"
+            config = replace(base_config(split, seed, args), mode=mode, workdir=workdir)
+            settings = config.to_dict() | {"workdir": None}  # the folder may move
+            run = partial(federated_run, config)
+            runs[mode].append(saved_or_run(workdir / "run.json", settings, run))
+    return runs
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -614,20 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(note)
 
-    heads: dict[int, dict[str, Any]] = {}
-    if HEAD in modes:
-        for seed in seeds:
-            config = base_config(splits[0], seed, args)
-            heads[seed] = head_fit(config, args.head_fit_epochs, out / f"head-s{seed}")
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for split in splits:
-        runs[split] = {}
-        for mode in federated:
-            label = f"{split.replace(':', '')}-{mode.replace(':', '')}"
-            runs[split][mode] = [
-                federated_run(base_config(split, seed, args), mode, out / f"{label}-s{seed}")
-                for seed in seeds
-            ]
+    heads = fit_heads(seeds, args, out) if HEAD in modes else {}
+    runs = {split: run_federations(split, federated, seeds, args, out) for split in splits}
 
     summaries, verdicts = {}, []
     head_accuracy = [heads[s]["test_accuracy"] for s in seeds] if heads else None

@@ -39,7 +39,7 @@ def report(accuracy_benchmark, tmp_path_factory):
         assert accuracy_benchmark.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    return out, json.loads((out / "accuracy.json").read_text())
+    return out, json.loads((out / "accuracy.json").read_text()), argv
 
 
 def mean_se(values):
@@ -49,7 +49,7 @@ def mean_se(values):
 
 
 def test_every_mode_runs_the_same_rounds_and_its_curve_is_cumulative(report):
-    _, data = report
+    _, data, _ = report
     runs = data["runs"][SPLIT]
     assert set(runs) == set(MODES)
     layers = {"chain": {4, 5}, "e2e": set(range(6)), "topk:2": {4, 5}}
@@ -72,7 +72,7 @@ def test_every_mode_runs_the_same_rounds_and_its_curve_is_cumulative(report):
 
 
 def test_seed_means_and_standard_errors_come_from_the_per_seed_figures(report):
-    _, data = report
+    _, data, _ = report
     summary = data["summaries"][SPLIT]
     for mode in MODES:
         curves = [run["curve"] for run in data["runs"][SPLIT][mode]]
@@ -94,7 +94,7 @@ def test_seed_means_and_standard_errors_come_from_the_per_seed_figures(report):
 
 
 def test_cost_to_target_follows_the_curves(report):
-    _, data = report
+    _, data, _ = report
     for mode in MODES:
         reached = []
         for run in data["runs"][SPLIT][mode]:
@@ -114,7 +114,7 @@ def test_cost_to_target_follows_the_curves(report):
 
 
 def test_checks_follow_from_the_reported_means_and_the_report_is_written(report):
-    out, data = report
+    out, data, _ = report
     at = data["summaries"][SPLIT]["at_rounds"]
     head = data["summaries"][SPLIT]["head"][0]
     by_check = {c["check"]: c["holds"] for c in data["checks"]}
@@ -128,3 +128,19 @@ def test_checks_follow_from_the_reported_means_and_the_report_is_written(report)
     markdown = (out / "accuracy.md").read_text()
     assert f"| {SPLIT} | chain | {at['chain']['2'][0]:.4f} ± " in markdown
     assert "## Cost to target" in markdown and "e2e-streamed: not run" in markdown
+
+
+def test_the_same_command_reuses_the_saved_runs_and_refuses_other_settings(
+    accuracy_benchmark, report, capsys
+):
+    out, data, argv = report
+    capsys.readouterr()
+
+    assert accuracy_benchmark.main(argv) == 0  # nothing runs again
+
+    printed = capsys.readouterr().out
+    assert printed.count("reused ") == 2 + 2 * len(MODES)  # 2 head fits, 6 federations
+    again = json.loads((out / "accuracy.json").read_text())
+    assert again["runs"] == data["runs"] and again["summaries"] == data["summaries"]
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        accuracy_benchmark.main([*argv, "--lr", "0.01"])
