@@ -139,6 +139,7 @@ class Curve:
 
     @property
     def rounds(self) -> list[float]:
+        """1..R: the rounds axis, read like the cumulative budgets."""
         return [float(r) for r in range(1, len(self.accuracy) + 1)]
 
     def axis(self, name: str) -> list[float]:
@@ -147,7 +148,8 @@ class Curve:
 
 
 def curve_of(result: SimulationResult) -> Curve:
-    """The run's curve; every agent counts in every round (all agents take part)."""
+    """The run's curve; the means are over all the federation's agents (one that sits a
+    round out adds nothing to that round's costs)."""
     agents = list(result.agent_samples)
     spent = dict.fromkeys(agents, 0.0)
     seconds = dict.fromkeys(agents, 0.0)
