@@ -24,9 +24,10 @@ count within ``rounds``.
 
 Figures: per round the federated validation loss/metric (sample-weighted over the
 participants) of the aggregate the round started from, the tensor payload each agent
-fetched and uploaded, and its memory peak; at the end the coordinator's evaluation round
-(validation data of every agent) and, with ``test_rows``, the final adapters on a
-held-out test set no agent has seen (validation rows after the first ``val_rows``).
+fetched and uploaded, its memory peak and its compute seconds; at the end the
+coordinator's evaluation round (validation data of every agent) and, with ``test_rows``,
+the final adapters on a held-out test set no agent has seen (validation rows after the
+first ``val_rows``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ class RoundEntry:
     agents share one process, so this includes the others' resident state)."""
     baseline_memory_bytes: dict[str, int]
     """Each participant's idle process baseline."""
+    compute_seconds: dict[str, float]
+    """Each participant's compute time for the round (``RoundTraffic.compute_seconds``,
+    as the agent measured it). In process the agents take turns, so a turn's wall time
+    is that device's busy time; agent processes on one machine share its cores, so
+    theirs include waiting for the others."""
     test_loss: float | None = None
     test_metric: float | None = None
     """The global model after this round on the held-out test rows (``test_each_round``)."""
@@ -168,6 +174,14 @@ class SimulationResult:
                 total[agent] = total.get(agent, 0) + sent + e.received_bytes[agent]
         return total
 
+    def compute_seconds_per_agent(self) -> dict[str, float]:
+        """Total compute time (device-seconds) per agent over the run."""
+        total = dict.fromkeys(self.agent_samples, 0.0)
+        for e in self.history:
+            for agent, seconds in e.compute_seconds.items():
+                total[agent] = total.get(agent, 0.0) + seconds
+        return total
+
     def peak_memory_per_agent(self) -> dict[str, int]:
         """Largest round peak of each agent."""
         peak = dict.fromkeys(self.agent_samples, 0)
@@ -215,6 +229,7 @@ class SimulationResult:
         out["rounds"] = self.rounds
         out["bytes_per_agent_round"] = self.bytes_per_agent_round()
         out["bytes_per_agent"] = self.bytes_per_agent()
+        out["compute_seconds_per_agent"] = self.compute_seconds_per_agent()
         out["peak_memory_per_agent"] = self.peak_memory_per_agent()
         out["peak_above_baseline_per_agent"] = self.peak_above_baseline_per_agent()
         out["stages"] = self.stages()
@@ -840,6 +855,7 @@ def _entry(
         sent_bytes={a: c["sent_bytes"] for a, c in costs.items()},
         peak_memory_bytes={a: c["peak_memory_bytes"] for a, c in costs.items()},
         baseline_memory_bytes={a: c["baseline_memory_bytes"] for a, c in costs.items()},
+        compute_seconds={a: c["compute_seconds"] for a, c in costs.items()},
         test_loss=None if test is None else test.loss,
         test_metric=None if test is None else test.metric,
     )

@@ -97,7 +97,8 @@ class AgentConfig:
 @dataclass(frozen=True)
 class RoundTraffic:
     """What one training round cost this agent: tensor payload each way (bytes of the
-    tensors' values; the wire adds chunk framing) and the round's memory peak."""
+    tensors' values; the wire adds chunk framing), the round's memory peak and its compute
+    time."""
 
     round_id: str
     stage_layer: int
@@ -109,6 +110,11 @@ class RoundTraffic:
     """Process peak during the round (RSS on CPU)."""
     baseline_memory_bytes: int
     """The process's idle baseline, for the figure above it."""
+    compute_seconds: float
+    """Wall time of the round's work on this device, from the fetched tensors to the
+    update (``train_update``: the trainer's set-up on first use, prefix caches brought up
+    at a stage's entry, validation of the fetched aggregate, the local steps); transport
+    excluded. The device-seconds of the round when the device does nothing else."""
 
 
 def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -301,10 +307,10 @@ class FederatedAgent:
         final, brings the prefix caches to the top of the model once (later head rounds
         reuse them), and trains the task head alone on those final states: its update
         is the head, and no backward pass goes through any block."""
+        started = time.perf_counter()
         window = list(task.window_layers)
         trainer = self.ensure_trainer(task.params, len(window))
         final = self.with_frozen_a(strip_prefix(tensors, "final."), trainer.config.lora)
-        started = time.perf_counter()
         with PeakMemoryMeter(self.model.device) as meter:
             if trainer.start_layer is None:
                 trainer.set_start_layer(window[0] if window else task.stage_layer)
@@ -352,6 +358,7 @@ class FederatedAgent:
                 payload_bytes(update),
                 meter.reading.peak_bytes,
                 meter.reading.baseline_bytes,
+                metrics.seconds,
             )
         )
         log.info(

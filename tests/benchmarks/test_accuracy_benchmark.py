@@ -1,17 +1,24 @@
 """benchmarks/accuracy.py works end to end at tiny sizes (a smoke test, not a measurement).
 
-Prepare: 2 agents, a few rows, one non-IID split, the chain from layer 4. Execute: the
-benchmark's ``main``. Assert: chain, e2e and topk ran for the same number of rounds on
-the layers each trains, the files exist, and the printed checks are computed from the
-reported figures.
+Prepare: 2 agents, a few rows, one non-IID split, the chain from layer 4, 2 seeds, 2
+rounds. Execute: the benchmark's ``main`` (the real simulation, every mode). Assert: every
+federated mode ran the same rounds on the layers it trains; its curve is the per-round
+test accuracy with bytes and device-seconds cumulative and increasing; the seed means, the
+standard errors, the equal-budget readings, the cost to target and the checks are
+computed from the per-seed figures of the same report.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+
+SPLIT = "dirichlet:0.5"
+MODES = ("chain", "e2e", "topk:2")
+TARGET = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -19,38 +26,121 @@ def accuracy_benchmark(benchmark_script):
     return benchmark_script("accuracy")
 
 
-def test_accuracy_benchmark_tiny(accuracy_benchmark, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def report(accuracy_benchmark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("accuracy")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    argv = ["--splits", "dirichlet:0.5", "--agents", "2", "--train-rows", "40"]
-    argv += ["--val-rows", "20", "--test-rows", "20", "--max-len", "24", "--local-steps", "2"]
-    argv += ["--micro-batch", "8", "--start-layer", "4", "--max-rounds-per-layer", "1"]
-    argv += ["--gpo", "exact:all", "--gpo-lambda", "2", "--out", str(tmp_path)]
+    argv = ["--splits", SPLIT, "--seeds", "0,1", "--rounds", "2", "--agents", "2"]
+    argv += ["--train-rows", "40", "--val-rows", "20", "--test-rows", "20", "--max-len", "24"]
+    argv += ["--micro-batch", "8", "--start-layer", "4", "--target", str(TARGET)]
+    argv += ["--head-fit-epochs", "2", "--out", str(out)]
     try:
         assert accuracy_benchmark.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
+    return out, json.loads((out / "accuracy.json").read_text()), argv
 
-    report = json.loads((tmp_path / "accuracy.json").read_text())
-    rows = {r["mode"]: r for r in report["rows"]}
-    assert set(rows) == {"chain", "e2e", "topk:2"}
-    chain_config = report["runs"]["dirichlet:0.5"]["chain"]["config"]
-    assert (chain_config["gpo"], chain_config["gpo_lambda"]) == ("exact:all", 2.0)
-    assert rows["chain"]["rounds"] == rows["e2e"]["rounds"] == rows["topk:2"]["rounds"] == 2
-    assert rows["chain"]["trained_layers"] == [4, 5]
-    assert rows["e2e"]["trained_layers"] == list(range(6))
-    assert rows["topk:2"]["trained_layers"] == [4, 5]
-    assert rows["e2e"]["bytes_per_agent_round"] > rows["topk:2"]["bytes_per_agent_round"] > 0
-    assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
-    # the verdicts follow from the figures in the same report
-    by_check = {c["check"]: c["holds"] for c in report["checks"]}
-    assert by_check["chain test accuracy > topk:2"] == (
-        rows["chain"]["test_accuracy"] > rows["topk:2"]["test_accuracy"]
+
+def mean_se(values):
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return pytest.approx([mean, math.sqrt(var / len(values))])
+
+
+def test_every_mode_runs_the_same_rounds_and_its_curve_is_cumulative(report):
+    _, data, _ = report
+    runs = data["runs"][SPLIT]
+    assert set(runs) == set(MODES)
+    layers = {"chain": {4, 5}, "e2e": set(range(6)), "topk:2": {4, 5}}
+    for mode, seeds in runs.items():
+        assert len(seeds) == 2
+        for run in seeds:
+            curve, history = run["curve"], run["result"]["history"]
+            assert len(history) == len(curve["accuracy"]) == 2  # R = 2 for every mode
+            assert {layer for e in history for layer in e["window"]} == layers[mode]
+            assert curve["accuracy"] == [e["test_metric"] for e in history]
+            spent = seconds = 0.0
+            for i, e in enumerate(history):
+                assert sorted(e["participants"]) == ["agent-0", "agent-1"]
+                spent += sum(e["sent_bytes"][a] + e["received_bytes"][a] for a in e["participants"])
+                seconds += sum(e["compute_seconds"].values())
+                assert curve["bytes"][i] == pytest.approx(spent / 2)
+                assert curve["seconds"][i] == pytest.approx(seconds / 2)
+            assert 0 < curve["bytes"][0] < curve["bytes"][1]
+            assert 0 < curve["seconds"][0] < curve["seconds"][1]
+
+
+def test_seed_means_and_standard_errors_come_from_the_per_seed_figures(report):
+    _, data, _ = report
+    summary = data["summaries"][SPLIT]
+    for mode in MODES:
+        curves = [run["curve"] for run in data["runs"][SPLIT][mode]]
+        for axis in ("accuracy", "bytes", "seconds"):
+            for r in range(2):
+                aggregate = summary["curves"][mode][axis]
+                values = [c[axis][r] for c in curves]
+                assert [aggregate["mean"][r], aggregate["se"][r]] == mean_se(values)
+        assert summary["at_rounds"][mode]["2"] == mean_se([c["accuracy"][1] for c in curves])
+    heads = [data["head"][seed]["test_accuracy"] for seed in ("0", "1")]
+    assert all(0 <= h <= 1 for h in heads)
+    fits = [data["head"][seed] for seed in ("0", "1")]
+    assert all(f["passes"] % 2 == 0 and isinstance(f["converged"], bool) for f in fits)
+    assert summary["head"] == mean_se(heads)
+    # a reference mode read at its own budget, seed by seed, is its own accuracy there
+    for b in summary["at_budgets"]:
+        if b["round"] == 2:
+            assert b["accuracy"][b["reference"]] == summary["at_rounds"][b["reference"]]["2"]
+
+
+def test_cost_to_target_follows_the_curves(report):
+    _, data, _ = report
+    for mode in MODES:
+        reached = []
+        for run in data["runs"][SPLIT][mode]:
+            curve = run["curve"]
+            hits = [i for i, a in enumerate(curve["accuracy"]) if a >= TARGET]
+            if hits:
+                i = hits[0]
+                reached.append((i + 1, curve["bytes"][i], curve["seconds"][i]))
+        summary = data["summaries"][SPLIT]["to_target"][mode]
+        assert (summary["reached"], summary["seeds"]) == (len(reached), 2)
+        for k, axis in enumerate(("rounds", "bytes", "seconds")):
+            if reached:
+                mean = sum(r[k] for r in reached) / len(reached)
+                assert summary[axis][0] == pytest.approx(mean)
+            else:
+                assert summary[axis] is None
+
+
+def test_checks_follow_from_the_reported_means_and_the_report_is_written(report):
+    out, data, _ = report
+    at = data["summaries"][SPLIT]["at_rounds"]
+    head = data["summaries"][SPLIT]["head"][0]
+    by_check = {c["check"]: c["holds"] for c in data["checks"]}
+    assert by_check["R=2: chain > topk:2"] == (at["chain"]["2"][0] > at["topk:2"]["2"][0] + 1e-9)
+    assert by_check["R=2: chain >= e2e - 1 point"] == (
+        at["chain"]["2"][0] >= at["e2e"]["2"][0] - 0.01 - 1e-9
     )
-    assert by_check["chain bytes per agent per round <= e2e / L (L=6)"] == (
-        rows["chain"]["bytes_per_agent_round"] <= rows["e2e"]["bytes_per_agent_round"] / 6
-    )
-    assert (tmp_path / "accuracy.png").stat().st_size > 0
-    markdown = (tmp_path / "accuracy.md").read_text()
-    assert "| dirichlet:0.5 | chain | 2 |" in markdown
-    assert markdown in capsys.readouterr().out
+    assert by_check["R=2: chain >= head + 5 points"] == (at["chain"]["2"][0] >= head + 0.05 - 1e-9)
+    assert any(c.startswith("at equal device-seconds") for c in by_check)
+    assert (out / "accuracy.png").stat().st_size > 0
+    markdown = (out / "accuracy.md").read_text()
+    assert f"| {SPLIT} | chain | {at['chain']['2'][0]:.4f} ± " in markdown
+    assert "## Cost to target" in markdown
+
+
+def test_the_same_command_reuses_the_saved_runs_and_refuses_other_settings(
+    accuracy_benchmark, report, capsys
+):
+    out, data, argv = report
+    capsys.readouterr()
+
+    assert accuracy_benchmark.main(argv) == 0  # nothing runs again
+
+    printed = capsys.readouterr().out
+    assert printed.count("reused ") == 2 + 2 * len(MODES)  # 2 head fits, 6 federations
+    again = json.loads((out / "accuracy.json").read_text())
+    assert again["runs"] == data["runs"] and again["summaries"] == data["summaries"]
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        accuracy_benchmark.main([*argv, "--lr", "0.01"])

@@ -215,6 +215,24 @@ def test_e2e_streamed_recomputes_every_block_and_ends_where_e2e_ends(tmp_path, m
     assert results["e2e"].final_val_loss == results["e2e-streamed"].final_val_loss
 
 
+def test_every_participant_reports_the_compute_seconds_of_its_round(tmp_path):
+    # device-seconds: each agent's round work is timed by the agent and lands in the round
+    config = SimulationConfig(**TINY, start_layer=4, max_rounds_per_layer=1, workdir=tmp_path)
+
+    result = run_simulation(config)
+
+    assert len(result.history) == 2
+    for entry in result.history:
+        assert set(entry.compute_seconds) == set(entry.participants) == set(result.agent_samples)
+        assert all(seconds > 0 for seconds in entry.compute_seconds.values())
+    totals = result.compute_seconds_per_agent()
+    assert totals == {
+        a: pytest.approx(sum(e.compute_seconds[a] for e in result.history)) for a in totals
+    }
+    # a turn's compute is part of the simulation's wall time, and the turns do not overlap
+    assert sum(totals.values()) < result.seconds
+
+
 def test_in_process_agents_train_side_by_side_however_slow_their_turns(tmp_path, monkeypatch):
     # each agent's turn outlasts the round deadline and, with the others', the agent
     # timeout (2 deadlines): as parallel devices every agent is still in every round
@@ -458,6 +476,7 @@ def test_simulate_command_with_processes_over_grpc(tmp_path, capsys, launches):
     # the agents' own processes wrote the traffic they measured
     agent_report = json.loads((out / "agent-0" / "agent_report.json").read_text())
     assert [r["stage_layer"] for r in agent_report["rounds"]] == [4, 5]
+    assert all(e["compute_seconds"]["agent-0"] > 0 for e in report["history"])
     assert_token_kept_off_command_lines(launches, 3, out)
 
 
