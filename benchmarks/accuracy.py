@@ -15,9 +15,9 @@ aggregation and the same head post-processing: ``--head-rounds`` head-only round
 rows, the shards, the held-out test rows and every initialisation, the same for every
 mode.
 
-``by-topic`` gives each agent the tweets of whole keyword topics
-(``chainfed.agent.training.partition``), and there are 4 topics: a by-topic federation
-has ``min(--agents, 4)`` agents (printed).
+``by-topic`` gives agents the tweets of keyword topics (``chainfed.agent.training.partition
+.topic_shards``): 4 topics, so with more than 4 agents, agents k, k + 4, ... share topic k
+and split its rows at random.
 
 ``head``: the converged head-only model, the floor. A linear probe on the frozen
 backbone's pooled final features (no adapter anywhere), fitted on one device on the union
@@ -105,7 +105,6 @@ from chainfed.agent.app.simulation_report import pyplot
 from chainfed.agent.training.chain import ChainConfig, ChainTrainer, evaluate_streaming
 from chainfed.agent.training.head_refit import refit_head
 from chainfed.agent.training.objectives import build_objective
-from chainfed.agent.training.partition import TOPICS
 from chainfed.agent.training.tokenize import encode_split
 from chainfed.coordinator.config import AGGREGATIONS
 from chainfed.proto.units import format_bytes
@@ -168,15 +167,10 @@ def curve_of(result: SimulationResult) -> Curve:
 # -- running -----------------------------------------------------------------------------
 
 
-def split_agents(split: str, agents: int) -> int:
-    """Agents of a federation on ``split``: by-topic has one agent per topic at most."""
-    return min(agents, len(TOPICS)) if split == "by-topic" else agents
-
-
 def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationConfig:
     """Everything but the mode: the same for every mode of a (split, seed)."""
     return SimulationConfig(
-        agents=split_agents(split, args.agents),
+        agents=args.agents,
         split=split,
         rounds=args.rounds,
         head_rounds=args.head_rounds,
@@ -605,7 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--target", type=float, default=0.75, help="test accuracy of cost to target"
     )
-    parser.add_argument("--agents", type=int, default=8, help="agents (by-topic: at most 4)")
+    parser.add_argument("--agents", type=int, default=8)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--train-rows", type=int, default=8000, help="training rows in all")
     parser.add_argument("--val-rows", type=int, default=400, help="validation rows in all")
@@ -659,11 +653,6 @@ def main(argv: list[str] | None = None) -> int:
     federated = [m for m in modes if m != HEAD]
     topk = next((m for m in federated if m.startswith("topk:")), "topk:2")
     points = report_rounds([int(r) for r in args.report_rounds.split(",")], args.rounds)
-    notes = []
-    if "by-topic" in splits and args.agents > len(TOPICS):
-        notes.append(f"by-topic: {len(TOPICS)} topics, so {len(TOPICS)} agents, not {args.agents}.")
-    for note in notes:
-        print(note)
 
     heads = fit_heads(seeds, args, out) if HEAD in modes else {}
     runs = {split: run_federations(split, federated, seeds, args, out) for split in splits}
@@ -687,7 +676,6 @@ def main(argv: list[str] | None = None) -> int:
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "seeds": seeds,
         "report_rounds": points,
-        "notes": notes,
         "head": {str(s): h for s, h in heads.items()},
         "runs": runs,
         "summaries": summaries,
@@ -708,7 +696,6 @@ def main(argv: list[str] | None = None) -> int:
             f"local epochs {args.local_epochs} (else {args.local_steps} steps) of micro-batch "
             f"{args.micro_batch}, lr {args.lr}, LoRA rank {args.rank}, aggregation "
             f"{args.aggregation}, window {args.window}, GPO {args.gpo}.",
-            *(f"\n* {note}" for note in notes),
             "",
             "## Test accuracy after R rounds",
             "",

