@@ -338,6 +338,7 @@ def run_kill_chain(cluster: Cluster, seed: int) -> int:
     return kills
 
 
+@pytest.mark.slow  # ~2 min; one SIGKILL-and-resume stays in the default run (federation_processes)
 def test_coordinator_sigkill_resumes_consistent_state(model_assets, tmp_path):
     """``len(SEEDS)`` seeded chains, four at a time side by side (each its own
     coordinator, port and state dir) so that the default run stays short; every planned

@@ -307,7 +307,7 @@ SANITY_DATA = ("--train-rows", "200", "--val-rows", "80", "--max-len", "32")
 SANITY_COMMON = ("--window", "2", "--micro-batch", "16", "--seed", "0")
 
 
-@pytest.mark.parametrize("start", ["3", "auto"])
+@pytest.mark.parametrize("start", ["3", pytest.param("auto", marks=pytest.mark.slow)])
 def test_one_agent_federation_equals_chainfed_train(tmp_path: Path, start: str):
     """fedavg over one agent is the identity, so the federated chain must retrace the
     local one step for step: same data order, same initialisations, same optimiser."""
@@ -422,6 +422,7 @@ HEAD_CHAIN = ("--start-layer", "4", "--window", "2", "--local-steps", "3")
 HEAD_CHAIN += ("--min-rounds-per-layer", "1", "--max-rounds-per-layer", "1", "--head-rounds", "3")
 
 
+@pytest.mark.slow  # head rounds are tested in process; a coordinator kill in the test above
 def test_head_rounds_survive_a_coordinator_kill_and_train_the_head_alone(
     tmp_path: Path, shards, minilm: StreamingModel
 ):
@@ -488,6 +489,7 @@ def test_head_rounds_survive_a_coordinator_kill_and_train_the_head_alone(
 DEADLINE_S = 15.0
 
 
+@pytest.mark.slow  # a killed agent is dropped in test_operations and test_fault_injection too
 def test_agent_killed_mid_round_is_dropped_then_rejoins_with_its_cache(tmp_path: Path):
     # start 4, window 2: the window's bottom stays at layer 4 for the whole chain, so a
     # prefix cache that is reused is never rewritten: its file, inode and mtime stay put.
@@ -611,6 +613,7 @@ def test_agent_whose_round_closed_before_it_fetched_moves_on(
     assert [r["participants"] for r in state["history"]] == [["late"], ["late"]]
 
 
+@pytest.mark.slow  # the planner's choice is unit-tested in tests/agent/training/test_budget.py
 def test_window_auto_fits_the_agent_with_the_longest_sequences(
     tmp_path: Path, minilm: StreamingModel
 ):
