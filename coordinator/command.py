@@ -266,6 +266,7 @@ def _add_privacy_arguments(p: argparse._ArgumentGroup) -> None:
 
 def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--micro-batch", type=int, default=16)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--local-steps", type=int, default=25, help="optimiser steps per round")
@@ -279,6 +280,7 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--targets", choices=LORA_TARGETS, default="all")
+    t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input")
     t.add_argument(
         "--backbone-dropout",
         type=float,
@@ -328,6 +330,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         )
     params = TrainingParams(
         lr=args.lr,
+        weight_decay=args.weight_decay,
         micro_batch=args.micro_batch,
         grad_accum=args.grad_accum,
         local_steps=args.local_steps,
@@ -337,6 +340,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         lora_rank=args.rank,
         lora_alpha=args.alpha,
         lora_targets=args.targets,
+        lora_dropout=args.lora_dropout,
         backbone_dropout=args.backbone_dropout,
         e2e_streamed=args.e2e_streamed,
         lora_train_a=args.aggregation != "ffa",  # FFA averages B over one frozen, shared A

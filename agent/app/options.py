@@ -99,8 +99,12 @@ class SimulationConfig:
     """Samples per step."""
     lr: float = 1e-3
     """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
     rank: int = 8
     """LoRA rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter branch input."""
     targets: str = "all"
     """Adapted linears of each block: ``qv``, ``attention`` or ``all`` (``LORA_TARGETS``)."""
     backbone_dropout: float = 0.0
@@ -485,7 +489,19 @@ def add_simulation_arguments(
     )
     c.add_argument("--micro-batch", type=int, default=d.micro_batch)
     c.add_argument("--lr", type=float, default=d.lr)
+    c.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"AdamW weight decay (default {d.weight_decay})",
+    )
     c.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    c.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=d.lora_dropout,
+        help=f"dropout on the adapter input (default {d.lora_dropout})",
+    )
     c.add_argument(
         "--targets",
         choices=LORA_TARGETS,
@@ -548,7 +564,9 @@ def simulation_config_from_args(
         local_epochs=args.local_epochs,
         micro_batch=args.micro_batch,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         rank=args.rank,
+        lora_dropout=args.lora_dropout,
         targets=args.targets,
         backbone_dropout=args.backbone_dropout,
         agents_per_round=args.agents_per_round,

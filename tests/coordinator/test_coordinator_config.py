@@ -58,6 +58,13 @@ def test_local_epochs_reach_the_agents_and_bad_values_are_named(tmp_path: Path):
 
     assert params().local_epochs == 0.0
     assert params("--local-epochs", "1.5").local_epochs == 1.5
+    assert (params().weight_decay, params().lora_dropout) == (0.0, 0.0)
+    tuned = params("--weight-decay", "0.01", "--lora-dropout", "0.05")
+    assert (tuned.weight_decay, tuned.lora_dropout) == (0.01, 0.05)
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        params("--lora-dropout", "1")
+    with pytest.raises(ValueError, match="weight_decay"):
+        params("--weight-decay", "-0.1")
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(ValueError, match="local_epochs"):
             params("--local-epochs", bad)

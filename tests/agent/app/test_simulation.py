@@ -407,16 +407,19 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     parser = build_parser(only="simulate")
     args = parser.parse_args(
         ["simulate", "--rounds", "9", "--head-rounds", "2", "--head-local-steps", "40"]
+        + ["--weight-decay", "0.01", "--lora-dropout", "0.05"]
     )
     config = simulation_config_from_args(args, tmp_path)
     assert (config.rounds, config.head_rounds, config.max_rounds_per_layer) == (9, 2, None)
     assert config.head_local_steps == 40
+    assert (config.weight_decay, config.lora_dropout) == (0.01, 0.05)
     coordinator_args = argparse.ArgumentParser()
     add_arguments(coordinator_args)
     argv = ["--state-dir", "-", *coordinator_argv(config, 6)]
     chain = coordinator_args.parse_args(argv)
     assert (chain.rounds, chain.head_rounds, chain.max_rounds_per_layer) == (9, 2, None)
     assert chain.head_local_steps == 40
+    assert (chain.weight_decay, chain.lora_dropout) == (0.01, 0.05)
     # e2e: one stage of the rounds the head leaves
     e2e = coordinator_args.parse_args(
         ["--state-dir", "-", *coordinator_argv(replace(config, mode="e2e"), 6)]
