@@ -38,6 +38,11 @@ from chainfed.proto.messages import (  # noqa: E402
     UpdateMetrics,
 )
 
+# Ray gives each virtual node one CPU, so its agent computes with one intra-op thread;
+# chainfed simulate runs in this process and must use one too: the same reductions in
+# the same order, so the two agree to float tolerance (with 2 threads they drift apart).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RUN_CONFIG = {
     "agents": 3,
     "split": "dirichlet:0.5",

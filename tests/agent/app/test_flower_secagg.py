@@ -42,6 +42,11 @@ from chainfed.agent.app.simulation import run_simulation as chainfed_simulate  #
 from chainfed.coordinator import state_store  # noqa: E402
 from chainfed.proto.adapter_file import load_adapter_file  # noqa: E402
 
+# Ray gives each virtual node one CPU, so its agent computes with one intra-op thread;
+# chainfed simulate runs in this process and must use one too: the same reductions in
+# the same order, so the two agree to float tolerance (with 2 threads they drift apart).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RUN_CONFIG = {
     "agents": 3,
     "split": "dirichlet:0.5",
