@@ -107,6 +107,7 @@ from chainfed.agent.training.head_refit import refit_head
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import encode_split
 from chainfed.coordinator.config import AGGREGATIONS
+from chainfed.proto.messages import LORA_TARGETS
 from chainfed.proto.units import format_bytes
 
 HEAD = "head"
@@ -189,7 +190,11 @@ def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationCo
         local_epochs=args.local_epochs,
         micro_batch=args.micro_batch,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         rank=args.rank,
+        lora_dropout=args.lora_dropout,
+        targets=args.targets,
+        backbone_dropout=args.backbone_dropout,
         aggregation=args.aggregation,
         test_each_round=True,
         in_process=True,
@@ -634,6 +639,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the coordinator's aggregation, every mode (default: %(default)s)",
     )
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--targets", choices=LORA_TARGETS, default="all", help="adapted linears, every mode"
+    )
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW, every mode")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="every mode")
+    parser.add_argument(
+        "--backbone-dropout", type=float, default=0.0, help="trained blocks, every mode"
+    )
     add_device_arguments(parser, per_agent=True)
     parser.add_argument(
         "--out", type=Path, help="output folder (default: benchmarks/results/accuracy-<time>)"

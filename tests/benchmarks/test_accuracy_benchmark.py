@@ -34,7 +34,8 @@ def report(accuracy_benchmark, tmp_path_factory):
     argv = ["--splits", SPLIT, "--seeds", "0,1", "--rounds", "2", "--agents", "2"]
     argv += ["--train-rows", "40", "--val-rows", "20", "--test-rows", "20", "--max-len", "24"]
     argv += ["--micro-batch", "8", "--start-layer", "4", "--target", str(TARGET)]
-    argv += ["--head-fit-epochs", "2", "--out", str(out)]
+    argv += ["--head-fit-epochs", "2", "--targets", "qv", "--weight-decay", "0.01"]
+    argv += ["--out", str(out)]
     try:
         assert accuracy_benchmark.main(argv) == 0
     finally:
@@ -57,6 +58,8 @@ def test_every_mode_runs_the_same_rounds_and_its_curve_is_cumulative(report):
         assert len(seeds) == 2
         for run in seeds:
             curve, history = run["curve"], run["result"]["history"]
+            config = run["result"]["config"]
+            assert (config["targets"], config["weight_decay"]) == ("qv", 0.01)
             assert len(history) == len(curve["accuracy"]) == 2  # R = 2 for every mode
             assert {layer for e in history for layer in e["window"]} == layers[mode]
             assert curve["accuracy"] == [e["test_metric"] for e in history]
