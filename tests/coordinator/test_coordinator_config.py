@@ -8,6 +8,7 @@ refuses the first round ("differs from agent ..."). Other strategies train A.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.coordinator.command import add_arguments, coordinator_config
+from chainfed.coordinator.config import CoordinatorConfig
 from chainfed.proto.errors import ChainFedError
 
 TINY_BERT = {
@@ -32,29 +34,38 @@ TINY_BERT = {
 }
 
 
+def configured(tmp_path: Path) -> tuple[argparse.ArgumentParser, Callable[..., CoordinatorConfig]]:
+    """The coordinator's parser and ``config(*flags)``: the ``CoordinatorConfig`` those
+    flags give for a tiny BERT written under ``tmp_path``."""
+    spec = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model")).spec()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def config(*argv: str) -> CoordinatorConfig:
+        return coordinator_config(
+            parser.parse_args(["--state-dir", "-", "--token", "-", *argv]), spec
+        )
+
+    return parser, config
+
+
 @pytest.mark.parametrize(
     ("aggregation", "train_a"), [("ffa", False), ("fedavg", True), ("svd", True)]
 )
 def test_ffa_tells_the_agents_to_keep_a_frozen(tmp_path: Path, aggregation: str, train_a: bool):
-    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--state-dir", "-", "--token", "-", "--aggregation", aggregation])
+    _, configure = configured(tmp_path)
 
-    config = coordinator_config(args, model.spec())
+    config = configure("--aggregation", aggregation)
 
     assert config.aggregation == aggregation
     assert config.params.lora_train_a is train_a
 
 
 def test_local_epochs_reach_the_agents_and_bad_values_are_named(tmp_path: Path):
-    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    _, configure = configured(tmp_path)
 
     def params(*argv: str):
-        args = parser.parse_args(["--state-dir", "-", "--token", "-", *argv])
-        return coordinator_config(args, model.spec()).params
+        return configure(*argv).params
 
     assert params().local_epochs == 0.0
     assert params("--local-epochs", "1.5").local_epochs == 1.5
@@ -73,13 +84,7 @@ def test_local_epochs_reach_the_agents_and_bad_values_are_named(tmp_path: Path):
 def test_round_budget_and_head_rounds_reach_the_config_and_bad_values_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-
-    def config(*argv: str):
-        args = parser.parse_args(["--state-dir", "-", "--token", "-", *argv])
-        return coordinator_config(args, model.spec())
+    parser, config = configured(tmp_path)
 
     plain = config()
     assert (plain.round_budget, plain.head_rounds, plain.max_rounds) == (None, 0, 3)
@@ -116,13 +121,10 @@ def test_poll_seconds_is_a_positive_number_of_seconds():
 
 
 def test_e2e_streamed_reaches_the_agents_only_with_the_e2e_layout(tmp_path: Path):
-    model = StreamingModel(write_random_checkpoint(TINY_BERT, tmp_path / "model"))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser, configure = configured(tmp_path)
 
     def params(*argv: str):
-        args = parser.parse_args(["--state-dir", "-", "--token", "-", *argv])
-        return coordinator_config(args, model.spec()).params
+        return configure(*argv).params
 
     assert params("--start-layer", "0", "--window", "2").e2e_streamed is False
     assert params("--start-layer", "0", "--window", "2", "--e2e-streamed").e2e_streamed is True
