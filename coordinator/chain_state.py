@@ -219,7 +219,10 @@ class ChainCoordinator:
                 local_dp_noise_multiplier=config.dp.noise_multiplier,
             )
         self.changed = True
-        """Set when something worth persisting happened; the servicer clears it."""
+        """Set when something worth persisting happened; a save clears it."""
+        self.unsaved_agents: set[str] = set()
+        """Agents registered or refreshed since the last save: all that changed when
+        ``changed`` is False (persisted by appending to the registration journal)."""
         self.observer: ChainObserver = _Unobserved()
         """Told of rounds opening and closing (the service sets its metrics here)."""
         self.online_since_ms = 0
@@ -362,7 +365,7 @@ class ChainCoordinator:
             log.info("agent %s registered (%s samples)", agent_id, capabilities.num_samples)
         else:
             entry.capabilities, entry.last_seen_ms = capabilities, now_ms
-        self.changed = True
+        self.unsaved_agents.add(agent_id)
         return agent_id
 
     def touch(self, agent_id: str, now_ms: int) -> None:

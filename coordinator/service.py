@@ -20,11 +20,11 @@ Waiters are woken only when the answer to GetTask can change (phase, open round 
 probe), not at every registration or upload; a caller that vanishes mid-poll keeps its
 thread until its poll window ends.
 
-Registrations are committed in groups: ``state.json`` holds every agent, so one save per
-registration would make a fleet arriving together cost saves quadratic in its size. A
-Register records the agent and waits, lock released, a quarter second for a save; then
-the first of the waiting calls to get the lock back saves once for every registration
-made since. An acknowledged registration is on disk.
+Registrations are committed in groups: a registration is appended to the state's
+journal (``state_store.persist``), one fsync'd write, and a fleet arriving together
+would make one each. A Register records the agent and waits, lock released, a quarter
+second for a save; then the first of the waiting calls to get the lock back writes once
+for every registration made since. An acknowledged registration is on disk.
 
 Persistence failure (state dir read-only, disk full): the call that triggered the save
 fails with UNAVAILABLE (agents back off and retry), the servicer records the error in
@@ -195,17 +195,16 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
     def _persist_if_changed(self) -> bool:
         """Save a changed state and wake the long-polls if tasks may have changed; False
         (and ``fatal`` set) when the state cannot be saved."""
-        if self.coordinator.changed:
+        if self.coordinator.changed or self.coordinator.unsaved_agents:
             try:
                 with self.metrics.state_save_seconds.time():
-                    state_store.save(self.coordinator, self.config.state_dir)
+                    state_store.persist(self.coordinator, self.config.state_dir)
             except state_store.StateDirError as exc:
                 log.error("stopping: %s", exc)
                 self.fatal = exc
                 self.lock.notify_all()
                 self._saved.notify_all()
                 return False
-            self.coordinator.changed = False
             self.saves_completed += 1
             self._saved.notify_all()
         key = self._current_task_key()
@@ -603,7 +602,6 @@ class CoordinatorServer:
         servicer = ChainFedServicer(coordinator, self.config)
         with servicer.lock:
             state_store.save(coordinator, self.config.state_dir)
-            coordinator.changed = False
         self.servicer = servicer
         self._gate.attach(_decoding_handler(servicer))
         self.health.serving()

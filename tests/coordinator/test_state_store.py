@@ -91,6 +91,83 @@ def test_round_trip_restores_everything(kit, tmp_path):
     ]
 
 
+def journals(state_dir: Path) -> list[str]:
+    return sorted(p.name for p in state_dir.glob(state_store.JOURNAL_PATTERN))
+
+
+def test_registrations_alone_are_appended_to_the_journal_and_load_back(kit, tmp_path):
+    c = kit.coordinator(start_layer=None, window=None, min_agents=5)
+    c.register("a", kit.caps(memory=1), 7)
+    state_store.persist(c, tmp_path)  # a new coordinator: the whole state
+    state_json = (tmp_path / STATE_FILE).read_bytes()
+    assert json.loads(state_json)["agents"].keys() == {"a"} and journals(tmp_path) == []
+
+    kit.register(c, "b", "c", now=8)
+    assert not c.changed and c.unsaved_agents == {"b", "c"}
+    state_store.persist(c, tmp_path)
+    c.register("a", kit.caps(memory=2), 9)  # a refreshed registration is journaled too
+    state_store.persist(c, tmp_path)
+
+    assert (tmp_path / STATE_FILE).read_bytes() == state_json  # not rewritten
+    (journal,) = journals(tmp_path)
+    lines = (tmp_path / journal).read_text().splitlines()
+    assert [json.loads(line)["agent"] for line in lines] == ["b", "c", "a"]
+    assert json.loads(state_json)["agents_journal"] == journal
+    assert state_of(state_store.load(tmp_path, kit.config())) == state_of(c)
+
+    kit.register(c, "d", "e", now=10)  # the fifth agent starts the probe: a chain change
+    assert c.changed
+    state_store.persist(c, tmp_path)
+    saved = json.loads((tmp_path / STATE_FILE).read_text())
+    assert saved["agents"].keys() == set("abcde") and saved["agents_journal"] != journal
+    assert journals(tmp_path) == []  # the old journal is gone, the new one not begun
+    assert state_of(state_store.load(tmp_path, kit.config())) == state_of(c)
+
+
+def test_a_journal_line_cut_short_is_ignored_and_never_appended_to(kit, tmp_path):
+    c = kit.coordinator(start_layer=None, window=None, min_agents=5)
+    kit.register(c, "a")
+    state_store.persist(c, tmp_path)
+    kit.register(c, "b")
+    state_store.persist(c, tmp_path)
+    (journal,) = journals(tmp_path)
+    with open(tmp_path / journal, "a") as f:
+        f.write('{"agent": "c", "capabil')  # a crash in the middle of the write
+
+    loaded = state_store.load(tmp_path, kit.config())
+    assert sorted(loaded.agents) == ["a", "b"]
+    kit.register(loaded, "c")
+    state_store.persist(loaded, tmp_path)  # not appended after the torn line: a full save
+    assert journals(tmp_path) == []
+    assert sorted(state_store.load(tmp_path, kit.config()).agents) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("not json", "line 2"),
+        ('{"capabilities": {}, "last_seen_ms": 1, "rounds_completed": 0}', "field agent"),
+        ('{"agent": "x", "last_seen_ms": -1}', r"agents\['x'\]\.capabilities is missing"),
+    ],
+)
+def test_a_corrupt_journal_is_refused_and_left_as_it_was(kit, tmp_path, line, named):
+    c = kit.coordinator(start_layer=None, window=None, min_agents=5)
+    kit.register(c, "a")
+    state_store.persist(c, tmp_path)
+    kit.register(c, "b")
+    state_store.persist(c, tmp_path)
+    (journal,) = journals(tmp_path)
+    with open(tmp_path / journal, "a") as f:
+        f.write(line + "\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    with pytest.raises(StateDirError, match=f"{journal}, line 2: corrupt registration journal"):
+        state_store.load(tmp_path, kit.config())
+    with pytest.raises(StateDirError, match=named):
+        state_store.load(tmp_path, kit.config())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_round_trip_of_a_fresh_and_a_finished_chain(kit, tmp_path):
     fresh = kit.coordinator(start_layer=None, window=None)
     fresh.register("a", kit.caps(memory=123), 7)

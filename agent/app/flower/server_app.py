@@ -315,9 +315,7 @@ class _ChainDriver:
         return good
 
     def _persist(self) -> None:
-        if self.coordinator.changed:
-            state_store.save(self.coordinator, self.state_dir)
-            self.coordinator.changed = False
+        state_store.persist(self.coordinator, self.state_dir)
 
     def _report(self) -> None:
         history = self.coordinator.history
