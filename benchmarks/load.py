@@ -11,7 +11,7 @@ head) instead of training. ``--agents-per-round`` K samples K of the N registere
 into each training round (0: every agent); the others keep long-polling GetTask, as idle
 devices do. The chain starts once all N have registered and each round waits for all of
 its K (the quorum is N, and a round's quorum is at most its participants). The final
-evaluation round asks every registered agent.
+evaluation round asks every registered agent, or ``--evaluation-agents`` of them.
 
 File descriptors. Every agent holds its own TCP connection, so the coordinator holds N
 sockets and each worker process about N / ``--processes``; the script raises its soft
@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "agents": args.agents,
         "agents_per_round": args.agents_per_round or args.agents,
+        "evaluation_agents": args.evaluation_agents or args.agents,
         **figures,
         "coordinator_peak_rss_bytes": watch.peak_rss_bytes,
         "coordinator_cpu_s": watch.cpu_s,
@@ -241,6 +242,7 @@ def start_coordinator(
         *("--start-layer", str(start_layer), "--window", str(args.window), "--gpo", "none"),
         *("--min-rounds-per-layer", str(per_layer), "--max-rounds-per-layer", str(per_layer)),
         *("--min-agents", str(args.agents), "--agents-per-round", str(args.agents_per_round)),
+        *("--evaluation-agents", str(args.evaluation_agents)),
         *("--round-deadline", str(args.round_deadline)),
         *("--poll-seconds", str(args.poll_ms / 1000)),
         *("--rank", str(args.rank), "--exit-after-done", "600", "--verbose"),
@@ -382,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="agents sampled into each training round (0 = all)",
+    )
+    parser.add_argument(
+        "--evaluation-agents",
+        type=int,
+        default=0,
+        help="agents asked to evaluate the final adapters (0 = all)",
     )
     parser.add_argument("--rounds", type=int, default=20, help="training rounds (at least)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")

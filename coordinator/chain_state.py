@@ -15,7 +15,8 @@ persists it after every change (``chainfed.coordinator.state_store``)::
         -> head_rounds > 0 (or budget left): HEAD STAGE, rounds whose window is empty:
            agents train the task head alone on their final features, upload it, it is
            aggregated
-    -> EVALUATING (one round, metrics only) -> DONE
+    -> EVALUATING (one round, metrics only: every active agent, or a sample of
+       ``evaluation_agents``) -> DONE
 
 Guarantees:
 
@@ -471,7 +472,8 @@ class ChainCoordinator:
         layer = self.config.num_layers - 1 if evaluation else self.stage_layer
         window = self.window_for(layer) if evaluation else self.round_window()
         if evaluation:
-            participants = agents
+            k = self.config.evaluation_agents or len(agents)
+            participants = sorted(rng.sample(agents, min(k, len(agents))))
         self.open_round = OpenRound(
             round_id=self._next_round_id("eval" if evaluation else "r"),
             stage_layer=layer,

@@ -182,6 +182,13 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     c.add_argument("--tolerance", type=float, default=0.01)
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
     c.add_argument("--agents-per-round", type=int, default=0, help="0 = all registered")
+    c.add_argument(
+        "--evaluation-agents",
+        type=int,
+        default=0,
+        help="agents asked to evaluate the final adapters, a seeded sample (default 0: every "
+        "active agent; each fetches the whole final adapters)",
+    )
     c.add_argument("--round-deadline", type=float, default=600.0, help="seconds per round")
     c.add_argument(
         "--agent-timeout",
@@ -368,6 +375,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         tolerance=args.tolerance,
         min_agents=args.min_agents,
         agents_per_round=args.agents_per_round,
+        evaluation_agents=args.evaluation_agents,
         round_deadline_s=args.round_deadline,
         agent_timeout_s=args.agent_timeout,
         aggregation=args.aggregation,

@@ -67,6 +67,10 @@ class CoordinatorConfig:
     """Quorum: registered agents before starting, updates before aggregating."""
     agents_per_round: int = 0
     """Agents sampled per round; 0 = every registered agent."""
+    evaluation_agents: int = 0
+    """Agents asked to evaluate the final adapters; 0 = every active agent. Each fetches
+    the whole final adapters, so with thousands of agents a seeded sample measures the
+    federated validation metric for a fraction of the transfer."""
     round_deadline_s: float = 600.0
     """Seconds a round waits for its agents before dropping stragglers."""
     agent_timeout_s: float | None = None
@@ -119,6 +123,8 @@ class CoordinatorConfig:
             raise ValueError(f"first stage layer {self.first_stage_layer} is not a layer")
         if (self.window is not None and self.window < 1) or self.min_agents < 1:
             raise ValueError("window and min_agents must be >= 1")
+        if self.agents_per_round < 0 or self.evaluation_agents < 0:
+            raise ValueError("agents per round and evaluation agents must be >= 0 (0 = all)")
         if self.agent_timeout_s is not None and not (
             math.isfinite(self.agent_timeout_s) and self.agent_timeout_s > 0
         ):

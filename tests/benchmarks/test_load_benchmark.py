@@ -58,26 +58,38 @@ def test_load_benchmark_smoke(tmp_path):
     assert [len(r["participants"]) for r in state["history"]] == [20, 20, 20]  # + evaluation
 
 
-def test_load_benchmark_samples_agents_per_round(tmp_path):
+def test_load_benchmark_samples_agents_per_round_and_for_the_evaluation(tmp_path):
     out = tmp_path / "load.json"
     argv = [sys.executable, str(BENCHMARK), "--agents", "30", "--agents-per-round", "10"]
-    argv += ["--rounds", "2", "--processes", "2", "--start-spread", "0.5", "--timeout", "150"]
+    argv += [
+        "--evaluation-agents",
+        "5",
+        "--rounds",
+        "2",
+        "--processes",
+        "2",
+        "--start-spread",
+        "0.5",
+        "--timeout",
+        "150",
+    ]
     argv += ["--json", str(out), "--workdir", str(tmp_path / "run")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
 
     result = json.loads(out.read_text())
     assert result["agents"] == 30 and result["agents_per_round"] == 10 and result["rounds"] == 2
+    assert result["evaluation_agents"] == 5
     assert result["accepted"] == result["aggregated"] == 20  # only the sampled uploaded
     assert result["lost"] == result["double_counted"] == result["unexpected"] == 0
     assert result["phase"] == "done" and result["agent_error_count"] == 0
     assert result["rpc"]["Register"]["calls"] == 30
-    assert result["rpc"]["SubmitUpdate"]["calls"] == 20 + 30  # + every agent's evaluation
+    assert result["rpc"]["SubmitUpdate"]["calls"] == 20 + 5  # + the sampled evaluations
     assert result["coordinator_peak_open_files"] >= 30  # a connection per agent
     assert result["coordinator_peak_threads"] > 1
     state = json.loads((tmp_path / "run" / "state" / "state.json").read_text())
     rounds = state["history"]
-    assert [len(r["participants"]) for r in rounds] == [10, 10, 30]
+    assert [len(r["participants"]) for r in rounds] == [10, 10, 5]
     assert len(set(rounds[0]["participants"]) | set(rounds[1]["participants"])) > 10
 
 

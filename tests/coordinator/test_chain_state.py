@@ -471,6 +471,29 @@ def test_evaluation_round_takes_metrics_only_then_done(kit):
     assert_tensors_equal(c.tensors_for(done.round_id), final)
 
 
+def test_evaluation_agents_asks_a_seeded_sample_and_finishes_with_it(kit):
+    agents = ["a", "b", "c", "d", "e"]
+    picked = []
+    for _ in range(2):
+        c = kit.coordinator(min_agents=5, window=1, evaluation_agents=2)
+        run_chain_to_evaluation(kit, c, agents)
+        asked = [a for a in agents if c.next_task(a, 1000).kind is TaskKind.EVALUATE]
+        picked.append(asked)
+    assert len(picked[0]) == 2 and picked[0] == picked[1]  # the same seed, the same sample
+
+    round_id = c.open_round.round_id
+    for n, agent in enumerate(picked[1]):
+        assert c.phase is ChainPhase.EVALUATING
+        c.submit(agent, round_id, kit.eval_metrics(0.1 * (n + 1), val_samples=10), {}, 1001)
+    assert c.phase is ChainPhase.DONE and c.history[-1].participants == tuple(picked[1])
+    assert c.history[-1].metrics.val_loss == pytest.approx(0.15)
+
+
+def test_evaluation_agents_must_not_be_negative(kit):
+    with pytest.raises(ValueError, match="evaluation agents must be >= 0"):
+        kit.config(evaluation_agents=-1)
+
+
 def test_evaluation_by_agents_without_training_samples_finishes(kit):
     c = kit.coordinator(window=1)
     run_chain_to_evaluation(kit, c, ["a"])

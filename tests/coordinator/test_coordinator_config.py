@@ -109,6 +109,16 @@ def test_round_budget_and_head_rounds_reach_the_config_and_bad_values_are_refuse
     assert "--head-local-steps" in text
 
 
+def test_evaluation_agents_reach_the_config_and_a_negative_count_is_named(tmp_path: Path):
+    parser, config = configured(tmp_path)
+
+    assert config().evaluation_agents == 0
+    assert config("--evaluation-agents", "100").evaluation_agents == 100
+    with pytest.raises(ValueError, match="evaluation agents must be >= 0"):
+        config("--evaluation-agents", "-1")
+    assert "every active agent" in parser.format_help()
+
+
 def test_poll_seconds_is_a_positive_number_of_seconds():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
