@@ -107,7 +107,10 @@ from chainfed.agent.training.head_refit import refit_head
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import encode_split
 from chainfed.coordinator.config import AGGREGATIONS
-from chainfed.proto.messages import LORA_TARGETS
+from chainfed.proto.local_training_options import (
+    LocalTrainingDefaults,
+    add_local_training_arguments,
+)
 from chainfed.proto.units import format_bytes
 
 HEAD = "head"
@@ -189,9 +192,11 @@ def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationCo
         local_steps=args.local_steps,
         local_epochs=args.local_epochs,
         micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
         lr=args.lr,
         weight_decay=args.weight_decay,
         rank=args.rank,
+        alpha=args.alpha,
         lora_dropout=args.lora_dropout,
         targets=args.targets,
         backbone_dropout=args.backbone_dropout,
@@ -630,22 +635,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--head-fit-epochs", type=int, default=10, help="passes per chunk of the head-only fit"
     )
-    parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate, every mode")
     parser.add_argument(
         "--aggregation",
         choices=AGGREGATIONS,
         default="fedavg",
         help="the coordinator's aggregation, every mode (default: %(default)s)",
     )
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument(
-        "--targets", choices=LORA_TARGETS, default="all", help="adapted linears, every mode"
-    )
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW, every mode")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="every mode")
-    parser.add_argument(
-        "--backbone-dropout", type=float, default=0.0, help="trained blocks, every mode"
+    add_local_training_arguments(
+        parser.add_argument_group("local training, every mode"),
+        replace(LocalTrainingDefaults(), lr=5e-4, micro_batch=32),
     )
     add_device_arguments(parser, per_agent=True)
     parser.add_argument(

@@ -36,7 +36,8 @@ from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.errors import ChainFedError
-from chainfed.proto.messages import LORA_TARGETS, ChainPhase, TrainingParams
+from chainfed.proto.local_training_options import add_local_training_arguments
+from chainfed.proto.messages import ChainPhase, TrainingParams
 from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
 from chainfed.proto.tensor_names import layers_of
@@ -272,10 +273,7 @@ def _add_privacy_arguments(p: argparse._ArgumentGroup) -> None:
 
 
 def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    t.add_argument("--micro-batch", type=int, default=16)
-    t.add_argument("--grad-accum", type=int, default=1)
+    add_local_training_arguments(t)
     t.add_argument("--local-steps", type=int, default=25, help="optimiser steps per round")
     t.add_argument(
         "--local-epochs",
@@ -283,16 +281,6 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
         default=0.0,
         help="when > 0: each round is this many passes over an agent's own rows "
         "(steps follow its shard size, as FedAvg's E); --local-steps is then unused",
-    )
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--targets", choices=LORA_TARGETS, default="all")
-    t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input")
-    t.add_argument(
-        "--backbone-dropout",
-        type=float,
-        default=0.0,
-        help="dropout of the trained blocks in training steps, bert family (default 0)",
     )
     t.add_argument(
         "--e2e-streamed",

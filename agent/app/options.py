@@ -34,7 +34,7 @@ from chainfed.agent.runtime.precision import (
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
 from chainfed.agent.training.memory_meter import declare_unified_memory
-from chainfed.proto.messages import LORA_TARGETS
+from chainfed.proto.local_training_options import add_local_training_arguments
 
 
 class SimulationError(ChainFedError):
@@ -96,13 +96,17 @@ class SimulationConfig:
     local_epochs: float = 0.0
     """When > 0: each round is this many passes over an agent's own rows."""
     micro_batch: int = 16
-    """Samples per step."""
+    """Samples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     rank: int = 8
     """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha (the adapter's scale is alpha / rank)."""
     lora_dropout: float = 0.0
     """Dropout on the adapter branch input."""
     targets: str = "all"
@@ -372,11 +376,12 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
         lora=LoRAConfig(
             rank=args.rank,
             alpha=args.alpha,
-            dropout=args.dropout,
+            dropout=args.lora_dropout,
             targets=args.targets,
             seed=args.seed,
         ),
         lr=args.lr,
+        weight_decay=args.weight_decay,
         backbone_dropout=args.backbone_dropout,
         micro_batch=args.micro_batch,
         grad_accum=args.grad_accum,
@@ -487,35 +492,7 @@ def add_simulation_arguments(
         default=d.local_epochs,
         help="when > 0: passes over each agent's rows per round (instead of --local-steps)",
     )
-    c.add_argument("--micro-batch", type=int, default=d.micro_batch)
-    c.add_argument("--lr", type=float, default=d.lr)
-    c.add_argument(
-        "--weight-decay",
-        type=float,
-        default=d.weight_decay,
-        help=f"AdamW weight decay (default {d.weight_decay})",
-    )
-    c.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
-    c.add_argument(
-        "--lora-dropout",
-        type=float,
-        default=d.lora_dropout,
-        help=f"dropout on the adapter input (default {d.lora_dropout})",
-    )
-    c.add_argument(
-        "--targets",
-        choices=LORA_TARGETS,
-        default=d.targets,
-        help=f"adapted linears of each block: qv (query, value), attention (q/k/v/o) or all "
-        f"(default {d.targets})",
-    )
-    c.add_argument(
-        "--backbone-dropout",
-        type=float,
-        default=d.backbone_dropout,
-        help="dropout of the trained blocks in training steps, bert family: attention "
-        f"probabilities and half-block outputs, as BERT trains (default {d.backbone_dropout})",
-    )
+    add_local_training_arguments(c, d)
     add_device_arguments(parser, per_agent=True)
 
 
@@ -563,9 +540,11 @@ def simulation_config_from_args(
         local_steps=args.local_steps,
         local_epochs=args.local_epochs,
         micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
         lr=args.lr,
         weight_decay=args.weight_decay,
         rank=args.rank,
+        alpha=args.alpha,
         lora_dropout=args.lora_dropout,
         targets=args.targets,
         backbone_dropout=args.backbone_dropout,

@@ -53,7 +53,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
-from chainfed.proto.messages import LORA_TARGETS
+from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.units import format_bytes, parse_bytes
 
 
@@ -74,19 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
     c.add_argument("--start-layer", help="auto (FOAT, default) or a layer index")
     c.add_argument("--foat-threshold", type=float, default=0.8, help="FOAT CKA threshold")
-    c.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    c.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
-    c.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    c.add_argument("--targets", choices=LORA_TARGETS, default="all")
-    c.add_argument(
-        "--backbone-dropout",
-        type=float,
-        default=0.0,
-        help="dropout of the trained blocks in training steps, bert family (default 0)",
-    )
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--micro-batch", type=int, default=16)
-    c.add_argument("--grad-accum", type=int, default=1)
+    add_local_training_arguments(c)
     c.add_argument("--steps-per-round", type=int, default=25)
     c.add_argument("--min-rounds", type=int, default=1, help="minimum rounds per stage")
     c.add_argument("--max-rounds", type=int, default=3, help="round cap per stage")
