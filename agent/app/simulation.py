@@ -69,7 +69,7 @@ from chainfed.agent.training.chain import EncodedSplit, Evaluation, evaluate_str
 from chainfed.agent.training.data import SplitData, load_dataset
 from chainfed.agent.training.memory_meter import declare_unified_memory, process_baseline
 from chainfed.agent.training.objectives import build_objective
-from chainfed.agent.training.partition import shard_of
+from chainfed.agent.training.partition import label_skew, shard_of
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.command import DEFAULT_MAX_ROUNDS, coordinator_config, option_defaults
@@ -151,6 +151,8 @@ class SimulationResult:
     agent_samples: dict[str, int]
     """Training rows each agent held."""
     seconds: float
+    label_skew: float | None = None
+    """``partition.label_skew`` of the agents' training rows (None without labels)."""
 
     @property
     def rounds(self) -> int:
@@ -407,12 +409,28 @@ def run_simulation(
     started = time.perf_counter()
     say = progress or (lambda _line: None)
     corpus = load_corpus(config)
+    skew = split_label_skew(corpus, config)
+    if skew is not None:
+        say(f"split {config.split} over {config.agents} agents: label skew {skew:.3f}")
     root = _workdir(config)
     if config.in_process:
         outcome = _run_in_process(config, corpus, root, update_hook, say)
     else:
         outcome = _run_processes(config, corpus, root, say)
-    return _result(config, corpus, outcome, time.perf_counter() - started)
+    return replace(_result(config, corpus, outcome, time.perf_counter() - started), label_skew=skew)
+
+
+def split_label_skew(corpus: Corpus, config: SimulationConfig) -> float | None:
+    """``partition.label_skew`` of the agents' training shards (``agent_local_data``'s
+    rule), None when the rows carry no labels."""
+    shards = [
+        shard_of(copy.copy(corpus.data), f"{k}/{config.agents}", config.split, config.seed)
+        for k in range(config.agents)
+    ]
+    labels = [[e.label for e in shard.train] for shard in shards]
+    if any(label is None for part in labels for label in part):
+        return None
+    return label_skew(labels)
 
 
 @dataclass

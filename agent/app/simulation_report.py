@@ -65,6 +65,9 @@ def summary_lines(result: SimulationResult) -> list[str]:
     """A few lines: rounds, final figures, traffic and memory per agent."""
     lines = [
         f"rounds: {result.rounds} (start layer {result.start_layer} of {result.num_layers})",
+        "training rows per agent: "
+        + ", ".join(f"{a} {n}" for a, n in result.agent_samples.items())
+        + ("" if result.label_skew is None else f"; label skew {result.label_skew:.3f}"),
         f"final validation (every agent's validation rows): accuracy "
         f"{result.final_val_metric:.4f}, loss {result.final_val_loss:.4f}",
     ]

@@ -80,6 +80,28 @@ def partition_dirichlet(
     return [sorted(part) for part in parts]
 
 
+def label_skew(parts: Sequence[Sequence[Hashable]]) -> float:
+    """How far the parts' label mixes are from the pooled mix: each part's total-variation
+    distance to the pool's label distribution, averaged with the parts' sizes as weights
+    (FedAvg's weights). 0 when every part holds the pool's mix; it nears 1 when the large
+    parts each hold labels the others lack. Two Dirichlet draws of one alpha can differ
+    a lot in it, and a federation's accuracy with them, so a comparison across seeds or
+    against another framework's draw should state it."""
+    sizes = np.array([len(p) for p in parts], dtype=np.float64)
+    if sizes.sum() == 0:
+        raise ValueError("label skew of parts holding no labels")
+    classes = sorted({label for part in parts for label in part}, key=repr)
+    index = {label: i for i, label in enumerate(classes)}
+    counts = np.zeros((len(parts), len(classes)))
+    for row, part in zip(counts, parts, strict=True):
+        for label in part:
+            row[index[label]] += 1
+    pooled = counts.sum(axis=0) / sizes.sum()
+    mixes = counts / np.maximum(sizes, 1)[:, None]
+    distances = 0.5 * np.abs(mixes - pooled).sum(axis=1)
+    return float(sizes @ distances / sizes.sum())
+
+
 TOPICS = ("airline", "self_driving", "apple", "other")
 
 

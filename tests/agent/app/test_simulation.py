@@ -132,6 +132,9 @@ def test_chain_in_process_aggregates_what_the_agents_submitted(tmp_path):
     assert all(e.participants == agents and not e.dropped for e in result.history)
     assert len(submitted) == 3 * len(result.history)
     assert sum(result.agent_samples.values()) == config.train_rows
+    # the Dirichlet draw's label skew: printed before the first round, kept in the result
+    assert 0 < result.label_skew < 1
+    assert f"split dirichlet:0.5 over 3 agents: label skew {result.label_skew:.3f}" in lines[0]
 
     # traffic: what each agent uploaded is its update's bytes; the first round fetches
     # nothing (no aggregate yet), later rounds fetch the aggregate (and final adapters)

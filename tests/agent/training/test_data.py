@@ -19,6 +19,7 @@ from chainfed.agent.errors import DataError
 from chainfed.agent.training.data import ClassifyExample, DataConfig, LMExample, load_dataset
 from chainfed.agent.training.partition import (
     TOPICS,
+    label_skew,
     partition_by_topic,
     partition_dirichlet,
     partition_iid,
@@ -496,6 +497,24 @@ def test_dirichlet_gives_two_splits_the_same_label_mix_per_part():
             share_t = sum(train[i] == label for i in t) / total_t
             share_v = sum(val[i] == label for i in v) / total_v
             assert abs(share_t - share_v) < 0.02
+
+
+def test_label_skew_is_the_size_weighted_distance_from_the_pooled_mix():
+    assert label_skew([[0, 1, 2] * 10, [0, 1, 2] * 5]) == 0.0  # every part the pool's mix
+    # pool: 3/4 label 0, 1/4 label 1. The pure part (size 2) is 1/4 from it, the other
+    # (size 2, half and half) 1/4 too.
+    assert label_skew([[0, 0], [0, 1]]) == pytest.approx(0.25)
+    # sizes weigh: a big pure part and a tiny one of the other label
+    assert label_skew([[0] * 98, [1] * 2]) == pytest.approx((98 * 0.02 + 2 * 0.98) / 100)
+    assert label_skew([["a"] * 5, ["b"] * 5]) == pytest.approx(0.5)
+    labels = [i % 3 for i in range(3000)]
+    skews = [
+        label_skew([[labels[i] for i in p] for p in partition_dirichlet(labels, 4, a, 0)])
+        for a in (0.1, 1.0, 100.0)
+    ]
+    assert skews[0] > skews[1] > skews[2]
+    with pytest.raises(ValueError, match="no labels"):
+        label_skew([[], []])
 
 
 def test_partitions_reject_impossible_requests():
