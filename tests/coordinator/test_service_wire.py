@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from chainfed.coordinator import service as service_module
+from chainfed.coordinator import state_store
 from chainfed.coordinator.aggregation import WeightedUpdate, aggregate_fedavg
 from chainfed.coordinator.chain_state import ChainCoordinator
 from chainfed.coordinator.service import ChainFedServicer, ServiceConfig, fit_status, start_server
@@ -580,8 +581,8 @@ def test_registrations_arriving_together_share_saves_and_are_saved_when_acknowle
 
     def join(agent: str) -> None:
         register(run.stub, "shared", agent, kit.caps())
-        state = json.loads((run.servicer.config.state_dir / "state.json").read_text())
-        saved_at_ack[agent] = agent in state["agents"]
+        on_disk = state_store.load(run.servicer.config.state_dir, kit.config(min_agents=100))
+        saved_at_ack[agent] = agent in on_disk.agents
 
     threads = [threading.Thread(target=join, args=(agent,)) for agent in agents]
     for thread in threads:
@@ -591,6 +592,8 @@ def test_registrations_arriving_together_share_saves_and_are_saved_when_acknowle
 
     assert saved_at_ack == dict.fromkeys(agents, True)
     assert run.servicer.saves_completed - saves_before < len(agents) // 2
+    state = json.loads((run.servicer.config.state_dir / "state.json").read_text())
+    assert not set(agents) & set(state["agents"])  # in the journal: state.json not rewritten
 
 
 def test_status_snapshot_with_history_limit(kit, serve):
