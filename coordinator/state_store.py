@@ -473,16 +473,24 @@ def _message_rules(num_layers: int) -> _Rules:
     }
 
 
-_CONVERGENCE_KEYS = frozenset(
-    {"min_rounds", "max_rounds", "patience", "tolerance", "rounds", "best", "since_best"}
-)
+_CONVERGENCE_FIELDS: dict[str, _Check] = {
+    "min_rounds": _count(),
+    "max_rounds": _count(),
+    "patience": _count(),
+    "tolerance": _number,
+    "rounds": _count(),
+    "best": _number,
+    "since_best": _count(),
+}
+"""``StageConvergence``'s fields: round counts are whole numbers (a round count of 0.0
+would reach the wire as a float), the loss and tolerance any number."""
 
 
 def _convergence(value: Any, where: str) -> None:
-    if type(value) is not dict or not set(value) <= _CONVERGENCE_KEYS:
+    if type(value) is not dict or not set(value) <= _CONVERGENCE_FIELDS.keys():
         raise _malformed(where, value)
     for key, item in value.items():
-        _number(item, f"{where}.{key}")
+        _CONVERGENCE_FIELDS[key](item, f"{where}.{key}")
 
 
 def _file_name(value: Any, where: str) -> None:

@@ -180,8 +180,20 @@ def test_the_saved_state_loads(saved):
         lambda s: s.update(tensors_file="../" + s["tensors_file"]),
         lambda s: s["agents"]["a"].update(last_seen_ms=2**64),
         lambda s: s.update(start_layer=None),  # training at a stage: was TypeError in Status
+        lambda s: s["convergence"].update(rounds=0.0),  # was TypeError in Status
+        lambda s: s.update(agents_journal="../agents-000001.jsonl"),
     ],
-    ids=["convergence", "digest", "round_seq", "layer", "tensors_file", "last_seen", "start"],
+    ids=[
+        "convergence",
+        "digest",
+        "round_seq",
+        "layer",
+        "tensors_file",
+        "last_seen",
+        "start",
+        "rounds",
+        "journal",
+    ],
 )
 def test_found_corruptions_are_state_dir_errors(saved, edit):
     state = json.loads(saved.files[STATE_FILE])
