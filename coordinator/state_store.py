@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 FINAL_FILE = "final_adapters.safetensors"
 JOURNAL_PATTERN = "agents-*.jsonl"
+_JOURNAL_NAME = re.compile(r"agents-[0-9]{6,}\.jsonl")
 
 
 class StateDirError(ChainFedError):
@@ -541,7 +543,7 @@ def _ledger_entry(entry: Any) -> bool:
 
 
 _OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
-    "agents_journal": _file_name,
+    "agents_journal": _leaf(lambda v: type(v) is str and _JOURNAL_NAME.fullmatch(v) is not None),
     "dp_ledger": _list_of(_leaf(_ledger_entry)),
     "stop_reason": _text,
     "head_stage": _leaf(lambda v: type(v) is bool),

@@ -182,6 +182,7 @@ def test_the_saved_state_loads(saved):
         lambda s: s.update(start_layer=None),  # training at a stage: was TypeError in Status
         lambda s: s["convergence"].update(rounds=0.0),  # was TypeError in Status
         lambda s: s.update(agents_journal="../agents-000001.jsonl"),
+        lambda s: s.update(agents_journal="registrations.jsonl"),
     ],
     ids=[
         "convergence",
@@ -192,7 +193,8 @@ def test_the_saved_state_loads(saved):
         "last_seen",
         "start",
         "rounds",
-        "journal",
+        "journal_dir",
+        "journal_name",
     ],
 )
 def test_found_corruptions_are_state_dir_errors(saved, edit):
