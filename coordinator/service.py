@@ -20,13 +20,6 @@ Waiters are woken only when the answer to GetTask can change (phase, open round 
 probe), not at every registration or upload; a caller that vanishes mid-poll keeps its
 thread until its poll window ends.
 
-The end of a chain. DONE sends every agent to fetch the final adapters, and a whole
-fleet asking at once queues thousands of streams behind the transfer turns and the
-pool: most of them fail (CANCELLED, DEADLINE_EXCEEDED) before their turn. DONE has no
-deadline, so while ``max_transfers`` streams are in a turn or waiting for one, GetTask
-answers WAIT instead, with the caller's poll window as ``retry_after_ms``: DONE goes out
-at the rate transfers finish.
-
 Registrations are committed in groups: a registration is appended to the state's
 journal (``state_store.persist``), one fsync'd write, and a fleet arriving together
 would make one each. A Register records the agent and waits, lock released, a quarter
@@ -74,7 +67,6 @@ from chainfed.proto.messages import (
     ProtocolError,
     RegisterAck,
     StatusSnapshot,
-    Task,
     TaskKind,
     UpdateHeader,
 )
@@ -155,9 +147,6 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         """GetTask calls waiting in the long-poll now."""
         self._task_key = self._current_task_key()
         self._transfers = threading.BoundedSemaphore(config.max_transfers)
-        self._streams = 0
-        """Tensor streams in a turn or waiting for one (``_take_transfer_turn``)."""
-        self._streams_lock = threading.Lock()
         self._fetch_cache: OrderedDict[tuple, tuple[dict, list[pb.TensorChunk]]] = OrderedDict()
         """key -> (tensors, messages) of the latest FetchTensors answers, newest last:
         every agent of a round fetches the same tensors, so they are cut into messages
@@ -329,10 +318,6 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                     self._reject(context, exc)
                 if not self._persist_if_changed():
                     self._check_fatal(context)
-                if task.kind is TaskKind.DONE and self._streams >= self.config.max_transfers:
-                    return serde.task_to_proto(
-                        Task(TaskKind.WAIT, retry_after_ms=int(max(wait, 1.0) * 1000))
-                    )
                 if (
                     task.kind is not TaskKind.WAIT
                     or time.monotonic() >= give_up
@@ -371,25 +356,16 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
                 yield message
                 self.metrics.sent_bytes.inc(message.ByteSize())
         finally:
-            self._end_transfer_turn()
+            self._transfers.release()
 
     def _take_transfer_turn(self, context: grpc.ServicerContext) -> None:
         """Wait for one of ``max_transfers`` turns. A thousand agents streaming at once
         overload the transport (calls dropped as CANCELLED or UNAVAILABLE after long
         stalls); in turns, each stream is quick."""
-        with self._streams_lock:
-            self._streams += 1
         if not self._transfers.acquire(timeout=self.config.transfer_wait_s):
-            with self._streams_lock:
-                self._streams -= 1
             context.abort(
                 grpc.StatusCode.UNAVAILABLE, "coordinator busy with other transfers; retry"
             )
-
-    def _end_transfer_turn(self) -> None:
-        self._transfers.release()
-        with self._streams_lock:
-            self._streams -= 1
 
     def _fetch_messages(self, tensors: dict) -> list[pb.TensorChunk]:
         """The chunk messages of ``tensors``, reused while they are the same, unmodified
@@ -411,7 +387,7 @@ class ChainFedServicer(pb_grpc.ChainFedServicer):
         try:
             return self._receive_update(request_iterator, context)
         finally:
-            self._end_transfer_turn()
+            self._transfers.release()
 
     def _receive_update(self, request_iterator: Iterator[pb.UpdatePart], context):
         first, received = None, 0

@@ -596,33 +596,6 @@ def test_registrations_arriving_together_share_saves_and_are_saved_when_acknowle
     assert not set(agents) & set(state["agents"])  # in the journal: state.json not rewritten
 
 
-def test_done_waits_while_the_transfer_turns_are_taken(kit, serve):
-    # a finished chain: every agent's next task fetches the final adapters. While all
-    # max_transfers turns are taken, DONE is held back (WAIT, come back after the poll
-    # window), so a whole fleet does not queue its fetches at once.
-    c = kit.coordinator(window=1)
-    kit.register(c, "a")
-    for stage in range(kit.num_layers):
-        kit.train_round(c, stage * 100, seed=stage)
-    evaluation = c.next_task("a", 1000)
-    c.submit("a", evaluation.round_id, kit.eval_metrics(), {}, 1001)
-    assert c.phase is ChainPhase.DONE
-    run = serve(c, max_transfers=1)
-
-    class Context:
-        def abort(self, code, details):
-            raise AssertionError(f"no turn: {code} {details}")
-
-    run.servicer._take_transfer_turn(Context())  # one stream in its turn: all of them
-    held = get_task(run.stub, "tok-a", "a", wait_ms=3000)
-    assert held.kind is TaskKind.WAIT and held.retry_after_ms == 3000
-    run.servicer._end_transfer_turn()
-    done = get_task(run.stub, "tok-a", "a", wait_ms=3000)
-    assert done.kind is TaskKind.DONE
-    tensors, _ = fetch(run.stub, "tok-a", "a", done)
-    assert_tensors_equal(tensors, c.final_adapters())
-
-
 def test_status_snapshot_with_history_limit(kit, serve):
     run = serve(kit.coordinator(min_rounds=5, max_rounds=5))
     register(run.stub, "tok-a", "a", kit.caps())
