@@ -124,13 +124,19 @@ def test_registrations_alone_are_appended_to_the_journal_and_load_back(kit, tmp_
     assert state_of(state_store.load(tmp_path, kit.config())) == state_of(c)
 
 
-def test_a_journal_line_cut_short_is_ignored_and_never_appended_to(kit, tmp_path):
+def journal_of_one_registration(kit, tmp_path: Path) -> str:
+    """Agent a in ``tmp_path``'s state.json, agent b in its journal; the journal's name."""
     c = kit.coordinator(start_layer=None, window=None, min_agents=5)
     kit.register(c, "a")
     state_store.persist(c, tmp_path)
     kit.register(c, "b")
     state_store.persist(c, tmp_path)
     (journal,) = journals(tmp_path)
+    return journal
+
+
+def test_a_journal_line_cut_short_is_ignored_and_never_appended_to(kit, tmp_path):
+    journal = journal_of_one_registration(kit, tmp_path)
     with open(tmp_path / journal, "a") as f:
         f.write('{"agent": "c", "capabil')  # a crash in the middle of the write
 
@@ -151,12 +157,7 @@ def test_a_journal_line_cut_short_is_ignored_and_never_appended_to(kit, tmp_path
     ],
 )
 def test_a_corrupt_journal_is_refused_and_left_as_it_was(kit, tmp_path, line, named):
-    c = kit.coordinator(start_layer=None, window=None, min_agents=5)
-    kit.register(c, "a")
-    state_store.persist(c, tmp_path)
-    kit.register(c, "b")
-    state_store.persist(c, tmp_path)
-    (journal,) = journals(tmp_path)
+    journal = journal_of_one_registration(kit, tmp_path)
     with open(tmp_path / journal, "a") as f:
         f.write(line + "\n")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
