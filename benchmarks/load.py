@@ -276,7 +276,7 @@ def start_swarms(
             *("--fingerprint", fingerprint, "--layout", str(root / "layout.json")),
             *("--agent-ids", ",".join(share), "--poll-ms", str(args.poll_ms)),
             *("--start-spread", str(args.start_spread), "--timeout", str(args.timeout)),
-            *("--give-up-after", "120", "--json", str(report)),
+            *("--json", str(report)),
         ]
         with open(root / "logs" / f"swarm-{w}.log", "wb") as out:
             worker = subprocess.Popen(

@@ -50,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="iid",
         help="how --shard splits: iid, dirichlet:ALPHA (label skew) or by-topic",
     )
-    parser.add_argument("--give-up-after", type=float, default=600.0, help="seconds unreachable")
+    parser.add_argument(
+        "--give-up-after",
+        type=float,
+        default=AgentConfig.give_up_after_s,
+        help="seconds the coordinator may stay unreachable before the agent exits",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every round")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and shards")

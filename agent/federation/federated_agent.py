@@ -88,7 +88,7 @@ class AgentConfig:
     model's own device and dtype are what the agent computes with."""
     poll_ms: int = 10_000
     """Long-poll window of GetTask."""
-    give_up_after_s: float = 600.0
+    give_up_after_s: float = RetryPolicy.give_up_after_s
     """Exit with an error after the coordinator is unreachable this long."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Per-message limit until the coordinator states its own."""

@@ -127,12 +127,13 @@ class SyntheticAgentConfig:
     """Long-poll window of GetTask."""
     rpc_timeout_s: float = 120.0
     """Deadline of every unary or streaming call (not the long-poll)."""
-    give_up_after_s: float = 120.0
-    """Fail after the coordinator is unreachable this long."""
-    first_backoff_s: float = 0.2
+    give_up_after_s: float = RetryPolicy.give_up_after_s
+    """Fail after the coordinator is unreachable this long (a real agent's patience)."""
+    first_backoff_s: float = RetryPolicy.first_backoff_s
     """First retry delay; doubles up to ``max_backoff_s``, with ±50 % jitter."""
-    max_backoff_s: float = 5.0
-    """Longest retry delay."""
+    max_backoff_s: float = RetryPolicy.max_backoff_s
+    """Longest retry delay. The defaults are a real agent's (``RetryPolicy``'s), so that a
+    swarm retries as hard as a fleet of real agents would, no harder."""
     train_seconds: float = 0.0
     """Time a round's "training" takes (a sleep before the upload), so that a chain of
     a few agents does not finish in a blink."""
@@ -446,11 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", type=Path, required=True, help="AdapterLayout JSON file")
     parser.add_argument("--agent-ids", required=True, help="comma-separated agent ids")
     parser.add_argument("--poll-ms", type=int, default=5_000, help="GetTask long-poll window")
-    parser.add_argument("--give-up-after", type=float, default=120.0, help="seconds unreachable")
+    parser.add_argument(
+        "--give-up-after",
+        type=float,
+        default=RetryPolicy.give_up_after_s,
+        help="seconds unreachable before failing (default: a real agent's)",
+    )
     parser.add_argument("--start-spread", type=float, default=0.0, help="seconds to start all")
     parser.add_argument("--timeout", type=float, help="stop after this many seconds")
     parser.add_argument("--train-seconds", type=float, default=0.0, help="seconds per round")
-    parser.add_argument("--max-backoff", type=float, default=5.0, help="longest retry delay")
+    parser.add_argument(
+        "--max-backoff",
+        type=float,
+        default=RetryPolicy.max_backoff_s,
+        help="longest retry delay in seconds (default: a real agent's)",
+    )
     parser.add_argument(
         "--die-mid-upload",
         action="store_true",
