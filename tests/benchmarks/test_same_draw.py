@@ -1,0 +1,75 @@
+"""benchmarks/same_draw.py and reference_fedavg.py: the draws are the ones each loop uses.
+
+Prepare: the packaged corpus. Execute: the reference's draw as ``same_draw`` rebuilds it,
+our draw of a seed as ``dump`` writes it, and (slow) one short round of ours on the
+reference's draw. Assert: the reference's draw has the shard sizes and label counts its own
+run recorded (``shared/peers/flower-fedavg/flower_fedavg_dirichlet.json``: ``shard_rows``,
+``shard_label_counts``); ours has the shards and skew that ``chainfed simulate`` gives its
+agents, and no test row among them; ours on the reference's draw trains its four clients
+on those shards and scores the reference's 2,000 test rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from chainfed.agent.app.simulation import load_corpus, split_label_skew
+from chainfed.agent.training.partition import shard_of
+
+REFERENCE_SHARD_ROWS = [1960, 1114, 4058, 868]
+REFERENCE_LABEL_COUNTS = [[64, 1890, 6], [501, 6, 607], [2737, 483, 838], [34, 805, 29]]
+
+
+@pytest.fixture(scope="module")
+def same_draw(benchmark_script):
+    return benchmark_script("same_draw")
+
+
+def test_the_reference_draw_is_the_one_its_run_recorded(same_draw):
+    test, pool, val, parts = same_draw.reference_draw()
+
+    assert (len(test), len(pool), len(val)) == (2000, 8000, 200)
+    assert [len(p) for p in parts] == REFERENCE_SHARD_ROWS
+    counts = [[sum(1 for j in p if pool[j][1] == c) for c in range(3)] for p in parts]
+    assert counts == REFERENCE_LABEL_COUNTS
+    assert sorted(j for p in parts for j in p) == list(range(8000))
+
+
+def test_dump_writes_the_shards_simulate_gives_its_agents(same_draw, tmp_path):
+    out = tmp_path / "draw1.json"
+
+    assert same_draw.main(["dump", "--seed", "1", "--json", str(out)]) == 0
+
+    draw = json.loads(out.read_text())
+    config = same_draw.protocol(1, 1, 0, None)
+    corpus = load_corpus(config)
+    assert draw["label_skew"] == pytest.approx(split_label_skew(corpus, config))
+    assert sum(len(s) for s in draw["shards"]) == 8000
+    assert len(draw["test"]) == 2000
+    assert {t for t, _ in draw["test"]}.isdisjoint(t for s in draw["shards"] for t, _ in s)
+    first = shard_of(copy.copy(corpus.data), "0/4", config.split, 1).train
+    assert [[e.text, e.label] for e in first] == draw["shards"][0]
+
+
+def test_the_reference_loop_names_a_missing_task_module(benchmark_script, tmp_path):
+    reference = benchmark_script("reference_fedavg")
+
+    with pytest.raises(SystemExit, match="task.py is not importable"):
+        reference.main([str(tmp_path / "draw.json"), "--json", str(tmp_path / "out.json")])
+
+
+@pytest.mark.slow
+def test_ours_trains_on_the_reference_shards_and_scores_its_test_rows(same_draw, tmp_path):
+    out = tmp_path / "ours.json"
+    argv = ["ours", "--rounds", "1", "--local-steps", "1", "--workdir", str(tmp_path / "run")]
+
+    assert same_draw.main([*argv, "--json", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    assert sorted(result["agent_samples"].values()) == sorted(REFERENCE_SHARD_ROWS)
+    assert result["label_skew"] == pytest.approx(0.392, abs=5e-4)
+    assert 0.0 <= result["test_metric"] <= 1.0
+    assert len(result["history"]) == 1
