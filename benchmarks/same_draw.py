@@ -117,19 +117,10 @@ def our_draw(seed: int) -> dict:
     """``chainfed simulate``'s draw for ``seed`` under the protocol: each agent's training
     rows and the held-out test rows, as (text, label index) lists, and its label skew."""
     config = protocol(seed, 1, 0, None)
-    data = simulation.load_dataset(
-        simulation.data_config(
-            config.data,
-            config.task,
-            train_rows=config.train_rows,
-            val_rows=config.val_rows + config.test_rows,
-            seed=seed,
-        )
-    )
+    data, held_out = simulation.load_rows(config)
     if data.labels != LABELS:
         raise SystemExit(f"the corpus's labels are {data.labels}, expected {LABELS}")
-    test = [(e.text, e.label) for e in data.val[config.val_rows :]]
-    data.val = data.val[: config.val_rows]
+    test = [(e.text, e.label) for e in held_out]
     shards = [
         shard_of(copy.copy(data), f"{k}/{CLIENTS}", config.split, seed) for k in range(CLIENTS)
     ]

@@ -66,7 +66,7 @@ from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.precision import Precision, PrecisionError
 from chainfed.agent.training.chain import EncodedSplit, Evaluation, evaluate_streaming
-from chainfed.agent.training.data import SplitData, load_dataset
+from chainfed.agent.training.data import Example, SplitData, load_dataset
 from chainfed.agent.training.memory_meter import declare_unified_memory, process_baseline
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import label_skew, shard_of
@@ -343,7 +343,14 @@ def load_corpus(config: SimulationConfig) -> Corpus:
             model_dir, dtype=precision.dtype, device=precision.device, weights=precision.weights
         )
     model = models[config.agent_dtypes[0]]
-    fingerprint = model.fingerprint
+    data, held_out = load_rows(config)
+    test = encode_split(model, held_out, config.task, config.max_len) if held_out else None
+    return Corpus(model, models, model_dir, model.fingerprint, data, test)
+
+
+def load_rows(config: SimulationConfig) -> tuple[SplitData, list[Example]]:
+    """The corpus ``config`` names, split the agents' way, and its held-out test rows
+    (``test_rows`` of them, taken after the validation rows of the validation pool)."""
     data = load_dataset(
         data_config(
             config.data,
@@ -353,16 +360,13 @@ def load_corpus(config: SimulationConfig) -> Corpus:
             seed=config.seed,
         )
     )
-    test = None
-    if config.test_rows:
-        held_out = data.val[config.val_rows :]
-        if not held_out:
-            raise SimulationError(
-                f"no rows left for a test set: the validation pool holds {data.val_available}"
-            )
-        test = encode_split(model, held_out, config.task, config.max_len)
+    held_out = data.val[config.val_rows :] if config.test_rows else []
+    if config.test_rows and not held_out:
+        raise SimulationError(
+            f"no rows left for a test set: the validation pool holds {data.val_available}"
+        )
     data.val = data.val[: config.val_rows]
-    return Corpus(model, models, model_dir, fingerprint, data, test)
+    return data, held_out
 
 
 def agent_local_data(corpus: Corpus, config: SimulationConfig, k: int) -> LocalData:
