@@ -29,6 +29,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_ADVANCE: _ClassVar[TaskKind]
     TASK_KIND_DONE: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
+    TASK_KIND_FIT_HEAD: _ClassVar[TaskKind]
 
 class GpoKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -69,6 +70,7 @@ TASK_KIND_TRAIN_ROUND: TaskKind
 TASK_KIND_ADVANCE: TaskKind
 TASK_KIND_DONE: TaskKind
 TASK_KIND_EVALUATE: TaskKind
+TASK_KIND_FIT_HEAD: TaskKind
 GPO_KIND_UNSPECIFIED: GpoKind
 GPO_KIND_NONE: GpoKind
 GPO_KIND_PROXY: GpoKind

@@ -48,6 +48,7 @@ class TaskKind(enum.Enum):
     ADVANCE = "advance"
     DONE = "done"
     EVALUATE = "evaluate"
+    FIT_HEAD = "fit_head"
 
 
 class ChainPhase(enum.Enum):
@@ -203,7 +204,7 @@ class Task:
     frozen_layers: tuple[int, ...] = ()
     """ADVANCE: layers whose adapters became final."""
     params: TrainingParams | None = None
-    """Hyper-parameters (PROBE, TRAIN_ROUND)."""
+    """Hyper-parameters (PROBE, TRAIN_ROUND, FIT_HEAD)."""
     deadline_unix_ms: int = 0
     """Answers after this are dropped; 0 = none."""
     tensors: tuple[TensorSpec, ...] = ()
@@ -218,9 +219,9 @@ class Task:
         kind = self.kind.name
         if self.kind is not TaskKind.WAIT:
             _require(self.round_id != "", f"a {kind} task needs a round_id")
-        if self.kind in (TaskKind.PROBE, TaskKind.TRAIN_ROUND):
+        if self.kind in (TaskKind.PROBE, TaskKind.TRAIN_ROUND, TaskKind.FIT_HEAD):
             _require(self.params is not None, f"a {kind} task needs params")
-        if self.kind in (TaskKind.TRAIN_ROUND, TaskKind.EVALUATE):
+        if self.kind in (TaskKind.TRAIN_ROUND, TaskKind.EVALUATE, TaskKind.FIT_HEAD):
             _require(self.stage_layer is not None, f"a {kind} task needs a stage_layer")
         names = [spec.name for spec in self.tensors]
         _require(len(names) == len(set(names)), f"{kind} task manifest repeats a tensor name")

@@ -87,12 +87,14 @@ training_params = st.builds(
 @st.composite
 def tasks(draw) -> Task:
     kind = draw(st.sampled_from(TaskKind))
-    needs_params = kind in (TaskKind.PROBE, TaskKind.TRAIN_ROUND)
+    needs_params = kind in (TaskKind.PROBE, TaskKind.TRAIN_ROUND, TaskKind.FIT_HEAD)
     return Task(
         kind=kind,
         round_id=draw(text if kind is TaskKind.WAIT else ids),
         stage_layer=draw(
-            i32 if kind in (TaskKind.TRAIN_ROUND, TaskKind.EVALUATE) else st.none() | i32
+            i32
+            if kind in (TaskKind.TRAIN_ROUND, TaskKind.EVALUATE, TaskKind.FIT_HEAD)
+            else st.none() | i32
         ),
         window_layers=draw(layers),
         frozen_layers=draw(layers),
