@@ -94,6 +94,7 @@ from chainfed.coordinator.update_checks import (
     UpdateRejectedError,
     check_evaluation_answer,
     check_finite,
+    check_head_statistics,
     check_names,
     check_norm,
     check_shapes,
@@ -101,6 +102,7 @@ from chainfed.coordinator.update_checks import (
     expected_tensors,
 )
 from chainfed.proto.chain_rules import StageConvergence, choose_start_layer, window_layers
+from chainfed.proto.closed_form_head import solve_head
 from chainfed.proto.dp_mechanism import clip_update, noise_generator
 from chainfed.proto.messages import (
     AgentCapabilities,
@@ -161,6 +163,9 @@ class OpenRound:
     deadline_ms: int
     evaluation: bool = False
     """True for the final evaluation round: metrics only, nothing aggregated."""
+    head_fit: bool = False
+    """True for the closed-form head round (``config.closed_form_head``): agents upload
+    head statistics, the coordinator solves the head from their weighted mean."""
     sampling_rate: float = 1.0
     """Participants / registered agents when the round opened (DP accounting's q)."""
     expected: dict[str, tuple] = field(default_factory=dict)
@@ -261,7 +266,16 @@ class ChainCoordinator:
 
     def trained_rounds(self) -> int:
         """Training rounds aggregated so far (head rounds included, evaluation not)."""
-        return sum(1 for r in self.history if not r.round_id.startswith("eval"))
+        return sum(1 for r in self.history if not r.round_id.startswith(("eval", "fit")))
+
+    @property
+    def head_fit_pending(self) -> bool:
+        """The closed-form head round is due: asked for, the chain training, and no round
+        closed yet (the fit is the chain's first; once it is in the history, a restarted
+        coordinator goes on from the head it solved)."""
+        return (
+            self.config.closed_form_head and self.phase is ChainPhase.TRAINING and not self.history
+        )
 
     def round_window(self) -> list[int]:
         """Layers the current stage trains: none in the head stage."""
@@ -469,6 +483,19 @@ class ChainCoordinator:
         if not evaluation and self._over_budget(sampling_rate):
             self._open_round(now_ms)  # the evaluation round of what was trained
             return
+        if not evaluation and self.head_fit_pending:
+            self.open_round = OpenRound(
+                round_id=self._next_round_id("fit"),
+                stage_layer=self.stage_layer,
+                window=[],
+                participants=participants,
+                deadline_ms=now_ms + int(self.config.round_deadline_s * 1000),
+                sampling_rate=sampling_rate,
+                head_fit=True,
+            )
+            self.observer.round_opened()
+            self.changed = True
+            return
         layer = self.config.num_layers - 1 if evaluation else self.stage_layer
         window = self.window_for(layer) if evaluation else self.round_window()
         if evaluation:
@@ -542,6 +569,9 @@ class ChainCoordinator:
             self.changed = True
             return
         metrics = _federated_metrics([r.updates[a][0] for a in received])
+        if r.head_fit:
+            self._close_head_fit(r, received, dropped, metrics, now_ms)
+            return
         if r.evaluation:
             self.history.append(
                 RoundRecord(
@@ -605,6 +635,47 @@ class ChainCoordinator:
         )
         if self.convergence.update(metrics.val_loss):
             self._advance()
+        self.changed = True
+
+    def _close_head_fit(
+        self,
+        r: OpenRound,
+        received: list[str],
+        dropped: list[str],
+        metrics: UpdateMetrics,
+        now_ms: int,
+    ) -> None:
+        """The head solved from the received statistics' sample-weighted mean becomes the
+        window state's head: the chain's first round starts from it."""
+        started = time.perf_counter()
+        if r.secure_mean is not None:
+            stats = r.secure_mean
+        else:
+            updates = [
+                WeightedUpdate(r.updates[a][1], r.updates[a][0].train_samples, a) for a in received
+            ]
+            stats = aggregate("fedavg", updates)
+        weight, bias = solve_head(stats)
+        self.window_state = {"objective.head.weight": weight, "objective.head.bias": bias}
+        self.observer.round_closed("aggregated", time.perf_counter() - started)
+        self.history.append(
+            RoundRecord(
+                r.round_id,
+                r.stage_layer,
+                (),
+                tuple(received),
+                tuple(dropped),
+                metrics,
+                now_ms,
+                tuple(r.digests[a] for a in received) if r.secure_mean is None else (),
+            )
+        )
+        log.info(
+            "round %s: task head fitted in closed form on %d agents' %d training rows",
+            r.round_id,
+            len(received),
+            metrics.train_samples,
+        )
         self.changed = True
 
     def _aggregate(self, r: OpenRound, received: list[str]) -> dict[str, torch.Tensor]:
@@ -708,6 +779,17 @@ class ChainCoordinator:
         if self.phase is ChainPhase.PROBING and agent_id not in self.probe_reports:
             return Task(TaskKind.PROBE, round_id=self.probe_id, params=params)
         r = self.open_round
+        if r is not None and r.head_fit:
+            if agent_id not in r.participants or agent_id in r.updates:
+                return Task(TaskKind.WAIT, retry_after_ms=200)
+            return Task(
+                TaskKind.FIT_HEAD,
+                round_id=r.round_id,
+                stage_layer=r.stage_layer,
+                params=params,
+                deadline_unix_ms=r.deadline_ms,
+                tensors=tuple(manifest_of(self._sendable(self.final))),
+            )
         if r is not None and not r.window and not r.evaluation:
             params = self.head_params()
         if (
@@ -753,7 +835,7 @@ class ChainCoordinator:
             return self._sendable(self.final)
         if self.open_round is None or round_id != self.open_round.round_id:
             raise UpdateRejectedError("failed_precondition", f"round {round_id!r} is not open")
-        if self.open_round.evaluation:
+        if self.open_round.evaluation or self.open_round.head_fit:
             return self._sendable(self.final)
         tensors = self.round_tensors()
         if omit_final:
@@ -869,13 +951,15 @@ class ChainCoordinator:
             check_evaluation_answer(metrics, tensors)
             return
         check_training_metrics(metrics)
+        if r.head_fit:
+            check_head_statistics(tensors, r.round_id)
         expected = r.expected or {
             k: (tuple(v.shape), str(v.dtype))
             for k, v in next(iter(r.updates.values()), (None, {}))[1].items()
         }
         self._check_tensors(r, tensors, expected)
         c = self.config
-        if c.norm_bound is not None:
+        if c.norm_bound is not None and not r.head_fit:  # statistics are not a change
             start = round_start_state(
                 tensors, self.window_state, c.params, self.start_layer, c.num_layers
             )

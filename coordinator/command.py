@@ -174,6 +174,14 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         "plus what the chain left) (default 0)",
     )
     c.add_argument(
+        "--closed-form-head",
+        action="store_true",
+        help="before the first stage, fit the task head in closed form: one round in which "
+        "agents upload statistics of the base model's final features over their training "
+        "rows and the coordinator solves the head of all their rows, whatever the label skew "
+        "(classify; fedavg or ffa; no DP)",
+    )
+    c.add_argument(
         "--head-local-steps",
         type=_positive_int,
         help="optimiser steps of an agent's head round; head steps are nearly free (default: "
@@ -359,6 +367,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         round_budget=args.rounds,
         head_rounds=args.head_rounds,
         head_local_steps=args.head_local_steps,
+        closed_form_head=args.closed_form_head,
         patience=args.patience,
         tolerance=args.tolerance,
         min_agents=args.min_agents,

@@ -57,6 +57,16 @@ class CoordinatorConfig:
     """Head-only rounds after the chain's last stage (``--head-rounds``): agents train the
     task head alone on their final features and upload it; 0 = none. With a
     ``round_budget`` this is the head's minimum, and it takes what the chain left."""
+    closed_form_head: bool = False
+    """Fit the task head in closed form before the first stage (``--closed-form-head``):
+    one FIT_HEAD round in which every agent uploads the head statistics of the base
+    model's final features over its training rows (``chainfed.proto.closed_form_head``),
+    and the coordinator solves the head of all their rows from the statistics' weighted
+    mean. The chain's rounds then start from that head instead of the seeded one, so the
+    first stages train their adapters through a head fitted to the whole federation
+    rather than a random one that label skew pulls apart. Classification only; needs an
+    aggregation that takes the weighted mean (fedavg, ffa) and no DP (the statistics are
+    not a clipped delta)."""
     head_local_steps: int | None = None
     """Optimiser steps of an agent's head round (``--head-local-steps``); None = the
     chain's own local schedule (``params``). A head step costs a linear layer's update on
@@ -164,6 +174,22 @@ class CoordinatorConfig:
             raise ValueError(
                 f"central DP needs an aggregation linear in the updates (fedavg or ffa), "
                 f"not {self.aggregation!r}"
+            )
+        if self.closed_form_head:
+            self._check_closed_form_head()
+
+    def _check_closed_form_head(self) -> None:
+        if self.task != "classify":
+            raise ValueError(f"a closed-form head needs the classify task, not {self.task!r}")
+        if self.aggregation not in ("fedavg", "ffa"):
+            raise ValueError(
+                "a closed-form head solves from the weighted mean of the agents' statistics "
+                f"(fedavg or ffa), which {self.aggregation!r} does not take"
+            )
+        if self.dp is not None:
+            raise ValueError(
+                "a closed-form head is not available with differential privacy: its "
+                "statistics are not a delta that DP could clip and noise"
             )
 
     def _check_budget(self, budget: int) -> None:

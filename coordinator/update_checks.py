@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from chainfed.proto.closed_form_head import check_statistics
 from chainfed.proto.dp_mechanism import update_norm
 from chainfed.proto.messages import UpdateMetrics
 from chainfed.proto.tensor_names import LORA_A_SUFFIX, tensor_owner
@@ -38,9 +39,9 @@ def expected_tensors(
 ) -> dict[str, Spec]:
     """(shape, dtype) of every tensor a round at ``layer`` must upload, from the current
     aggregate (``window_state``, and the ``final`` adapters, as sent); the new layer's
-    adapter is shaped like the layer below's. Empty before the chain's first aggregate:
-    the first update then sets it. An empty ``window`` (a head round) expects the head
-    alone."""
+    adapter is shaped like the layer below's. Empty before the chain's first aggregate of
+    adapters (nothing known, or only a closed-form head): the first update then sets it.
+    An empty ``window`` (a head round) expects the head alone."""
     known = {**final, **window_state}
     if not known:
         return {}
@@ -56,7 +57,7 @@ def expected_tensors(
     if window and layer not in {i for k, i in map(tensor_owner, expected) if k == "layers"}:
         layers = [i for k, i in map(tensor_owner, known) if k == "layers"]
         if not layers:
-            return expected
+            return {}  # the head alone (a closed-form fit): the first update sets the rest
         below = max(layers)
         for name, tensor in known.items():
             if name.startswith(f"layers.{below}."):
@@ -85,6 +86,17 @@ def check_training_metrics(metrics: UpdateMetrics) -> None:
         raise UpdateRejectedError(
             "invalid_argument", "train_loss and val_loss must be finite", reason="bad_metrics"
         )
+
+
+def check_head_statistics(tensors: dict[str, torch.Tensor], round_id: str) -> None:
+    """A closed-form head round's answer: exactly the two statistics, shaped as
+    ``chainfed.proto.closed_form_head`` defines them, finite."""
+    try:
+        check_statistics(tensors)
+    except ValueError as exc:
+        raise UpdateRejectedError(
+            "invalid_argument", f"round {round_id}: {exc}", reason="bad_head_statistics"
+        ) from None
 
 
 def check_names(

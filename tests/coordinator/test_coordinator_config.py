@@ -109,6 +109,18 @@ def test_round_budget_and_head_rounds_reach_the_config_and_bad_values_are_refuse
     assert "--head-local-steps" in text
 
 
+def test_closed_form_head_reaches_the_config_and_is_refused_where_it_cannot_solve(
+    tmp_path: Path,
+):
+    parser, config = configured(tmp_path)
+
+    assert not config().closed_form_head
+    assert config("--closed-form-head").closed_form_head
+    with pytest.raises(ValueError, match="fedavg or ffa"):
+        config("--closed-form-head", "--aggregation", "trimmed-mean")
+    assert "statistics of the base model's final features" in " ".join(parser.format_help().split())
+
+
 def test_evaluation_agents_reach_the_config_and_a_negative_count_is_named(tmp_path: Path):
     parser, config = configured(tmp_path)
 

@@ -1,0 +1,140 @@
+"""The closed-form head round (``closed_form_head``): agents' statistics in, the head of
+all their rows out, before the chain's first training round.
+
+Pure state machine, as ``test_chain_state.py``, with the fake 4-layer model of
+``conftest.ChainKit`` (hidden width ``DIM`` 8, 3 classes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chainfed.coordinator import state_store
+from chainfed.coordinator.update_checks import UpdateRejectedError
+from chainfed.proto.closed_form_head import HEAD_CROSS, HEAD_GRAM, head_statistics, solve_head
+from chainfed.proto.messages import ChainPhase, TaskKind, UpdateMetrics
+
+HEAD = ("objective.head.weight", "objective.head.bias")
+
+
+def statistics(seed: int, rows: int, dim: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (rows,), generator=g)
+    features = torch.randn(rows, dim, generator=g) + labels[:, None]
+    return head_statistics(features, labels, 3)
+
+
+def fit_metrics(rows: int) -> UpdateMetrics:
+    return UpdateMetrics(rows, 0, 0, 0.0, 0.0, 0.0, 1000, 0.1)
+
+
+def fit(c, agents: dict[str, int], now: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Every agent answers the open fit round with statistics of ``agents[a]`` rows."""
+    c.tick(now)
+    sent = {}
+    for k, (agent, rows) in enumerate(agents.items()):
+        task = c.next_task(agent, now)
+        assert task.kind is TaskKind.FIT_HEAD, task
+        sent[agent] = statistics(k, rows)
+        assert c.submit(agent, task.round_id, fit_metrics(rows), sent[agent], now + 1)
+    return sent
+
+
+def test_the_first_round_fits_the_head_from_the_weighted_mean_of_the_statistics(kit):
+    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    kit.register(c, "a", "b")
+
+    task = c.next_task("a", 0)
+    assert task.kind is TaskKind.FIT_HEAD and task.round_id.startswith("fit")
+    assert task.window_layers == () and task.stage_layer == 0 and task.tensors == ()
+    assert c.tensors_for(task.round_id) == {}  # the base model: no adapters yet
+    sent = fit(c, {"a": 10, "b": 30})
+
+    mean = {k: (10 * sent["a"][k] + 30 * sent["b"][k]) / 40 for k in (HEAD_GRAM, HEAD_CROSS)}
+    weight, bias = solve_head(mean)
+    assert set(c.window_state) == set(HEAD)
+    torch.testing.assert_close(c.window_state["objective.head.weight"], weight)
+    torch.testing.assert_close(c.window_state["objective.head.bias"], bias)
+    assert c.phase is ChainPhase.TRAINING and c.trained_rounds() == 0
+    assert [r.round_id[:3] for r in c.history] == ["fit"]
+    assert c.history[0].metrics.train_samples == 40
+
+    c.tick(10)
+    task = c.next_task("a", 10)
+    assert task.kind is TaskKind.TRAIN_ROUND and task.window_layers == (0,)
+    fetched = c.tensors_for(task.round_id)
+    assert torch.equal(fetched["window.objective.head.weight"], weight)
+    kit.train_round(c, 10)  # the adapters' shapes come from the first update, as before
+    assert c.trained_rounds() == 1 and c.stage_layer == 1
+
+
+def test_a_fit_round_refuses_anything_but_the_two_statistics(kit):
+    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    kit.register(c, "a", "b")
+    task = c.next_task("a", 0)
+
+    with pytest.raises(UpdateRejectedError, match="must be exactly") as bad:
+        c.submit("a", task.round_id, kit.metrics(), kit.update([0], 0, seed=1), 1)
+    assert bad.value.reason == "bad_head_statistics"
+    broken = {**statistics(0, 10), HEAD_CROSS: torch.full((9, 3), float("inf"))}
+    with pytest.raises(UpdateRejectedError, match="finite"):
+        c.submit("a", task.round_id, fit_metrics(10), broken, 1)
+    with pytest.raises(UpdateRejectedError, match="train_samples > 0"):
+        c.submit("a", task.round_id, fit_metrics(0), statistics(0, 10), 1)
+
+    assert c.submit("a", task.round_id, fit_metrics(10), statistics(0, 10), 2)
+    with pytest.raises(UpdateRejectedError) as wider:
+        c.submit("b", task.round_id, fit_metrics(10), statistics(1, 10, dim=9), 3)
+    assert wider.value.reason == "wrong_shape"
+    assert c.open_round is not None and c.open_round.head_fit and not c.window_state
+
+
+def test_statistics_are_not_held_to_the_update_norm_bound(kit):
+    c = kit.coordinator(min_agents=1, closed_form_head=True, norm_bound=1e-6)
+    kit.register(c, "a")
+    fit(c, {"a": 10})
+    assert set(c.window_state) == set(HEAD)
+
+
+def test_a_restarted_coordinator_keeps_the_solved_head_and_does_not_fit_again(kit, tmp_path):
+    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    kit.register(c, "a", "b")
+    fit(c, {"a": 10, "b": 20})
+    head = {k: v.clone() for k, v in c.window_state.items()}
+    state_store.save(c, tmp_path)
+
+    resumed = state_store.load(tmp_path, c.config)
+
+    assert not resumed.head_fit_pending
+    for name in HEAD:
+        assert torch.equal(resumed.window_state[name], head[name])
+    resumed.tick(100)
+    assert resumed.next_task("a", 100).kind is TaskKind.TRAIN_ROUND
+
+
+def test_a_fit_round_in_flight_is_asked_again_after_a_restart(kit, tmp_path):
+    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    kit.register(c, "a", "b")
+    c.tick(0)
+    task = c.next_task("a", 0)
+    assert c.submit("a", task.round_id, fit_metrics(10), statistics(0, 10), 1)
+    state_store.save(c, tmp_path)  # the round in flight is not in the state
+
+    resumed = state_store.load(tmp_path, c.config)
+
+    assert resumed.head_fit_pending
+    resumed.tick(100)
+    assert resumed.next_task("b", 100).kind is TaskKind.FIT_HEAD
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"task": "lm"}, "needs the classify task"),
+        ({"aggregation": "median"}, "weighted mean"),
+        ({"dp_noise_multiplier": 1.0, "dp_clip": 1.0}, "differential privacy"),
+    ],
+)
+def test_settings_that_cannot_solve_the_head_are_refused(kit, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        kit.config(closed_form_head=True, **overrides)
