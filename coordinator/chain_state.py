@@ -105,6 +105,7 @@ from chainfed.proto.chain_rules import StageConvergence, choose_start_layer, win
 from chainfed.proto.closed_form_head import solve_head
 from chainfed.proto.dp_mechanism import clip_update, noise_generator
 from chainfed.proto.messages import (
+    HEAD_FIT_ROUND,
     AgentCapabilities,
     AgentStatus,
     ChainPhase,
@@ -266,7 +267,7 @@ class ChainCoordinator:
 
     def trained_rounds(self) -> int:
         """Training rounds aggregated so far (head rounds included, evaluation not)."""
-        return sum(1 for r in self.history if not r.round_id.startswith(("eval", "fit")))
+        return sum(1 for r in self.history if not (r.head_fit or r.round_id.startswith("eval")))
 
     @property
     def head_fit_pending(self) -> bool:
@@ -485,7 +486,7 @@ class ChainCoordinator:
             return
         if not evaluation and self.head_fit_pending:
             self.open_round = OpenRound(
-                round_id=self._next_round_id("fit"),
+                round_id=self._next_round_id(HEAD_FIT_ROUND),
                 stage_layer=self.stage_layer,
                 window=[],
                 participants=participants,

@@ -105,6 +105,7 @@ def accuracy_chart(history: tuple[RoundRecord, ...]) -> str:
     """Inline SVG: the federated validation metric of every round (x: round number in
     the chain, y: the metric), a dashed line where the stage layer changes, labelled with
     the new layer. Empty rounds history: a note instead."""
+    history = tuple(r for r in history if not r.head_fit)  # nothing validated there
     if not history:
         return "<p id=accuracy-chart class=muted>No round finished yet.</p>"
     values = [r.metrics.val_metric for r in history]
@@ -183,11 +184,17 @@ def _history(s: StatusSnapshot) -> str:
     for r in reversed(s.history[-HISTORY_ROWS:]):
         m = r.metrics
         epsilon = f"<td class=n>{_or_dash(r.dp_epsilon, '.4g')}</td>" if dp else ""
+        losses = (
+            "<td class=n>-</td>" * 3
+            if r.head_fit
+            else f"<td class=n>{m.train_loss:.4f}</td><td class=n>{m.val_loss:.4f}</td>"
+            f"<td class=n>{m.val_metric:.4f}</td>"
+        )
+        window = "head fit" if r.head_fit else _layers(r.window_layers)
         rows.append(
             f"<tr><td>{escape(r.round_id)}</td><td class=n>{r.stage_layer}</td>"
-            f"<td>{_layers(r.window_layers)}</td><td class=n>{len(r.participants)}</td>"
-            f"<td class=n>{len(r.dropped)}</td><td class=n>{m.train_loss:.4f}</td>"
-            f"<td class=n>{m.val_loss:.4f}</td><td class=n>{m.val_metric:.4f}</td>{epsilon}</tr>"
+            f"<td>{window}</td><td class=n>{len(r.participants)}</td>"
+            f"<td class=n>{len(r.dropped)}</td>{losses}{epsilon}</tr>"
         )
     older = len(s.history) - min(len(s.history), HISTORY_ROWS) + s.history_omitted
     note = f"<p class=muted>{older} older rounds not shown.</p>" if older else ""

@@ -312,6 +312,10 @@ class AgentStatus:
     it calls again."""
 
 
+HEAD_FIT_ROUND = "fit"
+"""Prefix of the closed-form head round's id (``RoundRecord.head_fit``)."""
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """One finished round."""
@@ -341,6 +345,12 @@ class RoundRecord:
     def __post_init__(self) -> None:
         for name in ("window_layers", "participants", "dropped", "update_digests"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def head_fit(self) -> bool:
+        """The closed-form head round (id ``fit<N>``): statistics were aggregated and
+        nothing was validated, so its train and validation figures are 0 and say nothing."""
+        return self.round_id.startswith(HEAD_FIT_ROUND)
 
 
 @dataclass(frozen=True)

@@ -131,3 +131,16 @@ def test_every_path_refuses_without_a_valid_token_over_a_real_socket():
         assert get("/nothing-here", "Bearer good-token") == 404
     finally:
         page.close()
+
+
+def test_the_closed_form_head_round_is_shown_without_validation_figures():
+    fit = RoundRecord("fit1", 1, (), ("a",), (), UpdateMetrics(10, 0, 0, 0, 0, 0, 1, 0.1), 0)
+    history = (fit, *snapshot().history)
+
+    chart = accuracy_chart(history)
+    page = render_page(snapshot(history=history), now_ms=2_000)
+
+    assert fit.head_fit and not history[1].head_fit
+    assert chart == accuracy_chart(history[1:])  # nothing validated: no point at 0
+    row = "<tr><td>fit1</td><td class=n>1</td><td>head fit</td><td class=n>1</td>"
+    assert row + "<td class=n>0</td>" + "<td class=n>-</td>" * 3 + "</tr>" in page
