@@ -60,6 +60,9 @@ class SimulationConfig:
     """Head-only rounds after the last stage (the coordinator's ``--head-rounds``)."""
     head_local_steps: int | None = None
     """Optimiser steps of a head round (``--head-local-steps``); None = the chain's."""
+    closed_form_head: bool = False
+    """The coordinator's ``--closed-form-head``: the task head solved from the agents'
+    feature statistics before the first round."""
     aggregation: str = "fedavg"
     """``fedavg``, ``ffa`` or ``svd``."""
     model: str = "minilm"
@@ -437,6 +440,12 @@ def add_simulation_arguments(
         default=d.head_local_steps,
         help="optimiser steps of each agent's head round (default: the chain's local schedule)",
     )
+    f.add_argument(
+        "--closed-form-head",
+        action="store_true",
+        help="before the first round, solve the task head from the agents' statistics of the "
+        "base model's final features (the coordinator's --closed-form-head; one extra round)",
+    )
     f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
     f.add_argument(
         "--agents-per-round", type=int, default=d.agents_per_round, help="0 = every agent"
@@ -521,6 +530,7 @@ def simulation_config_from_args(
         rounds=args.rounds,
         head_rounds=args.head_rounds,
         head_local_steps=args.head_local_steps,
+        closed_form_head=args.closed_form_head,
         aggregation=args.aggregation,
         model=args.model,
         data=args.data,

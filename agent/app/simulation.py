@@ -128,6 +128,10 @@ class RoundEntry:
     test_loss: float | None = None
     test_metric: float | None = None
     """The global model after this round on the held-out test rows (``test_each_round``)."""
+    head_fit: bool = False
+    """The closed-form head round (``--closed-form-head``, the coordinator's ``fit``
+    round): agents uploaded head statistics and validated nothing, so its ``val_*`` and
+    ``train_loss`` are 0 and say nothing; its costs and test figures are real."""
 
 
 @dataclass
@@ -202,16 +206,18 @@ class SimulationResult:
         return peak
 
     def stages(self) -> list[dict[str, Any]]:
-        """Per stage layer, and the head stage (``head`` True, ``window`` empty) apart:
-        rounds, last federated validation figures, peak memory."""
-        out: dict[tuple[int, bool], dict[str, Any]] = {}
+        """Per stage layer, and the head stage (``head`` True, ``window`` empty) and the
+        closed-form head fit (``fit`` True) apart: rounds, last federated validation
+        figures, peak memory."""
+        out: dict[tuple[int, bool, bool], dict[str, Any]] = {}
         for e in self.history:
             head = not e.window
             s = out.setdefault(
-                (e.stage_layer, head),
+                (e.stage_layer, head, e.head_fit),
                 {
                     "layer": e.stage_layer,
                     "head": head,
+                    "fit": e.head_fit,
                     "window": e.window,
                     "rounds": 0,
                     "peak_memory_bytes": 0,
@@ -276,6 +282,7 @@ def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, 
         "round_deadline": config.deadline_s,
         "head_rounds": config.head_rounds,
         "head_local_steps": config.head_local_steps,
+        "closed_form_head": config.closed_form_head,
     }
     if start is None:
         options["start_layer"] = "auto" if config.start_layer is None else str(config.start_layer)
@@ -604,6 +611,16 @@ class _InProcessFederation:
             final = coordinator.tensors_for(task.round_id)
             metrics = agent.evaluation_metrics(task, final)
             _submit(coordinator, agent_id, task.round_id, metrics, {}, clock, say)
+        elif task.kind is TaskKind.FIT_HEAD:
+            if (agent_id, task.round_id) in self.rejected:
+                return False
+            final = coordinator.tensors_for(task.round_id)
+            metrics, statistics = agent.head_statistics(task, final)
+            if self.update_hook is not None:
+                statistics = self.update_hook(agent_id, statistics)
+            if not _submit(coordinator, agent_id, task.round_id, metrics, statistics, clock, say):
+                self.rejected.add((agent_id, task.round_id))
+            self.traffic[(agent_id, task.round_id)] = asdict(agent.traffic[-1])
         else:
             return False
         return True
@@ -660,11 +677,20 @@ class _ProgressReporter:
     def show(self, s: StatusSnapshot) -> None:
         for record in s.history[self.seen :]:
             m = record.metrics
+            reported = (
+                f"{len(record.participants)}/{len(record.participants) + len(record.dropped)} "
+                "agents reported"
+            )
+            if record.head_fit:
+                self._line(
+                    f"round {record.round_id}: task head fitted in closed form on the base "
+                    f"model's features, {reported} ({m.train_samples} training rows)"
+                )
+                continue
             what = "final evaluation" if record.round_id.startswith("eval") else "round"
             self._line(
                 f"{what} {record.round_id}: layer {record.stage_layer} window "
-                f"{list(record.window_layers)}, {len(record.participants)}/"
-                f"{len(record.participants) + len(record.dropped)} agents reported, "
+                f"{list(record.window_layers)}, {reported}, "
                 f"val loss {m.val_loss:.4f}, val accuracy {m.val_metric:.4f}"
             )
         self.seen = len(s.history)
@@ -884,6 +910,7 @@ def _entry(
         compute_seconds={a: c["compute_seconds"] for a, c in costs.items()},
         test_loss=None if test is None else test.loss,
         test_metric=None if test is None else test.metric,
+        head_fit=record.head_fit,
     )
 
 

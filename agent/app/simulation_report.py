@@ -35,9 +35,12 @@ def stage_table(result: SimulationResult) -> str:
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in result.stages():
+        window, val = window_text(s["window"]), f"{s['val_loss']:.4f} | {s['val_metric']:.4f}"
+        if s["fit"]:
+            window, val = "head fit", "— | —"
         lines.append(
-            f"| {s['layer']} | {window_text(s['window'])} | {s['rounds']} | {s['val_loss']:.4f} "
-            f"| {s['val_metric']:.4f} | {format_bytes(s['peak_memory_bytes'])} "
+            f"| {s['layer']} | {window} | {s['rounds']} | {val} "
+            f"| {format_bytes(s['peak_memory_bytes'])} "
             f"| {format_bytes(s['above_baseline_bytes'])} |"
         )
     return "\n".join(lines)
@@ -52,10 +55,14 @@ def round_table(result: SimulationResult) -> str:
     ]
     for e in result.history:
         n = max(len(e.sent_bytes), 1)
+        window = "head fit" if e.head_fit else window_text(e.window)
+        losses = f"{e.train_loss:.4f} | {e.val_loss:.4f} | {e.val_metric:.4f}"
+        if e.head_fit:
+            losses = "— | — | —"
         lines.append(
-            f"| {e.round_id} | {e.stage_layer} | {window_text(e.window)} "
-            f"| {len(e.participants)} | {len(e.dropped)} | {e.train_loss:.4f} | {e.val_loss:.4f} "
-            f"| {e.val_metric:.4f} | {format_bytes(sum(e.sent_bytes.values()) // n)} "
+            f"| {e.round_id} | {e.stage_layer} | {window} "
+            f"| {len(e.participants)} | {len(e.dropped)} | {losses} "
+            f"| {format_bytes(sum(e.sent_bytes.values()) // n)} "
             f"| {format_bytes(sum(e.received_bytes.values()) // n)} |"
         )
     return "\n".join(lines)
@@ -109,8 +116,10 @@ def stage_boundaries(result: SimulationResult) -> list[tuple[float, str]]:
             before is None
             or entry.stage_layer != before.stage_layer
             or bool(entry.window) != bool(before.window)
+            or entry.head_fit != before.head_fit
         ):
-            out.append((i + 0.5, f"L{entry.stage_layer}" if entry.window else "head"))
+            label = f"L{entry.stage_layer}" if entry.window else "head"
+            out.append((i + 0.5, "fit" if entry.head_fit else label))
     return out
 
 
@@ -140,8 +149,9 @@ def plot_accuracy(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labelled = False
     for label, result in curves.items():
-        xs = list(range(1, result.rounds + 1))
-        (line,) = ax.plot(xs, [e.val_metric for e in result.history], marker="o", label=label)
+        validated = [(i, e) for i, e in enumerate(result.history, 1) if not e.head_fit]
+        xs, ys = [i for i, _ in validated], [e.val_metric for _, e in validated]
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
         boundaries = stage_boundaries(result)
         if len(boundaries) > 1:
             for x, _label in boundaries:
@@ -172,7 +182,7 @@ def plot_memory(result: SimulationResult, path: Path, *, e2e_bytes: int, e2e_lab
     mib = 1 << 20
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.bar(
-        ["head" if s["head"] else str(s["layer"]) for s in stages],
+        ["head fit" if s["fit"] else "head" if s["head"] else str(s["layer"]) for s in stages],
         [s["above_baseline_bytes"] / mib for s in stages],
         label="chain, measured (largest agent, above its idle process)",
     )

@@ -39,10 +39,12 @@ from chainfed.agent.training.chain import (
     EncodedSplit,
     StageReport,
     evaluate_streaming,
+    pooled_features_streaming,
 )
 from chainfed.agent.training.data import SplitData, load_dataset
+from chainfed.agent.training.head_refit import set_closed_form_head
 from chainfed.agent.training.memory_meter import process_baseline, release_large_frees_to_os
-from chainfed.agent.training.objectives import build_objective
+from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
 from chainfed.agent.training.tokenize import (
     encode_split,
     label_token_ids,
@@ -87,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="after the last stage, passes of head-only steps on the pooled final "
         "features (classify; default 0: none)",
+    )
+    c.add_argument(
+        "--closed-form-head",
+        action="store_true",
+        help="before training, set the task head to the closed-form (ridge) head of the base "
+        "model's final features over the training rows: what a federation's "
+        "--closed-form-head round solves (classify)",
     )
     c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
     c.add_argument(
@@ -205,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     release_large_frees_to_os()
     process_baseline()
     torch.manual_seed(args.seed)
+    if args.closed_form_head and args.task != "classify":
+        raise ChainFedError(CLOSED_FORM_NEEDS_CLASSIFY)
     inputs = _inputs(args)
     if args.eval_only:
         return _eval_only(args, inputs)
@@ -215,10 +226,12 @@ def run(args: argparse.Namespace) -> int:
         model, args.task, num_labels=len(inputs.data.labels), label_token_ids=inputs.token_ids,
         seed=args.seed,
     )  # fmt: skip
+    started = time.perf_counter()
+    if args.closed_form_head:
+        _closed_form_head(model, objective, config, inputs.train)
     trainer = ChainTrainer(
         model, objective, inputs.train, inputs.val, config, workdir, progress=not args.quiet
     )
-    started = time.perf_counter()
     stages = trainer.train(on_stage=_print_stage)
     eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
     final = evaluate_streaming(
@@ -238,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         "data": inputs.data.summary(),
         "stages": [_stage_dict(s) for s in stages],
         "head_refit": asdict(trainer.head_refit) if trainer.head_refit else None,
+        "closed_form_head": args.closed_form_head,
         "final": {"val_metric": final.metric, "val_loss": final.loss},
         "seconds": time.perf_counter() - started,
         "adapters": str(adapters_path),
@@ -248,6 +262,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
     print(f"adapters: {adapters_path}\nreport: {report_path}")
     return 0
+
+
+CLOSED_FORM_NEEDS_CLASSIFY = (
+    "--closed-form-head fits a classification head: it needs --task classify"
+)
+
+
+def _closed_form_head(
+    model: StreamingModel,
+    objective: ClassifyObjective | LMObjective,
+    config: ChainConfig,
+    rows: EncodedSplit,
+) -> None:
+    """``--closed-form-head``: the head solved on the base model's pooled final features
+    of the training rows (one forward pass over them)."""
+    if not isinstance(objective, ClassifyObjective):
+        raise ChainFedError(CLOSED_FORM_NEEDS_CLASSIFY)
+    features = pooled_features_streaming(
+        model, objective, {}, config.lora, rows, batch_size=config.micro_batch
+    )
+    set_closed_form_head(objective.head, features, rows.labels)
 
 
 def _print_stage(r: StageReport) -> None:

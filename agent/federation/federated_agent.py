@@ -43,12 +43,15 @@ from chainfed.agent.training.chain import (
     ChainTrainer,
     EncodedSplit,
     evaluate_streaming,
+    pooled_features_streaming,
 )
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
 from chainfed.proto.adapter_file import AdapterFile, AdapterInfo, save_adapter_file
 from chainfed.proto.client import CoordinatorClient, CoordinatorError, RetryPolicy
+from chainfed.proto.closed_form_head import head_statistics
 from chainfed.proto.dp_mechanism import local_dp_update
+from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import (
     AgentCapabilities,
     ProbeReport,
@@ -96,9 +99,9 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class RoundTraffic:
-    """What one training round cost this agent: tensor payload each way (bytes of the
-    tensors' values; the wire adds chunk framing), the round's memory peak and its compute
-    time."""
+    """What one round (training, or the closed-form head fit) cost this agent: tensor
+    payload each way (bytes of the tensors' values; the wire adds chunk framing), the
+    round's memory peak and its compute time."""
 
     round_id: str
     stage_layer: int
@@ -182,6 +185,8 @@ class FederatedAgent:
                 self._train_round(task)
             elif task.kind is TaskKind.EVALUATE:
                 self._evaluate(task)
+            elif task.kind is TaskKind.FIT_HEAD:
+                self._fit_head(task)
             elif task.kind is TaskKind.DONE:
                 return self._finish(task)
 
@@ -401,6 +406,63 @@ class FederatedAgent:
             peak_memory_bytes=0,
             seconds=time.perf_counter() - started,
         )
+
+    def _fit_head(self, task: Task) -> None:
+        final = self._fetch_or_none(task) if task.tensors else {}
+        if final is None:
+            return
+        self._submit(task.round_id, *self.head_statistics(task, final))
+
+    def head_statistics(
+        self, task: Task, final: dict[str, torch.Tensor]
+    ) -> tuple[UpdateMetrics, dict[str, torch.Tensor]]:
+        """FIT_HEAD: the closed-form head statistics (``chainfed.proto.closed_form_head``)
+        of this agent's training rows, pooled after the whole network with the adapters in
+        ``final`` (none: the base model), and the metrics that weight them (its training
+        rows). One forward pass over the rows; the trainer and its caches are untouched."""
+        if self.data.task != "classify":
+            raise ChainFedError(
+                f"round {task.round_id} asks for a closed-form head, which only the classify "
+                f"task has; this agent's task is {self.data.task!r}"
+            )
+        started = time.perf_counter()
+        objective = self._objective(task.params)
+        lora = chain_config_from_params(task.params, 1).lora
+        final = self.with_frozen_a(final, lora)
+        adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
+        with PeakMemoryMeter(self.model.device) as meter:
+            features = pooled_features_streaming(
+                self.model,
+                objective,
+                adapters,
+                lora,
+                self.data.train,
+                batch_size=task.params.micro_batch,
+            )
+        statistics = head_statistics(features, self.data.train.labels, len(self.data.labels))
+        metrics = UpdateMetrics(
+            train_samples=len(self.data.train),
+            val_samples=0,
+            steps=0,
+            train_loss=0.0,
+            val_loss=0.0,
+            val_metric=0.0,
+            peak_memory_bytes=meter.reading.peak_bytes,
+            seconds=time.perf_counter() - started,
+        )
+        self.traffic.append(
+            RoundTraffic(
+                task.round_id,
+                task.stage_layer,
+                payload_bytes(final),
+                payload_bytes(statistics),
+                meter.reading.peak_bytes,
+                meter.reading.baseline_bytes,
+                metrics.seconds,
+            )
+        )
+        log.info("round %s: head statistics of %d training rows", task.round_id, len(features))
+        return metrics, statistics
 
     def _submit(self, round_id: str, metrics: UpdateMetrics, tensors: dict[str, torch.Tensor]):
         try:

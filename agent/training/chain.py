@@ -963,23 +963,15 @@ class _DepthLimited(nn.Module):
         return ExactForesight(self.inner.model, limited)(h, ctx)
 
 
-@torch.no_grad()
-def evaluate_streaming(
+def _final_states(
     model: StreamingModel,
-    objective: ClassifyObjective | LMObjective,
     adapters: dict[str, torch.Tensor],
     lora: LoRAConfig,
     data: EncodedSplit,
-    *,
-    batch_size: int = 64,
-) -> Evaluation:
-    """Loss and metric of the whole network with ``adapters``, streamed layer-major.
-
-    The same arithmetic for ``chainfed train``'s final figure and ``--eval-only``, so the
-    two agree bit for bit. Hidden states of all samples are held (N × T × d) — validation
-    sets are small; training data never passes through here.
-    """
-    objective.eval()
+    batch_size: int,
+) -> torch.Tensor:
+    """``(N, T, d)`` last hidden states of every row of ``data`` through the whole
+    network with ``adapters``, streamed layer-major (each block read once)."""
     h = torch.cat(
         [
             model.load_embeddings()(
@@ -1004,9 +996,57 @@ def evaluate_streaming(
             ]
         )
         del block
+    return h
+
+
+@torch.no_grad()
+def evaluate_streaming(
+    model: StreamingModel,
+    objective: ClassifyObjective | LMObjective,
+    adapters: dict[str, torch.Tensor],
+    lora: LoRAConfig,
+    data: EncodedSplit,
+    *,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Loss and metric of the whole network with ``adapters``, streamed layer-major.
+
+    The same arithmetic for ``chainfed train``'s final figure and ``--eval-only``, so the
+    two agree bit for bit. Hidden states of all samples are held (N × T × d) — validation
+    sets are small; training data never passes through here.
+    """
+    objective.eval()
+    h = _final_states(model, adapters, lora, data, batch_size)
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(data), batch_size):
         batch = data.batch(slice(i, i + batch_size)).to(model.device)
         s_loss, s_correct, s_count = objective.score(h[i : i + batch_size], batch)
         loss_sum, correct, count = loss_sum + s_loss, correct + s_correct, count + s_count
     return Evaluation(loss_sum / max(count, 1), correct / max(count, 1))
+
+
+POOLED_CHUNK_ROWS = 512
+"""Rows ``pooled_features_streaming`` carries through the network at once: it pools the
+training rows, which may be many, so their (N, T, d) states are never all held."""
+
+
+@torch.no_grad()
+def pooled_features_streaming(
+    model: StreamingModel,
+    objective: ClassifyObjective,
+    adapters: dict[str, torch.Tensor],
+    lora: LoRAConfig,
+    data: EncodedSplit,
+    *,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``(N, d)`` float32: what ``objective``'s head reads for every row of ``data`` after
+    the whole network with ``adapters`` (none: the base model), streamed layer-major in
+    chunks of ``POOLED_CHUNK_ROWS`` rows; the same states ``evaluate_streaming`` scores."""
+    pooled = []
+    for start in range(0, len(data), POOLED_CHUNK_ROWS):
+        chunk = data.batch(slice(start, start + POOLED_CHUNK_ROWS))
+        part = EncodedSplit(chunk.input_ids, chunk.attention_mask, chunk.labels)
+        h = _final_states(model, adapters, lora, part, batch_size)
+        pooled.append(objective.features(h, chunk.to(model.device)))
+    return torch.cat(pooled)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chainfed.proto.closed_form_head import head_statistics, solve_head
+
 
 @dataclass(frozen=True)
 class HeadRefit:
@@ -69,3 +71,15 @@ def refit_head(
             steps += 1
         pass_losses.append(float(np.mean(losses)))
     return HeadRefit(steps, n * epochs, pass_losses[0], pass_losses[-1])
+
+
+def set_closed_form_head(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """Set ``head`` to the closed-form head of ``features (N, d)`` and ``labels (N,)``
+    (``chainfed.proto.closed_form_head``): on one device, the head a federation's
+    ``--closed-form-head`` round solves from its agents' statistics when one agent holds
+    all the rows."""
+    statistics = head_statistics(features, labels, head.out_features)
+    weight, bias = solve_head(statistics)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
+        head.bias.copy_(bias.to(head.bias.device, head.bias.dtype))

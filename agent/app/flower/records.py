@@ -69,6 +69,11 @@ def simulation_config(run_config: dict[str, Any]) -> SimulationConfig:
         if name not in names:
             raise SimulationError(f"run config {key!r} is not a chainfed simulate setting")
         settings[name] = value
+    if settings.get("closed_form_head"):
+        raise SimulationError(
+            "run config 'closed-form-head': the Flower app has no closed-form head round; "
+            "run it with chainfed coordinator or chainfed simulate"
+        )
     if settings.get("start_layer") == -1:
         settings["start_layer"] = None
     for name in ("data", "workdir"):

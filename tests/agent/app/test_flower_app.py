@@ -75,6 +75,8 @@ def test_run_config_names_the_simulate_settings(tmp_path: Path) -> None:
     assert quorum == {"min_agents": 2}
     with pytest.raises(SimulationError, match="'min-agents' must be >= 0"):
         records.simulation_config({"min-agents": -1})
+    with pytest.raises(SimulationError, match="Flower app has no closed-form head round"):
+        records.simulation_config({**RUN_CONFIG, "closed-form-head": True})
 
 
 def test_records_carry_our_messages_and_tensors_unchanged() -> None:

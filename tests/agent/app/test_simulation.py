@@ -34,9 +34,17 @@ from chainfed.agent.app.simulation import coordinator_argv, run_simulation
 from chainfed.agent.app.simulation_report import round_table, stage_boundaries, stage_table
 from chainfed.agent.cli import build_parser, main
 from chainfed.agent.federation.federated_agent import FederatedAgent
+from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import (
+    EncodedSplit,
+    evaluate_streaming,
+    pooled_features_streaming,
+)
+from chainfed.agent.training.objectives import build_objective
 from chainfed.coordinator.command import add_arguments, coordinator_config
 from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.closed_form_head import HEAD_CROSS, HEAD_GRAM, head_statistics, solve_head
 
 TINY = {
     "agents": 3,
@@ -336,6 +344,54 @@ def test_head_rounds_train_the_head_alone_and_leave_every_adapter_as_the_chain_m
     assert [label for _x, label in stage_boundaries(headed)] == ["L4", "L5", "head"]
 
 
+def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
+    # Prepare: 3 label-skewed agents; the fit round, then one chain stage at layer 5
+    config = SimulationConfig(
+        **TINY,
+        start_layer=5,
+        max_rounds_per_layer=1,
+        aggregation="ffa",
+        closed_form_head=True,
+        test_each_round=True,
+        workdir=tmp_path / "run",
+    )
+    submitted: list[dict[str, torch.Tensor]] = []
+
+    # Execute
+    result = run_simulation(config, update_hook=lambda a, u: submitted.append(dict(u)) or u)
+
+    # Assert: the fit round comes first and uploads the two statistics alone
+    assert [(e.head_fit, e.window) for e in result.history] == [(True, []), (False, [5])]
+    assert sorted(submitted[0]) == [HEAD_CROSS, HEAD_GRAM]
+    width = 384 + 1
+    statistics_bytes = 8 * (width * width + width * 3)
+    assert all(v == statistics_bytes for v in result.history[0].sent_bytes.values())
+    # the head it solved is the one all the agents' rows give on one device: the global
+    # model after the fit (base model + that head) scores the test rows identically
+    corpus = simulation.load_corpus(config)
+    shards = [simulation.agent_local_data(corpus, config, k) for k in range(config.agents)]
+    union = EncodedSplit(
+        *(
+            torch.cat([getattr(d.train, f) for d in shards])
+            for f in ("input_ids", "attention_mask", "labels")
+        )
+    )
+    objective = build_objective(corpus.model, "classify", num_labels=3, seed=config.seed)
+    lora = LoRAConfig(rank=config.rank)
+    features = pooled_features_streaming(corpus.model, objective, {}, lora, union)
+    weight, bias = solve_head(head_statistics(features, union.labels, 3))
+    with torch.no_grad():
+        objective.head.weight.copy_(weight)
+        objective.head.bias.copy_(bias)
+    want = evaluate_streaming(corpus.model, objective, {}, lora, corpus.test)
+    assert result.history[0].test_loss == pytest.approx(want.loss, abs=1e-5)
+    assert result.history[0].test_metric == want.metric
+    # the reports show the fit as its own row, with no validation figures
+    assert stage_table(result).splitlines()[2].startswith("| 5 | head fit | 1 | — | — |")
+    assert "| fit1 | 5 | head fit | 3 | 0 | — | — | — |" in round_table(result)
+    assert [label for _x, label in stage_boundaries(result)] == ["fit", "L5"]
+
+
 def test_a_chain_budget_ends_stages_at_their_share(tmp_path):
     # R = 3 rounds over layers 4 and 5: layer 4 gets 3 // 2 = 1, layer 5 the 2 left
     config = SimulationConfig(**TINY, start_layer=4, rounds=3, workdir=tmp_path)
@@ -410,7 +466,7 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     parser = build_parser(only="simulate")
     args = parser.parse_args(
         ["simulate", "--rounds", "9", "--head-rounds", "2", "--head-local-steps", "40"]
-        + ["--weight-decay", "0.01", "--lora-dropout", "0.05"]
+        + ["--weight-decay", "0.01", "--lora-dropout", "0.05", "--closed-form-head"]
     )
     config = simulation_config_from_args(args, tmp_path)
     assert (config.rounds, config.head_rounds, config.max_rounds_per_layer) == (9, 2, None)
@@ -421,7 +477,7 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     argv = ["--state-dir", "-", *coordinator_argv(config, 6)]
     chain = coordinator_args.parse_args(argv)
     assert (chain.rounds, chain.head_rounds, chain.max_rounds_per_layer) == (9, 2, None)
-    assert chain.head_local_steps == 40
+    assert chain.head_local_steps == 40 and chain.closed_form_head and config.closed_form_head
     assert (chain.weight_decay, chain.lora_dropout) == (0.01, 0.05)
     # e2e: one stage of the rounds the head leaves
     e2e = coordinator_args.parse_args(
@@ -438,6 +494,7 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     help_text = " ".join(simulate.format_help().split())
     assert "head-only rounds" in help_text and "a budget the coordinator spreads" in help_text
     assert "optimiser steps of each agent's head round" in help_text
+    assert "solve the task head from the agents' statistics" in help_text
 
 
 def test_simulate_command_with_processes_over_grpc(tmp_path, capsys, launches):
@@ -517,7 +574,8 @@ def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys,
 
     report = json.loads((out / "report.json").read_text())
     assert [a for a in report["federation"]["agent_samples"]] == ["agent-0", "agent-1"]
-    assert [s["layer"] for s in report["federation"]["stages"]] == [5]
+    stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
+    assert stages == [(5, True), (5, False)]  # the preset's closed-form head round, layer 5
     assert report["memory"]["e2e_bytes"] > 0
     assert "estimated" not in (out / "report.md").read_text()
     assert_token_kept_off_command_lines(launches, 4, out / "federation")
@@ -536,7 +594,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     for name in ("report.md", "accuracy.png", "memory.png", "adapters.safetensors"):
         assert (out / name).stat().st_size > 0
     assert report["head_baseline"]["val_metric"] >= 0
-    assert [s["layer"] for s in report["federation"]["stages"]] == [4, 5]
+    stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
+    assert stages == [(4, True), (4, False), (5, False)]
     assert f"run folder: {out}" in printed
 
 

@@ -18,15 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from chainfed.agent.app.options import chain_config_from_args
+from chainfed.agent.app.options import chain_config_from_args, data_config
 from chainfed.agent.app.train_command import add_arguments, stage_table
 from chainfed.agent.cli import main
 from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.errors import ChainFedError
+from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
+from chainfed.agent.training.chain import pooled_features_streaming
 from chainfed.agent.training.data import DataConfig, load_dataset
-from chainfed.agent.training.tokenize import label_token_ids
+from chainfed.agent.training.objectives import build_objective
+from chainfed.agent.training.tokenize import encode_split, label_token_ids
 from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.closed_form_head import head_statistics, solve_head
 
 # The tiny run, plus --max-len 32 to keep it quick on two cores.
 TINY_RUN = ["--train-rows", "200", "--val-rows", "100", "--steps-per-round", "5"]
@@ -166,6 +170,36 @@ def test_eval_only_refuses_adapters_of_another_model(minilm_run, minilm_path, tm
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "different model" in err
+
+
+def test_closed_form_head_starts_training_from_the_head_of_the_training_rows(
+    minilm_path, tmp_path, capsys
+):
+    # one step at lr 1e-12 leaves the starting head as it was: it must be the head solved
+    # from the base model's pooled features of the very rows `chainfed train` trains on
+    workdir = tmp_path / "run"
+    rows = ["--train-rows", "60", "--val-rows", "30", "--max-len", "24", "--micro-batch", "8"]
+    steps = ["--steps-per-round", "1", "--baseline-rounds", "1", "--lr", "1e-12"]
+    argv = ["train", "--mode", "head", *rows, *steps, "--closed-form-head", "--quiet"]
+
+    assert main([*argv, "--workdir", str(workdir)]) == 0
+
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["closed_form_head"] is True
+    saved = load_adapter_file(Path(report["adapters"])).head()
+    model = StreamingModel(minilm_path)
+    data = load_dataset(data_config(None, "classify", train_rows=60, val_rows=30, seed=0))
+    train = encode_split(model, data.train, "classify", 24)
+    objective = build_objective(model, "classify", num_labels=len(data.labels))
+    features = pooled_features_streaming(model, objective, {}, LoRAConfig(), train, batch_size=8)
+    weight, bias = solve_head(head_statistics(features, train.labels, len(data.labels)))
+    torch.testing.assert_close(saved["weight"], weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(saved["bias"], bias, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main([*argv, "--task", "lm", "--model", "smollm2"]) != 0
+    printed = capsys.readouterr()
+    assert "--closed-form-head fits a classification head: it needs --task classify" in printed.err
+    assert "computing on" not in printed.out  # refused before the model is opened
 
 
 def test_stage_table_formats_a_head_stage():
