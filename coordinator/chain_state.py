@@ -647,7 +647,9 @@ class ChainCoordinator:
         now_ms: int,
     ) -> None:
         """The head solved from the received statistics' sample-weighted mean becomes the
-        window state's head: the chain's first round starts from it."""
+        window state's head: the chain's first round starts from it. Statistics that give
+        no finite head (each agent's passed the checks, their mean does not solve) are
+        dropped and the fit round is asked again, as a round short of its quorum is."""
         started = time.perf_counter()
         if r.secure_mean is not None:
             stats = r.secure_mean
@@ -656,7 +658,16 @@ class ChainCoordinator:
                 WeightedUpdate(r.updates[a][1], r.updates[a][0].train_samples, a) for a in received
             ]
             stats = aggregate("fedavg", updates)
-        weight, bias = solve_head(stats)
+        try:
+            weight, bias = solve_head(stats)
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            weight = bias = torch.tensor(float("nan"))
+            log.error("round %s: the head statistics do not solve: %s", r.round_id, exc)
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            log.error("round %s: no finite head from these statistics; fitting again", r.round_id)
+            self.observer.round_closed("rerun", 0.0)
+            self.changed = True
+            return
         self.window_state = {"objective.head.weight": weight, "objective.head.bias": bias}
         self.observer.round_closed("aggregated", time.perf_counter() - started)
         self.history.append(

@@ -77,6 +77,19 @@ def check_statistics(stats: dict[str, torch.Tensor]) -> tuple[int, int]:
         )
     if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
         raise ValueError("head statistics must be finite")
+    # what any means over rows satisfy: the appended 1's own moment, a symmetric second
+    # moment with a non-negative diagonal, label frequencies that sum to 1
+    gram64, cross64 = gram.to(torch.float64), cross.to(torch.float64)
+    tolerance = 1e-6
+    if abs(float(gram64[-1, -1]) - 1.0) > tolerance:
+        raise ValueError(f"{HEAD_GRAM}'s last diagonal entry must be 1 (the mean of 1 · 1)")
+    if not torch.allclose(gram64, gram64.T, rtol=tolerance, atol=tolerance):
+        raise ValueError(f"{HEAD_GRAM} must be symmetric")
+    if bool((gram64.diagonal() < 0).any()):
+        raise ValueError(f"{HEAD_GRAM} must have a non-negative diagonal")
+    frequencies = cross64[-1]
+    if bool((frequencies < -tolerance).any()) or abs(float(frequencies.sum()) - 1.0) > tolerance:
+        raise ValueError(f"{HEAD_CROSS}'s last row must be label frequencies summing to 1")
     return gram.shape[0] - 1, cross.shape[1]
 
 

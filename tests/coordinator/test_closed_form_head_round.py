@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chainfed.coordinator import state_store
+from chainfed.coordinator import chain_state, state_store
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.closed_form_head import HEAD_CROSS, HEAD_GRAM, head_statistics, solve_head
 from chainfed.proto.messages import ChainPhase, TaskKind, UpdateMetrics
@@ -138,3 +138,18 @@ def test_a_fit_round_in_flight_is_asked_again_after_a_restart(kit, tmp_path):
 def test_settings_that_cannot_solve_the_head_are_refused(kit, overrides, message):
     with pytest.raises(ValueError, match=message):
         kit.config(closed_form_head=True, **overrides)
+
+
+def test_statistics_that_do_not_solve_are_dropped_and_the_fit_is_asked_again(kit, monkeypatch):
+    def singular(_stats):
+        raise torch.linalg.LinAlgError("singular")
+
+    c = kit.coordinator(min_agents=1, closed_form_head=True)
+    kit.register(c, "a")
+    with monkeypatch.context() as patched:
+        patched.setattr(chain_state, "solve_head", singular)
+        fit(c, {"a": 10})
+        assert not c.history and not c.window_state and c.head_fit_pending
+
+    fit(c, {"a": 10}, now=100)  # a new fit round; it solves this time
+    assert [r.head_fit for r in c.history] == [True] and set(c.window_state) == set(HEAD)

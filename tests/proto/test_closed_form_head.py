@@ -27,6 +27,10 @@ def skewed_agents(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return agents
 
 
+NEGATE_FEATURES = torch.tensor([99.0] * 6 + [0.0], dtype=torch.float64)
+"""Subtracted from the diagonal: every feature's second moment below 0, the 1's kept."""
+
+
 def weighted_mean(stats: list[dict], rows: list[int]) -> dict:
     total = sum(rows)
     return {k: sum(n * s[k] for n, s in zip(rows, stats, strict=True)) / total for k in stats[0]}
@@ -92,6 +96,10 @@ def test_the_scale_multiplies_the_head_and_keeps_its_decisions():
         (lambda s: {**s, HEAD_CROSS: s[HEAD_CROSS][:-1]}, "to match"),
         (lambda s: {**s, HEAD_CROSS: s[HEAD_CROSS][:, :1]}, "C >= 2"),
         (lambda s: {**s, HEAD_GRAM: s[HEAD_GRAM] * float("nan")}, "finite"),
+        (lambda s: {**s, HEAD_GRAM: s[HEAD_GRAM] * 2}, "mean of 1"),
+        (lambda s: {**s, HEAD_GRAM: s[HEAD_GRAM] + torch.triu(torch.ones(7, 7), 1)}, "symmetric"),
+        (lambda s: {**s, HEAD_GRAM: s[HEAD_GRAM] - torch.diag(NEGATE_FEATURES)}, "non-neg"),
+        (lambda s: {**s, HEAD_CROSS: s[HEAD_CROSS] * 3}, "summing to 1"),
     ],
 )
 def test_malformed_statistics_are_named(change, message):
