@@ -179,6 +179,7 @@ def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationCo
         rounds=args.rounds,
         head_rounds=args.head_rounds,
         head_local_steps=args.head_local_steps,
+        closed_form_head=args.closed_form_head,
         model=args.model,
         train_rows=args.train_rows,
         val_rows=args.val_rows,
@@ -633,6 +634,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-rounds", type=int, default=0, help="head-only rounds, every mode")
     parser.add_argument("--head-local-steps", type=int, help="steps of a head round, every mode")
     parser.add_argument(
+        "--closed-form-head",
+        action="store_true",
+        help="every mode starts from the closed-form head of the base model's features (one "
+        "fit round before the first, a point of each curve like any round)",
+    )
+    parser.add_argument(
         "--head-fit-epochs", type=int, default=10, help="passes per chunk of the head-only fit"
     )
     parser.add_argument(
@@ -702,7 +709,9 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command}` — {report['date']} — {machine}; {report['seconds']:.0f} s",
             "",
             f"Seeds {args.seeds} (mean ± standard error); {args.rounds} rounds per federated "
-            f"mode, {args.head_rounds} of them head-only; {args.agents} agents; "
+            f"mode, {args.head_rounds} of them head-only"
+            + ("; a closed-form head fit round first" if args.closed_form_head else "")
+            + f"; {args.agents} agents; "
             f"{args.train_rows} training rows in all, {args.test_rows} held-out test rows; "
             f"local epochs {args.local_epochs} (else {args.local_steps} steps) of micro-batch "
             f"{args.micro_batch}, lr {args.lr}, LoRA rank {args.rank}, aggregation "

@@ -147,3 +147,27 @@ def test_the_same_command_reuses_the_saved_runs_and_refuses_other_settings(
     assert again["runs"] == data["runs"] and again["summaries"] == data["summaries"]
     with pytest.raises(SystemExit, match="holds a run with other settings"):
         accuracy_benchmark.main([*argv, "--lr", "0.01"])
+
+
+def test_closed_form_head_gives_every_mode_a_fit_round_first(accuracy_benchmark, tmp_path):
+    out = tmp_path / "closed"
+    argv = ["--splits", SPLIT, "--seeds", "0", "--rounds", "1", "--agents", "2"]
+    argv += ["--train-rows", "40", "--val-rows", "20", "--test-rows", "20", "--max-len", "24"]
+    argv += ["--micro-batch", "8", "--start-layer", "5", "--modes", "chain,e2e"]
+    argv += ["--head-fit-epochs", "1", "--closed-form-head", "--out", str(out)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert accuracy_benchmark.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    data = json.loads((out / "accuracy.json").read_text())
+    for mode in ("chain", "e2e"):
+        (run,) = data["runs"][SPLIT][mode]
+        history = run["result"]["history"]
+        assert [e["head_fit"] for e in history] == [True, False]  # the fit, then 1 round
+        assert len(run["curve"]["accuracy"]) == 2 and run["curve"]["bytes"][0] > 0
+    fits = [data["runs"][SPLIT][m][0]["result"]["history"][0] for m in ("chain", "e2e")]
+    assert fits[0]["test_metric"] == fits[1]["test_metric"]  # the same base model and head
+    assert "a closed-form head fit round first" in (out / "accuracy.md").read_text()
