@@ -636,8 +636,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--closed-form-head",
         action="store_true",
-        help="every mode starts from the closed-form head of the base model's features (one "
-        "fit round before the first, a point of each curve like any round)",
+        help="every mode fits its head in closed form before its first round and after its "
+        "last (two fit rounds, each a point of the curve like any round)",
     )
     parser.add_argument(
         "--head-fit-epochs", type=int, default=10, help="passes per chunk of the head-only fit"
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Seeds {args.seeds} (mean ± standard error); {args.rounds} rounds per federated "
             f"mode, {args.head_rounds} of them head-only"
-            + ("; a closed-form head fit round first" if args.closed_form_head else "")
+            + ("; closed-form head fit rounds first and last" if args.closed_form_head else "")
             + f"; {args.agents} agents; "
             f"{args.train_rows} training rows in all, {args.test_rows} held-out test rows; "
             f"local epochs {args.local_epochs} (else {args.local_steps} steps) of micro-batch "

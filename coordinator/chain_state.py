@@ -41,6 +41,13 @@ update is the head alone (``objective.*``), checked and aggregated like any othe
 stage is persisted (``head_stage`` and its round count), so a restarted coordinator
 re-runs only the head round that was in flight.
 
+Closed-form head (``config.closed_form_head``). A FIT_HEAD round (id ``fit<N>``) before
+the first training round, on the base model's features, and another right after the last
+stage, on the final features (before any head rounds): agents upload the statistics of
+``chainfed.proto.closed_form_head``, the coordinator solves the head of all their rows from
+the weighted mean. Neither is a training round of the budget; the first is found done in
+the history, the second is persisted as ``head_refit`` while it is due.
+
 Rounds where they pay. Without a budget each stage runs between ``min_rounds`` and
 ``max_rounds`` and ends at the plateau (``StageConvergence``). With ``round_budget`` R
 (head rounds included) the cap of a stage entered with B rounds left and S stages to go
@@ -210,6 +217,9 @@ class ChainCoordinator:
         self.foat_scores: list[float] | None = None
         self.head_stage = False
         """True after the chain's last stage while head-only rounds run."""
+        self.head_refit = False
+        """True after the chain's last stage while its closed-form refit on the final
+        features is due (``config.closed_form_head``); the head rounds, if any, follow."""
         self.convergence = self._new_convergence()
         self.dp_ledger = PrivacyLedger(config.dp.delta) if config.dp is not None else None
         """Rounds charged to the privacy budget (None without DP)."""
@@ -271,12 +281,12 @@ class ChainCoordinator:
 
     @property
     def head_fit_pending(self) -> bool:
-        """The closed-form head round is due: asked for, the chain training, and no round
-        closed yet (the fit is the chain's first; once it is in the history, a restarted
-        coordinator goes on from the head it solved)."""
-        return (
-            self.config.closed_form_head and self.phase is ChainPhase.TRAINING and not self.history
-        )
+        """A closed-form head round is due: before the chain's first training round (no
+        round closed yet: once the fit is in the history, a restarted coordinator goes on
+        from the head it solved), or after its last stage (``head_refit``)."""
+        if not self.config.closed_form_head or self.phase is not ChainPhase.TRAINING:
+            return False
+        return not self.history or self.head_refit
 
     def round_window(self) -> list[int]:
         """Layers the current stage trains: none in the head stage."""
@@ -647,7 +657,9 @@ class ChainCoordinator:
         now_ms: int,
     ) -> None:
         """The head solved from the received statistics' sample-weighted mean becomes the
-        window state's head: the chain's first round starts from it. Statistics that give
+        window state's head: the chain's first round starts from it, or, after the last
+        stage (``head_refit``), it replaces the trained head and what follows the chain
+        begins (head rounds or the evaluation). Statistics that give
         no finite head (each agent's passed the checks, their mean does not solve) are
         dropped and the fit round is asked again, as a round short of its quorum is."""
         started = time.perf_counter()
@@ -689,6 +701,9 @@ class ChainCoordinator:
             metrics.train_samples,
         )
         self.changed = True
+        if self.head_refit:
+            self.head_refit = False
+            self._after_chain()
 
     def _aggregate(self, r: OpenRound, received: list[str]) -> dict[str, torch.Tensor]:
         """The round's new window state: clipping, then central DP or the strategy."""
@@ -736,15 +751,24 @@ class ChainCoordinator:
             for name in [n for n in self.window_state if n.startswith(prefix)]:
                 self.final[name] = self.window_state.pop(name)
         if layer == self.config.num_layers - 1:
-            if self.config.head_rounds > 0 or self.config.round_budget is not None:
-                self._enter_head_stage()
+            if self.config.closed_form_head:
+                self.head_refit = True
+                log.info("chain trained: %d final tensors; refitting the head", len(self.final))
                 return
-            self._finish_training()
-            log.info("chain trained: %d final tensors; evaluating", len(self.final))
+            self._after_chain()
             return
         self.stage_layer = layer + 1
         self.convergence = self._new_convergence()
         log.info("layer %d frozen (%s final); stage layer %d", layer, leaving, self.stage_layer)
+
+    def _after_chain(self) -> None:
+        """Every adapter is final: head rounds next when asked for (or a budget is left),
+        the evaluation otherwise."""
+        if self.config.head_rounds > 0 or self.config.round_budget is not None:
+            self._enter_head_stage()
+            return
+        self._finish_training()
+        log.info("chain trained: %d final tensors; evaluating", len(self.final))
 
     def _enter_head_stage(self) -> None:
         """After the last stage: the window state keeps the task head alone, and head-only

@@ -176,10 +176,10 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     c.add_argument(
         "--closed-form-head",
         action="store_true",
-        help="before the first stage, fit the task head in closed form: one round in which "
-        "agents upload statistics of the base model's final features over their training "
-        "rows and the coordinator solves the head of all their rows, whatever the label skew "
-        "(classify; fedavg or ffa; no DP)",
+        help="fit the task head in closed form before the first stage and again after the "
+        "last: a round in which agents upload statistics of their training rows' final "
+        "features (base model's, then the chain's) and the coordinator solves the head of "
+        "all their rows, whatever the label skew (classify; fedavg or ffa; no DP)",
     )
     c.add_argument(
         "--head-local-steps",

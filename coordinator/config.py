@@ -58,15 +58,16 @@ class CoordinatorConfig:
     task head alone on their final features and upload it; 0 = none. With a
     ``round_budget`` this is the head's minimum, and it takes what the chain left."""
     closed_form_head: bool = False
-    """Fit the task head in closed form before the first stage (``--closed-form-head``):
-    one FIT_HEAD round in which every agent uploads the head statistics of the base
-    model's final features over its training rows (``chainfed.proto.closed_form_head``),
-    and the coordinator solves the head of all their rows from the statistics' weighted
-    mean. The chain's rounds then start from that head instead of the seeded one, so the
-    first stages train their adapters through a head fitted to the whole federation
-    rather than a random one that label skew pulls apart. Classification only; needs an
-    aggregation that takes the weighted mean (fedavg, ffa) and no DP (the statistics are
-    not a clipped delta)."""
+    """Fit the task head in closed form (``--closed-form-head``) before the first stage
+    and again after the last: a FIT_HEAD round in which every agent uploads the head
+    statistics of its training rows' final features (``chainfed.proto.closed_form_head``;
+    the base model's before the chain, the final adapters' after it), and the coordinator
+    solves the head of all their rows from the statistics' weighted mean. The chain's
+    rounds start from the first, so its first stages train through a head fitted to the
+    whole federation rather than a random one; the second replaces the head the rounds
+    trained, which label skew pulls toward each agent's classes and which meets the final
+    features only in the last stage. Classification only; needs an aggregation that takes
+    the weighted mean (fedavg, ffa) and no DP (the statistics are not a clipped delta)."""
     head_local_steps: int | None = None
     """Optimiser steps of an agent's head round (``--head-local-steps``); None = the
     chain's own local schedule (``params``). A head step costs a linear layer's update on

@@ -258,6 +258,7 @@ def _to_json(c: ChainCoordinator, tensors_file: str, journal: str) -> dict[str, 
         "dp_ledger": c.dp_ledger.to_list() if c.dp_ledger is not None else [],
         "stop_reason": c.stop_reason,
         "head_stage": c.head_stage,
+        "head_refit": c.head_refit,
     }
 
 
@@ -547,6 +548,7 @@ _OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
     "dp_ledger": _list_of(_leaf(_ledger_entry)),
     "stop_reason": _text,
     "head_stage": _leaf(lambda v: type(v) is bool),
+    "head_refit": _leaf(lambda v: type(v) is bool),
 }
 """Top-level fields a state may lack: ``_from_json`` has a default for each."""
 
@@ -605,6 +607,7 @@ def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) 
         c.dp_ledger = PrivacyLedger.from_list(config.dp.delta, state.get("dp_ledger", []))
     c.stop_reason = state.get("stop_reason", "")
     c.head_stage = state.get("head_stage", False)
+    c.head_refit = state.get("head_refit", False)
     c.final = {k.removeprefix("final."): v for k, v in tensors.items() if k.startswith("final.")}
     c.window_state = {
         k.removeprefix("window."): v for k, v in tensors.items() if k.startswith("window.")

@@ -70,10 +70,11 @@ class DemoPreset:
     at every round), so lr is 3e-3; the head baseline runs at the same lr (its best of
     2e-3, 3e-3, 4e-3: 0.665, 0.673, 0.670).
 
-    Under this skew the seeded head is pulled toward each agent's own class, and the
-    first stages train their adapters through it, so the chain starts from the
-    closed-form head of all the agents' rows (``closed_form_head``), and the head
-    baseline gets the same start so that the two differ only in what the chain adds.
+    Under this skew the head the rounds train is pulled toward each agent's own class,
+    so the chain fits its head in closed form from all the agents' rows before the first
+    stage and after the last (``closed_form_head``); the head baseline starts from the
+    closed-form head of the frozen features, so both end with a head fitted to the whole
+    federation and differ in what the chain adds to the features.
 
     SmolLM2: the chain covers the last 6 of 30 layers (start layer 24, not FOAT's
     choice). FOAT starts SmolLM2 at layer 10 (20 stages, see ``foat``); with one round of
@@ -245,7 +246,7 @@ def _markdown(
         f"{config.lr:g}; {config.local_steps} local steps per round, at most "
         f"{config.max_rounds_per_layer} rounds per layer"
         + (
-            "; the task head fitted in closed form first (both runs)."
+            "; the task head fitted in closed form (chain: first and last; head mode: first)."
             if config.closed_form_head
             else "."
         ),

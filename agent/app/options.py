@@ -62,7 +62,7 @@ class SimulationConfig:
     """Optimiser steps of a head round (``--head-local-steps``); None = the chain's."""
     closed_form_head: bool = False
     """The coordinator's ``--closed-form-head``: the task head solved from the agents'
-    feature statistics before the first round."""
+    feature statistics before the first round and after the chain's last."""
     aggregation: str = "fedavg"
     """``fedavg``, ``ffa`` or ``svd``."""
     model: str = "minilm"
@@ -443,8 +443,9 @@ def add_simulation_arguments(
     f.add_argument(
         "--closed-form-head",
         action="store_true",
-        help="before the first round, solve the task head from the agents' statistics of the "
-        "base model's final features (the coordinator's --closed-form-head; one extra round)",
+        help="solve the task head from the agents' statistics of their final features before "
+        "the first round and after the last stage (the coordinator's --closed-form-head; two "
+        "extra rounds)",
     )
     f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
     f.add_argument(

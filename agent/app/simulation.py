@@ -206,23 +206,25 @@ class SimulationResult:
         return peak
 
     def stages(self) -> list[dict[str, Any]]:
-        """Per stage layer, and the head stage (``head`` True, ``window`` empty) and the
-        closed-form head fit (``fit`` True) apart: rounds, last federated validation
-        figures, peak memory."""
-        out: dict[tuple[int, bool, bool], dict[str, Any]] = {}
+        """Per run of consecutive rounds of one stage layer, the head stage (``head``
+        True, ``window`` empty) and each closed-form head fit (``fit`` True) apart:
+        rounds, last federated validation figures, peak memory."""
+        out: list[dict[str, Any]] = []
         for e in self.history:
             head = not e.window
-            s = out.setdefault(
-                (e.stage_layer, head, e.head_fit),
-                {
-                    "layer": e.stage_layer,
-                    "head": head,
-                    "fit": e.head_fit,
-                    "window": e.window,
-                    "rounds": 0,
-                    "peak_memory_bytes": 0,
-                },
-            )
+            key = (e.stage_layer, head, e.head_fit)
+            if not out or (out[-1]["layer"], out[-1]["head"], out[-1]["fit"]) != key:
+                out.append(
+                    {
+                        "layer": e.stage_layer,
+                        "head": head,
+                        "fit": e.head_fit,
+                        "window": e.window,
+                        "rounds": 0,
+                        "peak_memory_bytes": 0,
+                    }
+                )
+            s = out[-1]
             s["rounds"] += 1
             s["val_loss"], s["val_metric"] = e.val_loss, e.val_metric
             s["peak_memory_bytes"] = max(s["peak_memory_bytes"], *e.peak_memory_bytes.values())
@@ -230,7 +232,7 @@ class SimulationResult:
                 s.get("above_baseline_bytes", 0),
                 *(e.peak_memory_bytes[a] - e.baseline_memory_bytes[a] for a in e.peak_memory_bytes),
             )
-        return list(out.values())
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -149,7 +149,7 @@ def test_the_same_command_reuses_the_saved_runs_and_refuses_other_settings(
         accuracy_benchmark.main([*argv, "--lr", "0.01"])
 
 
-def test_closed_form_head_gives_every_mode_a_fit_round_first(accuracy_benchmark, tmp_path):
+def test_closed_form_head_gives_every_mode_a_fit_round_first_and_last(accuracy_benchmark, tmp_path):
     out = tmp_path / "closed"
     argv = ["--splits", SPLIT, "--seeds", "0", "--rounds", "1", "--agents", "2"]
     argv += ["--train-rows", "40", "--val-rows", "20", "--test-rows", "20", "--max-len", "24"]
@@ -166,8 +166,8 @@ def test_closed_form_head_gives_every_mode_a_fit_round_first(accuracy_benchmark,
     for mode in ("chain", "e2e"):
         (run,) = data["runs"][SPLIT][mode]
         history = run["result"]["history"]
-        assert [e["head_fit"] for e in history] == [True, False]  # the fit, then 1 round
-        assert len(run["curve"]["accuracy"]) == 2 and run["curve"]["bytes"][0] > 0
+        assert [e["head_fit"] for e in history] == [True, False, True]  # fit, round, refit
+        assert len(run["curve"]["accuracy"]) == 3 and run["curve"]["bytes"][0] > 0
     fits = [data["runs"][SPLIT][m][0]["result"]["history"][0] for m in ("chain", "e2e")]
     assert fits[0]["test_metric"] == fits[1]["test_metric"]  # the same base model and head
-    assert "a closed-form head fit round first" in (out / "accuracy.md").read_text()
+    assert "closed-form head fit rounds first and last" in (out / "accuracy.md").read_text()

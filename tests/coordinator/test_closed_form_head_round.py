@@ -153,3 +153,64 @@ def test_statistics_that_do_not_solve_are_dropped_and_the_fit_is_asked_again(kit
 
     fit(c, {"a": 10}, now=100)  # a new fit round; it solves this time
     assert [r.head_fit for r in c.history] == [True] and set(c.window_state) == set(HEAD)
+
+
+def chain_to_its_end(kit, c) -> None:
+    """The start fit, then one round per stage of the fake model."""
+    fit(c, {"a": 10, "b": 30})
+    for stage in range(kit.num_layers):
+        kit.train_round(c, 100 * (stage + 1), seed=stage)
+
+
+def test_after_the_last_stage_the_head_is_refitted_on_the_final_features(kit):
+    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    kit.register(c, "a", "b")
+    chain_to_its_end(kit, c)
+    assert c.phase is ChainPhase.TRAINING and c.head_refit and c.head_fit_pending
+    adapters = {k: v.clone() for k, v in c.final.items()}
+
+    c.tick(1000)
+    task = c.next_task("a", 1000)
+    assert task.kind is TaskKind.FIT_HEAD and task.stage_layer == kit.num_layers - 1
+    assert {s.name for s in task.tensors} == set(adapters)  # every final adapter, no head
+    assert c.trained_rounds() == kit.num_layers
+    sent = fit(c, {"a": 10, "b": 30}, now=1000)
+
+    mean = {k: (10 * sent["a"][k] + 30 * sent["b"][k]) / 40 for k in (HEAD_GRAM, HEAD_CROSS)}
+    weight, bias = solve_head(mean)
+    assert c.phase is ChainPhase.EVALUATING and not c.head_refit
+    torch.testing.assert_close(c.final["head.weight"], weight)
+    torch.testing.assert_close(c.final["head.bias"], bias)
+    assert all(torch.equal(c.final[k], v) for k, v in adapters.items())
+    assert [r.head_fit for r in c.history] == [True] + [False] * kit.num_layers + [True]
+
+
+def test_head_rounds_start_from_the_refitted_head(kit):
+    c = kit.coordinator(min_agents=2, closed_form_head=True, head_rounds=1)
+    kit.register(c, "a", "b")
+    chain_to_its_end(kit, c)
+    fit(c, {"a": 10, "b": 30}, now=1000)
+
+    assert c.phase is ChainPhase.TRAINING and c.head_stage and set(c.window_state) == set(HEAD)
+    c.tick(1100)
+    task = c.next_task("a", 1100)
+    assert task.kind is TaskKind.TRAIN_ROUND and task.window_layers == ()
+    fetched = c.tensors_for(task.round_id)
+    assert torch.equal(fetched["window.objective.head.bias"], c.window_state[HEAD[1]])
+
+
+def test_a_refit_due_at_a_restart_is_asked_for_again(kit, tmp_path):
+    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    kit.register(c, "a", "b")
+    chain_to_its_end(kit, c)
+    state_store.save(c, tmp_path)
+
+    resumed = state_store.load(tmp_path, c.config)
+
+    assert resumed.head_refit and resumed.head_fit_pending
+    resumed.tick(2000)
+    assert resumed.next_task("b", 2000).kind is TaskKind.FIT_HEAD
+    fit(resumed, {"a": 10, "b": 30}, now=2000)
+    assert resumed.phase is ChainPhase.EVALUATING
+    state_store.save(resumed, tmp_path)
+    assert not state_store.load(tmp_path, c.config).head_refit

@@ -118,7 +118,9 @@ def test_closed_form_head_reaches_the_config_and_is_refused_where_it_cannot_solv
     assert config("--closed-form-head").closed_form_head
     with pytest.raises(ValueError, match="fedavg or ffa"):
         config("--closed-form-head", "--aggregation", "trimmed-mean")
-    assert "statistics of the base model's final features" in " ".join(parser.format_help().split())
+    assert "statistics of their training rows' final features" in " ".join(
+        parser.format_help().split()
+    )
 
 
 def test_evaluation_agents_reach_the_config_and_a_negative_count_is_named(tmp_path: Path):

@@ -345,7 +345,7 @@ def test_head_rounds_train_the_head_alone_and_leave_every_adapter_as_the_chain_m
 
 
 def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
-    # Prepare: 3 label-skewed agents; the fit round, then one chain stage at layer 5
+    # Prepare: 3 label-skewed agents; the fit, one chain stage at layer 5, the refit
     config = SimulationConfig(
         **TINY,
         start_layer=5,
@@ -360,14 +360,18 @@ def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
     # Execute
     result = run_simulation(config, update_hook=lambda a, u: submitted.append(dict(u)) or u)
 
-    # Assert: the fit round comes first and uploads the two statistics alone
-    assert [(e.head_fit, e.window) for e in result.history] == [(True, []), (False, [5])]
-    assert sorted(submitted[0]) == [HEAD_CROSS, HEAD_GRAM]
+    # Assert: a fit round before the chain and one after it, each uploading two statistics
+    windows = [(e.head_fit, e.window) for e in result.history]
+    assert windows == [(True, []), (False, [5]), (True, [])]
+    assert sorted(submitted[0]) == sorted(submitted[-1]) == [HEAD_CROSS, HEAD_GRAM]
     width = 384 + 1
     statistics_bytes = 8 * (width * width + width * 3)
-    assert all(v == statistics_bytes for v in result.history[0].sent_bytes.values())
-    # the head it solved is the one all the agents' rows give on one device: the global
-    # model after the fit (base model + that head) scores the test rows identically
+    for fit in (result.history[0], result.history[-1]):
+        assert all(v == statistics_bytes for v in fit.sent_bytes.values())
+    assert all(v == 0 for v in result.history[0].received_bytes.values())  # base model
+    assert all(v > 0 for v in result.history[-1].received_bytes.values())  # final adapters
+    # each solved head is the one all the agents' rows give on one device: the global
+    # model after each fit scores the test rows exactly as that head does
     corpus = simulation.load_corpus(config)
     shards = [simulation.agent_local_data(corpus, config, k) for k in range(config.agents)]
     union = EncodedSplit(
@@ -377,19 +381,28 @@ def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
         )
     )
     objective = build_objective(corpus.model, "classify", num_labels=3, seed=config.seed)
-    lora = LoRAConfig(rank=config.rank)
-    features = pooled_features_streaming(corpus.model, objective, {}, lora, union)
-    weight, bias = solve_head(head_statistics(features, union.labels, 3))
-    with torch.no_grad():
-        objective.head.weight.copy_(weight)
-        objective.head.bias.copy_(bias)
-    want = evaluate_streaming(corpus.model, objective, {}, lora, corpus.test)
-    assert result.history[0].test_loss == pytest.approx(want.loss, abs=1e-5)
-    assert result.history[0].test_metric == want.metric
-    # the reports show the fit as its own row, with no validation figures
-    assert stage_table(result).splitlines()[2].startswith("| 5 | head fit | 1 | — | — |")
+    saved = load_adapter_file(result.adapters)
+    lora = LoRAConfig(rank=config.rank, train_a=False)
+    for adapters, fit in ((({}, result.history[0])), (saved.adapters(), result.history[-1])):
+        features = pooled_features_streaming(corpus.model, objective, adapters, lora, union)
+        weight, bias = solve_head(head_statistics(features, union.labels, 3))
+        with torch.no_grad():
+            objective.head.weight.copy_(weight)
+            objective.head.bias.copy_(bias)
+        want = evaluate_streaming(corpus.model, objective, adapters, lora, corpus.test)
+        assert fit.test_loss == pytest.approx(want.loss, abs=1e-5)
+        assert fit.test_metric == want.metric
+    torch.testing.assert_close(saved.head()["weight"], weight)  # the final file's head
+    assert (result.test_loss, result.test_metric) == (fit.test_loss, fit.test_metric)
+    # the reports show each fit as its own row, with no validation figures
+    rows = stage_table(result).splitlines()[2:]
+    assert [row.split(" | ")[:3] for row in rows] == [
+        ["| 5", "head fit", "1"],
+        ["| 5", "5-5", "1"],
+        ["| 5", "head fit", "1"],
+    ]
     assert "| fit1 | 5 | head fit | 3 | 0 | — | — | — |" in round_table(result)
-    assert [label for _x, label in stage_boundaries(result)] == ["fit", "L5"]
+    assert [label for _x, label in stage_boundaries(result)] == ["fit", "L5", "fit"]
 
 
 def test_a_chain_budget_ends_stages_at_their_share(tmp_path):
@@ -575,7 +588,7 @@ def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys,
     report = json.loads((out / "report.json").read_text())
     assert [a for a in report["federation"]["agent_samples"]] == ["agent-0", "agent-1"]
     stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
-    assert stages == [(5, True), (5, False)]  # the preset's closed-form head round, layer 5
+    assert stages == [(5, True), (5, False), (5, True)]  # the preset's closed-form head
     assert report["memory"]["e2e_bytes"] > 0
     assert "estimated" not in (out / "report.md").read_text()
     assert_token_kept_off_command_lines(launches, 4, out / "federation")
@@ -595,7 +608,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert report["head_baseline"]["val_metric"] >= 0
     stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
-    assert stages == [(4, True), (4, False), (5, False)]
+    assert stages == [(4, True), (4, False), (5, False), (5, True)]
     assert f"run folder: {out}" in printed
 
 
