@@ -685,8 +685,8 @@ class _ProgressReporter:
             )
             if record.head_fit:
                 self._line(
-                    f"round {record.round_id}: task head fitted in closed form on the base "
-                    f"model's features, {reported} ({m.train_samples} training rows)"
+                    f"round {record.round_id}: task head fitted in closed form, {reported} "
+                    f"({m.train_samples} training rows)"
                 )
                 continue
             what = "final evaluation" if record.round_id.startswith("eval") else "round"
