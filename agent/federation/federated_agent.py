@@ -390,9 +390,7 @@ class FederatedAgent:
         head = {k.removeprefix("head."): v for k, v in final.items() if k.startswith("head.")}
         if head:
             objective.head.load_state_dict(head)
-        lora = chain_config_from_params(task.params, 1).lora
-        final = self.with_frozen_a(final, lora)
-        adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
+        adapters, lora = self.final_adapters(final, task.params)
         evaluation = evaluate_streaming(
             self.model, objective, adapters, lora, self.data.val, batch_size=task.params.micro_batch
         )
@@ -427,9 +425,7 @@ class FederatedAgent:
             )
         started = time.perf_counter()
         objective = self._objective(task.params)
-        lora = chain_config_from_params(task.params, 1).lora
-        final = self.with_frozen_a(final, lora)
-        adapters = {k: v for k, v in final.items() if k.startswith("layers.")}
+        adapters, lora = self.final_adapters(final, task.params)
         with PeakMemoryMeter(self.model.device) as meter:
             features = pooled_features_streaming(
                 self.model,
@@ -476,6 +472,16 @@ class FederatedAgent:
         path = self.write_final_adapters(self._fetch("done", task), task.params)
         self.client.close()
         return path
+
+    def final_adapters(
+        self, final: dict[str, torch.Tensor], params: TrainingParams
+    ) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
+        """The adapters of a fetched final model (A rebuilt from the seed under FFA) and
+        the LoRA settings of ``params`` they run with: what an evaluation and a head fit
+        stream the network with."""
+        lora = chain_config_from_params(params, 1).lora
+        final = self.with_frozen_a(final, lora)
+        return {k: v for k, v in final.items() if k.startswith("layers.")}, lora
 
     def with_frozen_a(
         self, tensors: dict[str, torch.Tensor], lora: LoRAConfig
