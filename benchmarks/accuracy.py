@@ -107,6 +107,7 @@ from chainfed.agent.training.head_refit import refit_head
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import encode_split
 from chainfed.coordinator.config import AGGREGATIONS
+from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.local_training_options import (
     LocalTrainingDefaults,
     add_local_training_arguments,
@@ -635,9 +636,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-local-steps", type=int, help="steps of a head round, every mode")
     parser.add_argument(
         "--closed-form-head",
-        action="store_true",
-        help="every mode fits its head in closed form before its first round and after its "
-        "last (two fit rounds, each a point of the curve like any round)",
+        nargs="?",
+        const="end",
+        default="off",
+        choices=CLOSED_FORM_HEAD_MODES,
+        help="every mode fits its head in closed form after its last round (end, the flag "
+        "alone), and with both also before its first (each fit a point of the curve like any "
+        "round)",
     )
     parser.add_argument(
         "--head-fit-epochs", type=int, default=10, help="passes per chunk of the head-only fit"
@@ -710,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Seeds {args.seeds} (mean ± standard error); {args.rounds} rounds per federated "
             f"mode, {args.head_rounds} of them head-only"
-            + ("; closed-form head fit rounds first and last" if args.closed_form_head else "")
+            + {
+                "off": "",
+                "end": "; a closed-form head fit round last",
+                "both": "; closed-form head fit rounds first and last",
+            }[args.closed_form_head]
             + f"; {args.agents} agents; "
             f"{args.train_rows} training rows in all, {args.test_rows} held-out test rows; "
             f"local epochs {args.local_epochs} (else {args.local_steps} steps) of micro-batch "

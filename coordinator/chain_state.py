@@ -41,12 +41,13 @@ update is the head alone (``objective.*``), checked and aggregated like any othe
 stage is persisted (``head_stage`` and its round count), so a restarted coordinator
 re-runs only the head round that was in flight.
 
-Closed-form head (``config.closed_form_head``). A FIT_HEAD round (id ``fit<N>``) before
-the first training round, on the base model's features, and another right after the last
-stage, on the final features (before any head rounds): agents upload the statistics of
-``chainfed.proto.closed_form_head``, the coordinator solves the head of all their rows from
-the weighted mean. Neither is a training round of the budget; the first is found done in
-the history, the second is persisted as ``head_refit`` while it is due.
+Closed-form head (``config.closed_form_head``, ``chainfed.proto.closed_form_head``). A
+FIT_HEAD round (id ``fit<N>``) right after the last stage, on the final features (before
+any head rounds), and with ``both`` another before the first training round, on the base
+model's: agents upload the statistics of ``chainfed.proto.closed_form_head``, the
+coordinator solves the head of all their rows from the weighted mean. Neither is a
+training round of the budget; the first fit is found done in the history, the last is
+persisted as ``head_refit`` while it is due.
 
 Rounds where they pay. Without a budget each stage runs between ``min_rounds`` and
 ``max_rounds`` and ends at the plateau (``StageConvergence``). With ``round_budget`` R
@@ -281,12 +282,12 @@ class ChainCoordinator:
 
     @property
     def head_fit_pending(self) -> bool:
-        """A closed-form head round is due: before the chain's first training round (no
-        round closed yet: once the fit is in the history, a restarted coordinator goes on
-        from the head it solved), or after its last stage (``head_refit``)."""
-        if not self.config.closed_form_head or self.phase is not ChainPhase.TRAINING:
+        """A closed-form head round is due: after the chain's last stage (``head_refit``),
+        or with ``both`` before its first training round (no round closed yet: once the
+        fit is in the history, a restarted coordinator goes on from the head it solved)."""
+        if self.config.closed_form_head == "off" or self.phase is not ChainPhase.TRAINING:
             return False
-        return not self.history or self.head_refit
+        return self.head_refit or (self.config.closed_form_head == "both" and not self.history)
 
     def round_window(self) -> list[int]:
         """Layers the current stage trains: none in the head stage."""
@@ -751,7 +752,7 @@ class ChainCoordinator:
             for name in [n for n in self.window_state if n.startswith(prefix)]:
                 self.final[name] = self.window_state.pop(name)
         if layer == self.config.num_layers - 1:
-            if self.config.closed_form_head:
+            if self.config.closed_form_head != "off":
                 self.head_refit = True
                 log.info("chain trained: %d final tensors; refitting the head", len(self.final))
                 return

@@ -35,6 +35,7 @@ from chainfed.coordinator.status_page import DEFAULT_HOST, StatusPage
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
+from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.messages import ChainPhase, TrainingParams
@@ -175,11 +176,15 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     )
     c.add_argument(
         "--closed-form-head",
-        action="store_true",
-        help="fit the task head in closed form before the first stage and again after the "
-        "last: a round in which agents upload statistics of their training rows' final "
-        "features (base model's, then the chain's) and the coordinator solves the head of "
-        "all their rows, whatever the label skew (classify; fedavg or ffa; no DP)",
+        nargs="?",
+        const="end",
+        default="off",
+        choices=CLOSED_FORM_HEAD_MODES,
+        help="fit the task head in closed form: a round in which agents upload statistics of "
+        "their training rows' final features and the coordinator solves the head of all their "
+        "rows, whatever the label skew. end (the flag alone): after the last stage, on the "
+        "chain's features; both: also before the first stage, on the base model's; off "
+        "(default) (classify; fedavg or ffa; no DP)",
     )
     c.add_argument(
         "--head-local-steps",

@@ -13,6 +13,7 @@ from typing import Any
 
 from chainfed.coordinator.aggregation import STRATEGIES
 from chainfed.coordinator.dp import DPConfig
+from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.messages import TrainingParams
 
 AGGREGATIONS = tuple(STRATEGIES)
@@ -57,17 +58,18 @@ class CoordinatorConfig:
     """Head-only rounds after the chain's last stage (``--head-rounds``): agents train the
     task head alone on their final features and upload it; 0 = none. With a
     ``round_budget`` this is the head's minimum, and it takes what the chain left."""
-    closed_form_head: bool = False
-    """Fit the task head in closed form (``--closed-form-head``) before the first stage
-    and again after the last: a FIT_HEAD round in which every agent uploads the head
-    statistics of its training rows' final features (``chainfed.proto.closed_form_head``;
-    the base model's before the chain, the final adapters' after it), and the coordinator
-    solves the head of all their rows from the statistics' weighted mean. The chain's
-    rounds start from the first, so its first stages train through a head fitted to the
-    whole federation rather than a random one; the second replaces the head the rounds
-    trained, which label skew pulls toward each agent's classes and which meets the final
-    features only in the last stage. Classification only; needs an aggregation that takes
-    the weighted mean (fedavg, ffa) and no DP (the statistics are not a clipped delta)."""
+    closed_form_head: str = "off"
+    """Fit the task head in closed form (``--closed-form-head``,
+    ``CLOSED_FORM_HEAD_MODES``): ``end`` after the chain's last stage, ``both`` also
+    before its first. A FIT_HEAD round in which every agent uploads the head statistics
+    of its training rows' final features (``chainfed.proto.closed_form_head``; the final
+    adapters' after the chain, the base model's before it), and the coordinator solves the
+    head of all their rows from the statistics' weighted mean. The fit after the chain
+    replaces the head the rounds trained, which label skew pulls toward each agent's
+    classes and which meets the final features only in the last stage; the fit before it
+    lets the first stages train through a head fitted to the whole federation rather than
+    a random one. Classification only; needs an aggregation that takes the weighted mean
+    (fedavg, ffa) and no DP (the statistics are not a clipped delta)."""
     head_local_steps: int | None = None
     """Optimiser steps of an agent's head round (``--head-local-steps``); None = the
     chain's own local schedule (``params``). A head step costs a linear layer's update on
@@ -176,7 +178,12 @@ class CoordinatorConfig:
                 f"central DP needs an aggregation linear in the updates (fedavg or ffa), "
                 f"not {self.aggregation!r}"
             )
-        if self.closed_form_head:
+        if self.closed_form_head not in CLOSED_FORM_HEAD_MODES:
+            raise ValueError(
+                f"closed_form_head must be one of {', '.join(CLOSED_FORM_HEAD_MODES)}, "
+                f"got {self.closed_form_head!r}"
+            )
+        if self.closed_form_head != "off":
             self._check_closed_form_head()
 
     def _check_closed_form_head(self) -> None:

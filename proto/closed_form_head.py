@@ -31,6 +31,14 @@ HEAD_CROSS = "objective.head_stats.cross"
 """``(d+1, C)`` float64: mean of ``x̃ yᵀ`` over the agent's training rows."""
 STATISTICS = (HEAD_GRAM, HEAD_CROSS)
 
+CLOSED_FORM_HEAD_MODES = ("off", "end", "both")
+"""When a federation fits its head in closed form (``--closed-form-head``): never; once,
+after the chain's last stage, on the final adapters' features (``end``, what the flag alone
+means); or also before the first stage, on the base model's features (``both``). In the
+demo's federation (benchmarks/README.md, "Closed-form head", 3 seeds) the fit after the
+last stage carried the whole gain; the fit before the first stage added nothing measurable
+on top of it and costs a round, hence ``end`` by default."""
+
 HEAD_RIDGE = 0.3
 """Relative ridge term. On MiniLM's pooled final features of the demo's rows (2,000
 tweets, 4 agents, Dirichlet 0.5), the solved head's accuracy on the federation's 600

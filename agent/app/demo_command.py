@@ -71,10 +71,10 @@ class DemoPreset:
     2e-3, 3e-3, 4e-3: 0.665, 0.673, 0.670).
 
     Under this skew the head the rounds train is pulled toward each agent's own class,
-    so the chain fits its head in closed form from all the agents' rows before the first
-    stage and after the last (``closed_form_head``); the head baseline starts from the
-    closed-form head of the frozen features, so both end with a head fitted to the whole
-    federation and differ in what the chain adds to the features.
+    so the chain fits its head in closed form from all the agents' rows after its last
+    stage (``closed_form_head``); the head baseline starts from the closed-form head of
+    the frozen features, so both end with a head fitted to the whole federation and differ
+    in what the chain adds to the features.
 
     SmolLM2: the chain covers the last 6 of 30 layers (start layer 24, not FOAT's
     choice). FOAT starts SmolLM2 at layer 10 (20 stages, see ``foat``); with one round of
@@ -106,7 +106,7 @@ PRESETS = {
             local_steps=20,
             micro_batch=16,
             lr=3e-3,
-            closed_form_head=True,
+            closed_form_head="end",
             in_process=False,
         ),
         head_steps_per_round=20,
@@ -204,12 +204,16 @@ def train_in_a_process(config: SimulationConfig, options: list[str], workdir: Pa
 def head_baseline(config: SimulationConfig, steps_per_round: int, workdir: Path) -> dict:
     """``chainfed train --mode head`` (frozen backbone, head only) on the federation's
     rows, all on one device: the bar the chain has to clear. It starts from the
-    closed-form head when the federation's does, so both get the same head treatment.
+    closed-form head when the federation fits one, so both get the same head treatment.
     Its report."""
     rows = ["--train-rows", str(config.train_rows), "--val-rows", str(config.val_rows)]
     steps = ["--steps-per-round", str(steps_per_round)]
-    head = ["--closed-form-head"] if config.closed_form_head else []
+    head = [] if config.closed_form_head == "off" else ["--closed-form-head"]
     return train_in_a_process(config, ["--mode", "head", *rows, *steps, *head], workdir)
+
+
+CLOSED_FORM_FITS = {"end": "last", "both": "first and last"}
+"""When the chain's ``--closed-form-head`` fits its head, in the report's words."""
 
 
 E2E_STEPS = 3
@@ -246,9 +250,10 @@ def _markdown(
         f"{config.lr:g}; {config.local_steps} local steps per round, at most "
         f"{config.max_rounds_per_layer} rounds per layer"
         + (
-            "; the task head fitted in closed form (chain: first and last; head mode: first)."
-            if config.closed_form_head
-            else "."
+            "."
+            if config.closed_form_head == "off"
+            else "; the task head fitted in closed form (chain: "
+            f"{CLOSED_FORM_FITS[config.closed_form_head]}; head mode: first)."
         ),
         "",
         "\n".join(f"* {line}" for line in summary_lines(result)),

@@ -34,6 +34,7 @@ from chainfed.agent.runtime.precision import (
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
 from chainfed.agent.training.memory_meter import declare_unified_memory
+from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.local_training_options import add_local_training_arguments
 
 
@@ -60,9 +61,10 @@ class SimulationConfig:
     """Head-only rounds after the last stage (the coordinator's ``--head-rounds``)."""
     head_local_steps: int | None = None
     """Optimiser steps of a head round (``--head-local-steps``); None = the chain's."""
-    closed_form_head: bool = False
-    """The coordinator's ``--closed-form-head``: the task head solved from the agents'
-    feature statistics before the first round and after the chain's last."""
+    closed_form_head: str = "off"
+    """The coordinator's ``--closed-form-head`` (``off``, ``end``, ``both``): the task
+    head solved from the agents' feature statistics after the chain's last stage, and
+    with ``both`` also before its first round."""
     aggregation: str = "fedavg"
     """``fedavg``, ``ffa`` or ``svd``."""
     model: str = "minilm"
@@ -442,10 +444,13 @@ def add_simulation_arguments(
     )
     f.add_argument(
         "--closed-form-head",
-        action="store_true",
-        help="solve the task head from the agents' statistics of their final features before "
-        "the first round and after the last stage (the coordinator's --closed-form-head; two "
-        "extra rounds)",
+        nargs="?",
+        const="end",
+        default=d.closed_form_head,
+        choices=CLOSED_FORM_HEAD_MODES,
+        help="solve the task head from the agents' statistics of their final features after "
+        "the last stage (end, the flag alone), and with both also before the first round "
+        "(the coordinator's --closed-form-head; a round each)",
     )
     f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
     f.add_argument(

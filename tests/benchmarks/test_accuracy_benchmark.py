@@ -154,7 +154,7 @@ def test_closed_form_head_gives_every_mode_a_fit_round_first_and_last(accuracy_b
     argv = ["--splits", SPLIT, "--seeds", "0", "--rounds", "1", "--agents", "2"]
     argv += ["--train-rows", "40", "--val-rows", "20", "--test-rows", "20", "--max-len", "24"]
     argv += ["--micro-batch", "8", "--start-layer", "5", "--modes", "chain,e2e"]
-    argv += ["--head-fit-epochs", "1", "--closed-form-head", "--out", str(out)]
+    argv += ["--head-fit-epochs", "1", "--closed-form-head", "both", "--out", str(out)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

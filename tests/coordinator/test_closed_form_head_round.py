@@ -1,5 +1,6 @@
 """The closed-form head round (``closed_form_head``): agents' statistics in, the head of
-all their rows out, before the chain's first training round.
+all their rows out, after the chain's last stage (``end``) and also before its first
+training round (``both``).
 
 Pure state machine, as ``test_chain_state.py``, with the fake 4-layer model of
 ``conftest.ChainKit`` (hidden width ``DIM`` 8, 3 classes)."""
@@ -41,7 +42,7 @@ def fit(c, agents: dict[str, int], now: int = 0) -> dict[str, dict[str, torch.Te
 
 
 def test_the_first_round_fits_the_head_from_the_weighted_mean_of_the_statistics(kit):
-    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
 
     task = c.next_task("a", 0)
@@ -69,7 +70,7 @@ def test_the_first_round_fits_the_head_from_the_weighted_mean_of_the_statistics(
 
 
 def test_a_fit_round_refuses_anything_but_the_two_statistics(kit):
-    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
     task = c.next_task("a", 0)
 
@@ -90,14 +91,14 @@ def test_a_fit_round_refuses_anything_but_the_two_statistics(kit):
 
 
 def test_statistics_are_not_held_to_the_update_norm_bound(kit):
-    c = kit.coordinator(min_agents=1, closed_form_head=True, norm_bound=1e-6)
+    c = kit.coordinator(min_agents=1, closed_form_head="both", norm_bound=1e-6)
     kit.register(c, "a")
     fit(c, {"a": 10})
     assert set(c.window_state) == set(HEAD)
 
 
 def test_a_restarted_coordinator_keeps_the_solved_head_and_does_not_fit_again(kit, tmp_path):
-    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
     fit(c, {"a": 10, "b": 20})
     head = {k: v.clone() for k, v in c.window_state.items()}
@@ -113,7 +114,7 @@ def test_a_restarted_coordinator_keeps_the_solved_head_and_does_not_fit_again(ki
 
 
 def test_a_fit_round_in_flight_is_asked_again_after_a_restart(kit, tmp_path):
-    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
     c.tick(0)
     task = c.next_task("a", 0)
@@ -137,14 +138,19 @@ def test_a_fit_round_in_flight_is_asked_again_after_a_restart(kit, tmp_path):
 )
 def test_settings_that_cannot_solve_the_head_are_refused(kit, overrides, message):
     with pytest.raises(ValueError, match=message):
-        kit.config(closed_form_head=True, **overrides)
+        kit.config(closed_form_head="both", **overrides)
+
+
+def test_an_unknown_fit_schedule_is_refused(kit):
+    with pytest.raises(ValueError, match="closed_form_head must be one of off, end, both"):
+        kit.config(closed_form_head="start")
 
 
 def test_statistics_that_do_not_solve_are_dropped_and_the_fit_is_asked_again(kit, monkeypatch):
     def singular(_stats):
         raise torch.linalg.LinAlgError("singular")
 
-    c = kit.coordinator(min_agents=1, closed_form_head=True)
+    c = kit.coordinator(min_agents=1, closed_form_head="both")
     kit.register(c, "a")
     with monkeypatch.context() as patched:
         patched.setattr(chain_state, "solve_head", singular)
@@ -163,7 +169,7 @@ def chain_to_its_end(kit, c) -> None:
 
 
 def test_after_the_last_stage_the_head_is_refitted_on_the_final_features(kit):
-    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
     chain_to_its_end(kit, c)
     assert c.phase is ChainPhase.TRAINING and c.head_refit and c.head_fit_pending
@@ -185,8 +191,27 @@ def test_after_the_last_stage_the_head_is_refitted_on_the_final_features(kit):
     assert [r.head_fit for r in c.history] == [True] + [False] * kit.num_layers + [True]
 
 
+def test_end_fits_only_after_the_last_stage(kit):
+    c = kit.coordinator(min_agents=2, closed_form_head="end")
+    kit.register(c, "a", "b")
+    assert not c.head_fit_pending
+    c.tick(0)
+    assert c.next_task("a", 0).kind is TaskKind.TRAIN_ROUND  # no fit before the chain
+    for stage in range(kit.num_layers):
+        kit.train_round(c, 100 * (stage + 1), seed=stage)
+    assert c.head_refit and c.head_fit_pending
+
+    sent = fit(c, {"a": 10, "b": 30}, now=1000)
+
+    mean = {k: (10 * sent["a"][k] + 30 * sent["b"][k]) / 40 for k in (HEAD_GRAM, HEAD_CROSS)}
+    weight, _ = solve_head(mean)
+    assert c.phase is ChainPhase.EVALUATING
+    torch.testing.assert_close(c.final["head.weight"], weight)
+    assert [r.head_fit for r in c.history] == [False] * kit.num_layers + [True]
+
+
 def test_head_rounds_start_from_the_refitted_head(kit):
-    c = kit.coordinator(min_agents=2, closed_form_head=True, head_rounds=1)
+    c = kit.coordinator(min_agents=2, closed_form_head="both", head_rounds=1)
     kit.register(c, "a", "b")
     chain_to_its_end(kit, c)
     fit(c, {"a": 10, "b": 30}, now=1000)
@@ -200,7 +225,7 @@ def test_head_rounds_start_from_the_refitted_head(kit):
 
 
 def test_a_refit_due_at_a_restart_is_asked_for_again(kit, tmp_path):
-    c = kit.coordinator(min_agents=2, closed_form_head=True)
+    c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
     chain_to_its_end(kit, c)
     state_store.save(c, tmp_path)

@@ -114,8 +114,9 @@ def test_closed_form_head_reaches_the_config_and_is_refused_where_it_cannot_solv
 ):
     parser, config = configured(tmp_path)
 
-    assert not config().closed_form_head
-    assert config("--closed-form-head").closed_form_head
+    assert config().closed_form_head == "off"
+    assert config("--closed-form-head").closed_form_head == "end"
+    assert config("--closed-form-head", "both").closed_form_head == "both"
     with pytest.raises(ValueError, match="fedavg or ffa"):
         config("--closed-form-head", "--aggregation", "trimmed-mean")
     assert "statistics of their training rows' final features" in " ".join(

@@ -69,7 +69,7 @@ def simulation_config(run_config: dict[str, Any]) -> SimulationConfig:
         if name not in names:
             raise SimulationError(f"run config {key!r} is not a chainfed simulate setting")
         settings[name] = value
-    if settings.get("closed_form_head"):
+    if settings.get("closed_form_head", "off") != "off":
         raise SimulationError(
             "run config 'closed-form-head': the Flower app has no closed-form head round; "
             "run it with chainfed coordinator or chainfed simulate"

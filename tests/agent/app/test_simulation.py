@@ -351,7 +351,7 @@ def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
         start_layer=5,
         max_rounds_per_layer=1,
         aggregation="ffa",
-        closed_form_head=True,
+        closed_form_head="both",
         test_each_round=True,
         workdir=tmp_path / "run",
     )
@@ -490,7 +490,8 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     argv = ["--state-dir", "-", *coordinator_argv(config, 6)]
     chain = coordinator_args.parse_args(argv)
     assert (chain.rounds, chain.head_rounds, chain.max_rounds_per_layer) == (9, 2, None)
-    assert chain.head_local_steps == 40 and chain.closed_form_head and config.closed_form_head
+    assert chain.head_local_steps == 40
+    assert chain.closed_form_head == config.closed_form_head == "end"
     assert (chain.weight_decay, chain.lora_dropout) == (0.01, 0.05)
     # e2e: one stage of the rounds the head leaves
     e2e = coordinator_args.parse_args(
@@ -588,7 +589,7 @@ def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys,
     report = json.loads((out / "report.json").read_text())
     assert [a for a in report["federation"]["agent_samples"]] == ["agent-0", "agent-1"]
     stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
-    assert stages == [(5, True), (5, False), (5, True)]  # the preset's closed-form head
+    assert stages == [(5, False), (5, True)]  # the preset's closed-form head, after the chain
     assert report["memory"]["e2e_bytes"] > 0
     assert "estimated" not in (out / "report.md").read_text()
     assert_token_kept_off_command_lines(launches, 4, out / "federation")
