@@ -72,9 +72,10 @@ class DemoPreset:
 
     Under this skew the head the rounds train is pulled toward each agent's own class,
     so the chain fits its head in closed form from all the agents' rows after its last
-    stage (``closed_form_head``); the head baseline starts from the closed-form head of
-    the frozen features, so both end with a head fitted to the whole federation and differ
-    in what the chain adds to the features.
+    stage (``closed_form_head``); the head baseline ends with the closed-form head of the
+    frozen features (a head-only model fitted to convergence), so both end with the head
+    of the whole federation's rows on their own features and differ only in what the
+    chain adds to the features.
 
     SmolLM2: the chain covers the last 6 of 30 layers (start layer 24, not FOAT's
     choice). FOAT starts SmolLM2 at layer 10 (20 stages, see ``foat``); with one round of
@@ -203,9 +204,10 @@ def train_in_a_process(config: SimulationConfig, options: list[str], workdir: Pa
 
 def head_baseline(config: SimulationConfig, steps_per_round: int, workdir: Path) -> dict:
     """``chainfed train --mode head`` (frozen backbone, head only) on the federation's
-    rows, all on one device: the bar the chain has to clear. It starts from the
-    closed-form head when the federation fits one, so both get the same head treatment.
-    Its report."""
+    rows, all on one device: the bar the chain has to clear. When the federation fits its
+    head in closed form, so does the baseline after its rounds (the ridge head of the frozen
+    features: the converged head-only model), so both get the same head treatment. Its
+    report."""
     rows = ["--train-rows", str(config.train_rows), "--val-rows", str(config.val_rows)]
     steps = ["--steps-per-round", str(steps_per_round)]
     head = [] if config.closed_form_head == "off" else ["--closed-form-head"]
@@ -253,7 +255,7 @@ def _markdown(
             "."
             if config.closed_form_head == "off"
             else "; the task head fitted in closed form (chain: "
-            f"{CLOSED_FORM_FITS[config.closed_form_head]}; head mode: first)."
+            f"{CLOSED_FORM_FITS[config.closed_form_head]}; head mode: last)."
         ),
         "",
         "\n".join(f"* {line}" for line in summary_lines(result)),

@@ -55,6 +55,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
+from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.units import format_bytes, parse_bytes
 
@@ -92,10 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--closed-form-head",
-        action="store_true",
-        help="before training, set the task head to the closed-form (ridge) head of the base "
-        "model's final features over the training rows: what a federation's "
-        "--closed-form-head round solves (classify)",
+        nargs="?",
+        const="end",
+        default="off",
+        choices=CLOSED_FORM_HEAD_MODES,
+        help="set the task head to the closed-form (ridge) head of the training rows' final "
+        "features: after training, on the trained adapters' features (end, the flag alone), "
+        "and with both also before it, on the base model's: what a federation's "
+        "--closed-form-head rounds solve (classify; not with --head-refit-epochs)",
     )
     c.add_argument("--memory-budget", help="e.g. 1.5GiB: pick micro-batch/window to fit")
     c.add_argument(
@@ -214,8 +219,13 @@ def run(args: argparse.Namespace) -> int:
     release_large_frees_to_os()
     process_baseline()
     torch.manual_seed(args.seed)
-    if args.closed_form_head and args.task != "classify":
+    if args.closed_form_head != "off" and args.task != "classify":
         raise ChainFedError(CLOSED_FORM_NEEDS_CLASSIFY)
+    if args.closed_form_head != "off" and args.head_refit_epochs > 0:
+        raise ChainFedError(
+            "--closed-form-head replaces the head that --head-refit-epochs would train after "
+            "the last stage: give one of them"
+        )
     inputs = _inputs(args)
     if args.eval_only:
         return _eval_only(args, inputs)
@@ -227,12 +237,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )  # fmt: skip
     started = time.perf_counter()
-    if args.closed_form_head:
-        _closed_form_head(model, objective, config, inputs.train)
+    if args.closed_form_head == "both":
+        _closed_form_head(model, objective, config, inputs.train, {})
     trainer = ChainTrainer(
         model, objective, inputs.train, inputs.val, config, workdir, progress=not args.quiet
     )
     stages = trainer.train(on_stage=_print_stage)
+    if args.closed_form_head != "off":
+        _closed_form_head(model, objective, config, inputs.train, trainer.final_adapters)
     eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
     final = evaluate_streaming(
         model, objective, trainer.final_adapters, config.lora, inputs.val, batch_size=eval_batch
@@ -274,13 +286,14 @@ def _closed_form_head(
     objective: ClassifyObjective | LMObjective,
     config: ChainConfig,
     rows: EncodedSplit,
+    adapters: dict[str, torch.Tensor],
 ) -> None:
-    """``--closed-form-head``: the head solved on the base model's pooled final features
-    of the training rows (one forward pass over them)."""
+    """``--closed-form-head``: the head solved on the pooled final features of the
+    training rows with ``adapters`` (none: the base model's; one forward pass over them)."""
     if not isinstance(objective, ClassifyObjective):
         raise ChainFedError(CLOSED_FORM_NEEDS_CLASSIFY)
     features = pooled_features_streaming(
-        model, objective, {}, config.lora, rows, batch_size=config.micro_batch
+        model, objective, adapters, config.lora, rows, batch_size=config.micro_batch
     )
     set_closed_form_head(objective.head, features, rows.labels)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chainfed.agent.app import train_command
 from chainfed.agent.app.options import chain_config_from_args, data_config
 from chainfed.agent.app.train_command import add_arguments, stage_table
 from chainfed.agent.cli import main
@@ -172,34 +173,48 @@ def test_eval_only_refuses_adapters_of_another_model(minilm_run, minilm_path, tm
     assert len(err.splitlines()) == 1 and "different model" in err
 
 
-def test_closed_form_head_starts_training_from_the_head_of_the_training_rows(
-    minilm_path, tmp_path, capsys
+def test_closed_form_head_ends_with_the_head_of_the_training_rows(
+    minilm_path, tmp_path, capsys, monkeypatch
 ):
-    # one step at lr 1e-12 leaves the starting head as it was: it must be the head solved
-    # from the base model's pooled features of the very rows `chainfed train` trains on
-    workdir = tmp_path / "run"
+    # head mode moves the head at lr 1e-2; the head saved must still be the one solved from
+    # the pooled features of the very rows `chainfed train` trains on (frozen backbone:
+    # the base model's), fitted after training (end) and, with both, also before it
     rows = ["--train-rows", "60", "--val-rows", "30", "--max-len", "24", "--micro-batch", "8"]
-    steps = ["--steps-per-round", "1", "--baseline-rounds", "1", "--lr", "1e-12"]
-    argv = ["train", "--mode", "head", *rows, *steps, "--closed-form-head", "--quiet"]
-
-    assert main([*argv, "--workdir", str(workdir)]) == 0
-
-    report = json.loads((workdir / "report.json").read_text())
-    assert report["closed_form_head"] is True
-    saved = load_adapter_file(Path(report["adapters"])).head()
+    steps = ["--steps-per-round", "2", "--baseline-rounds", "1", "--lr", "1e-2"]
+    argv = ["train", "--mode", "head", *rows, *steps, "--quiet"]
+    fits: list[str] = []
+    solve = train_command.set_closed_form_head
+    monkeypatch.setattr(
+        train_command, "set_closed_form_head", lambda *a: fits.append("fit") or solve(*a)
+    )
     model = StreamingModel(minilm_path)
     data = load_dataset(data_config(None, "classify", train_rows=60, val_rows=30, seed=0))
     train = encode_split(model, data.train, "classify", 24)
     objective = build_objective(model, "classify", num_labels=len(data.labels))
     features = pooled_features_streaming(model, objective, {}, LoRAConfig(), train, batch_size=8)
     weight, bias = solve_head(head_statistics(features, train.labels, len(data.labels)))
-    torch.testing.assert_close(saved["weight"], weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(saved["bias"], bias, rtol=1e-5, atol=1e-6)
+
+    for schedule, flag, count in (("end", [], 1), ("both", ["both"], 2), ("off", ["off"], 0)):
+        fits.clear()
+        workdir = tmp_path / schedule
+        closed = ["--closed-form-head", *flag] if schedule != "off" else []
+        assert main([*argv, *closed, "--workdir", str(workdir)]) == 0
+
+        report = json.loads((workdir / "report.json").read_text())
+        assert report["closed_form_head"] == schedule and len(fits) == count
+        saved = load_adapter_file(Path(report["adapters"])).head()
+        if schedule == "off":  # the trained head is not the solved one
+            assert not torch.allclose(saved["weight"], weight, rtol=1e-5, atol=1e-6)
+            continue
+        torch.testing.assert_close(saved["weight"], weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved["bias"], bias, rtol=1e-5, atol=1e-6)
     capsys.readouterr()
-    assert main([*argv, "--task", "lm", "--model", "smollm2"]) != 0
+    assert main([*argv, "--closed-form-head", "--task", "lm", "--model", "smollm2"]) != 0
     printed = capsys.readouterr()
     assert "--closed-form-head fits a classification head: it needs --task classify" in printed.err
     assert "computing on" not in printed.out  # refused before the model is opened
+    assert main([*argv, "--closed-form-head", "--head-refit-epochs", "2"]) != 0
+    assert "give one of them" in capsys.readouterr().err
 
 
 def test_stage_table_formats_a_head_stage():
