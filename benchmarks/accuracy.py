@@ -107,7 +107,7 @@ from chainfed.agent.training.head_refit import refit_head
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import encode_split
 from chainfed.coordinator.config import AGGREGATIONS
-from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
+from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import (
     LocalTrainingDefaults,
     add_local_training_arguments,
@@ -634,13 +634,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=25, help="with --local-epochs 0")
     parser.add_argument("--head-rounds", type=int, default=0, help="head-only rounds, every mode")
     parser.add_argument("--head-local-steps", type=int, help="steps of a head round, every mode")
-    parser.add_argument(
-        "--closed-form-head",
-        nargs="?",
-        const="end",
-        default="off",
-        choices=CLOSED_FORM_HEAD_MODES,
-        help="every mode fits its head in closed form after its last round (end, the flag "
+    add_closed_form_head_argument(
+        parser,
+        "every mode fits its head in closed form after its last round (end, the flag "
         "alone), and with both also before its first (each fit a point of the curve like any "
         "round)",
     )

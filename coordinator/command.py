@@ -35,7 +35,7 @@ from chainfed.coordinator.status_page import DEFAULT_HOST, StatusPage
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
 from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
-from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
+from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.messages import ChainPhase, TrainingParams
@@ -174,13 +174,9 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         "final features, the coordinator aggregates it (with --rounds: at least this many, "
         "plus what the chain left) (default 0)",
     )
-    c.add_argument(
-        "--closed-form-head",
-        nargs="?",
-        const="end",
-        default="off",
-        choices=CLOSED_FORM_HEAD_MODES,
-        help="fit the task head in closed form: a round in which agents upload statistics of "
+    add_closed_form_head_argument(
+        c,
+        "fit the task head in closed form: a round in which agents upload statistics of "
         "their training rows' final features and the coordinator solves the head of all their "
         "rows, whatever the label skew. end (the flag alone): after the last stage, on the "
         "chain's features; both: also before the first stage, on the base model's; off "

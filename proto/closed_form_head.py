@@ -23,6 +23,8 @@ features); under secure aggregation the coordinator sees only their sum.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 HEAD_GRAM = "objective.head_stats.gram"
@@ -38,6 +40,24 @@ means); or also before the first stage, on the base model's features (``both``).
 demo's federation (benchmarks/README.md, "Closed-form head", 3 seeds) the fit after the
 last stage carried the whole gain; the fit before the first stage added nothing measurable
 on top of it and costs a round, hence ``end`` by default."""
+
+
+def add_closed_form_head_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str, default: str = "off"
+) -> None:
+    """``--closed-form-head [off|end|both]`` with each command's own ``help_text``: one
+    declaration of what the flag alone means (``end``) for the coordinator, simulate,
+    train and accuracy.py, since simulate hands its value to a coordinator process by
+    name."""
+    parser.add_argument(
+        "--closed-form-head",
+        nargs="?",
+        const="end",
+        default=default,
+        choices=CLOSED_FORM_HEAD_MODES,
+        help=help_text,
+    )
+
 
 HEAD_RIDGE = 0.3
 """Relative ridge term. On MiniLM's pooled final features of the demo's rows (2,000

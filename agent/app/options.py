@@ -34,7 +34,7 @@ from chainfed.agent.runtime.precision import (
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
 from chainfed.agent.training.memory_meter import declare_unified_memory
-from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
+from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import add_local_training_arguments
 
 
@@ -442,15 +442,12 @@ def add_simulation_arguments(
         default=d.head_local_steps,
         help="optimiser steps of each agent's head round (default: the chain's local schedule)",
     )
-    f.add_argument(
-        "--closed-form-head",
-        nargs="?",
-        const="end",
-        default=d.closed_form_head,
-        choices=CLOSED_FORM_HEAD_MODES,
-        help="solve the task head from the agents' statistics of their final features after "
+    add_closed_form_head_argument(
+        f,
+        "solve the task head from the agents' statistics of their final features after "
         "the last stage (end, the flag alone), and with both also before the first round "
         "(the coordinator's --closed-form-head; a round each)",
+        default=d.closed_form_head,
     )
     f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
     f.add_argument(

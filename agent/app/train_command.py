@@ -55,7 +55,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
-from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
+from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.units import format_bytes, parse_bytes
 
@@ -91,13 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after the last stage, passes of head-only steps on the pooled final "
         "features (classify; default 0: none)",
     )
-    c.add_argument(
-        "--closed-form-head",
-        nargs="?",
-        const="end",
-        default="off",
-        choices=CLOSED_FORM_HEAD_MODES,
-        help="set the task head to the closed-form (ridge) head of the training rows' final "
+    add_closed_form_head_argument(
+        c,
+        "set the task head to the closed-form (ridge) head of the training rows' final "
         "features: after training, on the trained adapters' features (end, the flag alone), "
         "and with both also before it, on the base model's: what a federation's "
         "--closed-form-head rounds solve (classify; not with --head-refit-epochs)",
