@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from chainfed.agent.app import simulation
+from chainfed.agent.app.demo_command import baseline_line
 from chainfed.agent.app.options import (
     SimulationConfig,
     SimulationError,
@@ -593,6 +594,17 @@ def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys,
     assert report["memory"]["e2e_bytes"] > 0
     assert "estimated" not in (out / "report.md").read_text()
     assert_token_kept_off_command_lines(launches, 4, out / "federation")
+
+
+@pytest.mark.parametrize(("task", "trained_head"), [("classify", True), ("lm", False)])
+def test_the_demo_names_its_baseline_by_what_it_trains(task, trained_head):
+    # head mode on the lm task trains nothing (the LM head is the model's own, frozen):
+    # the report must call that run the untuned model, not a head on the frozen backbone
+    line = baseline_line(task, chain_metric=0.52, baseline_metric=0.445)
+
+    assert line.startswith("head mode" if trained_head else "the untuned model")
+    assert ("head only" in line) == trained_head
+    assert "validation accuracy 0.4450 (+0.0750 for the chain)" in line
 
 
 @pytest.mark.slow
