@@ -200,6 +200,11 @@ class ChainCoordinator:
         self.window = config.window
         self.phase = ChainPhase.WAITING_FOR_AGENTS
         self.agents: dict[str, AgentEntry] = {}
+        self.labels: tuple[str, ...] = ()
+        """The federation's class names in head order: the first that a registered agent
+        declared (``AgentCapabilities.labels``), which every later declaration must equal;
+        empty while none has. Derived from ``agents``, kept here so a registration does
+        not scan them."""
         self.start_layer: int | None = config.start_layer
         self.stage_layer: int | None = None
         self.final: dict[str, torch.Tensor] = {}
@@ -366,7 +371,8 @@ class ChainCoordinator:
         self._inactive = inactive
 
     def register(self, agent_id: str, capabilities: AgentCapabilities, now_ms: int) -> str:
-        """Add or refresh an agent; a model fingerprint mismatch is refused."""
+        """Add or refresh an agent; a model fingerprint mismatch, or class names other than
+        the federation's, are refused."""
         if capabilities.model_fingerprint != self.config.model_fingerprint:
             raise UpdateRejectedError(
                 "failed_precondition",
@@ -374,6 +380,15 @@ class ChainCoordinator:
                 f"{capabilities.model_fingerprint[:12]}…, coordinator "
                 f"{self.config.model_fingerprint[:12]}…)",
                 reason="wrong_model",
+            )
+        if capabilities.labels and self.labels and capabilities.labels != self.labels:
+            raise UpdateRejectedError(
+                "failed_precondition",
+                f"agent {agent_id or '(new)'} numbers other classes "
+                f"({', '.join(capabilities.labels)}) than the federation "
+                f"({', '.join(self.labels)}); give every agent the same --labels, in the "
+                "same order",
+                reason="wrong_labels",
             )
         if not agent_id:
             agent_id = f"agent-{len(self.agents) + 1}"
@@ -386,6 +401,7 @@ class ChainCoordinator:
                 capabilities.max_window,
                 self.window,
             )
+        self.labels = self.labels or capabilities.labels
         entry = self.agents.get(agent_id)
         if entry is None:
             self.agents[agent_id] = AgentEntry(capabilities, now_ms)

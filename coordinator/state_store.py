@@ -210,6 +210,7 @@ def _final_info(coordinator: ChainCoordinator) -> AdapterInfo:
             "train_a": p.lora_train_a,
             "seed": p.lora_seed,
         },
+        labels=list(coordinator.labels) or None,
         start_layer=coordinator.start_layer,
         rounds=len(coordinator.history),
         stop_reason=coordinator.stop_reason,
@@ -219,8 +220,8 @@ def _final_info(coordinator: ChainCoordinator) -> AdapterInfo:
 
 
 _CAPABILITIES = tuple(f.name for f in fields(AgentCapabilities))
-"""``AgentCapabilities``' fields, all scalars: read directly, since ``asdict``'s deep copy
-was most of a save's time with ten thousand agents."""
+"""``AgentCapabilities``' fields, scalars and one tuple of strings: read directly, since
+``asdict``'s deep copy was most of a save's time with ten thousand agents."""
 
 
 def _next_journal(coordinator: ChainCoordinator, state_dir: Path) -> str:
@@ -300,6 +301,9 @@ def load(state_dir: Path, config: CoordinatorConfig) -> ChainCoordinator | None:
     journal = state.get("agents_journal")
     if journal is not None and _replay_journal(coordinator, Path(state_dir) / journal):
         _journals[coordinator] = (Path(state_dir), journal)
+    coordinator.labels = next(
+        (e.capabilities.labels for e in coordinator.agents.values() if e.capabilities.labels), ()
+    )
     return coordinator
 
 

@@ -103,13 +103,15 @@ class AdapterInfo:
         "model_digest",
         "mode",
         "lora",
+        "labels",
         "start_layer",
         "rounds",
         "stop_reason",
         "dp_epsilon",
         "dp_delta",
     )
-    """What the coordinator records: how the chain ran, its privacy spent."""
+    """What the coordinator records: how the chain ran, the agents' class names, its
+    privacy spent."""
 
     def to_dict(self, recorded: tuple[str, ...] = RESULT) -> dict[str, Any]:
         """The JSON object saved in the file's metadata: the ``recorded`` fields, null

@@ -115,20 +115,22 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AgentCapabilities(_message.Message):
-    __slots__ = ("device", "memory_budget_bytes", "num_samples", "software_version", "model_fingerprint", "max_window")
+    __slots__ = ("device", "memory_budget_bytes", "num_samples", "software_version", "model_fingerprint", "max_window", "labels")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_budget_bytes: int
     num_samples: int
     software_version: str
     model_fingerprint: str
     max_window: int
-    def __init__(self, device: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., max_window: _Optional[int] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., num_samples: _Optional[int] = ..., software_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., max_window: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("agent_id", "token", "capabilities")

@@ -80,9 +80,18 @@ class AgentCapabilities:
     agent's own training rows (at most its ``--max-len``), under the coordinator's
     ``TrainingParams``; 0 = no budget declared. ``--window auto`` takes the smallest one
     declared."""
+    labels: tuple[str, ...] = ()
+    """Class names in head order (lm: label words); empty = none declared. Agents that
+    declare them must agree (the coordinator refuses one that does not), and the
+    coordinator's final file carries them."""
 
     def __post_init__(self) -> None:
         _non_negative(self, "memory_budget_bytes", "num_samples", "max_window")
+        object.__setattr__(self, "labels", tuple(self.labels))
+        _require(
+            all(self.labels) and len(set(self.labels)) == len(self.labels),
+            f"AgentCapabilities.labels must be distinct non-empty names, got {self.labels!r:.200}",
+        )
 
 
 @dataclass(frozen=True)

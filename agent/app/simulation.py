@@ -538,6 +538,7 @@ class _InProcessFederation:
             num_samples=len(local.train),
             software_version="0.1.0",
             model_fingerprint=corpus.fingerprint,
+            labels=tuple(local.labels),
         )
         agent.agent_id = self.coordinator.register(agent_id, capabilities, self.clock.now())
         self.agents[agent.agent_id] = agent

@@ -222,6 +222,7 @@ class FederatedAgent:
             software_version="0.1.0",
             model_fingerprint=self.model_fingerprint,
             max_window=max_window,
+            labels=tuple(self.data.labels),
         )
         ack = self.client.register(Registration(self.agent_id, self.config.token, capabilities))
         self.agent_id = ack.agent_id

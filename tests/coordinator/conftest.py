@@ -66,8 +66,11 @@ class ChainKit:
         memory: int = 0,
         fingerprint: str = FINGERPRINT,
         max_window: int = 0,
+        labels: tuple[str, ...] = (),
     ) -> AgentCapabilities:
-        return AgentCapabilities("cpu", memory, num_samples, "0.1.0", fingerprint, max_window)
+        return AgentCapabilities(
+            "cpu", memory, num_samples, "0.1.0", fingerprint, max_window, labels
+        )
 
     def metrics(
         self, val_loss: float = 1.0, *, train_samples: int = 10, val_samples: int = 5

@@ -133,6 +133,20 @@ def test_register_refuses_another_model_and_assigns_ids(kit):
     rejected("not_found", c.next_task, "ghost", 1)
 
 
+def test_register_refuses_other_class_names_and_keeps_the_first(kit):
+    # head row i meaning another class on one agent would corrupt the aggregate silently
+    c = kit.coordinator()
+    c.register("a", kit.caps(labels=("neg", "pos")), 0)
+    c.register("b", kit.caps(), 0)  # none declared (a synthetic agent): nothing to compare
+
+    error = rejected("failed_precondition", c.register, "c", kit.caps(labels=("pos", "neg")), 0)
+
+    assert error.reason == "wrong_labels"
+    assert "(pos, neg)" in str(error) and "(neg, pos)" in str(error) and "--labels" in str(error)
+    assert sorted(c.agents) == ["a", "b"] and c.labels == ("neg", "pos")
+    assert c.register("c", kit.caps(labels=("neg", "pos")), 0) == "c"
+
+
 # -- rounds: sampling, quorum, deadline, idempotence ----------------------------------
 
 

@@ -193,9 +193,12 @@ def test_three_agents_complete_a_short_chain(three_shard_run: ThreeShardRun):
     final_file = load_adapter_file(run.fed.state_dir / "final_adapters.safetensors")
     layers = {int(n.split(".")[1]) for n in final_file.adapters()}
     assert layers == {3, 4, 5} and final_file.head()
-    # every agent wrote the same final adapters
+    # every agent wrote the same final adapters, and the coordinator names the head's
+    # classes as the agents declared them at registration
+    assert final_file.info["labels"] == ["negative", "neutral", "positive"]
     for agent_id in SHARD_IDS:
         mine = load_adapter_file(run.fed.workdir(agent_id) / "final_adapters.safetensors")
+        assert mine.info["labels"] == final_file.info["labels"]
         assert mine.tensors.keys() == final_file.tensors.keys()
         for name, tensor in final_file.tensors.items():
             assert torch.equal(mine.tensors[name], tensor), name

@@ -368,6 +368,18 @@ def test_register_refusals(kit, serve):
     assert sorted(run.coordinator.agents) == ["a", "agent-2"]
 
 
+def test_register_refuses_an_agent_that_numbers_other_classes(kit, serve):
+    run = serve(kit.coordinator(min_agents=2))
+    assert register(run.stub, "tok-a", "a", kit.caps(labels=("neg", "pos"))) == "a"
+
+    error = rpc_error(register, run.stub, "tok-b", "b", kit.caps(labels=("pos", "neg")))
+
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "numbers other classes (pos, neg) than the federation (neg, pos)" in error.details()
+    assert sorted(run.coordinator.agents) == ["a"]
+    assert register(run.stub, "tok-b", "b", kit.caps(labels=("neg", "pos"))) == "b"
+
+
 def test_wrong_fingerprint_at_register_leaves_the_round_alone(kit, serve):
     run, task, good = two_agents_round_two(kit, serve)
     error = rpc_error(register, run.stub, "shared", "c", kit.caps(fingerprint="0" * 64))

@@ -210,6 +210,50 @@ def test_agents_saved_before_they_declared_a_max_window_still_load(kit, tmp_path
         state_store.load(tmp_path, kit.config())
 
 
+def test_class_names_survive_a_restart_and_name_the_final_head(kit, tmp_path):
+    names = ("negative", "neutral", "positive")
+    c = kit.coordinator(window=1)
+    kit.register(c, "a", labels=names)
+    state_store.save(c, tmp_path)
+    kit.register(c, "b", labels=names)
+    state_store.persist(c, tmp_path)
+    assert list(json.loads((tmp_path / STATE_FILE).read_text())["agents"]) == ["a"]  # b: journal
+
+    loaded = state_store.load(tmp_path, kit.config(window=1))
+
+    assert loaded.labels == names
+    assert loaded.agents["b"].capabilities == kit.caps(labels=names)
+    with pytest.raises(UpdateRejectedError, match="numbers other classes"):
+        loaded.register("c", kit.caps(labels=names[::-1]), 1)
+    for stage in range(kit.num_layers):
+        kit.train_round(loaded, 100 * stage, seed=stage)
+    task = loaded.next_task("a", 1000)
+    for agent in ("a", "b"):
+        loaded.submit(agent, task.round_id, kit.eval_metrics(), {}, 1001)
+    assert loaded.phase is ChainPhase.DONE
+    state_store.save(loaded, tmp_path)
+    final = load_adapter_file(tmp_path / state_store.FINAL_FILE)
+    assert final.info["labels"] == list(names)
+
+
+def test_agents_saved_before_they_declared_class_names_still_load(kit, tmp_path):
+    c = kit.coordinator(start_layer=None, window=None)
+    c.register("a", kit.caps(), 7)
+    state_store.save(c, tmp_path)
+    path = tmp_path / STATE_FILE
+    state = json.loads(path.read_text())
+    del state["agents"]["a"]["capabilities"]["labels"]  # as written before the field
+    path.write_text(json.dumps(state))
+
+    loaded = state_store.load(tmp_path, kit.config())
+
+    assert loaded.agents["a"].capabilities == kit.caps() and loaded.labels == ()
+    state["agents"]["a"]["capabilities"]["labels"] = ["x", "x"]
+    path.write_text(json.dumps(state))
+    with pytest.raises(StateDirError, match="labels"):
+        state_store.load(tmp_path, kit.config())
+
+
 @pytest.mark.parametrize(
     ("change", "what"),
     [

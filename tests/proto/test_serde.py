@@ -48,6 +48,7 @@ capabilities = st.builds(
     software_version=text,
     model_fingerprint=text,
     max_window=u32,
+    labels=st.lists(ids, max_size=4, unique=True).map(tuple),
 )
 tensor_specs = st.builds(
     TensorSpec,
@@ -352,6 +353,14 @@ def test_auth_metadata_round_trip() -> None:
 )
 def test_no_token_in_metadata(metadata) -> None:
     assert serde.token_from_metadata(metadata) is None
+
+
+@pytest.mark.parametrize("labels", [("neg", "neg"), ("neg", "")])
+def test_capabilities_refuse_repeated_or_empty_class_names(labels) -> None:
+    message = pb.AgentCapabilities(model_fingerprint="abc", labels=labels)
+
+    with pytest.raises(ProtocolError, match="labels must be distinct non-empty names"):
+        serde.agent_capabilities_from_proto(message)
 
 
 def test_token_stays_out_of_repr() -> None:

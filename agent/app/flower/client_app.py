@@ -113,6 +113,7 @@ def register(content: RecordDict, context: Context, run_config: RunConfig = None
         num_samples=len(agent.data.train),
         software_version="0.1.0",
         model_fingerprint=agent.model_fingerprint,
+        labels=tuple(agent.data.labels),
     )
     return records.capabilities_record(capabilities, node.partition)
 

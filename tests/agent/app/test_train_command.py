@@ -397,3 +397,27 @@ def test_zero_recompute_chunks_are_named():
     args = parser.parse_args(["--model", "minilm", "--recompute-chunks", "0"])
     with pytest.raises(ChainFedError, match="recompute_chunks must be >= 1"):
         chain_config_from_args(args)
+
+
+def test_labels_number_the_classes_as_given(tmp_path):
+    # --labels fixes the head's row order (sorted names would put negative first): what a
+    # federation's agents need to agree on, recorded in the adapter file
+    workdir = tmp_path / "run"
+    argv = ["train", "--mode", "head", "--labels", "positive, negative,neutral", *TINY_RUN]
+    assert main([*argv, "--baseline-rounds", "1", "--workdir", str(workdir)]) == 0
+
+    report = json.loads((workdir / "report.json").read_text())
+    assert load_adapter_file(Path(report["adapters"])).info["labels"] == [
+        "positive",
+        "negative",
+        "neutral",
+    ]
+
+
+@pytest.mark.parametrize("value", ["a,,b", "a,b,a", ""])
+def test_malformed_labels_are_named(value, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "minilm", "--labels", value])
+    assert "distinct, non-empty class names separated by commas" in capsys.readouterr().err
