@@ -45,6 +45,7 @@ from chainfed.agent.training.data import SplitData, load_dataset
 from chainfed.agent.training.head_refit import set_closed_form_head
 from chainfed.agent.training.memory_meter import process_baseline, release_large_frees_to_os
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
+from chainfed.agent.training.prefix_cache import PrefixCache
 from chainfed.agent.training.tokenize import (
     encode_split,
     label_token_ids,
@@ -240,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
     )
     stages = trainer.train(on_stage=_print_stage)
     if args.closed_form_head != "off":
-        _closed_form_head(model, objective, config, inputs.train, trainer.final_adapters)
+        adapters = trainer.final_adapters
+        cache = trainer.cached_rows(adapters)
+        _closed_form_head(model, objective, config, inputs.train, adapters, cache)
     eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
     final = evaluate_streaming(
         model, objective, trainer.final_adapters, config.lora, inputs.val, batch_size=eval_batch
@@ -283,13 +286,15 @@ def _closed_form_head(
     config: ChainConfig,
     rows: EncodedSplit,
     adapters: dict[str, torch.Tensor],
+    cache: PrefixCache | None = None,
 ) -> None:
     """``--closed-form-head``: the head solved on the pooled final features of the
-    training rows with ``adapters`` (none: the base model's; one forward pass over them)."""
+    training rows with ``adapters`` (none: the base model's; one forward pass over them,
+    from ``cache`` when given: see ``pooled_features_streaming``)."""
     if not isinstance(objective, ClassifyObjective):
         raise ChainFedError(CLOSED_FORM_NEEDS_CLASSIFY)
     features = pooled_features_streaming(
-        model, objective, adapters, config.lora, rows, batch_size=config.micro_batch
+        model, objective, adapters, config.lora, rows, batch_size=config.micro_batch, cache=cache
     )
     set_closed_form_head(objective.head, features, rows.labels)
 

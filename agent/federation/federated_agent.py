@@ -418,7 +418,9 @@ class FederatedAgent:
         """FIT_HEAD: the closed-form head statistics (``chainfed.proto.closed_form_head``)
         of this agent's training rows, pooled after the whole network with the adapters in
         ``final`` (none: the base model), and the metrics that weight them (its training
-        rows). One forward pass over the rows; the trainer and its caches are untouched."""
+        rows). One forward pass over the rows, from the trainer's prefix cache when its
+        states went through the same adapters (only the blocks above it run); the trainer
+        and its caches are untouched."""
         if self.data.task != "classify":
             raise ChainFedError(
                 f"round {task.round_id} asks for a closed-form head, which only the classify "
@@ -427,6 +429,7 @@ class FederatedAgent:
         started = time.perf_counter()
         objective = self._objective(task.params)
         adapters, lora = self.final_adapters(final, task.params)
+        cache = None if self.trainer is None else self.trainer.cached_rows(adapters)
         with PeakMemoryMeter(self.model.device) as meter:
             features = pooled_features_streaming(
                 self.model,
@@ -435,6 +438,7 @@ class FederatedAgent:
                 lora,
                 self.data.train,
                 batch_size=task.params.micro_batch,
+                cache=cache,
             )
         statistics = head_statistics(features, self.data.train.labels, len(self.data.labels))
         metrics = UpdateMetrics(

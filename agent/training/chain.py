@@ -406,8 +406,21 @@ class ChainTrainer:
             del block
 
     def _final_of(self, layer: int) -> dict[str, torch.Tensor]:
-        prefix = f"layers.{layer}."
-        return {k: v for k, v in self.final_adapters.items() if k.startswith(prefix)}
+        return _adapters_of(self.final_adapters, layer)
+
+    def cached_rows(self, adapters: dict[str, torch.Tensor]) -> PrefixCache | None:
+        """The training rows' prefix cache when its states went through exactly the
+        adapters of ``adapters`` below the layer it stands at (a federation's final model
+        agrees there with what this trainer froze), so ``pooled_features_streaming`` may
+        start from it; None when there is none (e2e) or it went through other adapters."""
+        if self.config.mode == "e2e" or self._caches is None:
+            return None
+        cache = self._caches[0]
+        digests = [
+            digest_tensors(own) if (own := _adapters_of(adapters, i)) else "none"
+            for i in range(max(cache.layer, 0))
+        ]
+        return cache if cache.layer >= 0 and cache.usable_for(cache.layer, digests) else None
 
     def _frozen_block(self, layer: int) -> nn.Module:
         """Block ``layer`` with its final adapter (if any), for inference."""
@@ -969,19 +982,26 @@ def _final_states(
     lora: LoRAConfig,
     data: EncodedSplit,
     batch_size: int,
+    entry: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """``(N, T, d)`` last hidden states of every row of ``data`` through the whole
-    network with ``adapters``, streamed layer-major (each block read once)."""
-    h = torch.cat(
-        [
-            model.load_embeddings()(
-                data.input_ids[i : i + batch_size], data.attention_mask[i : i + batch_size]
-            )
-            for i in range(0, len(data), batch_size)
-        ]
-    )
+    network with ``adapters``, streamed layer-major (each block read once); with
+    ``entry`` = (states, layer c), the rows' states entering block c, only blocks
+    c..L-1 run."""
+    if entry is None:
+        first = 0
+        h = torch.cat(
+            [
+                model.load_embeddings()(
+                    data.input_ids[i : i + batch_size], data.attention_mask[i : i + batch_size]
+                )
+                for i in range(0, len(data), batch_size)
+            ]
+        )
+    else:
+        h, first = entry
     blocks = model.stream_blocks(
-        range(model.num_layers),
+        range(first, model.num_layers),
         lambda layer: load_adapted_block(model, layer, adapters, lora),
         tag="adapted",
     )
@@ -1042,16 +1062,31 @@ def pooled_features_streaming(
     data: EncodedSplit,
     *,
     batch_size: int = 64,
+    cache: PrefixCache | None = None,
 ) -> torch.Tensor:
     """``(N, d)`` float32: what ``objective``'s head reads for every row of ``data`` after
     the whole network with ``adapters`` (none: the base model), streamed layer-major in
     chunks of ``POOLED_CHUNK_BATCHES`` micro-batches of ``batch_size`` rows; the same
-    states ``evaluate_streaming`` scores."""
+    states ``evaluate_streaming`` scores.
+
+    ``cache``: a prefix cache of ``data``'s rows that went through ``adapters`` below its
+    layer c (``ChainTrainer.cached_rows`` checks that): the rows start from its states, so
+    only blocks c..L-1 run, the same blocks on the same states as the full pass."""
     pooled = []
     rows = POOLED_CHUNK_BATCHES * batch_size
     for start in range(0, len(data), rows):
         chunk = data.batch(slice(start, start + rows))
         part = EncodedSplit(chunk.input_ids, chunk.attention_mask, chunk.labels)
-        h = _final_states(model, adapters, lora, part, batch_size)
+        entry = None
+        if cache is not None:
+            index = np.arange(start, min(start + rows, len(data)))
+            entry = (cache.read(index).to(model.device, model.dtype), cache.layer)
+        h = _final_states(model, adapters, lora, part, batch_size, entry)
         pooled.append(objective.features(h, chunk.to(model.device)))
     return torch.cat(pooled)
+
+
+def _adapters_of(adapters: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapters`` that belong to layer ``layer`` (``layers.{layer}.*``)."""
+    prefix = f"layers.{layer}."
+    return {k: v for k, v in adapters.items() if k.startswith(prefix)}

@@ -38,11 +38,13 @@ from chainfed.agent.federation.federated_agent import FederatedAgent
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.training.chain import (
+    ChainTrainer,
     EncodedSplit,
     evaluate_streaming,
     pooled_features_streaming,
 )
 from chainfed.agent.training.objectives import build_objective
+from chainfed.agent.training.prefix_cache import PrefixCache
 from chainfed.coordinator.command import add_arguments, coordinator_config
 from chainfed.proto.adapter_file import load_adapter_file
 from chainfed.proto.closed_form_head import HEAD_CROSS, HEAD_GRAM, head_statistics, solve_head
@@ -345,8 +347,17 @@ def test_head_rounds_train_the_head_alone_and_leave_every_adapter_as_the_chain_m
     assert [label for _x, label in stage_boundaries(headed)] == ["L4", "L5", "head"]
 
 
-def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
+def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path, monkeypatch):
     # Prepare: 3 label-skewed agents; the fit, one chain stage at layer 5, the refit
+    served: list[int | None] = []
+    cached_rows = ChainTrainer.cached_rows
+
+    def spy(trainer: ChainTrainer, adapters: dict) -> PrefixCache | None:
+        cache = cached_rows(trainer, adapters)
+        served.append(None if cache is None else cache.layer)
+        return cache
+
+    monkeypatch.setattr(ChainTrainer, "cached_rows", spy)
     config = SimulationConfig(
         **TINY,
         start_layer=5,
@@ -371,6 +382,9 @@ def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path):
         assert all(v == statistics_bytes for v in fit.sent_bytes.values())
     assert all(v == 0 for v in result.history[0].received_bytes.values())  # base model
     assert all(v > 0 for v in result.history[-1].received_bytes.values())  # final adapters
+    # the refit's rows start from each agent's cache at the window (the fit before the
+    # chain has no trainer yet, so it streams the whole base model)
+    assert served == [5] * config.agents
     # each solved head is the one all the agents' rows give on one device: the global
     # model after each fit scores the test rows exactly as that head does
     corpus = simulation.load_corpus(config)

@@ -25,6 +25,7 @@ from chainfed.agent.training.chain import (
     ChainTrainer,
     EncodedSplit,
     evaluate_streaming,
+    pooled_features_streaming,
 )
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective
 from chainfed.agent.training.prefix_cache import PrefixCache
@@ -491,6 +492,42 @@ def test_evaluate_streaming_equals_the_last_stage(bert_dir, tmp_path, mode, batc
     else:
         assert final.loss == pytest.approx(last.val_loss, rel=1e-6)
         assert final.metric == last.val_metric
+
+
+def test_pooled_features_start_from_the_cache_only_when_it_went_through_the_same_adapters(
+    bert_dir, tmp_path, monkeypatch
+):
+    """After the chain the training rows' cache stands at the last window's bottom, built
+    through the final adapters below it: a closed-form head's features start there (only
+    the blocks above run) and equal the full pass bit for bit (same micro-batches).
+    Adapters that differ below the cache, or lack one there, are not served from it."""
+    config = fast_config(start_layer=1, window=2, micro_batch=2)
+    trainer = make_trainer(bert_dir, tmp_path, config)
+    trainer.train()
+    adapters, top = trainer.final_adapters, trainer.L - 1
+    loaded: list[int] = []
+    load_block = trainer.model.load_block
+    monkeypatch.setattr(
+        trainer.model, "load_block", lambda layer: loaded.append(layer) or load_block(layer)
+    )
+
+    def features(cache: PrefixCache | None) -> torch.Tensor:
+        loaded.clear()
+        return pooled_features_streaming(
+            trainer.model, trainer.objective, adapters, config.lora, trainer.train_data,
+            batch_size=config.micro_batch, cache=cache,
+        )  # fmt: skip
+
+    cache = trainer.cached_rows(adapters)
+    assert cache is not None and cache.layer == top - 1
+    from_cache = features(cache)
+    assert sorted(set(loaded)) == [top - 1, top]
+    full = features(None)
+    assert sorted(set(loaded)) == list(range(trainer.L))
+    assert torch.equal(from_cache, full)
+    changed = {k: v + 1 if k.startswith("layers.1.") else v for k, v in adapters.items()}
+    assert trainer.cached_rows(changed) is None
+    assert trainer.cached_rows(of_layer(adapters, top)) is None
 
 
 def test_lm_chain_on_llama_with_proxy_foresight(llama_dir, tmp_path):
