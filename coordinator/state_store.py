@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 FINAL_FILE = "final_adapters.safetensors"
+"""The chain's result, written by the first save in the DONE phase and never again: a
+finished chain's result does not change, so a restart (a newer version included, whose
+metadata may carry more keys) leaves the file as it was; a missing one is written."""
 JOURNAL_PATTERN = "agents-*.jsonl"
 _JOURNAL_NAME = re.compile(r"agents-[0-9]{6,}\.jsonl")
 
@@ -181,7 +184,7 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         _journals[coordinator] = (state_dir, journal)
         coordinator.changed = False
         coordinator.unsaved_agents.clear()
-        if coordinator.phase is ChainPhase.DONE:
+        if coordinator.phase is ChainPhase.DONE and not (state_dir / FINAL_FILE).is_file():
             save_adapter_file(
                 state_dir / FINAL_FILE,
                 AdapterFile(

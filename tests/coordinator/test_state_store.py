@@ -192,6 +192,28 @@ def test_round_trip_of_a_fresh_and_a_finished_chain(kit, tmp_path):
     assert final.info["task"] == "classify" and final.info["model_digest"] == kit.fingerprint
 
 
+def test_a_finished_chain_writes_its_final_file_once(kit, tmp_path):
+    # a restart (possibly of a newer version, with more metadata) must not rewrite a
+    # finished chain's result; a missing one is written again
+    done = kit.coordinator(window=1)
+    kit.register(done, "a")
+    for stage in range(kit.num_layers):
+        kit.train_round(done, 100 * stage, seed=stage)
+    task = done.next_task("a", 1000)
+    done.submit("a", task.round_id, kit.eval_metrics(), {}, 1001)
+    state_store.save(done, tmp_path)
+    final = tmp_path / state_store.FINAL_FILE
+    written = final.read_bytes()
+    final.write_bytes(written + b" ")  # what another version's writer might leave
+
+    state_store.save(state_store.load(tmp_path, kit.config(window=1)), tmp_path)
+
+    assert final.read_bytes() == written + b" "
+    final.unlink()
+    state_store.save(state_store.load(tmp_path, kit.config(window=1)), tmp_path)
+    assert final.read_bytes() == written
+
+
 def test_agents_saved_before_they_declared_a_max_window_still_load(kit, tmp_path):
     c = kit.coordinator(start_layer=None, window=None)
     c.register("a", kit.caps(memory=123, max_window=3), 7)

@@ -607,6 +607,8 @@ def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys,
     assert stages == [(5, False), (5, True)]  # the preset's closed-form head, after the chain
     assert report["memory"]["e2e_bytes"] > 0
     assert "estimated" not in (out / "report.md").read_text()
+    assert not list(out.glob("**/cache")) and (out / "federation" / "agent-0").is_dir()
+    assert "removed the prefix caches of the run folder's processes (" in capsys.readouterr().out
     assert_token_kept_off_command_lines(launches, 4, out / "federation")
 
 
