@@ -419,8 +419,10 @@ class FederatedAgent:
         of this agent's training rows, pooled after the whole network with the adapters in
         ``final`` (none: the base model), and the metrics that weight them (its training
         rows). One forward pass over the rows, from the trainer's prefix cache when its
-        states went through the same adapters (only the blocks above it run); the trainer
-        and its caches are untouched."""
+        states went through the same adapters (only the blocks above it run). After the
+        chain's last stage the trainer first moves to the head stage, as a head round
+        would: its window's blocks are dropped and the caches advance to the top, where
+        the pass then starts and where head rounds after it find them."""
         if self.data.task != "classify":
             raise ChainFedError(
                 f"round {task.round_id} asks for a closed-form head, which only the classify "
@@ -429,8 +431,15 @@ class FederatedAgent:
         started = time.perf_counter()
         objective = self._objective(task.params)
         adapters, lora = self.final_adapters(final, task.params)
-        cache = None if self.trainer is None else self.trainer.cached_rows(adapters)
+        trainer = self.trainer
         with PeakMemoryMeter(self.model.device) as meter:
+            if trainer is not None and trainer.window and trainer.layer == trainer.L - 1:
+                # after the chain's last stage: first what a head round does (the window's
+                # blocks go, the caches climb to the top through the federation's final
+                # adapters), so no block is held beside the ones streamed
+                trainer.adopt_final_adapters(adapters)
+                trainer.enter_stage(trainer.layer, [])
+            cache = None if trainer is None else trainer.cached_rows(adapters)
             features = pooled_features_streaming(
                 self.model,
                 objective,

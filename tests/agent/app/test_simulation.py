@@ -347,6 +347,23 @@ def test_head_rounds_train_the_head_alone_and_leave_every_adapter_as_the_chain_m
     assert [label for _x, label in stage_boundaries(headed)] == ["L4", "L5", "head"]
 
 
+def test_a_head_round_after_the_refit_finds_the_agents_at_the_top(tmp_path):
+    # the refit moves every agent to the head stage (window blocks dropped, caches at the
+    # top), so the head round after it fetches the head alone, no final adapters again
+    config = SimulationConfig(
+        **TINY, start_layer=5, max_rounds_per_layer=1, aggregation="ffa",
+        closed_form_head="end", head_rounds=1, workdir=tmp_path / "run",
+    )  # fmt: skip
+
+    result = run_simulation(config)
+
+    stages = [(e.head_fit, e.window) for e in result.history]
+    assert stages == [(False, [5]), (True, []), (False, [])]
+    head_round = result.history[-1]
+    assert all(v < 8 * 1024 for v in head_round.received_bytes.values())  # the 384 x 3 head
+    assert math.isfinite(head_round.train_loss) and math.isfinite(result.final_val_loss)
+
+
 def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path, monkeypatch):
     # Prepare: 3 label-skewed agents; the fit, one chain stage at layer 5, the refit
     served: list[int | None] = []
@@ -382,9 +399,9 @@ def test_a_closed_form_head_is_the_head_of_all_the_agents_rows(tmp_path, monkeyp
         assert all(v == statistics_bytes for v in fit.sent_bytes.values())
     assert all(v == 0 for v in result.history[0].received_bytes.values())  # base model
     assert all(v > 0 for v in result.history[-1].received_bytes.values())  # final adapters
-    # the refit's rows start from each agent's cache at the window (the fit before the
-    # chain has no trainer yet, so it streams the whole base model)
-    assert served == [5] * config.agents
+    # the refit's rows start from each agent's cache, brought to the top as for a head
+    # round (the fit before the chain has no trainer yet: it streams the whole base model)
+    assert served == [6] * config.agents
     # each solved head is the one all the agents' rows give on one device: the global
     # model after each fit scores the test rows exactly as that head does
     corpus = simulation.load_corpus(config)
