@@ -169,6 +169,16 @@ def test_a_corrupt_journal_is_refused_and_left_as_it_was(kit, tmp_path, line, na
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def finish_chain(kit, c, agents: tuple[str, ...] = ("a",)) -> None:
+    """Every stage's round, then the evaluation answered by ``agents``: the chain is done."""
+    for stage in range(kit.num_layers):
+        kit.train_round(c, 100 * stage, seed=stage)
+    task = c.next_task(agents[0], 1000)
+    for agent in agents:
+        c.submit(agent, task.round_id, kit.eval_metrics(), {}, 1001)
+    assert c.phase is ChainPhase.DONE
+
+
 def test_round_trip_of_a_fresh_and_a_finished_chain(kit, tmp_path):
     fresh = kit.coordinator(start_layer=None, window=None)
     fresh.register("a", kit.caps(memory=123), 7)
@@ -178,11 +188,7 @@ def test_round_trip_of_a_fresh_and_a_finished_chain(kit, tmp_path):
 
     done = kit.coordinator(window=1)
     kit.register(done, "a")
-    for stage in range(kit.num_layers):
-        kit.train_round(done, 100 * stage, seed=stage)
-    task = done.next_task("a", 1000)
-    done.submit("a", task.round_id, kit.eval_metrics(), {}, 1001)
-    assert done.phase is ChainPhase.DONE
+    finish_chain(kit, done)
     state_store.save(done, tmp_path / "done")
 
     assert state_of(state_store.load(tmp_path / "done", kit.config())) == state_of(done)
@@ -197,10 +203,7 @@ def test_a_finished_chain_writes_its_final_file_once(kit, tmp_path):
     # finished chain's result; a missing one is written again
     done = kit.coordinator(window=1)
     kit.register(done, "a")
-    for stage in range(kit.num_layers):
-        kit.train_round(done, 100 * stage, seed=stage)
-    task = done.next_task("a", 1000)
-    done.submit("a", task.round_id, kit.eval_metrics(), {}, 1001)
+    finish_chain(kit, done)
     state_store.save(done, tmp_path)
     final = tmp_path / state_store.FINAL_FILE
     written = final.read_bytes()
@@ -214,21 +217,29 @@ def test_a_finished_chain_writes_its_final_file_once(kit, tmp_path):
     assert final.read_bytes() == written
 
 
-def test_agents_saved_before_they_declared_a_max_window_still_load(kit, tmp_path):
+@pytest.mark.parametrize(
+    ("field", "declared", "bad"),
+    [
+        ("max_window", {"memory": 123, "max_window": 3}, -1),
+        ("labels", {"labels": ("x", "y")}, ["x", "x"]),
+    ],
+)
+def test_agents_saved_before_a_capability_existed_still_load(kit, tmp_path, field, declared, bad):
     c = kit.coordinator(start_layer=None, window=None)
-    c.register("a", kit.caps(memory=123, max_window=3), 7)
+    c.register("a", kit.caps(**declared), 7)
     state_store.save(c, tmp_path)
     path = tmp_path / STATE_FILE
     state = json.loads(path.read_text())
-    del state["agents"]["a"]["capabilities"]["max_window"]  # as written before the field
+    del state["agents"]["a"]["capabilities"][field]  # as written before the field
     path.write_text(json.dumps(state))
 
     loaded = state_store.load(tmp_path, kit.config())
 
-    assert loaded.agents["a"].capabilities == kit.caps(memory=123)
-    state["agents"]["a"]["capabilities"]["max_window"] = -1
+    undeclared = {k: v for k, v in declared.items() if k != field}
+    assert loaded.agents["a"].capabilities == kit.caps(**undeclared) and loaded.labels == ()
+    state["agents"]["a"]["capabilities"][field] = bad
     path.write_text(json.dumps(state))
-    with pytest.raises(StateDirError, match="agents"):
+    with pytest.raises(StateDirError, match=field):
         state_store.load(tmp_path, kit.config())
 
 
@@ -247,33 +258,10 @@ def test_class_names_survive_a_restart_and_name_the_final_head(kit, tmp_path):
     assert loaded.agents["b"].capabilities == kit.caps(labels=names)
     with pytest.raises(UpdateRejectedError, match="numbers other classes"):
         loaded.register("c", kit.caps(labels=names[::-1]), 1)
-    for stage in range(kit.num_layers):
-        kit.train_round(loaded, 100 * stage, seed=stage)
-    task = loaded.next_task("a", 1000)
-    for agent in ("a", "b"):
-        loaded.submit(agent, task.round_id, kit.eval_metrics(), {}, 1001)
-    assert loaded.phase is ChainPhase.DONE
+    finish_chain(kit, loaded, ("a", "b"))
     state_store.save(loaded, tmp_path)
     final = load_adapter_file(tmp_path / state_store.FINAL_FILE)
     assert final.info["labels"] == list(names)
-
-
-def test_agents_saved_before_they_declared_class_names_still_load(kit, tmp_path):
-    c = kit.coordinator(start_layer=None, window=None)
-    c.register("a", kit.caps(), 7)
-    state_store.save(c, tmp_path)
-    path = tmp_path / STATE_FILE
-    state = json.loads(path.read_text())
-    del state["agents"]["a"]["capabilities"]["labels"]  # as written before the field
-    path.write_text(json.dumps(state))
-
-    loaded = state_store.load(tmp_path, kit.config())
-
-    assert loaded.agents["a"].capabilities == kit.caps() and loaded.labels == ()
-    state["agents"]["a"]["capabilities"]["labels"] = ["x", "x"]
-    path.write_text(json.dumps(state))
-    with pytest.raises(StateDirError, match="labels"):
-        state_store.load(tmp_path, kit.config())
 
 
 @pytest.mark.parametrize(
