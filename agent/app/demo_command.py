@@ -79,10 +79,10 @@ class DemoPreset:
     chain adds to the features.
 
     8,000 training rows (2,000 per agent): with 2,000 the 12 rounds of 20 steps saw each
-    agent's rows several times over, and the chain ended level with the converged head-only
-    model (+0.005 ± 0.007 over 3 seeds); with 8,000 it ends 2 points above it (+0.0205 ±
-    0.0049) in about 4 minutes, since the closed-form head's features start from the
-    agents' caches (``benchmarks/README.md``, "Closed-form head").
+    agent's rows several times over and the chain ended level with the converged head-only
+    model; with 8,000 it ends above it (``benchmarks/README.md``, "Closed-form head"), and
+    the fit round, whose features start from the agents' caches, keeps the run to a few
+    minutes.
 
     SmolLM2: the chain covers the last 6 of 30 layers (start layer 24, not FOAT's
     choice). FOAT starts SmolLM2 at layer 10 (20 stages, see ``foat``); with one round of
