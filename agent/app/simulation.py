@@ -78,7 +78,6 @@ from chainfed.proto.adapter_file import AdapterInfo, load_adapter_file
 from chainfed.proto.auth_token import write_token_file
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.messages import (
-    AgentCapabilities,
     ChainPhase,
     RoundRecord,
     StatusSnapshot,
@@ -532,15 +531,7 @@ class _InProcessFederation:
             address="in-process", token="", workdir=root / agent_id, device=device
         )
         agent = FederatedAgent(agent_config, model, local, corpus.fingerprint)
-        capabilities = AgentCapabilities(
-            device=device,
-            memory_budget_bytes=0,
-            num_samples=len(local.train),
-            software_version="0.1.0",
-            model_fingerprint=corpus.fingerprint,
-            labels=tuple(local.labels),
-        )
-        agent.agent_id = self.coordinator.register(agent_id, capabilities, self.clock.now())
+        agent.agent_id = self.coordinator.register(agent_id, agent.capabilities(), self.clock.now())
         self.agents[agent.agent_id] = agent
         self.samples[agent.agent_id] = len(local.train)
 

@@ -210,12 +210,10 @@ class FederatedAgent:
         a coordinator that does not say."""
         return self.client.status(history_limit=1, timeout=30).params
 
-    def _register(self) -> None:
-        max_window = 0
-        if self.config.memory_budget_bytes:
-            params = self._coordinator_params()
-            max_window = 0 if params is None else self.max_window(params)
-        capabilities = AgentCapabilities(
+    def capabilities(self, max_window: int = 0) -> AgentCapabilities:
+        """What this agent declares when it registers (over gRPC, in process or as a
+        Flower node): device, budget, samples, model fingerprint, class names."""
+        return AgentCapabilities(
             device=self.config.device,
             memory_budget_bytes=self.config.memory_budget_bytes,
             num_samples=len(self.data.train),
@@ -224,6 +222,13 @@ class FederatedAgent:
             max_window=max_window,
             labels=tuple(self.data.labels),
         )
+
+    def _register(self) -> None:
+        max_window = 0
+        if self.config.memory_budget_bytes:
+            params = self._coordinator_params()
+            max_window = 0 if params is None else self.max_window(params)
+        capabilities = self.capabilities(max_window)
         ack = self.client.register(Registration(self.agent_id, self.config.token, capabilities))
         self.agent_id = ack.agent_id
         log.info("registered as %s", self.agent_id)

@@ -368,9 +368,7 @@ class ChainTrainer:
         One streamed pass serves every cache: each block is read once (the next one in
         the background) and advances each cache standing at it. While the last block
         runs, window block ``then`` (a new window layer) is read for ``enter_stage``."""
-        digests = [
-            digest_tensors(self._final_of(i)) if self._final_of(i) else "none" for i in range(layer)
-        ]
+        digests = _adapter_digests(self.final_adapters, layer)
         stale = [(cache, split) for cache, split in pairs if not cache.usable_for(layer, digests)]
         if stale:
             embeddings = self.model.load_embeddings()
@@ -416,11 +414,8 @@ class ChainTrainer:
         if self.config.mode == "e2e" or self._caches is None:
             return None
         cache = self._caches[0]
-        digests = [
-            digest_tensors(own) if (own := _adapters_of(adapters, i)) else "none"
-            for i in range(max(cache.layer, 0))
-        ]
-        return cache if cache.layer >= 0 and cache.usable_for(cache.layer, digests) else None
+        usable = cache.usable_for(cache.layer, _adapter_digests(adapters, cache.layer))
+        return cache if usable else None
 
     def _frozen_block(self, layer: int) -> nn.Module:
         """Block ``layer`` with its final adapter (if any), for inference."""
@@ -1090,3 +1085,11 @@ def _adapters_of(adapters: dict[str, torch.Tensor], layer: int) -> dict[str, tor
     """The tensors of ``adapters`` that belong to layer ``layer`` (``layers.{layer}.*``)."""
     prefix = f"layers.{layer}."
     return {k: v for k, v in adapters.items() if k.startswith(prefix)}
+
+
+def _adapter_digests(adapters: dict[str, torch.Tensor], layers: int) -> list[str]:
+    """What a prefix cache records of the adapters its states went through, for layers
+    0..``layers``-1: each layer's ``digest_tensors``, ``"none"`` for a layer without one."""
+    return [
+        digest_tensors(own) if (own := _adapters_of(adapters, i)) else "none" for i in range(layers)
+    ]

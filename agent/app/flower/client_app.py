@@ -44,7 +44,7 @@ from chainfed.agent.app.options import SimulationConfig, SimulationError
 from chainfed.agent.app.simulation import Corpus, agent_local_data, load_corpus
 from chainfed.agent.federation.federated_agent import AgentConfig, FederatedAgent
 from chainfed.agent.runtime.precision import Precision
-from chainfed.proto.messages import AgentCapabilities, Task, UpdateMetrics
+from chainfed.proto.messages import Task, UpdateMetrics
 
 SAMPLER_STATE = "chainfed.sampler"
 """The ``Context.state`` record holding the trainer's batch sampler state."""
@@ -106,16 +106,7 @@ def _corpus(config: SimulationConfig) -> Corpus:
 def register(content: RecordDict, context: Context, run_config: RunConfig = None) -> RecordDict:
     """This node's capabilities and shard number."""
     node = _node(context, run_config)
-    agent = node.agent
-    capabilities = AgentCapabilities(
-        device=agent.config.device,
-        memory_budget_bytes=0,
-        num_samples=len(agent.data.train),
-        software_version="0.1.0",
-        model_fingerprint=agent.model_fingerprint,
-        labels=tuple(agent.data.labels),
-    )
-    return records.capabilities_record(capabilities, node.partition)
+    return records.capabilities_record(node.agent.capabilities(), node.partition)
 
 
 def probe(content: RecordDict, context: Context, run_config: RunConfig = None) -> RecordDict:
