@@ -107,7 +107,7 @@ from chainfed.agent.training.head_refit import refit_head
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import encode_split
 from chainfed.coordinator.config import AGGREGATIONS
-from chainfed.proto.closed_form_head import add_closed_form_head_argument
+from chainfed.proto.closed_form_head import CLOSED_FORM_FIT_ROUNDS, add_closed_form_head_argument
 from chainfed.proto.local_training_options import (
     LocalTrainingDefaults,
     add_local_training_arguments,
@@ -711,11 +711,12 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"Seeds {args.seeds} (mean ± standard error); {args.rounds} rounds per federated "
             f"mode, {args.head_rounds} of them head-only"
-            + {
-                "off": "",
-                "end": "; a closed-form head fit round last",
-                "both": "; closed-form head fit rounds first and last",
-            }[args.closed_form_head]
+            + (
+                ""
+                if args.closed_form_head == "off"
+                else "; closed-form head fit rounds: "
+                + CLOSED_FORM_FIT_ROUNDS[args.closed_form_head]
+            )
             + f"; {args.agents} agents; "
             f"{args.train_rows} training rows in all, {args.test_rows} held-out test rows; "
             f"local epochs {args.local_epochs} (else {args.local_steps} steps) of micro-batch "

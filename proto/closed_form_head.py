@@ -41,6 +41,10 @@ demo's federation (benchmarks/README.md, "Closed-form head", 3 seeds) the fit af
 last stage carried the whole gain; the fit before the first stage added nothing measurable
 on top of it and costs a round, hence ``end`` by default."""
 
+CLOSED_FORM_FIT_ROUNDS = {"end": "last", "both": "first and last"}
+"""Where each mode other than ``off`` puts its fit rounds in a federation, in a report's
+words (the demo's and accuracy.py's)."""
+
 
 def add_closed_form_head_argument(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str, default: str = "off"

@@ -53,6 +53,7 @@ from chainfed.agent.app.simulation_report import (
     summary_lines,
 )
 from chainfed.agent.errors import ChainFedError
+from chainfed.proto.closed_form_head import CLOSED_FORM_FIT_ROUNDS
 from chainfed.proto.units import format_bytes
 
 
@@ -240,10 +241,6 @@ def baseline_line(task: str, chain_metric: float, baseline_metric: float) -> str
     )
 
 
-CLOSED_FORM_FITS = {"end": "last", "both": "first and last"}
-"""When the chain's ``--closed-form-head`` fits its head, in the report's words."""
-
-
 E2E_STEPS = 3
 """Optimiser steps of the end-to-end memory measurement: the peak is reached in the first
 step (every layer's weights, adapters and saved activations at once); later ones repeat it."""
@@ -293,7 +290,7 @@ def _markdown(
             "."
             if config.closed_form_head == "off"
             else "; the task head fitted in closed form (chain: "
-            f"{CLOSED_FORM_FITS[config.closed_form_head]}; head mode: last)."
+            f"{CLOSED_FORM_FIT_ROUNDS[config.closed_form_head]}; head mode: last)."
         ),
         "",
         "\n".join(f"* {line}" for line in summary_lines(result)),

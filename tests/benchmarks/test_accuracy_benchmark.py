@@ -170,4 +170,4 @@ def test_closed_form_head_gives_every_mode_a_fit_round_first_and_last(accuracy_b
         assert len(run["curve"]["accuracy"]) == 3 and run["curve"]["bytes"][0] > 0
     fits = [data["runs"][SPLIT][m][0]["result"]["history"][0] for m in ("chain", "e2e")]
     assert fits[0]["test_metric"] == fits[1]["test_metric"]  # the same base model and head
-    assert "closed-form head fit rounds first and last" in (out / "accuracy.md").read_text()
+    assert "closed-form head fit rounds: first and last" in (out / "accuracy.md").read_text()

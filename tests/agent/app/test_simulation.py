@@ -655,6 +655,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert report["head_baseline"]["val_metric"] >= 0
     stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
     assert stages == [(4, False), (5, False), (5, True)]  # closed-form head after the chain
+    markdown = (out / "report.md").read_text()
+    assert "the task head fitted in closed form (chain: last; head mode: last)." in markdown
     assert f"run folder: {out}" in printed
 
 
