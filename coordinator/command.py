@@ -188,8 +188,19 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         help="optimiser steps of an agent's head round; head steps are nearly free (default: "
         "the chain's --local-steps/--local-epochs)",
     )
-    c.add_argument("--patience", type=int, default=1)
-    c.add_argument("--tolerance", type=float, default=0.01)
+    c.add_argument(
+        "--patience",
+        type=int,
+        default=1,
+        help="rounds in a row without improvement of the federated validation loss that end "
+        "a stage, once --min-rounds-per-layer have run (default 1)",
+    )
+    c.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="relative improvement of the federated validation loss that counts (default 0.01)",
+    )
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
     c.add_argument("--agents-per-round", type=int, default=0, help="0 = all registered")
     c.add_argument(

@@ -146,6 +146,10 @@ class CoordinatorConfig:
             raise ValueError("max_rounds must be >= 1")
         if self.min_rounds > self.max_rounds:
             raise ValueError("min_rounds must not exceed max_rounds")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1 round, got {self.patience}")
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
         if self.head_rounds < 0:
             raise ValueError(f"head rounds must be >= 0, got {self.head_rounds}")
         if self.head_local_steps is not None and self.head_local_steps < 1:

@@ -754,6 +754,16 @@ def test_the_agent_timeout_defaults_to_twice_the_round_deadline(kit):
             kit.config(agent_timeout_s=bad)
 
 
+def test_the_convergence_rule_refuses_a_patience_or_tolerance_that_could_never_wait(kit):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="patience must be >= 1 round"):
+            kit.config(patience=bad)
+    for bad in (-0.01, 1.0, math.nan):
+        with pytest.raises(ValueError, match=r"tolerance must be in \[0, 1\)"):
+            kit.config(tolerance=bad)
+    assert kit.config(patience=2, tolerance=0.0).patience == 2
+
+
 def test_an_agent_waiting_in_a_long_poll_is_not_silent(kit):
     c = kit.coordinator(agent_timeout_s=5.0)
     kit.register(c, "a", "b", now=0)
