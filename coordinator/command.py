@@ -7,9 +7,10 @@ spec from the model folder first.
 
 As a service: the gRPC port (with the standard health service) is bound before the
 state loads; ``--metrics-port`` adds Prometheus metrics, ``--http-port`` the status
-page. SIGTERM and SIGINT stop it cleanly (``CoordinatorServer.shutdown``: health
-NOT_SERVING, the save in progress completed, calls in flight given ``SHUTDOWN_GRACE_S``)
-and it exits 0, in well under 10 s unless an aggregation of a huge model is running.
+page, both listening before health reports SERVING. SIGTERM and SIGINT stop it cleanly
+(``CoordinatorServer.shutdown``: health NOT_SERVING, the save in progress completed,
+calls in flight given ``SHUTDOWN_GRACE_S``) and it exits 0, in well under 10 s unless an
+aggregation of a huge model is running.
 """
 
 from __future__ import annotations
@@ -435,6 +436,7 @@ def serve(args: argparse.Namespace, spec: ModelSpec) -> int:
             )
             with ExitStack() as endpoints:
                 _start_endpoints(args, servicer, tokens, endpoints)
+                server.report_serving()
                 _wait_until_done(coordinator, servicer, args, stop)
         finally:
             server.shutdown(SHUTDOWN_GRACE_S)

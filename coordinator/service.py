@@ -33,12 +33,13 @@ error. The previous state on disk is intact, so a restart resumes from it.
 
 Life cycle (``CoordinatorServer``): the port is bound first, with the standard health
 service (``coordinator.health``) answering NOT_SERVING and every ChainFed call
-UNAVAILABLE while the state loads; ``attach`` starts the chain and turns health to
-SERVING. ``shutdown`` (SIGTERM, Ctrl-C) turns health to NOT_SERVING, waits for an
-aggregation or save in progress (both run under the lock) and then refuses all new work
-with UNAVAILABLE, so the state on disk is the last complete save; calls in flight get a
-bounded grace, then the port closes. A restart resumes exactly as after a crash: a round
-that was open is re-run under a new id.
+UNAVAILABLE while the state loads; ``attach`` starts the chain, and ``report_serving``
+turns health to SERVING once the service's other endpoints (metrics, status page) listen
+too, so a probe that sees SERVING finds every endpoint up. ``shutdown`` (SIGTERM,
+Ctrl-C) turns health to NOT_SERVING, waits for an aggregation or save in progress (both
+run under the lock) and then refuses all new work with UNAVAILABLE, so the state on disk
+is the last complete save; calls in flight get a bounded grace, then the port closes. A
+restart resumes exactly as after a crash: a round that was open is re-run under a new id.
 """
 
 from __future__ import annotations
@@ -561,8 +562,8 @@ def _answer_loading(_request, context: grpc.ServicerContext):
 
 class CoordinatorServer:
     """The gRPC server of one coordinator through its life: bound and NOT_SERVING at
-    construction, SERVING after ``attach``, NOT_SERVING again from ``shutdown`` (module
-    docstring)."""
+    construction, SERVING after ``attach`` and ``report_serving``, NOT_SERVING again from
+    ``shutdown`` (module docstring)."""
 
     def __init__(
         self, config: ServiceConfig, address: str, *, tls: tuple[bytes, bytes] | None = None
@@ -597,15 +598,19 @@ class CoordinatorServer:
 
     def attach(self, coordinator: ChainCoordinator) -> ChainFedServicer:
         """Serve ``coordinator`` (its state saved first, so the state dir is whole from
-        here on) and report SERVING. Agent silence counts from now (``online_since_ms``)."""
+        here on); health stays NOT_SERVING until ``report_serving``. Agent silence counts
+        from now (``online_since_ms``)."""
         coordinator.online_since_ms = _now_ms()
         servicer = ChainFedServicer(coordinator, self.config)
         with servicer.lock:
             state_store.save(coordinator, self.config.state_dir)
         self.servicer = servicer
         self._gate.attach(_decoding_handler(servicer))
-        self.health.serving()
         return servicer
+
+    def report_serving(self) -> None:
+        """Health SERVING: called once everything the service offers answers."""
+        self.health.serving()
 
     def shutdown(self, grace_s: float) -> None:
         """NOT_SERVING, then drain the servicer (an aggregation or save in progress
@@ -624,8 +629,9 @@ def start_server(
     *,
     tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.Server, ChainFedServicer, int]:
-    """``CoordinatorServer`` bound to ``address`` and attached to ``coordinator`` at once.
-
-    Returns (server, servicer, bound port)."""
+    """``CoordinatorServer`` bound to ``address``, attached to ``coordinator`` and SERVING
+    at once. Returns (server, servicer, bound port)."""
     server = CoordinatorServer(config, address, tls=tls)
-    return server.server, server.attach(coordinator), server.port
+    servicer = server.attach(coordinator)
+    server.report_serving()
+    return server.server, servicer, server.port

@@ -232,6 +232,8 @@ def test_health_is_not_serving_while_the_state_loads(tmp_path: Path):
                 num_layers=4, model_fingerprint="f" * 64, task="classify", params=TrainingParams()
             )
             server.attach(ChainCoordinator(chain))
+            assert check("") == NOT_SERVING  # until the other endpoints listen too
+            server.report_serving()
             assert check("") == check("chainfed.v1.ChainFed") == SERVING
             assert client.status().num_layers == 4
             client.close()
