@@ -13,6 +13,7 @@ from typing import Any
 
 from chainfed.coordinator.aggregation import STRATEGIES
 from chainfed.coordinator.dp import DPConfig
+from chainfed.proto.chain_rules import check_stage_rule
 from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.messages import TrainingParams
 
@@ -142,14 +143,7 @@ class CoordinatorConfig:
             math.isfinite(self.agent_timeout_s) and self.agent_timeout_s > 0
         ):
             raise ValueError(f"agent timeout must be > 0 seconds, got {self.agent_timeout_s}")
-        if self.max_rounds < 1:
-            raise ValueError("max_rounds must be >= 1")
-        if self.min_rounds > self.max_rounds:
-            raise ValueError("min_rounds must not exceed max_rounds")
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1 round, got {self.patience}")
-        if not 0 <= self.tolerance < 1:
-            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        check_stage_rule(self.min_rounds, self.max_rounds, self.patience, self.tolerance)
         if self.head_rounds < 0:
             raise ValueError(f"head rounds must be >= 0, got {self.head_rounds}")
         if self.head_local_steps is not None and self.head_local_steps < 1:

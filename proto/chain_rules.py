@@ -14,6 +14,21 @@ DEFAULT_GPO_LAMBDA = {"bert": 0.1, "llama": 0.2}
 """Weight λ of GPO's global loss by model family, when none is given."""
 
 
+def check_stage_rule(min_rounds: int, max_rounds: int, patience: int, tolerance: float) -> None:
+    """ValueError naming the first setting under which ``StageConvergence`` could not judge
+    a stage: a cap below one round, a minimum above the cap, a patience that never waits
+    (below one round, every stage would end at its minimum), a tolerance outside [0, 1).
+    One check for every config that carries the rule (the coordinator's, a local chain's)."""
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    if min_rounds > max_rounds:
+        raise ValueError("min_rounds must not exceed max_rounds")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1 round, got {patience}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+
+
 @dataclass
 class StageConvergence:
     """When a stage is done: the validation loss stopped improving or the cap was hit.

@@ -58,6 +58,7 @@ from chainfed.proto.adapter_file import (
 from chainfed.proto.chain_rules import (
     DEFAULT_GPO_LAMBDA,
     StageConvergence,
+    check_stage_rule,
     choose_start_layer,
     parse_gpo,
     window_layers,
@@ -164,15 +165,13 @@ class ChainConfig:
             "micro_batch",
             "grad_accum",
             "steps_per_round",
-            "max_rounds",
             "recompute_chunks",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.backbone_dropout < 1.0:
             raise ValueError(f"backbone_dropout must be in [0, 1), got {self.backbone_dropout}")
-        if self.min_rounds > self.max_rounds:
-            raise ValueError("min_rounds must not exceed max_rounds")
+        check_stage_rule(self.min_rounds, self.max_rounds, self.patience, self.tolerance)
         if self.head_refit_epochs < 0:
             raise ValueError(f"head_refit_epochs must be >= 0, got {self.head_refit_epochs}")
         parse_gpo(self.gpo, 1)

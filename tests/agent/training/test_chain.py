@@ -646,3 +646,17 @@ def test_trainer_refit_changes_only_the_head_after_the_last_stage(bert_dir, tmp_
 def test_negative_refit_epochs_are_refused():
     with pytest.raises(ValueError, match="head_refit_epochs must be >= 0"):
         fast_config(head_refit_epochs=-1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_rounds": 0}, "max_rounds must be >= 1, got 0"),
+        ({"min_rounds": 4, "max_rounds": 3}, "min_rounds must not exceed max_rounds"),
+        ({"patience": 0}, "patience must be >= 1 round, got 0"),
+        ({"tolerance": -0.1}, r"tolerance must be in \[0, 1\), got -0.1"),
+    ],
+)
+def test_a_local_chain_refuses_the_stage_rule_settings_the_coordinator_refuses(settings, message):
+    with pytest.raises(ValueError, match=message):
+        fast_config(**settings)
