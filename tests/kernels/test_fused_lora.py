@@ -215,10 +215,24 @@ def run_triton_cases(cases: dict[str, dict], tmp: Path) -> dict:
     return torch.load(out_path)
 
 
+def selected_cases(cases: dict[str, dict], request: pytest.FixtureRequest) -> dict[str, dict]:
+    """The cases of ``cases`` that this session's selected tests name: ``-k`` deselects
+    tests, not the runner's work, and on CUDA compiling and autotuning every case of every
+    dtype takes minutes (``benchmarks/gpu_check.sh`` runs the bf16 ones alone)."""
+    names = {
+        item.callspec.params.get("name")
+        for item in request.session.items
+        if hasattr(item, "callspec")
+    }
+    return {name: case for name, case in cases.items() if name in names}
+
+
 @pytest.fixture(scope="module")
-def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every case through the Triton path, in one subprocess."""
-    return run_triton_cases(CASES, tmp_path_factory.mktemp("triton_path"))
+def triton_results(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> dict:
+    """The selected cases through the Triton path, in one subprocess."""
+    return run_triton_cases(selected_cases(CASES, request), tmp_path_factory.mktemp("triton_path"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
