@@ -636,14 +636,21 @@ def plan_runs(shape: Shape, options: Options, full: int) -> tuple[list[PlannedRu
 
 
 def prepare_models(
-    shape: Shape, depths: set[int], weight_blocks: int | None, tmp: Path, weights: str = "float"
+    shape: Shape,
+    depths: set[int],
+    weight_blocks: int | None,
+    tmp: Path,
+    weights: str = "float",
+    dtype: str = "float32",
 ) -> dict[int, Path]:
     """A model folder per config depth. Packaged: its folder. Random: weights written once
-    for ``weight_blocks`` blocks (or the full depth); every depth's folder holds its own
-    config.json and links to those files (a block a run never reaches needs no weights).
+    for ``weight_blocks`` blocks (or the full depth) in the compute ``dtype``, as a real
+    checkpoint of that dtype would hold them (the stages read any dtype into the compute
+    dtype; a float32 llama2-7b is twice the bytes to write). Every depth's folder holds its
+    own config.json and links to those files (a block a run never reaches needs no weights).
     With int8 weights each folder's int8 cache is built here, so the one-time quantisation
     is in no worker's figures."""
-    dirs = _model_dirs(shape, depths, weight_blocks, tmp)
+    dirs = _model_dirs(shape, depths, weight_blocks, tmp, DTYPES[dtype])
     if weights == "int8":
         for folder in set(dirs.values()):
             StreamingModel(folder, weights="int8").int8_weights()
@@ -652,7 +659,7 @@ def prepare_models(
 
 
 def _model_dirs(
-    shape: Shape, depths: set[int], weight_blocks: int | None, tmp: Path
+    shape: Shape, depths: set[int], weight_blocks: int | None, tmp: Path, dtype: torch.dtype
 ) -> dict[int, Path]:
     if shape.packaged is not None:
         from chainfed.agent.convert.assets import resolve_model
@@ -661,7 +668,10 @@ def _model_dirs(
     blocks = weight_blocks or max(depths)
     weights = tmp / f"{shape.name}-weights-{blocks}"
     write_random_checkpoint(
-        {**shape.hf_config, "num_hidden_layers": blocks}, weights, max_shard_bytes=SHARD_BYTES
+        {**shape.hf_config, "num_hidden_layers": blocks},
+        weights,
+        dtype=dtype,
+        max_shard_bytes=SHARD_BYTES,
     )
     malloc_trim()
     dirs = {}
@@ -774,7 +784,9 @@ def bench_shape(shape: Shape, options: Options, tmp: Path, log=print) -> ShapeRe
     if weight_blocks is not None:  # exact foresight streams the K blocks above the window
         kind, depth = parse_gpo(options.gpo, full)
         weight_blocks = min(full, weight_blocks + (depth if kind == "exact" else 0))
-    dirs = prepare_models(shape, {p.layers for p in planned}, weight_blocks, tmp, options.weights)
+    dirs = prepare_models(
+        shape, {p.layers for p in planned}, weight_blocks, tmp, options.weights, options.dtype
+    )
     runs = []
     for p in planned:
         spec = RunSpec(
