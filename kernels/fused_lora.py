@@ -257,6 +257,7 @@ if triton is not None:
                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=8, stages=3),
                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=3),
                 dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8, stages=3),
+                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
                 dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, warps=4, stages=4),
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=4, stages=4),
                 dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, warps=4, stages=4),
