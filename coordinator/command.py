@@ -34,7 +34,7 @@ from chainfed.coordinator.metrics import serve_metrics
 from chainfed.coordinator.service import ChainFedServicer, CoordinatorServer, ServiceConfig
 from chainfed.coordinator.status_page import DEFAULT_HOST, StatusPage
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
-from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA
+from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA, add_stage_rule_arguments
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.errors import ChainFedError
@@ -189,19 +189,7 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         help="optimiser steps of an agent's head round; head steps are nearly free (default: "
         "the chain's --local-steps/--local-epochs)",
     )
-    c.add_argument(
-        "--patience",
-        type=int,
-        default=1,
-        help="rounds in a row without improvement of the federated validation loss that end "
-        "a stage, once --min-rounds-per-layer have run (default 1)",
-    )
-    c.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.01,
-        help="relative improvement of the federated validation loss that counts (default 0.01)",
-    )
+    add_stage_rule_arguments(c, loss="federated validation loss", minimum="--min-rounds-per-layer")
     c.add_argument("--min-agents", type=int, default=1, help="quorum to start and aggregate")
     c.add_argument("--agents-per-round", type=int, default=0, help="0 = all registered")
     c.add_argument(

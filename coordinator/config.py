@@ -13,7 +13,7 @@ from typing import Any
 
 from chainfed.coordinator.aggregation import STRATEGIES
 from chainfed.coordinator.dp import DPConfig
-from chainfed.proto.chain_rules import check_stage_rule
+from chainfed.proto.chain_rules import DEFAULT_PATIENCE, DEFAULT_TOLERANCE, check_stage_rule
 from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.messages import TrainingParams
 
@@ -48,7 +48,7 @@ class CoordinatorConfig:
     """Rounds every stage runs at least."""
     max_rounds: int = 3
     """Round cap per stage."""
-    patience: int = 1
+    patience: int = DEFAULT_PATIENCE
     """Rounds without relative improvement before a stage converges."""
     round_budget: int | None = None
     """Training rounds of the whole run, head rounds included (``--rounds``); None = no
@@ -75,7 +75,7 @@ class CoordinatorConfig:
     """Optimiser steps of an agent's head round (``--head-local-steps``); None = the
     chain's own local schedule (``params``). A head step costs a linear layer's update on
     cached states, so head rounds can afford many more steps than a chain round."""
-    tolerance: float = 0.01
+    tolerance: float = DEFAULT_TOLERANCE
     """Relative improvement of the federated validation loss that counts."""
     min_agents: int = 1
     """Quorum: registered agents before starting, updates before aggregating."""

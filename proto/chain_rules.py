@@ -7,11 +7,17 @@ the chain the same way. Pure Python: no tensors, no model.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
 DEFAULT_GPO_LAMBDA = {"bert": 0.1, "llama": 0.2}
 """Weight λ of GPO's global loss by model family, when none is given."""
+
+DEFAULT_PATIENCE = 1
+"""Rounds in a row without improvement that end a stage, once its minimum has run."""
+DEFAULT_TOLERANCE = 0.01
+"""Relative improvement of the validation loss that counts as progress."""
 
 
 def check_stage_rule(min_rounds: int, max_rounds: int, patience: int, tolerance: float) -> None:
@@ -27,6 +33,28 @@ def check_stage_rule(min_rounds: int, max_rounds: int, patience: int, tolerance:
         raise ValueError(f"patience must be >= 1 round, got {patience}")
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+
+
+def add_stage_rule_arguments(
+    group: argparse._ArgumentGroup | argparse.ArgumentParser, *, loss: str, minimum: str
+) -> None:
+    """``--patience`` and ``--tolerance``, ``StageConvergence``'s settings, worded once for
+    every command that exposes them: ``loss`` names the validation loss the command judges,
+    ``minimum`` its option of minimum rounds per stage. ``check_stage_rule`` refuses bad
+    values where the command builds its config."""
+    group.add_argument(
+        "--patience",
+        type=int,
+        default=DEFAULT_PATIENCE,
+        help=f"rounds in a row without improvement of the {loss} that end a stage, once "
+        f"{minimum} have run (default {DEFAULT_PATIENCE})",
+    )
+    group.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"relative improvement of the {loss} that counts (default {DEFAULT_TOLERANCE})",
+    )
 
 
 @dataclass

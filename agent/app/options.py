@@ -415,6 +415,8 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
         steps_per_round=args.steps_per_round,
         min_rounds=args.min_rounds,
         max_rounds=args.max_rounds,
+        patience=args.patience,
+        tolerance=args.tolerance,
         baseline_rounds=args.baseline_rounds,
         head_refit_epochs=args.head_refit_epochs,
         seed=args.seed,

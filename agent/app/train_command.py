@@ -56,6 +56,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
+from chainfed.proto.chain_rules import add_stage_rule_arguments
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.units import format_bytes, parse_bytes
@@ -82,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--steps-per-round", type=int, default=25)
     c.add_argument("--min-rounds", type=int, default=1, help="minimum rounds per stage")
     c.add_argument("--max-rounds", type=int, default=3, help="round cap per stage")
+    add_stage_rule_arguments(c, loss="validation loss", minimum="--min-rounds")
     c.add_argument(
         "--baseline-rounds", type=int, help="rounds of e2e/topk/head (default: max-rounds × L)"
     )

@@ -57,6 +57,8 @@ from chainfed.proto.adapter_file import (
 )
 from chainfed.proto.chain_rules import (
     DEFAULT_GPO_LAMBDA,
+    DEFAULT_PATIENCE,
+    DEFAULT_TOLERANCE,
     StageConvergence,
     check_stage_rule,
     choose_start_layer,
@@ -121,9 +123,9 @@ class ChainConfig:
     """Rounds every stage runs at least."""
     max_rounds: int = 3
     """Round cap per stage (1 = the move-every-round DLCT variant)."""
-    patience: int = 1
+    patience: int = DEFAULT_PATIENCE
     """Rounds without relative improvement > tolerance before a stage converges."""
-    tolerance: float = 0.01
+    tolerance: float = DEFAULT_TOLERANCE
     """Relative validation-loss improvement that counts as progress."""
     baseline_rounds: int | None = None
     """Rounds of the single stage of e2e/topk/head; None = max_rounds × L."""

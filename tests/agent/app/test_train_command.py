@@ -421,3 +421,25 @@ def test_malformed_labels_are_named(value, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "minilm", "--labels", value])
     assert "distinct, non-empty class names separated by commas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], (1, 0.01)), (["--patience", "2", "--tolerance", "0.05"], (2, 0.05))],
+)
+def test_the_stage_rule_settings_reach_the_chain_config(flags, expected):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
+    assert (config.patience, config.tolerance) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--patience", "0"], "patience must be >= 1"), (["--tolerance", "1"], r"tolerance must")],
+)
+def test_a_stage_rule_that_could_never_wait_is_named(flags, message):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ChainFedError, match=message):
+        chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
