@@ -12,6 +12,7 @@ Times are unix epoch milliseconds (``*_unix_ms``); sizes are bytes.
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,16 @@ projections, ``all`` every linear layer."""
 
 class ProtocolError(ValueError):
     """A message is well-formed protobuf but breaks the protocol (missing or bad field)."""
+
+
+def software_version() -> str:
+    """The installed chainfed's version (``setup.py``'s), which an agent declares in its
+    ``AgentCapabilities``; ``unknown`` when chainfed runs from source without being
+    installed (its folders on ``PYTHONPATH``)."""
+    try:
+        return importlib.metadata.version("chainfed")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _require(condition: bool, message: str) -> None:

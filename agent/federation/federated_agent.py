@@ -60,6 +60,7 @@ from chainfed.proto.messages import (
     TaskKind,
     TrainingParams,
     UpdateMetrics,
+    software_version,
 )
 from chainfed.proto.seeded_init import linear_in_features, with_seeded_lora_a
 from chainfed.proto.tensor_chunks import (
@@ -217,7 +218,7 @@ class FederatedAgent:
             device=self.config.device,
             memory_budget_bytes=self.config.memory_budget_bytes,
             num_samples=len(self.data.train),
-            software_version="0.1.0",
+            software_version=software_version(),
             model_fingerprint=self.model_fingerprint,
             max_window=max_window,
             labels=tuple(self.data.labels),

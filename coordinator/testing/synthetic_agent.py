@@ -49,6 +49,7 @@ from chainfed.proto.messages import (
     Task,
     TaskKind,
     UpdateMetrics,
+    software_version,
 )
 from chainfed.proto.tensor_names import without_lora_a
 from chainfed.proto.update_digest import update_digest
@@ -248,7 +249,7 @@ class SyntheticAgent:
             device="synthetic",
             memory_budget_bytes=0,
             num_samples=self.config.num_samples,
-            software_version="0.1.0",
+            software_version=software_version(),
             model_fingerprint=self.config.model_fingerprint,
         )
         registration = Registration(self.agent_id, self.config.token, capabilities)
