@@ -55,8 +55,9 @@ def protocol(
     mode: str = "e2e",
     closed_form_head: str = "off",
 ) -> SimulationConfig:
-    """The issue's realistic protocol for ``chainfed simulate --mode MODE`` (a chain spends
-    ``rounds`` as its budget, the closed-form fit round included)."""
+    """The issue's realistic protocol for ``chainfed simulate --mode MODE``. ``rounds``
+    counts training rounds: a chain's FOAT probe round and a closed-form fit round come on
+    top of them, as in ``chainfed simulate``."""
     return SimulationConfig(
         mode=mode,
         closed_form_head=closed_form_head,
