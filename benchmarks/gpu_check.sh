@@ -18,17 +18,19 @@
 #      step is the one most likely to run out of time)
 #
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default benchmarks/results/gpu-check-<time>)
+# The interpreter is $PYTHON, else python3 (a bare GPU image may have no `python`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu-check-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
+py=${PYTHON:-python3}
 
-if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "no CUDA device visible to torch: nothing checked, nothing to claim"
     exit 0
 fi
-python - <<'EOF'
+"$py" - <<'EOF'
 import platform, torch
 import chainfed.kernels as k
 print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) "
@@ -50,14 +52,14 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 export CHAINFED_KERNELS=auto
-step chains 70 python benchmarks/gpu_chains.py --json "$out/gpu_chains.json"
-step lora-linear-bf16 140 python -m pytest tests/kernels/test_fused_lora.py -q -p no:cacheprovider \
+step chains 70 "$py" benchmarks/gpu_chains.py --json "$out/gpu_chains.json"
+step lora-linear-bf16 140 "$py" -m pytest tests/kernels/test_fused_lora.py -q -p no:cacheprovider \
     -k "triton and bf16"
-step kernels 40 python benchmarks/kernels.py --shapes 4096x4096 --tokens 4096 --ranks 16 \
+step kernels 40 "$py" benchmarks/kernels.py --shapes 4096x4096 --tokens 4096 --ranks 16 \
     --json "$out/kernels.json"
-step memory-roberta-large 60 python benchmarks/memory.py --shapes roberta-large \
+step memory-roberta-large 60 "$py" benchmarks/memory.py --shapes roberta-large \
     --modes chain,e2e --steps 1 --compare none --out "$out/memory-roberta-large"
-step memory-llama2-7b 170 python benchmarks/memory.py --shapes llama2-7b \
+step memory-llama2-7b 170 "$py" benchmarks/memory.py --shapes llama2-7b \
     --modes chain,e2e --steps 1 --compare none --out "$out/memory-llama2-7b"
 
 echo
