@@ -249,8 +249,11 @@ if triton is not None:
                     mask=mask_m[:, None] & mask_r[None, :],
                 )
 
-    # Tuned once per (N, K, rank, dtypes): the token count M changes from step to step and
-    # re-tuning on each new M would stall training.
+    # Tuned once per (N, K, rank, dtypes, layout of p, variant): the token count M changes
+    # from step to step and re-tuning on each new M would stall training. p's layout
+    # (stride_pn: K for the forward's Wᵀ, 1 for grad-x's W) and the variant flags are in
+    # the key because the forward and grad-x of one model meet on the same (N, K): a
+    # square layer's, or an up-projection's grad-x and the down-projection's forward.
     @triton.autotune(
         configs=_configs(
             [
@@ -264,7 +267,7 @@ if triton is not None:
             ],
             dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
         ),
-        key=["N", "K", "R_PAD"],
+        key=["N", "K", "R_PAD", "stride_pn", "HAS_BIAS", "STORE_LOW", "N_SCALE", "K_SCALE"],
     )
     @triton.jit
     def _fused_lora_matmul_kernel(
