@@ -327,8 +327,7 @@ class FederatedAgent:
             if trainer.start_layer is None:
                 trainer.set_start_layer(window[0] if window else task.stage_layer)
             if self.needs_final(task):
-                trainer.adopt_final_adapters(final)
-                trainer.enter_stage(task.stage_layer, window)
+                trainer.enter_stage(task.stage_layer, window, final=final)
             if trainer.load_trainable_state(strip_prefix(tensors, "window.")):
                 trainer.restart_optimizer()
             # Validate the fetched aggregate, not this agent's locally trained window: on
@@ -443,8 +442,7 @@ class FederatedAgent:
                 # after the chain's last stage: first what a head round does (the window's
                 # blocks go, the caches climb to the top through the federation's final
                 # adapters), so no block is held beside the ones streamed
-                trainer.adopt_final_adapters(adapters)
-                trainer.enter_stage(trainer.layer, [])
+                trainer.enter_stage(trainer.layer, [], final=adapters)
             cache = None if trainer is None else trainer.cached_rows(adapters)
             features = pooled_features_streaming(
                 self.model,

@@ -449,10 +449,20 @@ class ChainTrainer:
         first = {"e2e": 0, "e2e-streamed": 0, "topk": L - min(self.config.topk, L), "head": L}
         return first[self.config.mode]
 
-    def enter_stage(self, layer: int, window: list[int] | None = None) -> list[int]:
+    def enter_stage(
+        self,
+        layer: int,
+        window: list[int] | None = None,
+        *,
+        final: dict[str, torch.Tensor] | None = None,
+    ) -> list[int]:
         """Make ``layer`` the active layer: adapters leaving the window become final, the
         prefix caches advance to the window's bottom, new window blocks are loaded.
-        ``window`` (a federated task's) overrides the locally computed one."""
+        ``window`` (a federated task's) overrides the locally computed one. ``final`` (the
+        federation's final adapters) is adopted first, so the caches climb through those
+        values rather than this agent's last local ones."""
+        if final is not None:
+            self._adopt_final_adapters(final)
         window = self.stage_window(layer) if window is None else list(window)
         for old in [j for j in self.window_blocks if j not in window]:
             self._finalise(old)
@@ -563,7 +573,7 @@ class ChainTrainer:
             for key in state.keys() & current.keys()
         )
 
-    def adopt_final_adapters(self, final: dict[str, torch.Tensor]) -> None:
+    def _adopt_final_adapters(self, final: dict[str, torch.Tensor]) -> None:
         """Take the federation's final adapters; window blocks of those layers are dropped
         (the coordinator's frozen values win over this agent's last local ones)."""
         self.final_adapters = dict(final)
