@@ -51,15 +51,19 @@ not counted either).
 Aggregated over seeds: the mean and its standard error (sample standard deviation / √n)
 at every round, and:
 
-* accuracy at the report rounds (``--report-rounds``, those ≤ R, and R);
+* accuracy at the report rounds (``--report-rounds``, those ≤ R, and R), each read after
+  that many training rounds (a closed-form head fit round is not one), and, where every
+  seed's run ends in a fit (``--closed-form-head``), after that fit too (``R + fit``): the
+  same head post-processing for every mode, which the checks also read;
 * accuracy at equal budgets: each mode's curve read at a reference mode's budget (its
-  bytes, or device-seconds, per agent after a report round), seed by seed (seed k's curve
-  at the reference's seed-k budget: the seeds are paired), by linear interpolation between
-  the rounds around it, then mean ± s.e.; "—" where some seed's curve does not reach its
-  budget (below its first round or past its last). The acceptance checks read chain and
-  e2e at the largest budget both curves of a seed cover;
-* cost to target: the first round whose test accuracy is ≥ ``--target``, with the bytes and
-  device-seconds spent up to it, mean over the seeds that reach it, and how many did;
+  bytes, or device-seconds, per agent after a report round or the fit after R), seed by
+  seed (seed k's curve at the reference's seed-k budget: the seeds are paired), by linear
+  interpolation between the rounds around it, then mean ± s.e.; "—" where some seed's
+  curve does not reach its budget (below its first round or past its last). The
+  acceptance checks read chain and e2e at the largest budget both curves of a seed cover;
+* cost to target: the first communication round (fit rounds counted, like their bytes)
+  whose test accuracy is ≥ ``--target``, with the bytes and device-seconds spent up to it,
+  mean over the seeds that reach it, and how many did;
 * the issue's acceptance checks, evaluated and printed, never asserted.
 
 Usage::
@@ -90,7 +94,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -133,19 +137,34 @@ AXES = {
 
 @dataclass
 class Curve:
-    """One federated run, after each round r = 1..R (index r - 1)."""
+    """One federated run, after each of its communication rounds (closed-form head fit
+    rounds included, each a point like any round)."""
 
     accuracy: list[float]
     """The global model's accuracy on the held-out test rows."""
     bytes: list[float]
-    """Tensor payload sent + received per agent in rounds 1..r (mean over the agents)."""
+    """Tensor payload sent + received per agent up to the point (mean over the agents)."""
     seconds: list[float]
-    """Compute seconds per agent in rounds 1..r (mean over the agents)."""
+    """Compute seconds per agent up to the point (mean over the agents)."""
+    head_fit: list[bool] = field(default_factory=list)
+    """Whether each point is a closed-form head fit round, not a training round."""
 
     @property
     def rounds(self) -> list[float]:
-        """1..R: the rounds axis, read like the cumulative budgets."""
+        """1, 2, ...: the communication rounds axis, read like the cumulative budgets."""
         return [float(r) for r in range(1, len(self.accuracy) + 1)]
+
+    def after_round(self, r: int) -> int:
+        """The point right after the ``r``-th training round (fit rounds not counted): with
+        ``--closed-form-head both`` round 1 is the second point, the fit the first."""
+        trained = [i for i, fit in enumerate(self.head_fit) if not fit]
+        return trained[r - 1]
+
+    @property
+    def ends_in_fit(self) -> bool:
+        """The last point is the fit after the last training round (the same head
+        post-processing for every mode, ``--closed-form-head``)."""
+        return bool(self.head_fit) and self.head_fit[-1]
 
     def axis(self, name: str) -> list[float]:
         """The cumulative budget of axis ``name`` (``AXES``)."""
@@ -164,9 +183,17 @@ def curve_of(result: SimulationResult) -> Curve:
             spent[a] += entry.sent_bytes[a] + entry.received_bytes[a]
             seconds[a] += entry.compute_seconds[a]
         curve.accuracy.append(entry.test_metric)
+        curve.head_fit.append(entry.head_fit)
         curve.bytes.append(sum(spent.values()) / len(agents))
         curve.seconds.append(sum(seconds.values()) / len(agents))
     return curve
+
+
+def saved_curve(run: dict[str, Any]) -> Curve:
+    """The curve of a run ``federated_run`` saved; one saved before curves recorded their
+    fit rounds takes them from its history."""
+    fits = [entry["head_fit"] for entry in run["result"]["history"]]
+    return Curve(**({"head_fit": fits} | run["curve"]))
 
 
 # -- running -----------------------------------------------------------------------------
@@ -378,23 +405,32 @@ def split_summary(
     points: list[int],
     target: float,
 ) -> dict[str, Any]:
-    """Seed means, accuracy at the report rounds and at equal budgets, cost to target."""
+    """Seed means, accuracy at the report rounds (and after the fit that follows the last,
+    where every seed's run ends in one) and at equal budgets, cost to target."""
     at_rounds = {
-        mode: {r: mean_se([c.accuracy[r - 1] for c in curves]) for r in points}
+        mode: {r: mean_se([c.accuracy[c.after_round(r)] for c in curves]) for r in points}
         for mode, curves in runs.items()
+    }
+    after_fit = {
+        mode: mean_se([c.accuracy[-1] for c in curves])
+        for mode, curves in runs.items()
+        if all(c.ends_in_fit for c in curves)
     }
     budgets = []
     for axis in ("bytes", "seconds"):
         for ref, ref_curves in runs.items():
-            for r in points:
-                seed_budgets = [c.axis(axis)[r - 1] for c in ref_curves]
+            reads_at = [(f"round {r}", [c.after_round(r) for c in ref_curves]) for r in points]
+            if ref in after_fit:
+                reads_at.append(("the fit", [len(c.accuracy) - 1 for c in ref_curves]))
+            for after, indices in reads_at:
+                seed_budgets = [c.axis(axis)[i] for c, i in zip(ref_curves, indices, strict=True)]
                 reads = {m: at_budgets(curves, axis, seed_budgets) for m, curves in runs.items()}
                 accuracy = {m: None if v is None else mean_se(v) for m, v in reads.items()}
                 budgets.append(
                     {
                         "axis": axis,
                         "reference": ref,
-                        "round": r,
+                        "after": after,
                         "budgets": seed_budgets,
                         "accuracy": accuracy,
                     }
@@ -402,10 +438,24 @@ def split_summary(
     return {
         "curves": {mode: seed_mean(curves) for mode, curves in runs.items()},
         "at_rounds": at_rounds,
+        "after_fit": after_fit,
         "at_budgets": budgets,
         "to_target": {mode: target_summary(curves, target) for mode, curves in runs.items()},
         "head": mean_se(heads) if heads else None,
     }
+
+
+def check_points(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """The points the checks read, each with every mode's seed-mean accuracy there: after
+    each report round ``R=r``, then after the fit that follows the last (``R=r + fit``), for
+    the modes whose runs end in one."""
+    at_rounds = summary["at_rounds"]
+    rounds = sorted({r for by_round in at_rounds.values() for r in by_round})
+    out = [(f"R={r}", {m: by_round[r][0] for m, by_round in at_rounds.items()}) for r in rounds]
+    if summary["after_fit"]:
+        fitted = {m: pair[0] for m, pair in summary["after_fit"].items()}
+        out.append((f"R={rounds[-1]} + fit", fitted))
+    return out
 
 
 def checks(
@@ -419,20 +469,24 @@ def checks(
 
     if "chain" not in runs:
         return out
-    chain = summary["at_rounds"]["chain"]
-    for r, (c, _) in chain.items():
-        if "e2e" in runs:
-            e = summary["at_rounds"]["e2e"][r][0]
+    for point, accuracy in check_points(summary):
+        if "chain" not in accuracy:
+            continue
+        c = accuracy["chain"]
+        if "e2e" in accuracy:
+            e = accuracy["e2e"]
             check(
-                f"R={r}: chain >= e2e - 1 point", f"{c:.4f} vs {e - 0.01:.4f}", c >= e - 0.01 - EPS
+                f"{point}: chain >= e2e - 1 point",
+                f"{c:.4f} vs {e - 0.01:.4f}",
+                c >= e - 0.01 - EPS,
             )
-        if topk in runs:
-            t = summary["at_rounds"][topk][r][0]
-            check(f"R={r}: chain > {topk}", f"{c:.4f} vs {t:.4f}", c > t + EPS)
+        if topk in accuracy:
+            t = accuracy[topk]
+            check(f"{point}: chain > {topk}", f"{c:.4f} vs {t:.4f}", c > t + EPS)
         if summary["head"] is not None:
             h = summary["head"][0]
             check(
-                f"R={r}: chain >= head + 5 points",
+                f"{point}: chain >= head + 5 points",
                 f"{c:.4f} vs {h + 0.05:.4f}",
                 c >= h + 0.05 - EPS,
             )
@@ -471,16 +525,20 @@ def figure(pair: tuple[float, float | None] | None, digits: int = 4) -> str:
 
 def rounds_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
     points = sorted({r for s in summaries.values() for m in s["at_rounds"].values() for r in m})
+    fitted = any(s["after_fit"] for s in summaries.values())
+    heads = [f"R = {r}" for r in points] + ([f"R = {points[-1]} + fit"] if fitted else [])
     lines = [
-        "| split | mode | " + " | ".join(f"R = {r}" for r in points) + " |",
-        "|---|---|" + "---:|" * len(points),
+        "| split | mode | " + " | ".join(heads) + " |",
+        "|---|---|" + "---:|" * len(heads),
     ]
     for split, s in summaries.items():
         for mode, by_round in s["at_rounds"].items():
             cells = [figure(by_round.get(r)) for r in points]
+            if fitted:
+                cells.append(figure(s["after_fit"].get(mode)))
             lines.append(f"| {split} | {mode} | " + " | ".join(cells) + " |")
         if s["head"] is not None:
-            cells = [figure(s["head"])] * len(points)
+            cells = [figure(s["head"])] * len(heads)
             lines.append(f"| {split} | {HEAD} (converged, no rounds) | " + " | ".join(cells) + " |")
     return lines
 
@@ -496,7 +554,7 @@ def budget_table(summaries: dict[str, dict[str, Any]], axis: str) -> list[str]:
             if b["axis"] != axis:
                 continue
             budget = budget_text(axis, mean_se(b["budgets"])[0])
-            what = f"{b['reference']} after round {b['round']}: {budget}"
+            what = f"{b['reference']} after {b['after']}: {budget}"
             cells = [figure(b["accuracy"].get(m)) for m in modes]
             lines.append(f"| {split} | {what} | " + " | ".join(cells) + " |")
     return lines
@@ -679,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries, verdicts = {}, []
     head_accuracy = [heads[s]["test_accuracy"] for s in seeds] if heads else None
     for split, by_mode in runs.items():
-        curves = {m: [Curve(**r["curve"]) for r in rs] for m, rs in by_mode.items()}
+        curves = {m: [saved_curve(r) for r in rs] for m, rs in by_mode.items()}
         summaries[split] = split_summary(curves, head_accuracy, points, args.target)
         verdicts += checks(split, curves, summaries[split], topk)
 

@@ -92,7 +92,7 @@ def test_seed_means_and_standard_errors_come_from_the_per_seed_figures(report):
     assert summary["head"] == mean_se(heads)
     # a reference mode read at its own budget, seed by seed, is its own accuracy there
     for b in summary["at_budgets"]:
-        if b["round"] == 2:
+        if b["after"] == "round 2":
             assert b["accuracy"][b["reference"]] == summary["at_rounds"][b["reference"]]["2"]
 
 
@@ -170,4 +170,34 @@ def test_closed_form_head_gives_every_mode_a_fit_round_first_and_last(accuracy_b
         assert len(run["curve"]["accuracy"]) == 3 and run["curve"]["bytes"][0] > 0
     fits = [data["runs"][SPLIT][m][0]["result"]["history"][0] for m in ("chain", "e2e")]
     assert fits[0]["test_metric"] == fits[1]["test_metric"]  # the same base model and head
-    assert "closed-form head fit rounds: first and last" in (out / "accuracy.md").read_text()
+    markdown = (out / "accuracy.md").read_text()
+    assert "closed-form head fit rounds: first and last" in markdown
+    # R = 1 is the training round (the fit before it is not one); the fit after it is its
+    # own column, and the checks read both
+    summary = data["summaries"][SPLIT]
+    for mode in ("chain", "e2e"):
+        accuracy = data["runs"][SPLIT][mode][0]["curve"]["accuracy"]
+        assert summary["at_rounds"][mode]["1"][0] == accuracy[1]
+        assert summary["after_fit"][mode][0] == accuracy[2]
+    by_check = {c["check"]: c["holds"] for c in data["checks"]}
+    chain, e2e = (summary["after_fit"][m][0] for m in ("chain", "e2e"))
+    assert by_check["R=1 + fit: chain >= e2e - 1 point"] == (chain >= e2e - 0.01 - 1e-9)
+    assert "R=1: chain >= e2e - 1 point" in by_check
+    assert "| R = 1 | R = 1 + fit |" in markdown
+    assert "chain after the fit:" in markdown
+
+
+def test_a_run_saved_before_curves_recorded_their_fits_reads_them_from_its_history(
+    accuracy_benchmark,
+):
+    history = [{"head_fit": fit} for fit in (True, False, False, True)]
+    saved = {"curve": {"accuracy": [0.5, 0.6, 0.7, 0.8], "bytes": [1, 2, 3, 4]}, "result": {}}
+    saved["curve"]["seconds"] = [1.0, 2.0, 3.0, 4.0]
+    saved["result"]["history"] = history
+
+    curve = accuracy_benchmark.saved_curve(saved)
+
+    assert [curve.after_round(r) for r in (1, 2)] == [1, 2]
+    assert curve.ends_in_fit
+    saved["curve"]["head_fit"] = [False] * 4  # a newer save's own record wins
+    assert not accuracy_benchmark.saved_curve(saved).ends_in_fit
