@@ -54,10 +54,12 @@ def protocol(
     workdir: Path | None,
     mode: str = "e2e",
     closed_form_head: str = "off",
+    lr: float = 5e-4,
 ) -> SimulationConfig:
     """The issue's realistic protocol for ``chainfed simulate --mode MODE``. ``rounds``
     counts training rounds: a chain's FOAT probe round and a closed-form fit round come on
-    top of them, as in ``chainfed simulate``."""
+    top of them, as in ``chainfed simulate``. ``lr`` is the reference's 5e-4 unless a
+    learning-rate comparison asks for another."""
     return SimulationConfig(
         mode=mode,
         closed_form_head=closed_form_head,
@@ -68,7 +70,7 @@ def protocol(
         test_rows=TEST_ROWS,
         max_len=64,
         micro_batch=32,
-        lr=5e-4,
+        lr=lr,
         local_epochs=0.0 if local_steps else 1.0,
         local_steps=local_steps or SimulationConfig.local_steps,
         rounds=rounds,
@@ -141,6 +143,26 @@ def our_draw(seed: int) -> dict:
     return {"seed": seed, "label_skew": skew, "shards": rows, "test": test}
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def ours_config(args: argparse.Namespace) -> SimulationConfig:
+    """The protocol that ``same_draw.py ours`` runs for its parsed flags."""
+    return protocol(
+        args.seed,
+        args.rounds,
+        args.local_steps,
+        args.workdir,
+        args.mode,
+        args.closed_form_head,
+        args.lr,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ours.add_argument(
         "--local-steps", type=int, default=0, help="steps a round instead of one epoch (0)"
     )
+    ours.add_argument(
+        "--lr", type=positive_float, default=5e-4, help="learning rate (default: 5e-4)"
+    )
     ours.add_argument("--workdir", type=Path, help="the federation's files (default: runs/)")
     ours.add_argument("--json", type=Path, required=True, help="where to write the result")
     dump = sub.add_parser("dump", help="our draw of a seed, as rows, for reference_fedavg.py")
@@ -170,15 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "ours":
-        config = protocol(
-            args.seed,
-            args.rounds,
-            args.local_steps,
-            args.workdir,
-            args.mode,
-            args.closed_form_head,
-        )
-        out = run_ours_on_reference_draw(config).to_dict()
+        out = run_ours_on_reference_draw(ours_config(args)).to_dict()
     else:
         out = our_draw(args.seed)
         print(

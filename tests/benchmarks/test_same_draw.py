@@ -61,6 +61,26 @@ def test_the_reference_loop_names_a_missing_task_module(benchmark_script, tmp_pa
         reference.main([str(tmp_path / "draw.json"), "--json", str(tmp_path / "out.json")])
 
 
+def test_ours_runs_the_protocol_at_the_lr_it_is_given(same_draw):
+    argv = ["ours", "--mode", "chain", "--closed-form-head", "end", "--seed", "2"]
+    default = same_draw.ours_config(same_draw.parse_args([*argv, "--json", "o.json"]))
+    faster = same_draw.ours_config(
+        same_draw.parse_args([*argv, "--lr", "1e-3", "--json", "o.json"])
+    )
+
+    assert default.lr == 5e-4
+    assert faster.lr == 1e-3
+    assert (faster.mode, faster.closed_form_head, faster.seed) == ("chain", "end", 2)
+    assert {**vars(faster), "lr": default.lr} == vars(default)
+
+
+def test_ours_refuses_a_learning_rate_that_is_not_positive(same_draw, capsys):
+    with pytest.raises(SystemExit):
+        same_draw.parse_args(["ours", "--lr", "0", "--json", "o.json"])
+
+    assert "--lr: must be above 0, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ours_trains_on_the_reference_shards_and_scores_its_test_rows(same_draw, tmp_path):
     out = tmp_path / "ours.json"
