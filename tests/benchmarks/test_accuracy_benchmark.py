@@ -149,6 +149,36 @@ def test_the_same_command_reuses_the_saved_runs_and_refuses_other_settings(
         accuracy_benchmark.main([*argv, "--lr", "0.01"])
 
 
+def test_mode_lr_gives_only_the_named_mode_its_own_rate(accuracy_benchmark, report, capsys):
+    out, _, argv = report
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit, match="e2e-s0/run.json holds a run with other settings"):
+        accuracy_benchmark.main([*argv, "--mode-lr", "e2e=0.01"])
+
+    printed = capsys.readouterr().out
+    assert printed.count("reused ") == 2 + 2  # the head fits and chain's seeds; e2e refused
+    args = accuracy_benchmark.parse_args([*argv, "--mode-lr", "e2e=0.01,head=0.02"])
+    assert [accuracy_benchmark.learning_rate(m, args) for m in ("chain", "e2e", "head")] == [
+        args.lr,
+        0.01,
+        0.02,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pair", "error"),
+    [
+        ("topk:3=0.01", "'topk:3' is not one of --modes"),
+        ("e2e=0", "e2e=0: the learning rate must be a number above 0, got '0'"),
+        ("e2e", "e2e: the learning rate must be a number above 0, got ''"),
+    ],
+)
+def test_mode_lr_refuses_what_it_cannot_apply(accuracy_benchmark, pair, error):
+    with pytest.raises(SystemExit, match=error):
+        accuracy_benchmark.parse_args(["--modes", "chain,e2e,topk:2", "--mode-lr", pair])
+
+
 def test_closed_form_head_gives_every_mode_a_fit_round_first_and_last(accuracy_benchmark, tmp_path):
     out = tmp_path / "closed"
     argv = ["--splits", SPLIT, "--seeds", "0", "--rounds", "1", "--agents", "2"]
