@@ -12,6 +12,7 @@ command keeps its own defaults: it passes an object with one attribute per optio
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,14 +49,14 @@ class LocalTrainingDefaults:
 
 
 def positive_float(text: str) -> float:
-    """An argparse type: a number above 0 (a learning rate of 0 or below trains nothing,
-    or away from the data, without a word)."""
+    """An argparse type: a finite number above 0 (a learning rate of 0 or below trains
+    nothing, or away from the data, without a word; an infinite one gives NaN weights)."""
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
     return value
 
 

@@ -170,8 +170,8 @@ def test_mode_lr_gives_only_the_named_mode_its_own_rate(accuracy_benchmark, repo
     ("pair", "error"),
     [
         ("topk:3=0.01", "'topk:3' is not one of --modes"),
-        ("e2e=0", "e2e=0: the learning rate must be a number above 0, got '0'"),
-        ("e2e", "e2e: the learning rate must be a number above 0, got ''"),
+        ("e2e=0", "e2e=0: the learning rate must be a finite number above 0, got '0'"),
+        ("e2e", "e2e: the learning rate must be a finite number above 0, got ''"),
     ],
 )
 def test_mode_lr_refuses_what_it_cannot_apply(accuracy_benchmark, pair, error):

@@ -78,7 +78,7 @@ def test_ours_refuses_a_learning_rate_that_is_not_positive(same_draw, capsys):
     with pytest.raises(SystemExit):
         same_draw.parse_args(["ours", "--lr", "0", "--json", "o.json"])
 
-    assert "--lr: must be a number above 0, got '0'" in capsys.readouterr().err
+    assert "--lr: must be a finite number above 0, got '0'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

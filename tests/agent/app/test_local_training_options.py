@@ -92,9 +92,10 @@ def test_each_command_keeps_its_own_default(name):
     assert getattr(parser.parse_args([]), name) == getattr(defaults, name)
 
 
-@pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "fast"])
+@pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "inf", "fast"])
 def test_every_command_refuses_a_learning_rate_that_is_not_above_zero(value, capsys):
     for add in (add_train_arguments, add_simulation_arguments, add_coordinator_arguments):
         with pytest.raises(SystemExit):
             parser_of(add).parse_args([f"--lr={value}"])
-        assert f"argument --lr: must be a number above 0, got {value!r}" in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert f"argument --lr: must be a finite number above 0, got {value!r}" in error
