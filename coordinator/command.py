@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import threading
 import time
@@ -38,7 +37,7 @@ from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA, add_stage_rule_argume
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.errors import ChainFedError
-from chainfed.proto.local_training_options import add_local_training_arguments
+from chainfed.proto.local_training_options import add_local_training_arguments, positive_float
 from chainfed.proto.messages import ChainPhase, TrainingParams
 from chainfed.proto.model_spec import ModelSpec
 from chainfed.proto.tensor_chunks import DEFAULT_MAX_MESSAGE_BYTES
@@ -89,7 +88,7 @@ def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument(
         "--poll-seconds",
-        type=_positive_seconds,
+        type=positive_float,
         default=ServiceConfig.poll_seconds,
         help="longest a GetTask long-poll is held; an agent that finds every long-poll "
         "thread taken is asked back after its poll window up to this (large fleets: raise "
@@ -228,17 +227,6 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         type=float,
         help="scale each update's change from the round's start down to this L2 norm",
     )
-
-
-def _positive_seconds(text: str) -> float:
-    """A finite number of seconds > 0, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
 
 
 def _positive_int(text: str) -> int:

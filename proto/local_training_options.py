@@ -49,8 +49,9 @@ class LocalTrainingDefaults:
 
 
 def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0 (a learning rate of 0 or below trains
-    nothing, or away from the data, without a word; an infinite one gives NaN weights)."""
+    """An argparse type: a finite number above 0, for the learning rate (0 or below trains
+    nothing, or away from the data, without a word; infinity gives NaN weights) and for
+    the coordinator's other positive amounts, such as ``--poll-seconds``."""
     try:
         value = float(text)
     except ValueError:
