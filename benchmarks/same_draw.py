@@ -45,6 +45,9 @@ from chainfed.proto.local_training_options import positive_float
 
 LABELS = ["negative", "neutral", "positive"]
 REFERENCE_SEED, TEST_ROWS, POOL_ROWS, VAL_ROWS, CLIENTS, MIN_ROWS = 1234, 2000, 8000, 200, 4, 32
+REFERENCE_LR = 5e-4
+"""The reference's learning rate, the protocol's unless a learning-rate comparison asks for
+another."""
 Row = tuple[str, int]
 
 
@@ -55,12 +58,11 @@ def protocol(
     workdir: Path | None,
     mode: str = "e2e",
     closed_form_head: str = "off",
-    lr: float = 5e-4,
+    lr: float = REFERENCE_LR,
 ) -> SimulationConfig:
     """The issue's realistic protocol for ``chainfed simulate --mode MODE``. ``rounds``
     counts training rounds: a chain's FOAT probe round and a closed-form fit round come on
-    top of them, as in ``chainfed simulate``. ``lr`` is the reference's 5e-4 unless a
-    learning-rate comparison asks for another."""
+    top of them, as in ``chainfed simulate``."""
     return SimulationConfig(
         mode=mode,
         closed_form_head=closed_form_head,
@@ -176,7 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--local-steps", type=int, default=0, help="steps a round instead of one epoch (0)"
     )
     ours.add_argument(
-        "--lr", type=positive_float, default=5e-4, help="learning rate (default: 5e-4)"
+        "--lr",
+        type=positive_float,
+        default=REFERENCE_LR,
+        help=f"learning rate (default: the reference's {REFERENCE_LR})",
     )
     ours.add_argument("--workdir", type=Path, help="the federation's files (default: runs/)")
     ours.add_argument("--json", type=Path, required=True, help="where to write the result")
