@@ -9,6 +9,7 @@ other's draw:
 
     python benchmarks/same_draw.py ours --seed 0 --json ours.json    # ours on the reference's draw
     python benchmarks/same_draw.py ours --mode chain --closed-form-head end --seed 0 --json c.json
+    python benchmarks/same_draw.py ours --pooled --rounds 4 --seed 0 --json p.json  # one device
     python benchmarks/same_draw.py dump --seed 1 --json draw1.json   # our draw of seed 1, as rows
     PYTHONPATH=<peer>/flower_app/lorafl <reference venv>/bin/python \
         benchmarks/reference_fedavg.py draw1.json                    # the reference's loop on it
@@ -20,6 +21,9 @@ until every client holds at least 32 rows. Our agents also validate: they take t
 rows, split by ``partition_dirichlet`` with the same alpha. ``ours`` runs the issue's
 command (in process, as ``chainfed simulate`` does by default) with the loading of rows and
 the agents' shards replaced by that draw, and writes ``SimulationResult.to_dict()``.
+``ours --pooled`` gives the whole pool and all 200 validation rows to one agent instead: the
+same rows and test set without a federation (each round one epoch over the 8,000 rows), the
+centralised figure the federated ones are read against.
 """
 
 from __future__ import annotations
@@ -59,14 +63,16 @@ def protocol(
     mode: str = "e2e",
     closed_form_head: str = "off",
     lr: float = REFERENCE_LR,
+    agents: int = CLIENTS,
 ) -> SimulationConfig:
     """The issue's realistic protocol for ``chainfed simulate --mode MODE``. ``rounds``
     counts training rounds: a chain's FOAT probe round and a closed-form fit round come on
-    top of them, as in ``chainfed simulate``."""
+    top of them, as in ``chainfed simulate``. ``agents``: the reference's 4 clients, or 1
+    for the pool on one device."""
     return SimulationConfig(
         mode=mode,
         closed_form_head=closed_form_head,
-        agents=CLIENTS,
+        agents=agents,
         split="dirichlet:0.5",
         train_rows=POOL_ROWS,
         val_rows=VAL_ROWS,
@@ -104,9 +110,14 @@ def reference_draw() -> tuple[list[Row], list[Row], list[Row], list[list[int]]]:
 
 
 def run_ours_on_reference_draw(config: SimulationConfig) -> simulation.SimulationResult:
-    """``run_simulation(config)`` with the rows and shards of ``reference_draw``."""
+    """``run_simulation(config)`` with the rows and shards of ``reference_draw``; with one
+    agent, that agent holds the whole pool and every validation row."""
     test, pool, val, parts = reference_draw()
     val_parts = partition_dirichlet([y for _, y in val], CLIENTS, 0.5, REFERENCE_SEED)
+    if config.agents == 1:
+        parts, val_parts = [list(range(len(pool)))], [list(range(len(val)))]
+    elif config.agents != CLIENTS:
+        raise ValueError(f"the reference's draw has {CLIENTS} clients or 1, not {config.agents}")
     load_dataset = simulation.load_dataset
 
     def load(data_config) -> SplitData:
@@ -156,6 +167,7 @@ def ours_config(args: argparse.Namespace) -> SimulationConfig:
         args.mode,
         args.closed_form_head,
         args.lr,
+        1 if args.pooled else CLIENTS,
     )
 
 
@@ -182,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive_float,
         default=REFERENCE_LR,
         help=f"learning rate (default: the reference's {REFERENCE_LR})",
+    )
+    ours.add_argument(
+        "--pooled",
+        action="store_true",
+        help="one agent holds the whole pool: the same rows and test set without a federation",
     )
     ours.add_argument("--workdir", type=Path, help="the federation's files (default: runs/)")
     ours.add_argument("--json", type=Path, required=True, help="where to write the result")

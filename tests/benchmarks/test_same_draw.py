@@ -6,7 +6,8 @@ reference's draw. Assert: the reference's draw has the shard sizes and label cou
 run recorded (``shared/peers/flower-fedavg/flower_fedavg_dirichlet.json``: ``shard_rows``,
 ``shard_label_counts``); ours has the shards and skew that ``chainfed simulate`` gives its
 agents, and no test row among them; ours on the reference's draw trains its four clients
-on those shards and scores the reference's 2,000 test rows.
+on those shards and scores the reference's 2,000 test rows; ``--pooled`` trains one agent on
+all 8,000 pool rows.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def test_ours_runs_the_protocol_at_the_lr_it_is_given(same_draw):
     assert {**vars(faster), "lr": default.lr} == vars(default)
 
 
+def test_pooled_gives_the_protocol_one_agent_and_changes_nothing_else(same_draw):
+    argv = ["ours", "--mode", "e2e", "--rounds", "4", "--seed", "1", "--json", "o.json"]
+    federated = same_draw.ours_config(same_draw.parse_args(argv))
+    pooled = same_draw.ours_config(same_draw.parse_args([*argv, "--pooled"]))
+
+    assert (federated.agents, pooled.agents) == (4, 1)
+    assert {**vars(pooled), "agents": 4} == vars(federated)
+
+
+def test_the_reference_draw_has_no_split_for_other_agent_counts(same_draw):
+    config = same_draw.protocol(0, 1, 1, None, agents=3)
+
+    with pytest.raises(ValueError, match="4 clients or 1, not 3"):
+        same_draw.run_ours_on_reference_draw(config)
+
+
 def test_ours_refuses_a_learning_rate_that_is_not_positive(same_draw, capsys):
     with pytest.raises(SystemExit):
         same_draw.parse_args(["ours", "--lr", "0", "--json", "o.json"])
@@ -93,3 +110,16 @@ def test_ours_trains_on_the_reference_shards_and_scores_its_test_rows(same_draw,
     assert result["label_skew"] == pytest.approx(0.392, abs=5e-4)
     assert 0.0 <= result["test_metric"] <= 1.0
     assert len(result["history"]) == 1
+
+
+@pytest.mark.slow
+def test_pooled_trains_one_agent_on_the_whole_pool(same_draw, tmp_path):
+    out = tmp_path / "pooled.json"
+    argv = ["ours", "--pooled", "--rounds", "1", "--local-steps", "1"]
+
+    assert same_draw.main([*argv, "--workdir", str(tmp_path / "run"), "--json", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    assert result["agent_samples"] == {"agent-0": 8000}
+    assert result["label_skew"] == 0.0
+    assert 0.0 <= result["test_metric"] <= 1.0
