@@ -12,9 +12,9 @@ persists it after every change (``chainfed.coordinator.state_store``)::
         converged (StageConvergence on the federated validation loss)?
                -> adapters leaving the window become final, l += 1
     l = L-1 converged -> every window adapter final
-        -> head_rounds > 0 (or budget left): HEAD STAGE, rounds whose window is empty:
-           agents train the task head alone on their final features, upload it, it is
-           aggregated
+        -> head_rounds > 0 (or budget left, no closed-form head): HEAD STAGE, rounds
+           whose window is empty: agents train the task head alone on their final
+           features, upload it, it is aggregated
     -> EVALUATING (one round, metrics only: every active agent, or a sample of
        ``evaluation_agents``) -> DONE
 
@@ -55,12 +55,13 @@ Rounds where they pay. Without a budget each stage runs between ``min_rounds`` a
 is ``stage_round_cap``: an equal share of what is left after the head's reserve,
 ``(B - head_rounds) // S``, within the ``min_rounds``/``max_rounds`` guards; the last
 stage's share is all of it, and the head stage runs from ``head_rounds`` up to every
-round still left. Why a share and not "until converged": the federated validation loss
-of an early stage often keeps improving by more than the tolerance, and a stage that
-could take all that is left would starve the layers above it and the head, which read
-the final features and pay most; a stage that plateaus early hands its unspent share
-on. The plateau rule is what can actually fire: relative improvement below
-``tolerance`` for ``patience`` rounds, once ``min_rounds`` have run.
+round still left (with a closed-form head, ``head_rounds`` alone: see
+``CoordinatorConfig.head_takes_what_is_left``). Why a share and not "until converged":
+the federated validation loss of an early stage often keeps improving by more than the
+tolerance, and a stage that could take all that is left would starve the layers above it
+and the head, which read the final features and pay most; a stage that plateaus early
+hands its unspent share on. The plateau rule is what can actually fire: relative
+improvement below ``tolerance`` for ``patience`` rounds, once ``min_rounds`` have run.
 
 Convergence sees each aggregate one round late. Agents validate the aggregate they
 fetched, before their local steps (``UpdateMetrics.val_loss``): a locally trained window
@@ -267,7 +268,7 @@ class ChainCoordinator:
         c = self.config
         if self.head_stage:
             rounds = c.head_rounds
-            if c.round_budget is not None:
+            if c.head_takes_what_is_left:
                 rounds = max(rounds, c.round_budget - self.trained_rounds())
             return StageConvergence(c.head_rounds, rounds, c.patience, c.tolerance)
         cap = c.max_rounds
@@ -779,13 +780,22 @@ class ChainCoordinator:
         log.info("layer %d frozen (%s final); stage layer %d", layer, leaving, self.stage_layer)
 
     def _after_chain(self) -> None:
-        """Every adapter is final: head rounds next when asked for (or a budget is left),
-        the evaluation otherwise."""
-        if self.config.head_rounds > 0 or self.config.round_budget is not None:
+        """Every adapter is final: head rounds next when asked for (or a budget is left
+        that the head takes), the evaluation otherwise."""
+        if self.config.head_rounds > 0 or self.config.head_takes_what_is_left:
             self._enter_head_stage()
             return
         self._finish_training()
-        log.info("chain trained: %d final tensors; evaluating", len(self.final))
+        budget = self.config.round_budget
+        unspent = (
+            ""
+            if budget is None
+            else (
+                f" ({budget - self.trained_rounds()} rounds of the budget unspent: the "
+                "closed-form head takes no head rounds)"
+            )
+        )
+        log.info("chain trained: %d final tensors; evaluating%s", len(self.final), unspent)
 
     def _enter_head_stage(self) -> None:
         """After the last stage: the window state keeps the task head alone, and head-only

@@ -164,7 +164,8 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         type=_positive_int,
         help="total training-round budget, head rounds included: each stage ends at its "
         "validation-loss plateau or at an equal share of the rounds left, and what it does not "
-        "spend flows to later stages and the head (default: no budget)",
+        "spend flows to later stages and, without --closed-form-head, to the head "
+        "(default: no budget)",
     )
     c.add_argument(
         "--head-rounds",
@@ -172,7 +173,7 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
         default=0,
         help="head-only rounds after the last stage: agents fit the task head alone on their "
         "final features, the coordinator aggregates it (with --rounds: at least this many, "
-        "plus what the chain left) (default 0)",
+        "plus what the chain left unless the head is fitted in closed form) (default 0)",
     )
     add_closed_form_head_argument(
         c,

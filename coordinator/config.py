@@ -54,11 +54,13 @@ class CoordinatorConfig:
     """Training rounds of the whole run, head rounds included (``--rounds``); None = no
     budget: every stage runs by ``min_rounds``/``max_rounds`` alone. With a budget a
     stage may spend at most an equal share of what is left (``stage_round_cap``), so
-    rounds a converged stage did not need flow to the stages after it and to the head."""
+    rounds a converged stage did not need flow to the stages after it and to the head
+    (``head_takes_what_is_left``)."""
     head_rounds: int = 0
     """Head-only rounds after the chain's last stage (``--head-rounds``): agents train the
     task head alone on their final features and upload it; 0 = none. With a
-    ``round_budget`` this is the head's minimum, and it takes what the chain left."""
+    ``round_budget`` this is the head's minimum, and it takes what the chain left unless
+    the head is fitted in closed form (``head_takes_what_is_left``)."""
     closed_form_head: str = "off"
     """Fit the task head in closed form (``--closed-form-head``,
     ``CLOSED_FORM_HEAD_MODES``): ``end`` after the chain's last stage, ``both`` also
@@ -213,6 +215,14 @@ class CoordinatorConfig:
                 f"{self.min_rounds} round(s) each plus {self.head_rounds} head round(s) "
                 f"({need} needed)"
             )
+
+    @property
+    def head_takes_what_is_left(self) -> bool:
+        """Whether the rounds of the budget the chain's stages left go to head rounds. Not
+        with a closed-form head: its fit is the head of all the agents' rows at once, and
+        head rounds after it only move each agent's copy toward its own shard; the rounds
+        stay unspent (``head_rounds`` still run when asked for)."""
+        return self.round_budget is not None and self.closed_form_head == "off"
 
     def budget_floor(self, first_stage: int) -> int:
         """Rounds a chain whose first stage is ``first_stage`` needs at least: every

@@ -224,6 +224,37 @@ def test_head_rounds_start_from_the_refitted_head(kit):
     assert torch.equal(fetched["window.objective.head.bias"], c.window_state[HEAD[1]])
 
 
+def test_a_budget_the_stages_left_is_not_spent_on_head_rounds_after_the_fit(kit, caplog):
+    """R = 10 over 4 one-round stages: 6 rounds left, which go to the head without a
+    closed-form head (``test_head_and_budget``) and stay unspent with one."""
+    caplog.set_level("INFO", logger="chainfed.coordinator")
+    c = kit.coordinator(min_agents=2, closed_form_head="end", round_budget=10, max_rounds=1)
+    kit.register(c, "a", "b")
+    for stage in range(kit.num_layers):
+        kit.train_round(c, 100 * (stage + 1), seed=stage)
+
+    fit(c, {"a": 10, "b": 30}, now=1000)
+
+    assert c.phase is ChainPhase.EVALUATING and not c.head_stage
+    assert c.trained_rounds() == kit.num_layers
+    assert "6 rounds of the budget unspent" in caplog.text
+
+
+def test_head_rounds_asked_for_still_run_after_the_fit_under_a_budget(kit):
+    c = kit.coordinator(
+        min_agents=2, closed_form_head="end", round_budget=10, max_rounds=1, head_rounds=2
+    )
+    kit.register(c, "a", "b")
+    for stage in range(kit.num_layers):
+        kit.train_round(c, 100 * (stage + 1), seed=stage)
+    fit(c, {"a": 10, "b": 30}, now=1000)
+
+    assert c.head_stage and c.convergence.max_rounds == 2
+    for k in range(2):
+        kit.train_round(c, 1100 + 100 * k, seed=10 + k)
+    assert c.phase is ChainPhase.EVALUATING and c.trained_rounds() == kit.num_layers + 2
+
+
 def test_a_refit_due_at_a_restart_is_asked_for_again(kit, tmp_path):
     c = kit.coordinator(min_agents=2, closed_form_head="both")
     kit.register(c, "a", "b")
