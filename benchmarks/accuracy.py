@@ -7,12 +7,12 @@ packaged all-MiniLM-L6-v2 and tweets, simulated in one process
 (``chainfed.agent.app.simulation``: the product's ``ChainCoordinator`` and
 ``FederatedAgent`` round work, no gRPC). Every federated mode gets the same total of
 ``--rounds`` R communication rounds: ``e2e`` and ``topk:K`` run exactly R; ``chain`` gets R
-as the coordinator's budget, which it spreads over its stages (rounds its last
-stage leaves unspent at its plateau become head-only rounds, except after a closed-form
-head fit, where they stay unspent). Every mode also gets the
-same ``--local-epochs`` (or ``--local-steps``), micro-batch, learning rate, rank,
-aggregation and the same head post-processing: ``--head-rounds`` head-only rounds of
-``--head-local-steps`` steps after the last stage, counted within R. A seed fixes the
+as the coordinator's budget, which it spreads over its stages (rounds its last stage
+leaves unspent at its plateau become head-only rounds, except after a closed-form head
+fit, where they stay unspent). Every mode also gets the same ``--local-epochs`` (or
+``--local-steps``), micro-batch, learning rate, rank, aggregation and the same head
+post-processing: ``--head-rounds`` head-only rounds of ``--head-local-steps`` steps after
+the last stage, counted within R. A seed fixes the
 rows, the shards, the held-out test rows and every initialisation, the same for every
 mode. One exception, asked for by name: ``--mode-lr chain=1e-3,e2e=5e-4`` gives those modes
 their own learning rate instead of ``--lr`` (each mode at its own best rate is the other

@@ -786,16 +786,12 @@ class ChainCoordinator:
             self._enter_head_stage()
             return
         self._finish_training()
-        budget = self.config.round_budget
-        unspent = (
-            ""
-            if budget is None
-            else (
-                f" ({budget - self.trained_rounds()} rounds of the budget unspent: the "
-                "closed-form head takes no head rounds)"
+        log.info("chain trained: %d final tensors; evaluating", len(self.final))
+        if self.config.round_budget is not None:  # a closed-form head: the head takes none
+            log.info(
+                "%d rounds of the budget unspent: the closed-form head takes no head rounds",
+                self.config.round_budget - self.trained_rounds(),
             )
-        )
-        log.info("chain trained: %d final tensors; evaluating%s", len(self.final), unspent)
 
     def _enter_head_stage(self) -> None:
         """After the last stage: the window state keeps the task head alone, and head-only
