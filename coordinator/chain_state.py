@@ -787,11 +787,6 @@ class ChainCoordinator:
             return
         self._finish_training()
         log.info("chain trained: %d final tensors; evaluating", len(self.final))
-        if self.config.round_budget is not None:  # a closed-form head: the head takes none
-            log.info(
-                "%d rounds of the budget unspent: the closed-form head takes no head rounds",
-                self.config.round_budget - self.trained_rounds(),
-            )
 
     def _enter_head_stage(self) -> None:
         """After the last stage: the window state keeps the task head alone, and head-only
@@ -812,13 +807,23 @@ class ChainCoordinator:
         )
 
     def _finish_training(self) -> None:
-        """The trained task head joins the final adapters (``head.*``); evaluate next."""
+        """The trained task head joins the final adapters (``head.*``); evaluate next.
+        What a round budget has left is logged, whichever way training ended (a closed-form
+        head takes no head rounds, the head stage converged, a privacy budget stopped it)."""
         for name in [n for n in self.window_state if n.startswith("objective.")]:
             self.final[name.removeprefix("objective.")] = self.window_state.pop(name)
         self.window_state = {}
         self.phase = ChainPhase.EVALUATING
         self.stage_layer = None
         self.head_stage = False
+        budget = self.config.round_budget
+        if budget is not None and budget > self.trained_rounds():
+            log.info(
+                "%d rounds of the budget unspent (%d of %d trained)",
+                budget - self.trained_rounds(),
+                self.trained_rounds(),
+                budget,
+            )
 
     # -- what agents ask --------------------------------------------------------------
 

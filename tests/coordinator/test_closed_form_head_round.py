@@ -240,7 +240,9 @@ def test_a_budget_the_stages_left_is_not_spent_on_head_rounds_after_the_fit(kit,
     assert "6 rounds of the budget unspent" in caplog.text
 
 
-def test_head_rounds_asked_for_still_run_after_the_fit_under_a_budget(kit):
+def test_head_rounds_asked_for_still_run_after_the_fit_under_a_budget(kit, caplog):
+    """R = 10: 4 one-round stages and the 2 head rounds asked for leave 4 unspent."""
+    caplog.set_level("INFO", logger="chainfed.coordinator")
     c = kit.coordinator(
         min_agents=2, closed_form_head="end", round_budget=10, max_rounds=1, head_rounds=2
     )
@@ -253,6 +255,7 @@ def test_head_rounds_asked_for_still_run_after_the_fit_under_a_budget(kit):
     for k in range(2):
         kit.train_round(c, 1100 + 100 * k, seed=10 + k)
     assert c.phase is ChainPhase.EVALUATING and c.trained_rounds() == kit.num_layers + 2
+    assert "4 rounds of the budget unspent (6 of 10 trained)" in caplog.text
 
 
 def test_a_refit_due_at_a_restart_is_asked_for_again(kit, tmp_path):
