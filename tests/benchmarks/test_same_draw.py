@@ -75,6 +75,17 @@ def test_ours_runs_the_protocol_at_the_lr_it_is_given(same_draw):
     assert {**vars(faster), "lr": default.lr} == vars(default)
 
 
+def test_ours_takes_every_simulate_mode_and_names_a_wrong_one(same_draw, capsys):
+    argv = ["ours", "--seed", "1", "--json", "o.json", "--mode"]
+
+    assert same_draw.ours_config(same_draw.parse_args([*argv, "topk:2"])).mode == "topk:2"
+    with pytest.raises(SystemExit):
+        same_draw.parse_args([*argv, "topk:0"])
+    assert (
+        "mode must be chain, e2e, e2e-streamed or topk:K; got 'topk:0'" in capsys.readouterr().err
+    )
+
+
 def test_pooled_gives_the_protocol_one_agent_and_changes_nothing_else(same_draw):
     argv = ["ours", "--mode", "e2e", "--rounds", "4", "--seed", "1", "--json", "o.json"]
     federated = same_draw.ours_config(same_draw.parse_args(argv))
