@@ -816,12 +816,12 @@ class ChainCoordinator:
         self.phase = ChainPhase.EVALUATING
         self.stage_layer = None
         self.head_stage = False
-        budget = self.config.round_budget
-        if budget is not None and budget > self.trained_rounds():
+        budget, trained = self.config.round_budget, self.trained_rounds()
+        if budget is not None and budget > trained:
             log.info(
                 "%d rounds of the budget unspent (%d of %d trained)",
-                budget - self.trained_rounds(),
-                self.trained_rounds(),
+                budget - trained,
+                trained,
                 budget,
             )
 
