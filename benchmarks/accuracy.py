@@ -77,8 +77,9 @@ Usage::
 Resuming. Each finished run (a federation, or a seed's head fit) is saved as
 ``run.json`` in its folder under ``--out`` with its settings; the same command with the
 same ``--out`` reuses it instead of running it again, so an interrupted protocol resumes,
-and seeds or splits run by separate invocations (``--seeds 0``, then ``--seeds 0,1,2``)
-meet in one report. A saved run whose settings differ is refused.
+and seeds or splits run by separate invocations (``--seeds 0``, then ``--seeds 0,1,2``;
+side by side on one ``--out`` too: every file is written whole) meet in one report. A saved
+run whose settings differ is refused.
 
 Outputs in ``--out`` (default ``benchmarks/results/accuracy-<timestamp>``):
 ``accuracy.json`` (options, every run's curve and full simulation result, the aggregates,
@@ -252,7 +253,12 @@ def saved_or_run(
     saved with other settings is refused, never mixed in."""
     settings = json.loads(json.dumps(settings, default=str))
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(
+                f"{path} is not a saved run ({exc}); delete it to run that run again"
+            ) from exc
         if saved["settings"] != settings:
             raise SystemExit(f"{path} holds a run with other settings; choose another --out")
         print(f"reused {path}", flush=True)

@@ -58,6 +58,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
+from chainfed.proto.durable_file import fsync_directory
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import (
     AgentCapabilities,
@@ -117,21 +118,13 @@ def _append_agents(coordinator: ChainCoordinator, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         if created:
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
     except OSError as exc:
         raise StateDirError(
             f"{path}: cannot record registrations ({exc.strerror or exc}); "
             "the previous state is intact"
         ) from exc
     coordinator.unsaved_agents.clear()
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _snapshot(tensors: dict) -> dict:
@@ -174,7 +167,7 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         crash_point("save.state_written")
         os.replace(tmp, state_dir / STATE_FILE)
         crash_point("save.renamed")
-        _fsync_dir(state_dir)
+        fsync_directory(state_dir)
         for old in [*state_dir.glob("tensors-*.safetensors"), *state_dir.glob(JOURNAL_PATTERN)]:
             if old.name not in (name, journal):
                 old.unlink()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chainfed.proto.durable_file import write_text_durably
 from chainfed.proto.errors import ChainFedError
 
 FAMILIES = ("bert", "llama")
@@ -55,13 +56,8 @@ class ModelSpec:
         return asdict(self)
 
     def write(self, path: Path) -> Path:
-        """Write the spec as JSON (temporary file, then rename); returns ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        """Write the spec as JSON, whole or not at all; returns ``path``."""
+        return write_text_durably(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> ModelSpec:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from chainfed.proto.durable_file import write_text_durably
+
 
 def finite(value: Any) -> Any:
     """NaN/inf as JSON null, recursively (JSON has no NaN)."""
@@ -21,6 +23,8 @@ def finite(value: Any) -> Any:
 
 
 def write_json(path: Path, value: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite(value), indent=2, default=str, allow_nan=False))
-    return path
+    """``value`` as strict JSON at ``path``, whole or not at all (``write_text_durably``):
+    a report or saved run that a later invocation resumes from is never half written."""
+    return write_text_durably(
+        path, json.dumps(finite(value), indent=2, default=str, allow_nan=False)
+    )

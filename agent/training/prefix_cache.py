@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chainfed.proto.durable_file import write_text_durably
+
 META = "meta.json"
 
 _STORAGE = {
@@ -256,13 +258,7 @@ class PrefixCache:
         self._remove_stale_files()
 
     def _write_meta(self) -> None:
-        tmp = self.directory / f"{META}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self.meta), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / META)
-        _fsync_directory(self.directory)
+        write_text_durably(self.directory / META, json.dumps(asdict(self.meta), indent=2))
 
     def _remove_stale_files(self) -> None:
         for path in self.directory.glob("states-*.bin"):
@@ -273,17 +269,6 @@ class PrefixCache:
 def _nbytes(meta: CacheMeta) -> int:
     np_dtype, _ = _STORAGE[getattr(torch, meta.dtype.removeprefix("torch."))]
     return meta.num_samples * meta.seq_len * meta.hidden_size * np.dtype(np_dtype).itemsize
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; a no-op where directories can't be opened)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_meta(path: Path) -> CacheMeta | None:

@@ -231,3 +231,14 @@ def test_a_run_saved_before_curves_recorded_their_fits_reads_them_from_its_histo
     assert curve.ends_in_fit
     saved["curve"]["head_fit"] = [False] * 4  # a newer save's own record wins
     assert not accuracy_benchmark.saved_curve(saved).ends_in_fit
+
+
+def test_a_half_written_saved_run_is_named_and_left_alone(accuracy_benchmark, tmp_path):
+    path = tmp_path / "chain-s0" / "run.json"
+    path.parent.mkdir()
+    path.write_text('{"settings": {"mode": "chain"}, "figu')
+
+    with pytest.raises(SystemExit, match="chain-s0/run.json is not a saved run .*delete it"):
+        accuracy_benchmark.saved_or_run(path, {"mode": "chain"}, lambda: pytest.fail("ran"))
+
+    assert path.read_text() == '{"settings": {"mode": "chain"}, "figu'
