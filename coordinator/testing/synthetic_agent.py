@@ -42,6 +42,7 @@ from chainfed.proto.client import (
     CoordinatorUnreachableError,
     RetryPolicy,
 )
+from chainfed.proto.durable_file import write_text_durably
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import (
     AgentCapabilities,
@@ -496,10 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         for agent_id in args.agent_ids.split(",")
     ]
     report = run_swarm(configs, timeout_s=args.timeout, start_spread_s=args.start_spread)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.to_dict()))
-    tmp.replace(args.json)
+    write_text_durably(args.json, json.dumps(report.to_dict()))
     return 0 if not report.errors else 1
 
 
