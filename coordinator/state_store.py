@@ -58,7 +58,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
-from chainfed.proto.durable_file import fsync_directory
+from chainfed.proto.durable_file import fsync_directory, leftover_temporaries
 from chainfed.proto.errors import ChainFedError
 from chainfed.proto.messages import (
     AgentCapabilities,
@@ -171,7 +171,7 @@ def save(coordinator: ChainCoordinator, state_dir: Path) -> None:
         for old in [*state_dir.glob("tensors-*.safetensors"), *state_dir.glob(JOURNAL_PATTERN)]:
             if old.name not in (name, journal):
                 old.unlink()
-        for leftover in state_dir.glob(".tensors-*.safetensors.tmp"):
+        for leftover in leftover_temporaries(state_dir, "tensors-*.safetensors"):
             leftover.unlink()  # a tensors file a crash interrupted mid-write
         _written[coordinator] = (state_dir, name, _snapshot(tensors))
         _journals[coordinator] = (state_dir, journal)

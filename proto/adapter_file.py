@@ -9,7 +9,6 @@ ids and the fingerprint of the base model it was trained on.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from chainfed.proto.durable_file import replace_durably
 from chainfed.proto.errors import ChainFedError
 
 METADATA_KEY = "chainfed"
@@ -169,16 +169,10 @@ it must be)."""
 
 
 def save_adapter_file(path: Path, result: AdapterFile) -> Path:
-    """Write atomically (temp file, fsync, rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``result`` whole or not at all (``replace_durably``)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in result.tensors.items()}
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(result.info, sort_keys=True)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    metadata = {METADATA_KEY: json.dumps(result.info, sort_keys=True)}
+    return replace_durably(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_adapter_file(path: Path) -> AdapterFile:

@@ -10,7 +10,7 @@ written beside the checkpoint::
         layers.{i}.{module}.weight_scale  float32 (d_out,)
         __metadata__: chainfed_int8 = version, model_fingerprint, data_digest
 
-Guarantees. The file is written to a temporary name, fsynced and renamed, so a crash never
+Guarantees. The file is written whole or not at all (``replace_durably``), so a crash never
 leaves a half file under the real name. On every open it is checked before any tensor is
 used: a file made from other model files (``model_fingerprint`` differs: the checkpoint
 changed) is rebuilt; a file whose header, version, tensor names, shapes or dtypes are wrong,
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from chainfed.agent.runtime.safetensors_io import (
     read_metadata,
 )
 from chainfed.kernels import quantize_int8
+from chainfed.proto.durable_file import replace_durably
 
 CACHE_FILE = "chainfed-int8.safetensors"
 """Name of the cache file inside the model folder."""
@@ -118,14 +118,13 @@ class Int8WeightCache:
     def _build(self, checkpoint: Checkpoint) -> None:
         """Quantise every planned weight, one block at a time, into a new file."""
         planned = self._planned()
-        head = header_bytes(planned, self._metadata(_NO_DIGEST))
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         by_layer: dict[int, list[QuantisedLinear]] = {}
         for linear in self.linears:
             by_layer.setdefault(linear.layer, []).append(linear)
-        try:
+
+        def write(tmp: Path) -> None:
             with tmp.open("wb") as out:
-                out.write(head)
+                out.write(header_bytes(planned, self._metadata(_NO_DIGEST)))
                 digest = hashlib.blake2b(digest_size=16)
                 for linears in by_layer.values():  # insertion order = planned order
                     weights = checkpoint.load({q.source: q.shape for q in linears})
@@ -137,11 +136,10 @@ class Int8WeightCache:
                             out.write(data)
                 out.seek(0)  # the digest has the placeholder's width: same header length
                 out.write(header_bytes(planned, self._metadata(digest.hexdigest())))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
+
+        try:
+            replace_durably(self.path, write)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise ModelLoadError(
                 f"{self.path}: cannot write the int8 weight cache next to the model ({exc})"
             ) from exc

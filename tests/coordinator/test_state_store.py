@@ -321,11 +321,27 @@ def failing_on(monkeypatch, target, name, should_fail):
     monkeypatch.setattr(target, name, fake)
 
 
+def nth_directory_fsync(n: int):
+    """A predicate true for the n-th fsync of a folder it is asked about: a save makes its
+    tensors file's rename durable, then state.json's."""
+    seen = 0
+
+    def is_nth(fd: int) -> bool:
+        nonlocal seen
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):
+            return False
+        seen += 1
+        return seen == n
+
+    return is_nth
+
+
 # (crash point, patch target, attribute, predicate on its arguments, state that survives)
 CRASH_POINTS = [
     ("tensors file rename", os, "replace", lambda src, dst: "tensors-" in str(dst), "old"),
     ("state.json rename", os, "replace", lambda src, dst: str(dst).endswith(STATE_FILE), "old"),
-    ("directory fsync", os, "fsync", lambda fd: os.path.isdir(f"/proc/self/fd/{fd}"), "new"),
+    ("tensors directory fsync", os, "fsync", nth_directory_fsync(1), "old"),
+    ("state directory fsync", os, "fsync", nth_directory_fsync(2), "new"),
     ("old tensors cleanup", Path, "unlink", lambda path, *a: "tensors-" in path.name, "new"),
 ]
 
@@ -355,6 +371,20 @@ def test_crash_during_save_leaves_a_consistent_state(
     state_store.save(c, tmp_path)  # the next save cleans up whatever the crash left
     assert state_of(state_store.load(tmp_path, kit.config())) == new
     assert len(list(tmp_path.glob("tensors-*.safetensors"))) == 1
+    assert list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_a_tensors_write_killed_midway_is_cleaned_up_by_the_next_save(kit, tmp_path):
+    c = mid_chain(kit)
+    state_store.save(c, tmp_path)
+    leftover = tmp_path / ".tensors-000009-000009.safetensors.4242-0badf00d.tmp"
+    leftover.write_bytes(b"half a tensors file")  # what a SIGKILL mid-write leaves
+    advance_one_round(kit, c, 70_000)
+
+    state_store.save(c, tmp_path)
+
+    assert not leftover.exists()
+    assert state_of(state_store.load(tmp_path, kit.config())) == state_of(c)
 
 
 @contextlib.contextmanager
