@@ -1,14 +1,16 @@
-"""Every `chainfed …` command in the READMEs' shell blocks parses with today's CLI.
+"""The READMEs' `chainfed …` commands and options exist in today's CLI.
 
 Options get renamed or removed; a README that still shows the old spelling sends a user to
-an error. The check runs each documented command line through the real parser (nothing
-runs): optional parts in brackets count as written, a shell variable reads as 1, and any
-other placeholder value (`S`, `…`, `<dir>`) is dropped with its option, since it stands for
-a value the reader chooses.
+an error. Each command line of a shell block runs through the real parser (nothing runs):
+optional parts in brackets count as written, a shell variable reads as 1, and any other
+placeholder value (`S`, `…`, `<dir>`) is dropped with its option, since it stands for a
+value the reader chooses. The prose's inline mentions (`chainfed coordinator
+--poll-seconds`) are often partial, so there each option must be one the subcommand has.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -52,6 +54,25 @@ def argv_of(command: str) -> list[str]:
     return argv
 
 
+def mentioned_options(text: str) -> list[tuple[str, str]]:
+    """(subcommand, option) of every `--option` in the text's inline `chainfed …` spans
+    outside the shell blocks; wildcards (`--dp-*`) left out."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S).replace("\n", " ")
+    found = []
+    for span in re.findall(r"`(?:time |OMP_NUM_THREADS=\d+ )?chainfed ([\w-]+)([^`]*)`", prose):
+        subcommand, rest = span
+        for option in re.findall(r"(?<![\w-])--[\w-]+\*?", rest):
+            if not option.endswith("*"):
+                found.append((subcommand, option))
+    return found
+
+
+def options_of(subcommand: str) -> set[str]:
+    parser = build_parser(only=subcommand)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(commands.choices[subcommand]._option_string_actions)
+
+
 COMMANDS = [(name, c) for name in DOCUMENTS for c in documented_commands((ROOT / name).read_text())]
 
 
@@ -80,3 +101,11 @@ def test_a_misspelt_option_is_caught() -> None:
     assert argv == ["train", "--train-rowz", "10"]
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         build_parser(only="train").parse_args(argv)
+
+
+MENTIONS = sorted({m for name in DOCUMENTS for m in mentioned_options((ROOT / name).read_text())})
+
+
+@pytest.mark.parametrize(("subcommand", "option"), MENTIONS, ids=[" ".join(m) for m in MENTIONS])
+def test_an_option_mentioned_in_the_prose_exists(subcommand: str, option: str) -> None:
+    assert option in options_of(subcommand), f"`chainfed {subcommand}` has no {option}"
