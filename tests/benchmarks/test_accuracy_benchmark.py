@@ -214,7 +214,29 @@ def test_closed_form_head_gives_every_mode_a_fit_round_first_and_last(accuracy_b
     assert by_check["R=1 + fit: chain >= e2e - 1 point"] == (chain >= e2e - 0.01 - 1e-9)
     assert "R=1: chain >= e2e - 1 point" in by_check
     assert "| R = 1 | R = 1 + fit |" in markdown
-    assert "chain after the fit:" in markdown
+    assert "chain after the fit:" not in markdown  # budgets: curves before their final fit
+    assert markdown.count(accuracy_benchmark.BEFORE_THE_FIT) == 2
+
+
+def test_equal_budgets_read_every_curve_before_its_final_fit(accuracy_benchmark):
+    Curve = accuracy_benchmark.Curve  # noqa: N806
+    fits = [False, False, True]
+    chain = Curve([0.60, 0.62, 0.90], [1.0, 2.0, 2.5], [10.0, 20.0, 25.0], fits)
+    e2e = Curve([0.65, 0.80, 0.85], [2.0, 4.0, 5.0], [20.0, 40.0, 50.0], fits)
+    runs = {"chain": [chain], "e2e": [e2e]}
+    summary = accuracy_benchmark.split_summary(runs, None, [2], 0.75)
+
+    found = {c["check"]: c for c in accuracy_benchmark.checks("iid", runs, summary, "topk:2")}
+    for axis in ("bytes", "seconds"):
+        name = f"at equal {accuracy_benchmark.AXES[axis]}, before the final fit: chain > e2e"
+        # the largest budget both unfitted curves cover is the chain's round 2, where e2e
+        # has had one round; the chain's fitted 0.90 is not read against e2e's rounds
+        assert found[name]["values"].endswith("0.6200 vs 0.6500")
+        assert not found[name]["holds"]
+    reads = {(b["axis"], b["reference"], b["after"]): b for b in summary["at_budgets"]}
+    assert set(reads) == {(a, m, "round 2") for a in ("bytes", "seconds") for m in runs}
+    assert reads["bytes", "chain", "round 2"]["accuracy"]["e2e"][0] == 0.65
+    assert reads["bytes", "e2e", "round 2"]["accuracy"]["chain"] is None  # past its round 2
 
 
 def test_a_run_saved_before_curves_recorded_their_fits_reads_them_from_its_history(
