@@ -375,18 +375,21 @@ def interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
 
 def at_budgets(curves: list[Curve], axis: str, budgets: list[float]) -> list[float] | None:
     """Seed k's accuracy at ``budgets[k]`` on ``axis`` (seeds paired: same rows, shards and
-    test set); None if some seed's curve does not reach its budget."""
+    test set), read before the curve's final fit; None if some seed's curve does not reach
+    its budget."""
+    unfitted = [c.before_final_fit() for c in curves]
     values = [
-        interpolate(c.axis(axis), c.accuracy, b) for c, b in zip(curves, budgets, strict=True)
+        interpolate(c.axis(axis), c.accuracy, b) for c, b in zip(unfitted, budgets, strict=True)
     ]
     return None if any(v is None for v in values) else values
 
 
 def common_budgets(a: list[Curve], b: list[Curve], axis: str) -> list[float] | None:
-    """Per seed, the largest budget on ``axis`` that both modes' curves cover; None if
-    some seed's two curves do not overlap."""
+    """Per seed, the largest budget on ``axis`` that both modes' curves cover before their
+    final fit; None if some seed's two curves do not overlap."""
     out = []
-    for ca, cb in zip(a, b, strict=True):
+    pairs = zip(a, b, strict=True)
+    for ca, cb in ((x.before_final_fit(), y.before_final_fit()) for x, y in pairs):
         low = max(ca.axis(axis)[0], cb.axis(axis)[0])
         high = min(ca.axis(axis)[-1], cb.axis(axis)[-1])
         if high < low:
@@ -439,13 +442,12 @@ def split_summary(
         if all(c.ends_in_fit for c in curves)
     }
     budgets = []
-    unfitted = {mode: [c.before_final_fit() for c in curves] for mode, curves in runs.items()}
     for axis in ("bytes", "seconds"):
         for ref, ref_curves in runs.items():
             for r in points:
                 indices = [c.after_round(r) for c in ref_curves]
                 seed_budgets = [c.axis(axis)[i] for c, i in zip(ref_curves, indices, strict=True)]
-                reads = {m: at_budgets(u, axis, seed_budgets) for m, u in unfitted.items()}
+                reads = {m: at_budgets(curves, axis, seed_budgets) for m, curves in runs.items()}
                 accuracy = {m: None if v is None else mean_se(v) for m, v in reads.items()}
                 budgets.append(
                     {
@@ -512,7 +514,7 @@ def checks(
                 c >= h + 0.05 - EPS,
             )
     if "e2e" in runs:
-        chain, e2e = ([c.before_final_fit() for c in runs[m]] for m in ("chain", "e2e"))
+        chain, e2e = runs["chain"], runs["e2e"]
         for axis in ("bytes", "seconds"):
             budgets = common_budgets(chain, e2e, axis)
             name = f"at equal {AXES[axis]}, before the final fit: chain > e2e"
