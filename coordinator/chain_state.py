@@ -222,6 +222,9 @@ class ChainCoordinator:
         """After this, the probe finishes with the reports it has (a silent agent cannot
         hold the chain in PROBING forever)."""
         self.foat_scores: list[float] | None = None
+        self.readout_losses: list[float] | None = None
+        """FOAT's sample-weighted readout losses, over the agents that sent them (None: no
+        probe yet, or a task whose head is trained)."""
         self.head_stage = False
         """True after the chain's last stage while head-only rounds run."""
         self.head_refit = False
@@ -482,20 +485,19 @@ class ChainCoordinator:
 
     def _finish_probe(self) -> None:
         reports = list(self.probe_reports.values())
-        total = sum(r.num_samples for r in reports)
-        weights = (
-            [r.num_samples / total for r in reports]
-            if total > 0
-            else [1 / len(reports)] * len(reports)
+        self.foat_scores = _sample_weighted_mean([r.cka_scores for r in reports], reports)
+        readers = [r for r in reports if r.readout_losses]
+        self.readout_losses = (
+            _sample_weighted_mean([r.readout_losses for r in readers], readers) if readers else None
         )
-        scores = [
-            sum(w * r.cka_scores[i] for w, r in zip(weights, reports, strict=True))
-            for i in range(self.config.num_layers)
-        ]
-        self.foat_scores = scores
-        self.start_layer = choose_start_layer(scores, self.config.foat_threshold)
+        self.start_layer = choose_start_layer(
+            self.foat_scores, self.config.foat_threshold, self.readout_losses
+        )
         log.info(
-            "FOAT scores %s -> start layer %d", [round(s, 3) for s in scores], self.start_layer
+            "FOAT scores %s, readout losses %s -> start layer %d",
+            [round(s, 3) for s in self.foat_scores],
+            None if self.readout_losses is None else [round(x, 2) for x in self.readout_losses],
+            self.start_layer,
         )
         self._start_training()
         self.changed = True
@@ -918,6 +920,16 @@ class ChainCoordinator:
             )
         if not all(math.isfinite(s) for s in report.cka_scores):
             raise UpdateRejectedError("invalid_argument", "CKA scores must be finite")
+        if len(report.readout_losses) not in (0, self.config.num_layers):
+            raise UpdateRejectedError(
+                "invalid_argument",
+                f"{len(report.readout_losses)} readout losses for a "
+                f"{self.config.num_layers}-layer model (one per layer, or none)",
+            )
+        if not all(math.isfinite(x) and x >= 0 for x in report.readout_losses):
+            raise UpdateRejectedError(
+                "invalid_argument", "readout losses must be finite and non-negative"
+            )
         self.probe_reports[report.agent_id] = report
         self.changed = True
 
@@ -1109,3 +1121,13 @@ def _federated_metrics(metrics: list[UpdateMetrics]) -> UpdateMetrics:
         peak_memory_bytes=max(m.peak_memory_bytes for m in metrics),
         seconds=max(m.seconds for m in metrics),
     )
+
+
+def _sample_weighted_mean(rows: list[tuple[float, ...]], reports: list[ProbeReport]) -> list[float]:
+    """Per layer, the mean of ``rows`` (one per report, equal lengths) weighted by the
+    reports' samples (equally when none has any). One report's row comes back exactly."""
+    total = sum(r.num_samples for r in reports)
+    weights = [r.num_samples / total if total > 0 else 1 / len(reports) for r in reports]
+    return [
+        sum(w * row[i] for w, row in zip(weights, rows, strict=True)) for i in range(len(rows[0]))
+    ]

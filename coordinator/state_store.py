@@ -249,6 +249,7 @@ def _to_json(c: ChainCoordinator, tensors_file: str, journal: str) -> dict[str, 
         "round_seq": c.round_seq,
         "probe_id": c.probe_id,
         "foat_scores": c.foat_scores,
+        "readout_losses": c.readout_losses,
         "convergence": asdict(c.convergence),
         "agents": {a: _agent_json(e) for a, e in c.agents.items()},
         "history": [asdict(r) for r in c.history],
@@ -549,6 +550,7 @@ _OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
     "stop_reason": _text,
     "head_stage": _leaf(lambda v: type(v) is bool),
     "head_refit": _leaf(lambda v: type(v) is bool),
+    "readout_losses": _optional(_list_of(_number)),
 }
 """Top-level fields a state may lack: ``_from_json`` has a default for each."""
 
@@ -608,6 +610,7 @@ def _from_json(state: dict[str, Any], tensors: dict, config: CoordinatorConfig) 
     c.stop_reason = state.get("stop_reason", "")
     c.head_stage = state.get("head_stage", False)
     c.head_refit = state.get("head_refit", False)
+    c.readout_losses = state.get("readout_losses")
     c.final = {k.removeprefix("final."): v for k, v in tensors.items() if k.startswith("final.")}
     c.window_state = {
         k.removeprefix("window."): v for k, v in tensors.items() if k.startswith("window.")

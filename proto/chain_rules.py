@@ -85,13 +85,40 @@ class StageConvergence:
         return self.rounds >= self.min_rounds and self.since_best >= self.patience
 
 
-def choose_start_layer(scores: list[float], threshold: float = 0.8) -> int:
-    """FOAT: the first block whose CKA with the embedding output is below ``threshold``;
-    the last block if none is."""
-    for index, score in enumerate(scores):
-        if score < threshold:
-            return index
-    return len(scores) - 1
+READOUT_LOSS_FACTOR = 2.0
+"""How far above the last layer's readout loss a layer's may lie for a stage there to
+train toward the model's own output (``first_readable_layer``)."""
+
+
+def first_readable_layer(readout_losses: list[float], factor: float = READOUT_LOSS_FACTOR) -> int:
+    """The lowest layer from which every layer's readout loss is at most ``factor`` times
+    the last layer's (the model's own loss).
+
+    The readout loss of layer i is the task loss with the model's own frozen output head
+    (final norm + LM head) reading block i's output: what a chain stage whose newest
+    layer is i trains toward (``LMObjective`` on the window's output). Where it is far
+    above the model's loss, the head cannot read that layer (a decoder's middle layers,
+    the logit lens's blind spot), and a stage there trains toward an objective the final
+    model does not have."""
+    if not readout_losses:
+        raise ValueError("first_readable_layer needs one readout loss per layer, got none")
+    bound = factor * readout_losses[-1]
+    start = len(readout_losses) - 1
+    while start > 0 and readout_losses[start - 1] <= bound:
+        start -= 1
+    return start
+
+
+def choose_start_layer(
+    scores: list[float], threshold: float = 0.8, readout_losses: list[float] | None = None
+) -> int:
+    """FOAT: the first block whose CKA with the family's reference is below ``threshold``
+    (the last block if none is); with ``readout_losses`` (a task read by the model's own
+    frozen output head), no lower than ``first_readable_layer``."""
+    cka_start = next((i for i, s in enumerate(scores) if s < threshold), len(scores) - 1)
+    if not readout_losses:
+        return cka_start
+    return max(cka_start, first_readable_layer(readout_losses))
 
 
 def parse_gpo(spec: str, num_layers: int) -> tuple[str, int]:

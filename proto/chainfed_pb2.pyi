@@ -289,16 +289,18 @@ class SubmitUpdateResponse(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., tensors: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ProbeReport(_message.Message):
-    __slots__ = ("agent_id", "round_id", "cka_scores", "num_samples")
+    __slots__ = ("agent_id", "round_id", "cka_scores", "num_samples", "readout_losses")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     CKA_SCORES_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    READOUT_LOSSES_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     round_id: str
     cka_scores: _containers.RepeatedScalarFieldContainer[float]
     num_samples: int
-    def __init__(self, agent_id: _Optional[str] = ..., round_id: _Optional[str] = ..., cka_scores: _Optional[_Iterable[float]] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    readout_losses: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, agent_id: _Optional[str] = ..., round_id: _Optional[str] = ..., cka_scores: _Optional[_Iterable[float]] = ..., num_samples: _Optional[int] = ..., readout_losses: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReportProbeResponse(_message.Message):
     __slots__ = ("round_id",)

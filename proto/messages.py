@@ -305,12 +305,16 @@ class ProbeReport:
     round_id: str
     """The PROBE task answered."""
     cka_scores: tuple[float, ...]
-    """Linear CKA of block i's output vs the embedding output, i = 0..L-1."""
+    """Linear CKA of block i's output vs the family's reference, i = 0..L-1."""
     num_samples: int
     """Samples behind the scores (the averaging weight)."""
+    readout_losses: tuple[float, ...] = ()
+    """The task loss with the model's own frozen output head reading block i's output,
+    i = 0..L-1; empty when the task head is trained (classify)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cka_scores", tuple(self.cka_scores))
+        object.__setattr__(self, "readout_losses", tuple(self.readout_losses))
         _require(self.round_id != "", "ProbeReport.round_id must not be empty")
         _non_negative(self, "num_samples")
 

@@ -403,6 +403,7 @@ def probe_report_to_proto(report: ProbeReport) -> pb.ProbeReport:
         round_id=report.round_id,
         cka_scores=report.cka_scores,
         num_samples=report.num_samples,
+        readout_losses=report.readout_losses,
     )
 
 
@@ -412,6 +413,7 @@ def probe_report_from_proto(message: pb.ProbeReport) -> ProbeReport:
         round_id=message.round_id,
         cka_scores=tuple(message.cka_scores),
         num_samples=message.num_samples,
+        readout_losses=tuple(message.readout_losses),
     )
 
 

@@ -141,6 +141,9 @@ class SimulationResult:
     num_layers: int
     start_layer: int
     foat_scores: list[float] | None
+    readout_losses: list[float] | None
+    """FOAT's federated statistics (in process only; None when no probe ran or, for the
+    readout losses, the task head is trained)."""
     history: list[RoundEntry]
     """Training rounds, in order."""
     final_val_loss: float
@@ -455,6 +458,7 @@ class _Outcome:
     traffic: dict[tuple[str, str], dict[str, Any]]
     samples: dict[str, int]
     foat_scores: list[float] | None = None
+    readout_losses: list[float] | None = None
     round_tests: dict[str, Evaluation] = field(default_factory=dict)
     """Test-set evaluation of the global model after each training round, by round id."""
 
@@ -566,6 +570,7 @@ class _InProcessFederation:
             self.traffic,
             self.samples,
             coordinator.foat_scores,
+            coordinator.readout_losses,
             self.round_tests,
         )
 
@@ -870,6 +875,7 @@ def _result(
         num_layers=snapshot.num_layers,
         start_layer=snapshot.start_layer,
         foat_scores=outcome.foat_scores,
+        readout_losses=outcome.readout_losses,
         history=history,
         final_val_loss=final.val_loss,
         final_val_metric=final.val_metric,

@@ -260,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": model.weights,
         "start_layer": trainer.start_layer,
         "foat_scores": trainer.foat_scores,
+        "readout_losses": trainer.readout_losses,
         "config": config.to_dict(),
         "data": inputs.data.summary(),
         "stages": [_stage_dict(s) for s in stages],

@@ -289,10 +289,15 @@ class FederatedAgent:
         )
 
     def probe_report(self, task: Task) -> ProbeReport:
-        """FOAT scores of this device's data for a PROBE task (no transport)."""
-        trainer = self.ensure_trainer(task.params, 1)
-        scores = trainer.probe()
-        return ProbeReport(self.agent_id, task.round_id, tuple(scores), len(self.data.train))
+        """FOAT statistics of this device's data for a PROBE task (no transport)."""
+        probe = self.ensure_trainer(task.params, 1).probe()
+        return ProbeReport(
+            self.agent_id,
+            task.round_id,
+            tuple(probe.cka_scores),
+            len(self.data.train),
+            tuple(probe.readout_losses),
+        )
 
     def _probe(self, task: Task) -> None:
         self.client.report_probe(self.probe_report(task))

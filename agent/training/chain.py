@@ -43,7 +43,7 @@ from chainfed.agent.runtime.lora import (
 )
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.precision import LossScaler, host_copy
-from chainfed.agent.training.foat import probe_cka
+from chainfed.agent.training.foat import LayerProbe, probe_layers
 from chainfed.agent.training.gpo import ExactForesight, ProxyBranch
 from chainfed.agent.training.head_refit import HeadRefit, refit_head
 from chainfed.agent.training.memory_meter import PeakMemoryMeter
@@ -295,6 +295,8 @@ class ChainTrainer:
         self.window: list[int] = []
         self.layer: int | None = None
         self.foat_scores: list[float] | None = None
+        self.readout_losses: list[float] | None = None
+        """FOAT's probe (``probe``), kept for the report; None when no probe ran."""
         self.head_refit: HeadRefit | None = None
         """What the head refit after the last stage did, when one ran."""
         self.stages: list[StageReport] = []
@@ -312,18 +314,21 @@ class ChainTrainer:
 
     # -- set-up ---------------------------------------------------------------------
 
-    def probe(self) -> list[float]:
-        """FOAT scores (per-layer CKA vs the embeddings) on the first training samples."""
+    def probe(self) -> LayerProbe:
+        """FOAT's per-layer statistics (``probe_layers``) on the first training samples."""
         n = min(self.config.foat_samples, len(self.train_data))
-        batch = self.train_data.batch(slice(0, n))
-        self.foat_scores = probe_cka(self.model, batch.input_ids, batch.attention_mask)
-        return self.foat_scores
+        probe = probe_layers(self.model, self.train_data.batch(slice(0, n)), self.objective)
+        self.foat_scores, self.readout_losses = probe.cka_scores, probe.readout_losses
+        return probe
 
     def choose_start(self) -> int:
         """The configured start layer, else FOAT's choice."""
         if self.config.start_layer is not None:
             return self.config.start_layer
-        return choose_start_layer(self.probe(), self.config.foat_threshold)
+        probe = self.probe()
+        return choose_start_layer(
+            probe.cka_scores, self.config.foat_threshold, probe.readout_losses
+        )
 
     def set_start_layer(self, layer: int) -> None:
         """Fix where the chain starts; creates the GPO foresight for the layers above."""
@@ -805,6 +810,7 @@ class ChainTrainer:
             "start_layer": self.start_layer,
             "window_layers": sorted(self.window_blocks),
             "foat_scores": self.foat_scores,
+            "readout_losses": self.readout_losses,
             "rng": self.rng.bit_generator.state,
             "stages": [asdict(r) for r in self.stages],
         }
@@ -823,6 +829,7 @@ class ChainTrainer:
             return None
         self.set_start_layer(info["start_layer"])
         self.foat_scores = info["foat_scores"]
+        self.readout_losses = info.get("readout_losses")
         self.rng.bit_generator.state = info["rng"]
         self.stages = [StageReport(**r) for r in info["stages"]]
         self.final_adapters = strip_prefix(tensors, "final.")

@@ -15,6 +15,7 @@ from chainfed.coordinator.config import DEFAULT_WINDOW
 from chainfed.coordinator.round_start import round_start_state
 from chainfed.coordinator.update_checks import UpdateRejectedError
 from chainfed.proto.adapter_file import load_adapter_file
+from chainfed.proto.chain_rules import choose_start_layer
 from chainfed.proto.messages import (
     ChainPhase,
     ProbeReport,
@@ -74,6 +75,8 @@ def test_probe_reports_are_validated(kit):
     rejected("failed_precondition", c.report_probe, ProbeReport("a", "probe999", good, 5))
     rejected("invalid_argument", c.report_probe, ProbeReport("a", probe, good[:3], 5))
     rejected("invalid_argument", c.report_probe, ProbeReport("a", probe, (0.9, math.nan, 1, 1), 5))
+    for losses in ((9.0, 5.0), (9.0, 5.0, -1.0, 4.0), (9.0, math.inf, 5.0, 4.0)):
+        rejected("invalid_argument", c.report_probe, ProbeReport("a", probe, good, 5, losses))
     assert c.phase is ChainPhase.PROBING and not c.probe_reports
 
     c.report_probe(ProbeReport("a", probe, good, 5))
@@ -111,6 +114,23 @@ def test_foat_average_is_a_convex_combination(kit):
 
     assert c.foat_scores == pytest.approx(list(scores))  # both agents agree
     assert c.start_layer == 1
+
+
+def test_foat_start_layer_waits_for_a_readable_layer(kit):
+    """Agents whose task is read by the model's own head send readout losses: their
+    sample-weighted mean (a 30 samples, b 10; c sends none) puts layer 1 at 9.0, above
+    twice the last layer's 4.0, so the chain starts at 2 although CKA says 1."""
+    c = kit.coordinator(start_layer=None, min_agents=3, foat_threshold=0.8)
+    kit.register(c, "a", "b", "c")
+    scores = (0.9, 0.75, 0.7, 0.5)
+    c.report_probe(ProbeReport("a", c.probe_id, scores, 30, (20.0, 8.0, 6.0, 4.0)))
+    c.report_probe(ProbeReport("b", c.probe_id, scores, 10, (20.0, 12.0, 10.0, 4.0)))
+    c.report_probe(ProbeReport("c", c.probe_id, scores, 10))
+    c.tick(1)
+
+    assert c.readout_losses == pytest.approx([20.0, 9.0, 7.0, 4.0])
+    assert c.start_layer == 2 == choose_start_layer(c.foat_scores, 0.8, c.readout_losses)
+    assert choose_start_layer(c.foat_scores, 0.8) == 1
 
 
 def test_start_layer_skips_probing(kit):

@@ -43,6 +43,7 @@ def state_of(c) -> dict:
         "round_seq": c.round_seq,
         "probe_id": c.probe_id,
         "foat_scores": c.foat_scores,
+        "readout_losses": c.readout_losses,
         "convergence": asdict(c.convergence),
         "agents": {a: asdict(e) for a, e in c.agents.items()},
         "history": list(c.history),
@@ -58,7 +59,8 @@ def mid_chain(kit, **overrides):
     c = kit.coordinator(start_layer=None, min_agents=2, min_rounds=2, max_rounds=2, **overrides)
     kit.register(c, "a", "b", "c")
     for agent, n in (("a", 10), ("b", 20), ("c", 30)):
-        c.report_probe(ProbeReport(agent, c.probe_id, (0.95, 0.7, 0.6, 0.5), n))
+        losses = (9.0, 1.5, 1.2, 1.0) if agent == "a" else ()
+        c.report_probe(ProbeReport(agent, c.probe_id, (0.95, 0.7, 0.6, 0.5), n, losses))
     c.tick(1)
     assert c.start_layer == 1 and c.phase is ChainPhase.TRAINING
     for n in range(4):
@@ -89,6 +91,19 @@ def test_round_trip_restores_everything(kit, tmp_path):
         STATE_FILE,
         f"tensors-{c.round_seq:06d}-{len(c.history):06d}.safetensors",
     ]
+
+
+def test_a_state_saved_before_readout_losses_loads_without_them(kit, tmp_path):
+    c = mid_chain(kit)
+    state_store.save(c, tmp_path)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert state.pop("readout_losses") == pytest.approx([9.0, 1.5, 1.2, 1.0])
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+
+    loaded = state_store.load(tmp_path, kit.config())
+
+    assert loaded.readout_losses is None
+    assert (loaded.start_layer, loaded.stage_layer) == (c.start_layer, c.stage_layer)
 
 
 def journals(state_dir: Path) -> list[str]:

