@@ -87,9 +87,8 @@ class DemoPreset:
 
     SmolLM2: FOAT starts the chain where the frozen LM head can read the layers' outputs
     (``first_readable_layer``: layer 24 of 30 on these rows), not where CKA alone would
-    (layer 10: 20 stages, about 15 minutes here, and 2 points over the untuned model
-    against 4 to 7.5 from layer 24). Same ffa and lr as MiniLM, 2 rounds of 20 steps a
-    stage.
+    (layer 10: 20 stages, about 15 minutes here, and a smaller gain; benchmarks/README.md,
+    "FOAT on SmolLM2"). Same ffa and lr as MiniLM, 2 rounds of 20 steps a stage.
     """
 
     federation: SimulationConfig
