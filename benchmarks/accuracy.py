@@ -388,8 +388,8 @@ def common_budgets(a: list[Curve], b: list[Curve], axis: str) -> list[float] | N
     """Per seed, the largest budget on ``axis`` that both modes' curves cover before their
     final fit; None if some seed's two curves do not overlap."""
     out = []
-    pairs = zip(a, b, strict=True)
-    for ca, cb in ((x.before_final_fit(), y.before_final_fit()) for x, y in pairs):
+    for curve_a, curve_b in zip(a, b, strict=True):
+        ca, cb = curve_a.before_final_fit(), curve_b.before_final_fit()
         low = max(ca.axis(axis)[0], cb.axis(axis)[0])
         high = min(ca.axis(axis)[-1], cb.axis(axis)[-1])
         if high < low:
