@@ -383,6 +383,23 @@ def _list_of(check: _Check) -> _Check:
     return list_of
 
 
+def _per_layer(num_layers: int, ok: Callable[[Any], bool]) -> _Check:
+    """A list of one value per layer of the model, each one ``ok`` accepts: what FOAT's
+    averaged probe keeps, under the rules ``report_probe`` applies to each report."""
+    each = _list_of(_leaf(ok))
+
+    def per_layer(value: Any, where: str) -> None:
+        each(value, where)
+        if len(value) != num_layers:
+            raise _malformed(where, value)
+
+    return per_layer
+
+
+def _finite(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
 def _dict_of(check: _Check) -> _Check:
     """An object whose every value passes ``check`` (JSON keys are always strings)."""
 
@@ -526,7 +543,7 @@ def _state_fields(num_layers: int) -> dict[str, _Check]:
         "stage_layer": _optional(layer),
         "round_seq": _count(),
         "probe_id": _text,
-        "foat_scores": _optional(_list_of(_number)),
+        "foat_scores": _optional(_per_layer(num_layers, _finite)),
         "convergence": _convergence,
         "agents": _dict_of(_agent_record(rules)),
         "history": _list_of(_dataclass_record(RoundRecord, rules)),
@@ -540,19 +557,22 @@ def _ledger_entry(entry: Any) -> bool:
     if type(entry) is not list or len(entry) != 3:
         return False
     z, q, rounds = entry
-    numbers = all(type(x) in (int, float) and math.isfinite(x) for x in (z, q))
+    numbers = all(_finite(x) for x in (z, q))
     return numbers and type(rounds) is int and rounds >= 0
 
 
-_OPTIONAL_STATE_FIELDS: dict[str, _Check] = {
-    "agents_journal": _leaf(lambda v: type(v) is str and _JOURNAL_NAME.fullmatch(v) is not None),
-    "dp_ledger": _list_of(_leaf(_ledger_entry)),
-    "stop_reason": _text,
-    "head_stage": _leaf(lambda v: type(v) is bool),
-    "head_refit": _leaf(lambda v: type(v) is bool),
-    "readout_losses": _optional(_list_of(_number)),
-}
-"""Top-level fields a state may lack: ``_from_json`` has a default for each."""
+def _optional_state_fields(num_layers: int) -> dict[str, _Check]:
+    """Top-level fields a state may lack: ``_from_json`` has a default for each."""
+    return {
+        "agents_journal": _leaf(
+            lambda v: type(v) is str and _JOURNAL_NAME.fullmatch(v) is not None
+        ),
+        "dp_ledger": _list_of(_leaf(_ledger_entry)),
+        "stop_reason": _text,
+        "head_stage": _leaf(lambda v: type(v) is bool),
+        "head_refit": _leaf(lambda v: type(v) is bool),
+        "readout_losses": _optional(_per_layer(num_layers, lambda v: _finite(v) and v >= 0)),
+    }
 
 
 def _check_chain_position(state: dict[str, Any]) -> None:
@@ -579,7 +599,7 @@ def _check_fields(state: dict[str, Any], num_layers: int) -> None:
             raise _missing(key)
         check(state[key], key)
     _check_chain_position(state)
-    for key, check in _OPTIONAL_STATE_FIELDS.items():
+    for key, check in _optional_state_fields(num_layers).items():
         if key in state:
             check(state[key], key)
 

@@ -106,6 +106,28 @@ def test_a_state_saved_before_readout_losses_loads_without_them(kit, tmp_path):
     assert (loaded.start_layer, loaded.stage_layer) == (c.start_layer, c.stage_layer)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("foat_scores", [0.95, 0.7, 0.6]),  # a 3-layer probe for a 4-layer model
+        ("foat_scores", [0.95, float("nan"), 0.6, 0.5]),
+        ("readout_losses", [9.0, 1.5, 1.2, 1.0, 1.0]),
+        ("readout_losses", [9.0, -1.5, 1.2, 1.0]),
+    ],
+    ids=["cka_length", "cka_nan", "readout_length", "readout_negative"],
+)
+def test_a_probe_that_report_probe_would_refuse_is_a_corrupt_state(kit, tmp_path, field, value):
+    c = mid_chain(kit)
+    state_store.save(c, tmp_path)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    (tmp_path / STATE_FILE).write_text(json.dumps({**state, field: value}))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    with pytest.raises(StateDirError, match=f"corrupt coordinator state.*field {field}"):
+        state_store.load(tmp_path, kit.config())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def journals(state_dir: Path) -> list[str]:
     return sorted(p.name for p in state_dir.glob(state_store.JOURNAL_PATTERN))
 
