@@ -14,9 +14,11 @@ from chainfed.proto.units import format_bytes
 
 MEASURED_AGGREGATE_NOTE = (
     "Validation figures of a round are those of the aggregate it started from (agents "
-    "validate what they fetch, before their local steps); a layer's are its last round's, "
-    "so what a stage hands on is measured by the next stage's first round, the last "
-    "stage's by the final evaluation."
+    "validate what they fetch, before their local steps), read by the head right after the "
+    "window: below the last layer they are not the whole model's (on a decoder, its own LM "
+    "head reads the window's output directly). A layer's are its last round's, so what a "
+    "stage hands on is measured by the next stage's first round, the last stage's by the "
+    "final evaluation, the one figure of the whole model."
 )
 """Says which model the per-round and per-layer validation figures belong to."""
 
