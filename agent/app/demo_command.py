@@ -88,9 +88,10 @@ class DemoPreset:
     SmolLM2: FOAT starts the chain where the frozen LM head can read the layers' outputs
     (``first_readable_layer``: layer 24 of 30 on these rows), not where CKA alone would
     (layer 10: 20 stages, about 15 minutes here, and a smaller gain; benchmarks/README.md,
-    "FOAT on SmolLM2"). Same ffa as MiniLM, 2 rounds of 20 steps a stage. lr 1e-2: a
-    layer trains in at most 4 rounds of 20 steps, and at MiniLM's 3e-3 its adapters moved
-    too little (benchmarks/README.md, "The chain's learning rate on SmolLM2").
+    "FOAT on SmolLM2"). Same ffa as MiniLM, 2 rounds of 20 steps a stage. lr 1e-2, not
+    MiniLM's 3e-3: each layer trains in at most 4 rounds of 20 steps, and on these rows
+    the larger rate is where the chain's gain over the untuned model comes from
+    (benchmarks/README.md, "The chain's learning rate on SmolLM2").
     """
 
     federation: SimulationConfig
