@@ -491,7 +491,10 @@ class ChainCoordinator:
             _sample_weighted_mean([r.readout_losses for r in readers], readers) if readers else None
         )
         self.start_layer = choose_start_layer(
-            self.foat_scores, self.config.foat_threshold, self.readout_losses
+            self.foat_scores,
+            self.config.foat_threshold,
+            self.readout_losses,
+            self.config.foat_readout_factor,
         )
         log.info(
             "FOAT scores %s, readout losses %s -> start layer %d",

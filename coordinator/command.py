@@ -33,7 +33,11 @@ from chainfed.coordinator.metrics import serve_metrics
 from chainfed.coordinator.service import ChainFedServicer, CoordinatorServer, ServiceConfig
 from chainfed.coordinator.status_page import DEFAULT_HOST, StatusPage
 from chainfed.proto.auth_token import TOKEN_ENV, resolve_token
-from chainfed.proto.chain_rules import DEFAULT_GPO_LAMBDA, add_stage_rule_arguments
+from chainfed.proto.chain_rules import (
+    DEFAULT_GPO_LAMBDA,
+    add_foat_arguments,
+    add_stage_rule_arguments,
+)
 from chainfed.proto.client import CoordinatorClient, CoordinatorError
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.errors import ChainFedError
@@ -55,7 +59,12 @@ SHUTDOWN_GRACE_S = 3.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The coordinator's options (the model itself comes as a ``ModelSpec``)."""
-    parser.add_argument("--task", choices=("classify", "lm"), default="classify")
+    parser.add_argument(
+        "--task",
+        choices=("classify", "lm"),
+        default="classify",
+        help="what the agents train: classify (a task head) or lm (next token); default classify",
+    )
     _add_service_arguments(parser)
     _add_chain_arguments(parser.add_argument_group("chain"))
     _add_privacy_arguments(parser.add_argument_group("differential privacy (DP-FedAvg)"))
@@ -85,7 +94,13 @@ def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help=f"largest gRPC message either side sends or accepts; larger tensors travel in "
+        f"chunks (default {format_bytes(DEFAULT_MAX_MESSAGE_BYTES)})",
+    )
     parser.add_argument(
         "--poll-seconds",
         type=positive_float,
@@ -150,7 +165,7 @@ def _add_chain_arguments(c: argparse._ArgumentGroup) -> None:
     )
     c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
     c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
-    c.add_argument("--foat-threshold", type=float, default=0.8)
+    add_foat_arguments(c)
     c.add_argument(
         "--min-rounds-per-layer", type=int, default=1, help="rounds every stage runs at least"
     )
@@ -286,7 +301,13 @@ def _add_training_arguments(t: argparse._ArgumentGroup) -> None:
         help="with the e2e layout (--start-layer 0 --window L): agents recompute every block "
         "in backward and give its pages back (e2e's gradient at one block's weight memory)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the adapters' initialisation, the agents' batch order and which agents "
+        "each round samples (default 0)",
+    )
 
 
 def _tokens(args: argparse.Namespace) -> dict[str, str]:
@@ -348,6 +369,7 @@ def coordinator_config(args: argparse.Namespace, spec: ModelSpec) -> Coordinator
         start_layer=None if args.start_layer == "auto" else int(args.start_layer),
         window=None if args.window == "auto" else int(args.window),
         foat_threshold=args.foat_threshold,
+        foat_readout_factor=args.foat_readout_factor,
         min_rounds=args.min_rounds_per_layer,
         max_rounds=(
             args.max_rounds_per_layer

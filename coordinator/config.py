@@ -13,7 +13,14 @@ from typing import Any
 
 from chainfed.coordinator.aggregation import STRATEGIES
 from chainfed.coordinator.dp import DPConfig
-from chainfed.proto.chain_rules import DEFAULT_PATIENCE, DEFAULT_TOLERANCE, check_stage_rule
+from chainfed.proto.chain_rules import (
+    DEFAULT_FOAT_THRESHOLD,
+    DEFAULT_PATIENCE,
+    DEFAULT_TOLERANCE,
+    READOUT_LOSS_FACTOR,
+    check_foat_rule,
+    check_stage_rule,
+)
 from chainfed.proto.closed_form_head import CLOSED_FORM_HEAD_MODES
 from chainfed.proto.messages import TrainingParams
 
@@ -42,8 +49,11 @@ class CoordinatorConfig:
     """DLCT window Q; None = auto: chosen when training starts, the smallest
     ``AgentCapabilities.max_window`` the registered agents declared (each sized it for its
     own budget and sequence length); ``DEFAULT_WINDOW`` when none declared one."""
-    foat_threshold: float = 0.8
+    foat_threshold: float = DEFAULT_FOAT_THRESHOLD
     """FOAT CKA threshold."""
+    foat_readout_factor: float = READOUT_LOSS_FACTOR
+    """lm task: FOAT starts no lower than the first layer the model's own output head
+    reads within this factor of the last layer's loss (``first_readable_layer``)."""
     min_rounds: int = 1
     """Rounds every stage runs at least."""
     max_rounds: int = 3
@@ -146,6 +156,7 @@ class CoordinatorConfig:
         ):
             raise ValueError(f"agent timeout must be > 0 seconds, got {self.agent_timeout_s}")
         check_stage_rule(self.min_rounds, self.max_rounds, self.patience, self.tolerance)
+        check_foat_rule(self.foat_threshold, self.foat_readout_factor)
         if self.head_rounds < 0:
             raise ValueError(f"head rounds must be >= 0, got {self.head_rounds}")
         if self.head_local_steps is not None and self.head_local_steps < 1:

@@ -85,9 +85,44 @@ class StageConvergence:
         return self.rounds >= self.min_rounds and self.since_best >= self.patience
 
 
+DEFAULT_FOAT_THRESHOLD = 0.8
+"""FOAT's CKA threshold: the chain starts at the first block whose CKA with the family's
+reference falls below it (``choose_start_layer``)."""
 READOUT_LOSS_FACTOR = 2.0
 """How far above the last layer's readout loss a layer's may lie for a stage there to
 train toward the model's own output (``first_readable_layer``)."""
+
+
+def check_foat_rule(threshold: float, readout_factor: float) -> None:
+    """ValueError naming the FOAT setting under which ``choose_start_layer`` could not
+    judge: a threshold that is not a number, or a readout factor below 1 (the last layer,
+    the model's own loss, would lie above its own bound). One check for every config that
+    carries the rule (the coordinator's, a local chain's)."""
+    if not math.isfinite(threshold):
+        raise ValueError(f"foat_threshold must be a finite number, got {threshold}")
+    if not (math.isfinite(readout_factor) and readout_factor >= 1):
+        raise ValueError(f"foat_readout_factor must be a finite number >= 1, got {readout_factor}")
+
+
+def add_foat_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--foat-threshold`` and ``--foat-readout-factor``, FOAT's settings, worded once for
+    every command that lets FOAT choose the start layer. ``check_foat_rule`` refuses bad
+    values where the command builds its config."""
+    group.add_argument(
+        "--foat-threshold",
+        type=float,
+        default=DEFAULT_FOAT_THRESHOLD,
+        help="FOAT starts the chain at the first layer whose CKA with the reference falls "
+        f"below this (default {DEFAULT_FOAT_THRESHOLD})",
+    )
+    group.add_argument(
+        "--foat-readout-factor",
+        type=float,
+        default=READOUT_LOSS_FACTOR,
+        help="lm task: FOAT starts no lower than the first layer from which the model's own "
+        "output head reads every layer at a loss within this factor of the last layer's "
+        f"(default {READOUT_LOSS_FACTOR:g})",
+    )
 
 
 def first_readable_layer(readout_losses: list[float], factor: float = READOUT_LOSS_FACTOR) -> int:
@@ -110,15 +145,18 @@ def first_readable_layer(readout_losses: list[float], factor: float = READOUT_LO
 
 
 def choose_start_layer(
-    scores: list[float], threshold: float = 0.8, readout_losses: list[float] | None = None
+    scores: list[float],
+    threshold: float = DEFAULT_FOAT_THRESHOLD,
+    readout_losses: list[float] | None = None,
+    readout_factor: float = READOUT_LOSS_FACTOR,
 ) -> int:
     """FOAT: the first block whose CKA with the family's reference is below ``threshold``
     (the last block if none is); with ``readout_losses`` (a task read by the model's own
-    frozen output head), no lower than ``first_readable_layer``."""
+    frozen output head), no lower than ``first_readable_layer`` at ``readout_factor``."""
     cka_start = next((i for i, s in enumerate(scores) if s < threshold), len(scores) - 1)
     if not readout_losses:
         return cka_start
-    return max(cka_start, first_readable_layer(readout_losses))
+    return max(cka_start, first_readable_layer(readout_losses, readout_factor))
 
 
 def parse_gpo(spec: str, num_layers: int) -> tuple[str, int]:

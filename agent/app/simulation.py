@@ -290,6 +290,8 @@ def coordinator_options(config: SimulationConfig, num_layers: int) -> dict[str, 
     }
     if start is None:
         options["start_layer"] = "auto" if config.start_layer is None else str(config.start_layer)
+        options["foat_threshold"] = config.foat_threshold
+        options["foat_readout_factor"] = config.foat_readout_factor
         options["window"] = str(config.window)
         options["min_rounds_per_layer"] = config.min_rounds_per_layer
         options["max_rounds_per_layer"] = config.max_rounds_per_layer

@@ -56,7 +56,7 @@ from chainfed.proto.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
-from chainfed.proto.chain_rules import add_stage_rule_arguments
+from chainfed.proto.chain_rules import add_foat_arguments, add_stage_rule_arguments
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import add_local_training_arguments
 from chainfed.proto.units import format_bytes, parse_bytes
@@ -78,9 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--gpo", default="proxy", help="proxy | exact:K | exact:all | none")
     c.add_argument("--gpo-lambda", type=float, help="global-loss weight (bert 0.1, llama 0.2)")
     c.add_argument("--start-layer", help="auto (FOAT, default) or a layer index")
-    c.add_argument("--foat-threshold", type=float, default=0.8, help="FOAT CKA threshold")
+    add_foat_arguments(c)
     add_local_training_arguments(c)
-    c.add_argument("--steps-per-round", type=int, default=25)
+    c.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=25,
+        help="optimiser steps between validations: one round (default 25)",
+    )
     c.add_argument("--min-rounds", type=int, default=1, help="minimum rounds per stage")
     c.add_argument("--max-rounds", type=int, default=3, help="round cap per stage")
     add_stage_rule_arguments(c, loss="validation loss", minimum="--min-rounds")
@@ -116,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "samples (less memory; gradients summed chunk by chunk, equal up to float rounding; "
         "default 1)",
     )
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="data split, initialisation and batch order")
     c.add_argument(
         "--cache-dtype",
         choices=("float32", "float16", "bfloat16"),

@@ -56,10 +56,13 @@ from chainfed.proto.adapter_file import (
     save_adapter_file,
 )
 from chainfed.proto.chain_rules import (
+    DEFAULT_FOAT_THRESHOLD,
     DEFAULT_GPO_LAMBDA,
     DEFAULT_PATIENCE,
     DEFAULT_TOLERANCE,
+    READOUT_LOSS_FACTOR,
     StageConvergence,
+    check_foat_rule,
     check_stage_rule,
     choose_start_layer,
     parse_gpo,
@@ -92,8 +95,11 @@ class ChainConfig:
     """Rank of each GPO residual proxy."""
     start_layer: int | None = None
     """First trained layer; None lets FOAT choose."""
-    foat_threshold: float = 0.8
+    foat_threshold: float = DEFAULT_FOAT_THRESHOLD
     """FOAT starts the chain at the first layer with CKA below this."""
+    foat_readout_factor: float = READOUT_LOSS_FACTOR
+    """lm task: FOAT starts no lower than the first layer the model's own output head
+    reads within this factor of the last layer's loss (``first_readable_layer``)."""
     foat_samples: int = 64
     """Training samples in the FOAT probe mini-batch."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -174,6 +180,7 @@ class ChainConfig:
         if not 0.0 <= self.backbone_dropout < 1.0:
             raise ValueError(f"backbone_dropout must be in [0, 1), got {self.backbone_dropout}")
         check_stage_rule(self.min_rounds, self.max_rounds, self.patience, self.tolerance)
+        check_foat_rule(self.foat_threshold, self.foat_readout_factor)
         if self.head_refit_epochs < 0:
             raise ValueError(f"head_refit_epochs must be >= 0, got {self.head_refit_epochs}")
         parse_gpo(self.gpo, 1)
@@ -182,7 +189,11 @@ class ChainConfig:
         return asdict(self)
 
 
-_ADDED_SETTING_DEFAULTS = {"recompute_chunks": 1, "backbone_dropout": 0.0}
+_ADDED_SETTING_DEFAULTS = {
+    "recompute_chunks": 1,
+    "backbone_dropout": 0.0,
+    "foat_readout_factor": READOUT_LOSS_FACTOR,
+}
 """ChainConfig fields newer than the resumable-state format, with their defaults."""
 _NO_DEFAULT = object()
 
@@ -327,7 +338,10 @@ class ChainTrainer:
             return self.config.start_layer
         probe = self.probe()
         return choose_start_layer(
-            probe.cka_scores, self.config.foat_threshold, probe.readout_losses
+            probe.cka_scores,
+            self.config.foat_threshold,
+            probe.readout_losses,
+            self.config.foat_readout_factor,
         )
 
     def set_start_layer(self, layer: int) -> None:

@@ -133,6 +133,17 @@ def test_foat_start_layer_waits_for_a_readable_layer(kit):
     assert choose_start_layer(c.foat_scores, 0.8) == 1
 
 
+def test_the_coordinators_readout_factor_moves_the_readable_bound(kit):
+    """The same federated readout losses under ``--foat-readout-factor 3``: layer 1's 9.0
+    is within three times 4.0, so CKA's layer 1 stands."""
+    c = kit.coordinator(start_layer=None, min_agents=1, foat_readout_factor=3.0)
+    kit.register(c, "a")
+    c.report_probe(ProbeReport("a", c.probe_id, (0.9, 0.75, 0.7, 0.5), 10, (20.0, 9.0, 7.0, 4.0)))
+    c.tick(1)
+
+    assert c.start_layer == 1
+
+
 def test_start_layer_skips_probing(kit):
     c = kit.coordinator(start_layer=2)
     kit.register(c, "a")
@@ -782,6 +793,16 @@ def test_the_convergence_rule_refuses_a_patience_or_tolerance_that_could_never_w
         with pytest.raises(ValueError, match=r"tolerance must be in \[0, 1\)"):
             kit.config(tolerance=bad)
     assert kit.config(patience=2, tolerance=0.0).patience == 2
+
+
+def test_the_foat_rule_refuses_a_setting_that_cannot_choose_a_layer(kit):
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="foat_threshold must be a finite number"):
+            kit.config(foat_threshold=bad)
+    for bad in (0.5, 0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="foat_readout_factor must be a finite number >= 1"):
+            kit.config(foat_readout_factor=bad)
+    assert kit.config(foat_readout_factor=1.0).foat_readout_factor == 1.0
 
 
 def test_an_agent_waiting_in_a_long_poll_is_not_silent(kit):

@@ -8,6 +8,7 @@ entry point and its exit status); everything else calls ``main`` in-process.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,20 @@ def test_every_subcommand_help_prints_its_description(name, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: chainfed {name}")
     assert squeeze(SUBCOMMANDS[name].description) in squeeze(out)
+
+
+def test_every_option_of_every_subcommand_says_what_it_does():
+    def options_without_help(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += options_without_help(sub, f"{path} {name}")
+            elif action.option_strings and not (action.help or "").strip():
+                missing.append(f"{path} {action.option_strings[0]}")
+        return missing
+
+    assert options_without_help(build_parser(), "chainfed") == []
 
 
 def test_every_subcommand_has_a_summary_and_a_description():

@@ -524,6 +524,12 @@ def test_simulate_round_options_reach_the_config_and_the_coordinator(tmp_path):
     assert (chain.rounds, chain.head_rounds, chain.max_rounds_per_layer) == (9, 2, None)
     assert chain.head_local_steps == 40
     assert chain.closed_form_head == config.closed_form_head == "end"
+    assert (chain.foat_threshold, chain.foat_readout_factor) == (0.8, 2.0)
+    foat = parser.parse_args(["simulate", "--foat-threshold", "0.7", "--foat-readout-factor", "3"])
+    foat_args = coordinator_args.parse_args(
+        ["--state-dir", "-", *coordinator_argv(simulation_config_from_args(foat, tmp_path), 6)]
+    )
+    assert (foat_args.foat_threshold, foat_args.foat_readout_factor) == (0.7, 3.0)
     assert (chain.weight_decay, chain.lora_dropout) == (0.01, 0.05)
     # e2e: one stage of the rounds the head leaves
     e2e = coordinator_args.parse_args(

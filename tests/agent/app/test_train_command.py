@@ -443,3 +443,28 @@ def test_a_stage_rule_that_could_never_wait_is_named(flags, message):
     add_arguments(parser)
     with pytest.raises(ChainFedError, match=message):
         chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], (0.8, 2.0)), (["--foat-threshold", "0.6", "--foat-readout-factor", "3"], (0.6, 3.0))],
+)
+def test_the_foat_settings_reach_the_chain_config(flags, expected):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
+    assert (config.foat_threshold, config.foat_readout_factor) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--foat-readout-factor", "0.5"], "foat_readout_factor must be a finite number >= 1"),
+        (["--foat-threshold", "nan"], "foat_threshold must be a finite number"),
+    ],
+)
+def test_a_foat_setting_that_cannot_choose_a_layer_is_named(flags, message):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ChainFedError, match=message):
+        chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))

@@ -189,6 +189,13 @@ def test_choose_start_layer_starts_no_lower_than_the_first_readable_layer():
     assert choose_start_layer(scores, 0.8, []) == 1  # a trained head: no readout
 
 
+def test_the_readout_factor_sets_how_far_above_the_models_loss_a_layer_may_read():
+    scores, losses = [0.95, 0.7, 0.6, 0.5], [30.0, 20.0, 8.0, 4.0]  # CKA alone: layer 1
+    assert choose_start_layer(scores, 0.8, losses, readout_factor=2.0) == 2
+    assert choose_start_layer(scores, 0.8, losses, readout_factor=5.0) == 1  # 20 <= 5 x 4
+    assert choose_start_layer(scores, 0.8, losses, readout_factor=1.0) == 3
+
+
 def test_readout_losses_are_the_lm_loss_of_each_blocks_output(model_dirs):
     """What a stage whose newest layer is i would train toward at stage entry: the frozen
     LM head's loss on block i's output; the last one is the model's own loss."""
