@@ -425,45 +425,32 @@ def test_malformed_labels_are_named(value, capsys):
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [([], (1, 0.01)), (["--patience", "2", "--tolerance", "0.05"], (2, 0.05))],
+    [
+        ([], {"patience": 1, "tolerance": 0.01, "foat_threshold": 0.8, "foat_readout_factor": 2}),
+        (["--patience", "2", "--tolerance", "0.05"], {"patience": 2, "tolerance": 0.05}),
+        (
+            ["--foat-threshold", "0.6", "--foat-readout-factor", "3"],
+            {"foat_threshold": 0.6, "foat_readout_factor": 3.0},
+        ),
+    ],
 )
-def test_the_stage_rule_settings_reach_the_chain_config(flags, expected):
+def test_the_stage_rule_and_foat_settings_reach_the_chain_config(flags, expected):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     config = chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
-    assert (config.patience, config.tolerance) == expected
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [(["--patience", "0"], "patience must be >= 1"), (["--tolerance", "1"], r"tolerance must")],
-)
-def test_a_stage_rule_that_could_never_wait_is_named(flags, message):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    with pytest.raises(ChainFedError, match=message):
-        chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
-
-
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [([], (0.8, 2.0)), (["--foat-threshold", "0.6", "--foat-readout-factor", "3"], (0.6, 3.0))],
-)
-def test_the_foat_settings_reach_the_chain_config(flags, expected):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    config = chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
-    assert (config.foat_threshold, config.foat_readout_factor) == expected
+    assert {name: getattr(config, name) for name in expected} == expected
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--patience", "0"], "patience must be >= 1"),
+        (["--tolerance", "1"], r"tolerance must"),
         (["--foat-readout-factor", "0.5"], "foat_readout_factor must be a finite number >= 1"),
         (["--foat-threshold", "nan"], "foat_threshold must be a finite number"),
     ],
 )
-def test_a_foat_setting_that_cannot_choose_a_layer_is_named(flags, message):
+def test_a_stage_rule_or_foat_setting_that_cannot_judge_is_named(flags, message):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     with pytest.raises(ChainFedError, match=message):
