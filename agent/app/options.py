@@ -535,6 +535,7 @@ def add_simulation_arguments(
     g.add_argument("--seed", type=int, default=d.seed, help="data, shards, initialisation")
     c = parser.add_argument_group("chain")
     c.add_argument("--start-layer", default=d.start_layer, help="first chain layer (default: FOAT)")
+    add_foat_arguments(c)
     c.add_argument("--window", type=int, default=d.window, help="DLCT window Q")
     c.add_argument("--gpo", default=d.gpo, help="proxy | exact:K | exact:all | none")
     c.add_argument(
@@ -546,7 +547,6 @@ def add_simulation_arguments(
         default=d.min_rounds_per_layer,
         help=f"rounds every stage runs at least (default {d.min_rounds_per_layer})",
     )
-    add_foat_arguments(c)
     c.add_argument(
         "--max-rounds-per-layer",
         type=int,
