@@ -38,6 +38,7 @@ from chainfed.proto.chain_rules import (
     DEFAULT_FOAT_THRESHOLD,
     READOUT_LOSS_FACTOR,
     add_foat_arguments,
+    check_foat_rule,
 )
 from chainfed.proto.closed_form_head import add_closed_form_head_argument
 from chainfed.proto.local_training_options import add_local_training_arguments
@@ -182,6 +183,10 @@ class SimulationConfig:
                 f"{self.rounds} rounds leave no {self.mode} round after {self.head_rounds} "
                 "head rounds"
             )
+        try:
+            check_foat_rule(self.foat_threshold, self.foat_readout_factor)
+        except ValueError as exc:
+            raise SimulationError(str(exc)) from None
         if self.test_each_round and not (self.in_process and self.test_rows):
             raise SimulationError("test_each_round needs test_rows and an in-process run")
         if min(self.train_rows, self.val_rows) < self.agents:
