@@ -83,7 +83,8 @@ Resuming. Each finished run (a federation, or a seed's head fit) is saved as
 same ``--out`` reuses it instead of running it again, so an interrupted protocol resumes,
 and seeds or splits run by separate invocations (``--seeds 0``, then ``--seeds 0,1,2``;
 side by side on one ``--out`` too: every file is written whole) meet in one report. A saved
-run whose settings differ is refused.
+run whose settings differ is refused (a setting added since it was saved matches at its
+default: ``same_settings``).
 
 Outputs in ``--out`` (default ``benchmarks/results/accuracy-<timestamp>``):
 ``accuracy.json`` (options, every run's curve and full simulation result, the aggregates,
@@ -255,6 +256,21 @@ def base_config(split: str, seed: int, args: argparse.Namespace) -> SimulationCo
     )
 
 
+def same_settings(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a run saved with ``saved`` is the run ``settings`` ask for. A setting that
+    ``SimulationConfig`` gained after the run was saved is absent from ``saved``; it
+    matches at its default, which keeps the behaviour the run had (the rule of
+    ``ChainConfig``'s resumable state), so a protocol that takes days outlives such a
+    change. Any other difference, a setting dropped included, is another run."""
+    if saved.keys() - settings.keys():
+        return False
+    defaults = json.loads(json.dumps(SimulationConfig().to_dict(), default=str))
+    added = settings.keys() - saved.keys()
+    if any(name not in defaults or settings[name] != defaults[name] for name in added):
+        return False
+    return all(settings[name] == value for name, value in saved.items())
+
+
 def saved_or_run(
     path: Path, settings: dict[str, Any], run: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -270,7 +286,7 @@ def saved_or_run(
             raise SystemExit(
                 f"{path} is not a saved run ({exc}); delete it to run that run again"
             ) from exc
-        if saved["settings"] != settings:
+        if not same_settings(saved["settings"], settings):
             raise SystemExit(f"{path} holds a run with other settings; choose another --out")
         print(f"reused {path}", flush=True)
         return saved["figures"]

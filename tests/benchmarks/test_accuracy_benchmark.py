@@ -255,6 +255,16 @@ def test_a_run_saved_before_curves_recorded_their_fits_reads_them_from_its_histo
     assert not accuracy_benchmark.saved_curve(saved).ends_in_fit
 
 
+def test_a_setting_added_since_a_run_was_saved_matches_only_at_its_default(accuracy_benchmark):
+    same = accuracy_benchmark.same_settings
+    saved = {"mode": "chain", "lr": 0.001}
+    assert same(saved, {"mode": "chain", "lr": 0.001, "foat_readout_factor": 2.0})
+    assert not same(saved, {"mode": "chain", "lr": 0.001, "foat_readout_factor": 3.0})
+    assert not same(saved, {"mode": "chain", "lr": 0.001, "not_a_setting": 1})
+    assert not same(saved, {"mode": "chain", "lr": 0.002, "foat_readout_factor": 2.0})
+    assert not same(saved, {"mode": "chain"})  # a setting dropped
+
+
 def test_a_half_written_saved_run_is_named_and_left_alone(accuracy_benchmark, tmp_path):
     path = tmp_path / "chain-s0" / "run.json"
     path.parent.mkdir()
