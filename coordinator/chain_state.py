@@ -581,6 +581,8 @@ class ChainCoordinator:
         return not any(self.is_active(a, now_ms) for a in waiting if a in self.agents)
 
     def _close_round(self, now_ms: int) -> None:
+        """Close the open round on what arrived: re-run it below the quorum, else hand it
+        to the closer of its kind (head fit, final evaluation, training round)."""
         r = self.open_round
         self.open_round = None
         received = sorted(r.updates)
@@ -605,29 +607,52 @@ class ChainCoordinator:
         metrics = _federated_metrics([r.updates[a][0] for a in received])
         if r.head_fit:
             self._close_head_fit(r, received, dropped, metrics, now_ms)
-            return
-        if r.evaluation:
-            self.history.append(
-                RoundRecord(
-                    r.round_id,
-                    r.stage_layer,
-                    tuple(r.window),
-                    tuple(received),
-                    tuple(dropped),
-                    metrics,
-                    now_ms,
-                )
+        elif r.evaluation:
+            self._close_evaluation(r, received, dropped, metrics, now_ms)
+        else:
+            self._close_training_round(r, received, dropped, metrics, now_ms)
+
+    def _close_evaluation(
+        self,
+        r: OpenRound,
+        received: list[str],
+        dropped: list[str],
+        metrics: UpdateMetrics,
+        now_ms: int,
+    ) -> None:
+        """The final model's federated validation figures end the chain."""
+        self.history.append(
+            RoundRecord(
+                r.round_id,
+                r.stage_layer,
+                tuple(r.window),
+                tuple(received),
+                tuple(dropped),
+                metrics,
+                now_ms,
             )
-            self.phase = ChainPhase.DONE
-            log.info(
-                "final model on %d agents' validation data: loss %.4f, metric %.4f",
-                len(received),
-                metrics.val_loss,
-                metrics.val_metric,
-            )
-            self.observer.round_closed("evaluated", 0.0)
-            self.changed = True
-            return
+        )
+        self.phase = ChainPhase.DONE
+        log.info(
+            "final model on %d agents' validation data: loss %.4f, metric %.4f",
+            len(received),
+            metrics.val_loss,
+            metrics.val_metric,
+        )
+        self.observer.round_closed("evaluated", 0.0)
+        self.changed = True
+
+    def _close_training_round(
+        self,
+        r: OpenRound,
+        received: list[str],
+        dropped: list[str],
+        metrics: UpdateMetrics,
+        now_ms: int,
+    ) -> None:
+        """The aggregate (or the secure mean) becomes the window state, central DP is
+        charged, the round is recorded, and the stage's convergence rule may end it."""
+        dp = self.config.dp
         crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
         started = time.perf_counter()
         if r.secure_mean is not None:
