@@ -365,10 +365,11 @@ def test_interrupted_and_resumed_chain_does_no_more_prefix_work_than_one_run(
 
 
 def test_a_chain_saved_before_the_newer_settings_existed_resumes(bert_dir, tmp_path, monkeypatch):
-    """A state file whose key was computed from a config without ``recompute_chunks``
-    and ``backbone_dropout`` (the release before they were added) resumes when both are
-    at their defaults, and ends with the adapters of an uninterrupted run; with a
-    non-default value it starts over instead of resuming a different setting."""
+    """A state file whose key was computed from a config without ``recompute_chunks``,
+    ``backbone_dropout`` and ``foat_readout_factor`` (the release before they were added)
+    resumes when they are at their defaults, and ends with the adapters of an
+    uninterrupted run; with a non-default value it starts over instead of resuming a
+    different setting."""
     config = fast_config(start_layer=0, window=1)
     uninterrupted = make_trainer(bert_dir, tmp_path / "whole", config)
     uninterrupted.train()
@@ -379,7 +380,7 @@ def test_a_chain_saved_before_the_newer_settings_existed_resumes(bert_dir, tmp_p
     older = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in ("recompute_chunks", "backbone_dropout")
+        if k not in ("recompute_chunks", "backbone_dropout", "foat_readout_factor")
     }
     saved = load_adapter_file(first._state_path)
     saved.info["key"] = digest_json(
@@ -396,6 +397,8 @@ def test_a_chain_saved_before_the_newer_settings_existed_resumes(bert_dir, tmp_p
     save_adapter_file(first._state_path, saved)
     chunked = make_trainer(bert_dir, tmp_path / "run", replace(config, recompute_chunks=2))
     assert chunked._resume() is None
+    readout = make_trainer(bert_dir, tmp_path / "run", replace(config, foat_readout_factor=3.0))
+    assert readout._resume() is None
 
 
 def test_restart_after_a_complete_chain_rebuilds_a_cache_that_moved_above_start(
