@@ -187,6 +187,39 @@ class OpenRound:
     """The survivors' weighted mean from a secure sum (``submit_secure_mean``); None when
     the round collects individual updates."""
 
+    def received(self) -> list[str]:
+        """The agents whose update arrived, sorted."""
+        return sorted(self.updates)
+
+    def record(
+        self,
+        metrics: UpdateMetrics,
+        now_ms: int,
+        *,
+        window: tuple[int, ...] | None = None,
+        digests: bool = True,
+        dp_epsilon: float | None = None,
+        dp_round_epsilon: float | None = None,
+    ) -> RoundRecord:
+        """The history's entry of this round, closed at ``now_ms``: the agents received and
+        dropped, the window trained (``window`` overrides it: a head fit trains none), the
+        uploads' digests unless ``digests`` is False or a secure mean hid them."""
+        received = self.received()
+        return RoundRecord(
+            self.round_id,
+            self.stage_layer,
+            tuple(self.window) if window is None else window,
+            tuple(received),
+            tuple(sorted(set(self.participants) - set(received))),
+            metrics,
+            now_ms,
+            tuple(self.digests[a] for a in received)
+            if digests and self.secure_mean is None
+            else (),
+            dp_epsilon,
+            dp_round_epsilon,
+        )
+
 
 class ChainCoordinator:
     """State of one federated chain; every method is called under the servicer's lock."""
@@ -585,7 +618,7 @@ class ChainCoordinator:
         to the closer of its kind (head fit, final evaluation, training round)."""
         r = self.open_round
         self.open_round = None
-        received = sorted(r.updates)
+        received = r.received()
         dropped = sorted(set(r.participants) - set(received))
         if dropped:
             log.warning("round %s: dropped stragglers %s", r.round_id, dropped)
@@ -606,53 +639,30 @@ class ChainCoordinator:
             return
         metrics = _federated_metrics([r.updates[a][0] for a in received])
         if r.head_fit:
-            self._close_head_fit(r, received, dropped, metrics, now_ms)
+            self._close_head_fit(r, metrics, now_ms)
         elif r.evaluation:
-            self._close_evaluation(r, received, dropped, metrics, now_ms)
+            self._close_evaluation(r, metrics, now_ms)
         else:
-            self._close_training_round(r, received, dropped, metrics, now_ms)
+            self._close_training_round(r, metrics, now_ms)
 
-    def _close_evaluation(
-        self,
-        r: OpenRound,
-        received: list[str],
-        dropped: list[str],
-        metrics: UpdateMetrics,
-        now_ms: int,
-    ) -> None:
+    def _close_evaluation(self, r: OpenRound, metrics: UpdateMetrics, now_ms: int) -> None:
         """The final model's federated validation figures end the chain."""
-        self.history.append(
-            RoundRecord(
-                r.round_id,
-                r.stage_layer,
-                tuple(r.window),
-                tuple(received),
-                tuple(dropped),
-                metrics,
-                now_ms,
-            )
-        )
+        self.history.append(r.record(metrics, now_ms, digests=False))
         self.phase = ChainPhase.DONE
         log.info(
             "final model on %d agents' validation data: loss %.4f, metric %.4f",
-            len(received),
+            len(r.updates),
             metrics.val_loss,
             metrics.val_metric,
         )
         self.observer.round_closed("evaluated", 0.0)
         self.changed = True
 
-    def _close_training_round(
-        self,
-        r: OpenRound,
-        received: list[str],
-        dropped: list[str],
-        metrics: UpdateMetrics,
-        now_ms: int,
-    ) -> None:
+    def _close_training_round(self, r: OpenRound, metrics: UpdateMetrics, now_ms: int) -> None:
         """The aggregate (or the secure mean) becomes the window state, central DP is
         charged, the round is recorded, and the stage's convergence rule may end it."""
         dp = self.config.dp
+        received = r.received()
         crash_point("aggregate")  # fault-injection tests only; a no-op otherwise
         started = time.perf_counter()
         if r.secure_mean is not None:
@@ -670,18 +680,7 @@ class ChainCoordinator:
             if agent in self.agents:
                 self.agents[agent].rounds_completed += 1
         self.history.append(
-            RoundRecord(
-                r.round_id,
-                r.stage_layer,
-                tuple(r.window),
-                tuple(received),
-                tuple(dropped),
-                metrics,
-                now_ms,
-                tuple(r.digests[a] for a in received) if r.secure_mean is None else (),
-                dp_epsilon,
-                dp_round_epsilon,
-            )
+            r.record(metrics, now_ms, dp_epsilon=dp_epsilon, dp_round_epsilon=dp_round_epsilon)
         )
         log.info(
             "round %s layer %d: %d agents, val loss %.4f, val metric %.4f%s",
@@ -696,20 +695,14 @@ class ChainCoordinator:
             self._advance()
         self.changed = True
 
-    def _close_head_fit(
-        self,
-        r: OpenRound,
-        received: list[str],
-        dropped: list[str],
-        metrics: UpdateMetrics,
-        now_ms: int,
-    ) -> None:
+    def _close_head_fit(self, r: OpenRound, metrics: UpdateMetrics, now_ms: int) -> None:
         """The head solved from the received statistics' sample-weighted mean becomes the
         window state's head: the chain's first round starts from it, or, after the last
         stage (``head_refit``), it replaces the trained head and what follows the chain
         begins (head rounds or the evaluation). Statistics that give
         no finite head (each agent's passed the checks, their mean does not solve) are
         dropped and the fit round is asked again, as a round short of its quorum is."""
+        received = r.received()
         started = time.perf_counter()
         if r.secure_mean is not None:
             stats = r.secure_mean
@@ -730,18 +723,7 @@ class ChainCoordinator:
             return
         self.window_state = {"objective.head.weight": weight, "objective.head.bias": bias}
         self.observer.round_closed("aggregated", time.perf_counter() - started)
-        self.history.append(
-            RoundRecord(
-                r.round_id,
-                r.stage_layer,
-                (),
-                tuple(received),
-                tuple(dropped),
-                metrics,
-                now_ms,
-                tuple(r.digests[a] for a in received) if r.secure_mean is None else (),
-            )
-        )
+        self.history.append(r.record(metrics, now_ms, window=()))
         log.info(
             "round %s: task head fitted in closed form on %d agents' %d training rows",
             r.round_id,
