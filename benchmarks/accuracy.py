@@ -296,9 +296,11 @@ def saved_or_run(
 
 
 def federated_run(config: SimulationConfig) -> dict[str, Any]:
-    """One federation: its curve and its full result."""
+    """One federation: its curve and its full result. Its rounds are printed as they close
+    (a run of the protocol takes hours), each line named by split, mode and seed."""
     started = time.perf_counter()
-    result = run_simulation(config)
+    name = f"{config.split} {config.mode} seed {config.seed}"
+    result = run_simulation(config, progress=lambda line: print(f"{name}: {line}", flush=True))
     curve = curve_of(result)
     print(
         f"{config.split:>14} {config.mode:>7} seed {config.seed}: {result.rounds} rounds, test "

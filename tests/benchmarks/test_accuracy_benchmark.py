@@ -10,8 +10,10 @@ computed from the per-seed figures of the same report.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -37,9 +39,11 @@ def report(accuracy_benchmark, tmp_path_factory):
     argv += ["--head-fit-epochs", "2", "--targets", "qv", "--weight-decay", "0.01"]
     argv += ["--out", str(out)]
     try:
-        assert accuracy_benchmark.main(argv) == 0
+        with redirect_stdout(io.StringIO()) as printed:
+            assert accuracy_benchmark.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
+    (out / "printed.txt").write_text(printed.getvalue())
     return out, json.loads((out / "accuracy.json").read_text()), argv
 
 
@@ -72,6 +76,17 @@ def test_every_mode_runs_the_same_rounds_and_its_curve_is_cumulative(report):
                 assert curve["seconds"][i] == pytest.approx(seconds / 2)
             assert 0 < curve["bytes"][0] < curve["bytes"][1]
             assert 0 < curve["seconds"][0] < curve["seconds"][1]
+
+
+def test_every_run_prints_its_rounds_as_they_close(report):
+    out, _, _ = report
+    lines = (out / "printed.txt").read_text().splitlines()
+    for mode in MODES:
+        for seed in (0, 1):
+            name = f"{SPLIT} {mode} seed {seed}: "
+            rounds = [line for line in lines if line.startswith(name) and " round " in line]
+            assert any("val accuracy" in line for line in rounds), (name, lines)
+            assert any("global model on the test rows" in line for line in rounds), (name, lines)
 
 
 def test_seed_means_and_standard_errors_come_from_the_per_seed_figures(report):
