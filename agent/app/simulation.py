@@ -55,6 +55,7 @@ from chainfed.agent.app.options import (
     device_argv,
 )
 from chainfed.agent.convert.assets import resolve_model
+from chainfed.agent.errors import DataError
 from chainfed.agent.federation.federated_agent import (
     AgentConfig,
     FederatedAgent,
@@ -66,7 +67,7 @@ from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
 from chainfed.agent.runtime.precision import Precision, PrecisionError
 from chainfed.agent.training.chain import EncodedSplit, Evaluation, evaluate_streaming
-from chainfed.agent.training.data import Example, SplitData, load_dataset
+from chainfed.agent.training.data import Example, SplitData, hold_out_test_rows, load_dataset
 from chainfed.agent.training.memory_meter import declare_unified_memory, process_baseline
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.partition import label_skew, shard_of
@@ -373,12 +374,10 @@ def load_rows(config: SimulationConfig) -> tuple[SplitData, list[Example]]:
             seed=config.seed,
         )
     )
-    held_out = data.val[config.val_rows :] if config.test_rows else []
-    if config.test_rows and not held_out:
-        raise SimulationError(
-            f"no rows left for a test set: the validation pool holds {data.val_available}"
-        )
-    data.val = data.val[: config.val_rows]
+    try:
+        held_out = hold_out_test_rows(data, config.val_rows, config.test_rows)
+    except DataError as exc:
+        raise SimulationError(str(exc)) from None
     return data, held_out
 
 

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from chainfed.agent.training.chain import (
     evaluate_streaming,
     pooled_features_streaming,
 )
-from chainfed.agent.training.data import SplitData, load_dataset
+from chainfed.agent.training.data import SplitData, hold_out_test_rows, load_dataset
 from chainfed.agent.training.head_refit import set_closed_form_head
 from chainfed.agent.training.memory_meter import process_baseline, release_large_frees_to_os
 from chainfed.agent.training.objectives import ClassifyObjective, LMObjective, build_objective
@@ -65,6 +65,14 @@ from chainfed.proto.units import format_bytes, parse_bytes
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``chainfed train``."""
     add_data_arguments(parser)
+    parser.add_argument(
+        "--test-rows",
+        type=int,
+        default=0,
+        help="held-out rows, taken after the --val-rows rows of the validation pool, scored "
+        "once by the final model: the rows chainfed simulate --test-rows holds out for the "
+        "same seed (default 0: none)",
+    )
 
     c = parser.add_argument_group("chain")
     c.add_argument(
@@ -165,6 +173,8 @@ class _Inputs:
     val: EncodedSplit
     token_ids: list[int] | None
     """First token of each label's response (lm), what LM accuracy ranks."""
+    test: EncodedSplit | None = None
+    """``--test-rows``: the held-out rows, scored once by the final model."""
 
 
 def _inputs(args: argparse.Namespace) -> _Inputs:
@@ -175,7 +185,12 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
     )
     print(f"computing on {precision.describe()}")
     data_config = data_config_from_args(args)
+    if args.test_rows:
+        if args.val_rows is None:
+            raise ChainFedError("--test-rows needs --val-rows: the test rows are taken after them")
+        data_config = replace(data_config, val_rows=args.val_rows + args.test_rows)
     data = load_dataset(data_config)
+    held_out = hold_out_test_rows(data, args.val_rows, args.test_rows) if args.test_rows else []
     print(data.summary())
     token_ids = (
         label_token_ids(model, data.train, data.labels, data_config) if args.task == "lm" else None
@@ -186,6 +201,7 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
         encode_split(model, data.train, args.task, args.max_len),
         encode_split(model, data.val, args.task, args.max_len),
         token_ids,
+        encode_split(model, held_out, args.task, args.max_len) if held_out else None,
     )
 
 
@@ -252,8 +268,8 @@ def run(args: argparse.Namespace) -> int:
         cache = trainer.cached_rows(adapters)
         _closed_form_head(model, objective, config, inputs.train, adapters, cache)
     eval_batch = config.micro_batch  # the trainer's evaluation batch: same sums, same bits
-    final = evaluate_streaming(
-        model, objective, trainer.final_adapters, config.lora, inputs.val, batch_size=eval_batch
+    final = _final_scores(
+        model, objective, trainer.final_adapters, config.lora, inputs, batch_size=eval_batch
     )
     adapters_path = _save_result(args, inputs, trainer, eval_batch, workdir)
     report = {
@@ -271,14 +287,14 @@ def run(args: argparse.Namespace) -> int:
         "stages": [_stage_dict(s) for s in stages],
         "head_refit": asdict(trainer.head_refit) if trainer.head_refit else None,
         "closed_form_head": args.closed_form_head,
-        "final": {"val_metric": final.metric, "val_loss": final.loss},
+        "final": final,
         "seconds": time.perf_counter() - started,
         "adapters": str(adapters_path),
     }
     report_path = args.report or workdir / "report.json"
     write_json(report_path, report)
     print(stage_table(report["stages"]))
-    print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
+    _print_final(final)
     print(f"adapters: {adapters_path}\nreport: {report_path}")
     return 0
 
@@ -360,7 +376,7 @@ def _stage_dict(stage: StageReport) -> dict[str, Any]:
 
 
 def _eval_only(args: argparse.Namespace, inputs: _Inputs) -> int:
-    model, val, labels, token_ids = inputs.model, inputs.val, inputs.data.labels, inputs.token_ids
+    model, labels, token_ids = inputs.model, inputs.data.labels, inputs.token_ids
     model_digest = model.fingerprint
     if args.adapters is None:
         raise ChainFedError("--eval-only needs --adapters FILE")
@@ -383,13 +399,39 @@ def _eval_only(args: argparse.Namespace, inputs: _Inputs) -> int:
     if args.task == "classify":
         objective.head.load_state_dict(saved.head())
     lora = LoRAConfig(**info.lora_settings(args.adapters))
-    final = evaluate_streaming(
-        model, objective, saved.adapters(), lora, val, batch_size=info.eval_batch or 64
+    final = _final_scores(
+        model, objective, saved.adapters(), lora, inputs, batch_size=info.eval_batch or 64
     )
-    print(f"final: val metric {final.metric:.4f}, val loss {final.loss:.6f}")
+    _print_final(final)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(
-            json.dumps({"final": {"val_metric": final.metric, "val_loss": final.loss}}, indent=2)
+        args.report.write_text(json.dumps({"final": final}, indent=2))
+    return 0 if math.isfinite(final["val_loss"]) else 1
+
+
+def _final_scores(
+    model: StreamingModel,
+    objective: ClassifyObjective | LMObjective,
+    adapters: dict[str, torch.Tensor],
+    lora: LoRAConfig,
+    inputs: _Inputs,
+    batch_size: int,
+) -> dict[str, float]:
+    """The final model on the validation rows and, with ``--test-rows``, the held-out ones:
+    the report's ``final`` (``val_metric``, ``val_loss``, ``test_metric``, ``test_loss``)."""
+    val = evaluate_streaming(model, objective, adapters, lora, inputs.val, batch_size=batch_size)
+    scores = {"val_metric": val.metric, "val_loss": val.loss}
+    if inputs.test is not None:
+        test = evaluate_streaming(
+            model, objective, adapters, lora, inputs.test, batch_size=batch_size
         )
-    return 0 if math.isfinite(final.loss) else 1
+        scores |= {"test_metric": test.metric, "test_loss": test.loss}
+    return scores
+
+
+def _print_final(scores: dict[str, float]) -> None:
+    print(f"final: val metric {scores['val_metric']:.4f}, val loss {scores['val_loss']:.6f}")
+    if "test_metric" in scores:
+        print(
+            f"final: test metric {scores['test_metric']:.4f}, test loss {scores['test_loss']:.6f}"
+        )

@@ -374,6 +374,21 @@ class _Row:
     undecodable: bool = False
 
 
+def hold_out_test_rows(data: SplitData, val_rows: int, test_rows: int) -> list[Example]:
+    """The ``test_rows`` rows after the first ``val_rows`` of ``data.val`` (loaded with
+    ``val_rows + test_rows`` validation rows), which ``data.val`` then no longer holds:
+    rows no training step or stage rule sees, drawn by the seed alone, so a federation and
+    a one-device baseline of the same seed score the same held-out rows. DataError when
+    the validation pool leaves none."""
+    held_out = data.val[val_rows:] if test_rows else []
+    if test_rows and not held_out:
+        raise DataError(
+            f"no rows left for a test set: the validation pool holds {data.val_available}"
+        )
+    data.val = data.val[:val_rows]
+    return held_out
+
+
 def load_dataset(config: DataConfig) -> SplitData:
     """Read ``config.path``, drop bad rows, shuffle with the seed, split.
 

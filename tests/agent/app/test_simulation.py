@@ -622,18 +622,23 @@ def test_demo_launch_keeps_a_dash_token_off_every_command_line(tmp_path, capsys,
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--agents", "2", "--train-rows", "40"]
     argv += ["--val-rows", "20", "--local-steps", "2", "--max-rounds-per-layer", "1"]
-    argv += ["--start-layer", "5", "--no-baseline"]
+    argv += ["--start-layer", "5", "--no-baseline", "--test-rows", "10"]
 
     assert main(argv) == 0
 
     report = json.loads((out / "report.json").read_text())
     assert [a for a in report["federation"]["agent_samples"]] == ["agent-0", "agent-1"]
+    test = report["federation"]["test_metric"]
+    held_out = f"held-out test accuracy (10 rows no agent holds): chain {test:.4f}"
+    assert held_out in (out / "report.md").read_text()
     stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
     assert stages == [(5, False), (5, True)]  # the preset's closed-form head, after the chain
     assert report["memory"]["e2e_bytes"] > 0
     assert "estimated" not in (out / "report.md").read_text()
     assert not list(out.glob("**/cache")) and (out / "federation" / "agent-0").is_dir()
-    assert "removed the prefix caches of the run folder's processes (" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "removed the prefix caches of the run folder's processes (" in printed
+    assert held_out + "\n" in printed  # no baseline ran: the chain's figure alone
     assert_token_kept_off_command_lines(launches, 4, out / "federation")
 
 
@@ -653,6 +658,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--train-rows", "80", "--val-rows", "40"]
     argv += ["--local-steps", "3", "--max-rounds-per-layer", "1", "--start-layer", "4"]
+    argv += ["--test-rows", "30"]
 
     assert main(argv) == 0
 
@@ -661,6 +667,11 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     for name in ("report.md", "accuracy.png", "memory.png", "adapters.safetensors"):
         assert (out / name).stat().st_size > 0
     assert report["head_baseline"]["val_metric"] >= 0
+    chain, head = report["federation"]["test_metric"], report["head_baseline"]["test_metric"]
+    assert (
+        f"held-out test accuracy (30 rows no agent holds): chain {chain:.4f}, head mode "
+        f"{head:.4f} ({chain - head:+.4f} for the chain)"
+    ) in printed
     stages = [(s["layer"], s["fit"]) for s in report["federation"]["stages"]]
     assert stages == [(4, False), (5, False), (5, True)]  # closed-form head after the chain
     markdown = (out / "report.md").read_text()

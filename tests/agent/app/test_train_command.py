@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from chainfed.agent.app import train_command
-from chainfed.agent.app.options import chain_config_from_args, data_config
+from chainfed.agent.app.options import SimulationConfig, chain_config_from_args, data_config
+from chainfed.agent.app.simulation import load_rows
 from chainfed.agent.app.train_command import add_arguments, stage_table
 from chainfed.agent.cli import main
 from chainfed.agent.convert.synthetic_checkpoint import write_random_checkpoint
 from chainfed.agent.errors import ChainFedError
 from chainfed.agent.runtime.lora import LoRAConfig
 from chainfed.agent.runtime.model import StreamingModel
-from chainfed.agent.training.chain import pooled_features_streaming
+from chainfed.agent.training.chain import evaluate_streaming, pooled_features_streaming
 from chainfed.agent.training.data import DataConfig, load_dataset
 from chainfed.agent.training.objectives import build_objective
 from chainfed.agent.training.tokenize import encode_split, label_token_ids
@@ -455,3 +456,40 @@ def test_a_stage_rule_or_foat_setting_that_cannot_judge_is_named(flags, message)
     add_arguments(parser)
     with pytest.raises(ChainFedError, match=message):
         chain_config_from_args(parser.parse_args(["--model", "minilm", *flags]))
+
+
+def test_test_rows_are_the_simulations_held_out_rows_scored_by_the_final_model(
+    minilm_path, tmp_path, capsys
+):
+    # a federation and its one-device baseline score the same held-out rows (the demo's
+    # held-out line compares them), which no validation or training row repeats
+    _, held_out = load_rows(SimulationConfig(train_rows=60, val_rows=30, test_rows=20, seed=2))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    rows = ["--train-rows", "60", "--val-rows", "30", "--test-rows", "20", "--seed", "2"]
+    inputs = train_command._inputs(parser.parse_args([*rows, "--max-len", "24"]))
+    model = inputs.model
+    assert torch.equal(
+        inputs.test.input_ids, encode_split(model, held_out, "classify", 24).input_ids
+    )
+    assert len(inputs.val) == 30 and len(inputs.train) == 60
+    texts = {e.text for e in held_out}
+    assert not texts & {e.text for e in inputs.data.val + inputs.data.train}
+
+    workdir = tmp_path / "head"
+    argv = ["train", "--mode", "head", *rows, "--max-len", "24", "--micro-batch", "8"]
+    argv += ["--steps-per-round", "2", "--baseline-rounds", "1", "--quiet"]
+    assert main([*argv, "--workdir", str(workdir)]) == 0
+    final = json.loads((workdir / "report.json").read_text())["final"]
+    objective = build_objective(model, "classify", num_labels=len(inputs.data.labels))
+    saved = load_adapter_file(workdir / "adapters.safetensors")
+    objective.head.load_state_dict(saved.head())
+    test = evaluate_streaming(model, objective, {}, LoRAConfig(), inputs.test, batch_size=8)
+    assert (final["test_metric"], final["test_loss"]) == pytest.approx((test.metric, test.loss))
+    out = capsys.readouterr().out
+    assert f"final: test metric {test.metric:.4f}, test loss" in out
+
+
+def test_test_rows_need_the_validation_rows_they_follow(capsys):
+    assert main(["train", "--test-rows", "10", "--train-rows", "20", "--quiet"]) == 2
+    assert "--test-rows needs --val-rows" in capsys.readouterr().err
