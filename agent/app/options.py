@@ -187,6 +187,8 @@ class SimulationConfig:
             check_foat_rule(self.foat_threshold, self.foat_readout_factor)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
+        if self.test_rows < 0:
+            raise SimulationError(f"test rows must be >= 0, got {self.test_rows}")
         if self.test_each_round and not (self.in_process and self.test_rows):
             raise SimulationError("test_each_round needs test_rows and an in-process run")
         if min(self.train_rows, self.val_rows) < self.agents:

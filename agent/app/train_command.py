@@ -185,6 +185,8 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
     )
     print(f"computing on {precision.describe()}")
     data_config = data_config_from_args(args)
+    if args.test_rows < 0:
+        raise ChainFedError(f"--test-rows must be >= 0, got {args.test_rows}")
     if args.test_rows:
         if args.val_rows is None:
             raise ChainFedError("--test-rows needs --val-rows: the test rows are taken after them")

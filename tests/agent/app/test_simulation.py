@@ -505,6 +505,8 @@ def test_bad_settings_are_refused_with_a_message(tmp_path):
         SimulationConfig(head_local_steps=0)
     with pytest.raises(SimulationError, match="leave no e2e round after 2 head rounds"):
         SimulationConfig(mode="e2e", rounds=2, head_rounds=2)
+    with pytest.raises(SimulationError, match="test rows must be >= 0, got -1"):
+        SimulationConfig(test_rows=-1)
     with pytest.raises(SimulationError, match="foat_readout_factor must be a finite number >= 1"):
         SimulationConfig(foat_readout_factor=0.5)  # refused before any process starts
 

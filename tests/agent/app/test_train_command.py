@@ -493,3 +493,5 @@ def test_test_rows_are_the_simulations_held_out_rows_scored_by_the_final_model(
 def test_test_rows_need_the_validation_rows_they_follow(capsys):
     assert main(["train", "--test-rows", "10", "--train-rows", "20", "--quiet"]) == 2
     assert "--test-rows needs --val-rows" in capsys.readouterr().err
+    assert main(["train", "--test-rows", "-5", "--val-rows", "20", "--quiet"]) == 2
+    assert "--test-rows must be >= 0, got -5" in capsys.readouterr().err
