@@ -294,10 +294,28 @@ def remove_prefix_caches(out: Path) -> int:
     return freed
 
 
+def comparison_lines(
+    config: SimulationConfig, result: SimulationResult, head: dict | None
+) -> list[str]:
+    """The chain against the baseline run on the validation rows (when it ran) and on the
+    held-out test rows (when there are any): what the demo prints and report.md lists."""
+    lines = []
+    if head is not None:
+        lines.append(
+            baseline_line(config.task, result.final_val_metric, head["final"]["val_metric"])
+        )
+    if result.test_metric is not None:
+        baseline_test = None if head is None else head["final"]["test_metric"]
+        lines.append(
+            held_out_line(config.task, config.test_rows, result.test_metric, baseline_test)
+        )
+    return lines
+
+
 def _markdown(
     config: SimulationConfig,
     result: SimulationResult,
-    head: dict | None,
+    comparisons: list[str],
     e2e_bytes: int,
     seconds: float,
 ) -> str:
@@ -319,15 +337,7 @@ def _markdown(
         "",
         "\n".join(f"* {line}" for line in summary_lines(result)),
     ]
-    if head is not None:
-        lines.append(
-            f"* {baseline_line(config.task, result.final_val_metric, head['final']['val_metric'])}"
-        )
-    if result.test_metric is not None:
-        baseline_test = None if head is None else head["final"]["test_metric"]
-        lines.append(
-            f"* {held_out_line(config.task, config.test_rows, result.test_metric, baseline_test)}"
-        )
+    lines += [f"* {line}" for line in comparisons]
     lines += [
         f"* peak memory above the idle process: heaviest chain stage "
         f"{format_bytes(max(s['above_baseline_bytes'] for s in result.stages()))} (measured), "
@@ -398,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         "seconds": seconds,
     }
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(_markdown(config, result, head, e2e_bytes, seconds))
+    comparisons = comparison_lines(config, result, head)
+    (out / "report.md").write_text(_markdown(config, result, comparisons, e2e_bytes, seconds))
     print()
     print(stage_table(result))
     print(MEASURED_AGGREGATE_NOTE)
@@ -406,11 +417,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"final validation accuracy (every agent's validation rows): {result.final_val_metric:.4f}"
     )
-    if head is not None:
-        print(baseline_line(config.task, result.final_val_metric, head["final"]["val_metric"]))
-    if result.test_metric is not None:
-        baseline_test = None if head is None else head["final"]["test_metric"]
-        print(held_out_line(config.task, config.test_rows, result.test_metric, baseline_test))
+    for line in comparisons:
+        print(line)
     print(f"removed the prefix caches of the run folder's processes ({format_bytes(freed)})")
     print(f"run folder: {out} (report.md, report.json, accuracy.png, memory.png, adapters)")
     print(f"done in {seconds:.0f} s")
